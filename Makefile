@@ -1,0 +1,35 @@
+# dynlab: `make train` and `make test` set everything up themselves (uv, .venv from uv.lock).
+SHELL := /bin/bash
+PYTHON ?= python3
+UV := $(shell command -v uv 2>/dev/null || echo "$(PYTHON) -m uv")
+VENV := .venv
+STAMP := $(VENV)/.synced
+ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: install train test lint bench clean
+
+install: $(STAMP)
+
+# Re-sync only when the lock or the project changed; uv comes from pip where it is missing.
+$(STAMP): pyproject.toml uv.lock
+	@command -v uv >/dev/null 2>&1 || $(PYTHON) -m uv --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet uv
+	$(UV) sync --frozen
+	@touch $(STAMP)
+
+# The embedded default: S2DNAS on scikit-learn's digits, CPU, W&B offline. Extra overrides: ARGS="...".
+train: install
+	WANDB_MODE=$${WANDB_MODE:-offline} $(VENV)/bin/dynlab-train $(ARGS)
+
+test: install
+	WANDB_MODE=offline $(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+
+bench: install
+	@for script in benchmarks/*.py; do echo "# $$script"; $(VENV)/bin/python $$script || exit 1; done
+
+clean:
+	rm -rf outputs multirun .pytest_cache

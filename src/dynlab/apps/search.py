@@ -1,0 +1,19 @@
+"""`dynlab-search technique=s2dnas ...`: a technique's search schedule (search, then retrain the best)."""
+
+from __future__ import annotations
+
+import hydra
+from omegaconf import DictConfig
+
+from dynlab.apps._hydra import CONFIG_DIR, ddp_job_scope
+from dynlab.runner import run_job
+
+
+@hydra.main(config_path=CONFIG_DIR, config_name="search", version_base="1.3")
+def main(cfg: DictConfig) -> float | None:
+    with ddp_job_scope(cfg.run_dir):
+        return run_job(cfg)
+
+
+if __name__ == "__main__":
+    main()

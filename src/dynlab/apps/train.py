@@ -1,0 +1,25 @@
+"""`dynlab-train`: run a technique's whole schedule on a backbone and a dataset, then evaluate it.
+
+    dynlab-train technique=s2dnas backbone=cifar_resnet56 dataset=cifar10 trainer=gpu
+    dynlab-train -m backbone=cifar_resnet20,cifar_resnet56 hydra/launcher=slurm
+
+A rerun of the same command in the same run dir resumes at the first unfinished phase.
+"""
+
+from __future__ import annotations
+
+import hydra
+from omegaconf import DictConfig
+
+from dynlab.apps._hydra import CONFIG_DIR, ddp_job_scope
+from dynlab.runner import run_job
+
+
+@hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> float | None:
+    with ddp_job_scope(cfg.run_dir):
+        return run_job(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,14 @@
+"""dynlab's CIFAR networks, registered in timm's registry on import, and a checked factory.
+
+`import dynlab.backbones` makes `timm.create_model("cifar_resnet56", num_classes=10)` work.
+"""
+
+from dynlab.backbones import cifar_mobilenetv2, cifar_resnet, cifar_vgg  # noqa: F401  (registers)
+from dynlab.backbones.factory import (
+    UnknownBackboneError,
+    create_backbone,
+    is_known_backbone,
+    list_backbones,
+)
+
+__all__ = ["UnknownBackboneError", "create_backbone", "is_known_backbone", "list_backbones"]

@@ -1,0 +1,161 @@
+"""CIFAR ResNets (He et al. 2016, Sec. 4.2), registered in timm as `cifar_resnet{20,32,44,56,110}`.
+
+A 3x3 stem conv with 16 channels, then three stages of n BasicBlocks with 16/32/64 channels on
+32x32/16x16/8x8 maps (6n+2 weighted layers), global average pooling and one linear classifier.
+
+Deviation from the paper: where a stage halves the map and doubles the channels, the shortcut is a
+1x1 conv + BN projection (the paper's option B), not option A's zero-padded identity. S2DNAS splits
+every layer's channels into stages, which needs every operation in `forward_features` to be a conv
+or channel-local; zero-padding along channels is neither. The cost is two 1x1 convs: ResNet-56 has
+0.856 M parameters and 126 M MACs at 3x32x32 with 10 classes (option A: 0.853 M, 125 M).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from timm.layers import ClassifierHead
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from torch import Tensor, nn
+
+__all__ = ["BasicBlock", "CifarResNet"]
+
+STAGE_WIDTHS = (16, 32, 64)  # He et al. 2016, Sec. 4.2
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 conv-BN layers plus a shortcut: identity, or a 1x1 conv-BN projection (option B)."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, stride, bias=False),
+                nn.BatchNorm2d(out_channels),
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    """ResNet-(6n+2) for 32x32 inputs with timm's classifier API (`forward_features` etc.)."""
+
+    def __init__(
+        self, depth: int, num_classes: int = 10, in_chans: int = 3, drop_rate: float = 0.0
+    ) -> None:
+        super().__init__()
+        if depth < 8 or (depth - 2) % 6 != 0:
+            raise ValueError(
+                f"CIFAR ResNet depth must be 6n+2 with n >= 1 (20, 32, 56...), got {depth}"
+            )
+        blocks_per_stage = (depth - 2) // 6
+        self.num_classes = num_classes
+        self.num_features = STAGE_WIDTHS[-1]
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_chans, STAGE_WIDTHS[0], 3, padding=1, bias=False),
+            nn.BatchNorm2d(STAGE_WIDTHS[0]),
+            nn.ReLU(inplace=True),
+        )
+        stages = []
+        in_channels = STAGE_WIDTHS[0]
+        for index, width in enumerate(STAGE_WIDTHS):
+            strides = [1 if index == 0 else 2] + [1] * (blocks_per_stage - 1)
+            stage = []
+            for stride in strides:
+                stage.append(BasicBlock(in_channels, width, stride))
+                in_channels = width
+            stages.append(nn.Sequential(*stage))
+        self.stages = nn.Sequential(*stages)
+        self.head = ClassifierHead(self.num_features, num_classes, drop_rate=drop_rate)
+        self.apply(_init_weights)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """The last feature map, [B, 64, H/4, W/4]."""
+        return self.stages(self.stem(x))
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """Global average pool, dropout and the linear classifier (skipped when `pre_logits`)."""
+        return self.head(x, pre_logits=pre_logits)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def get_classifier(self) -> nn.Module:
+        """The final linear layer (nn.Identity when there are no classes)."""
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the classifier with a fresh one for `num_classes` (0 removes it)."""
+        self.num_classes = num_classes
+        self.head.reset(num_classes)
+
+
+def _init_weights(module: nn.Module) -> None:
+    """Kaiming-normal convs (He et al. 2015, as the paper uses), BN weight 1 and bias 0."""
+    if isinstance(module, nn.Conv2d):
+        nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+    elif isinstance(module, nn.BatchNorm2d):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+def _cfg() -> dict[str, Any]:
+    """timm's model config: 10 CIFAR classes at 3x32x32, CIFAR-10 channel statistics, no weights."""
+    return {
+        "num_classes": 10,
+        "input_size": (3, 32, 32),
+        "pool_size": (8, 8),
+        "crop_pct": 1.0,
+        "mean": (0.4914, 0.4822, 0.4465),
+        "std": (0.2470, 0.2435, 0.2616),
+        "first_conv": "stem.0",
+        "classifier": "head.fc",
+    }
+
+
+default_cfgs = generate_default_cfgs(
+    {f"cifar_resnet{depth}": _cfg() for depth in (20, 32, 44, 56, 110)}
+)
+
+
+def _create(variant: str, depth: int, pretrained: bool, **kwargs: Any) -> CifarResNet:
+    return build_model_with_cfg(CifarResNet, variant, pretrained, depth=depth, **kwargs)
+
+
+@register_model
+def cifar_resnet20(pretrained: bool = False, **kwargs: Any) -> CifarResNet:
+    """ResNet-20 (n=3): 0.27 M parameters, 41 M MACs."""
+    return _create("cifar_resnet20", 20, pretrained, **kwargs)
+
+
+@register_model
+def cifar_resnet32(pretrained: bool = False, **kwargs: Any) -> CifarResNet:
+    """ResNet-32 (n=5): 0.47 M parameters, 69 M MACs."""
+    return _create("cifar_resnet32", 32, pretrained, **kwargs)
+
+
+@register_model
+def cifar_resnet44(pretrained: bool = False, **kwargs: Any) -> CifarResNet:
+    """ResNet-44 (n=7): 0.66 M parameters, 97 M MACs."""
+    return _create("cifar_resnet44", 44, pretrained, **kwargs)
+
+
+@register_model
+def cifar_resnet56(pretrained: bool = False, **kwargs: Any) -> CifarResNet:
+    """ResNet-56 (n=9): 0.86 M parameters, 126 M MACs."""
+    return _create("cifar_resnet56", 56, pretrained, **kwargs)
+
+
+@register_model
+def cifar_resnet110(pretrained: bool = False, **kwargs: Any) -> CifarResNet:
+    """ResNet-110 (n=18): 1.73 M parameters, 253 M MACs."""
+    return _create("cifar_resnet110", 110, pretrained, **kwargs)

@@ -1,0 +1,103 @@
+"""VGG-16 with batch norm for 32x32 inputs, registered in timm as `cifar_vgg16_bn`.
+
+The common CIFAR variant (as in kuangliu/pytorch-cifar and the network-slimming experiments): the
+13 3x3 conv-BN-ReLU layers of VGG-16 (Simonyan & Zisserman 2015, config D) in five stages, each
+closed by a 2x2 max-pool so 32x32 ends at 1x1, then global average pooling and a single
+Linear(512, num_classes) in place of the three 4096-wide FC layers. Convs have no bias (BN follows).
+At 3x32x32 with 10 classes: 14.72 M parameters, 313 M MACs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from timm.layers import ClassifierHead
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from torch import Tensor, nn
+
+__all__ = ["CifarVGG"]
+
+VGG16_STAGES = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))
+
+
+class CifarVGG(nn.Module):
+    """VGG for 32x32 inputs: conv-BN-ReLU stages each closed by a max-pool, one linear layer."""
+
+    def __init__(
+        self,
+        stages: Sequence[Sequence[int]],
+        num_classes: int = 10,
+        in_chans: int = 3,
+        drop_rate: float = 0.0,
+    ) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        in_channels = in_chans
+        for widths in stages:
+            for width in widths:
+                layers += [
+                    nn.Conv2d(in_channels, width, 3, padding=1, bias=False),
+                    nn.BatchNorm2d(width),
+                    nn.ReLU(inplace=True),
+                ]
+                in_channels = width
+            layers.append(nn.MaxPool2d(2))
+        self.num_classes = num_classes
+        self.num_features = in_channels
+        self.features = nn.Sequential(*layers)
+        self.head = ClassifierHead(self.num_features, num_classes, drop_rate=drop_rate)
+        self.apply(_init_weights)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """The last feature map, [B, 512, H/32, W/32]."""
+        return self.features(x)
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """Global average pool, dropout and the linear classifier (skipped when `pre_logits`)."""
+        return self.head(x, pre_logits=pre_logits)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def get_classifier(self) -> nn.Module:
+        """The final linear layer (nn.Identity when there are no classes)."""
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the classifier with a fresh one for `num_classes` (0 removes it)."""
+        self.num_classes = num_classes
+        self.head.reset(num_classes)
+
+
+def _init_weights(module: nn.Module) -> None:
+    """Kaiming-normal convs, BN weight 1 and bias 0."""
+    if isinstance(module, nn.Conv2d):
+        nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+    elif isinstance(module, nn.BatchNorm2d):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+default_cfgs = generate_default_cfgs(
+    {
+        "cifar_vgg16_bn": {
+            "num_classes": 10,
+            "input_size": (3, 32, 32),
+            "pool_size": (1, 1),
+            "crop_pct": 1.0,
+            "mean": (0.4914, 0.4822, 0.4465),
+            "std": (0.2470, 0.2435, 0.2616),
+            "first_conv": "features.0",
+            "classifier": "head.fc",
+        }
+    }
+)
+
+
+@register_model
+def cifar_vgg16_bn(pretrained: bool = False, **kwargs: Any) -> CifarVGG:
+    """VGG-16-BN for CIFAR: 14.72 M parameters, 313 M MACs."""
+    return build_model_with_cfg(
+        CifarVGG, "cifar_vgg16_bn", pretrained, stages=VGG16_STAGES, **kwargs
+    )

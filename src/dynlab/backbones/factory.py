@@ -1,0 +1,63 @@
+"""Builds any backbone by name: dynlab's own (registered in timm on import) or any timm model.
+
+Names are checked before anything is built, so a typo in a config fails with the close matches
+instead of timm's bare `Unknown model`.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any
+
+import timm
+from timm.models import is_model, model_entrypoint
+from torch import nn
+
+_DYNLAB_PACKAGE = __name__.rpartition(".")[0]
+
+
+class UnknownBackboneError(ValueError):
+    """A backbone name that neither dynlab nor timm registers."""
+
+
+def list_backbones() -> list[str]:
+    """The backbones dynlab itself registers in timm (any module under dynlab.backbones), sorted."""
+    return sorted(
+        name
+        for name in timm.list_models()
+        if model_entrypoint(name).__module__.startswith(_DYNLAB_PACKAGE + ".")
+    )
+
+
+def is_known_backbone(name: str) -> bool:
+    """Whether `create_backbone(name, ...)` can build `name` (cheap: a registry look-up)."""
+    return is_model(name)
+
+
+def create_backbone(name: str, num_classes: int, in_chans: int = 3, **kwargs: Any) -> nn.Module:
+    """An untrained backbone `name` with a `num_classes`-way classifier (0: none).
+
+    `kwargs` go to the model's constructor through `timm.create_model` (e.g. `drop_rate`).
+    Weights are never downloaded: the model is always built with `pretrained=False`.
+    """
+    if not is_known_backbone(name):
+        raise UnknownBackboneError(_unknown_backbone_message(name))
+    if num_classes < 0:
+        raise ValueError(f"num_classes must be >= 0 (0 drops the classifier), got {num_classes}")
+    if in_chans < 1:
+        raise ValueError(f"in_chans must be >= 1, got {in_chans}")
+    if "pretrained" in kwargs:
+        raise ValueError("create_backbone always builds untrained models; drop 'pretrained'")
+    return timm.create_model(
+        name, pretrained=False, num_classes=num_classes, in_chans=in_chans, **kwargs
+    )
+
+
+def _unknown_backbone_message(name: str) -> str:
+    """What was asked for, the close matches, and which names work."""
+    close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
+    suggestion = f" Did you mean: {', '.join(close)}?" if close else ""
+    return (
+        f"Unknown backbone {name!r}.{suggestion} dynlab's own backbones: "
+        f"{', '.join(list_backbones())}. Any name from timm.list_models() also works."
+    )

@@ -1,0 +1,242 @@
+"""Structured-config schemas and their registration in Hydra's ConfigStore.
+
+Every config group file in `conf/` starts from one of these schemas (`defaults: [/schema/<group>/<name>@_here_]`),
+so an unknown key or a wrong type fails at composition, before anything is built.
+Checks that need more than types (backbone names, technique/backbone compatibility) live in
+`validate_config`, which the apps call right after composition.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+class OptimizerName(str, Enum):
+    sgd = "sgd"
+    adamw = "adamw"
+
+
+class ScheduleName(str, Enum):
+    cosine = "cosine"
+    step = "step"
+    constant = "constant"
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser and learning-rate schedule shared by every technique's training phases."""
+
+    name: OptimizerName = OptimizerName.sgd
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = True
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 5e-4
+    # Norm weights and biases get no weight decay (Goyal et al. 2017, Sec. 5.1 practice).
+    no_decay_norm_and_bias: bool = True
+    schedule: ScheduleName = ScheduleName.cosine
+    warmup_epochs: float = 0.0
+    # Step schedule: decay by `gamma` at these fractions of the phase's epochs (He et al.: 0.5, 0.75).
+    milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])
+    gamma: float = 0.1
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class BackboneConfig:
+    """Any timm model name or a dynlab CIFAR backbone (`dynlab.backbones.list_backbones()`)."""
+
+    name: str = MISSING
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TechniqueConfig:
+    """Fields every technique has; each technique extends it with its own schema."""
+
+    _target_: str = MISSING
+    name: str = MISSING
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+@dataclass
+class DatasetConfig:
+    """Fields every dataset has; the datamodule's own schema adds the rest."""
+
+    _target_: str = MISSING
+    name: str = MISSING
+    root: str | None = None
+    batch_size: int = 128
+    eval_batch_size: int | None = None
+    num_workers: int = 0
+    val_size: int = 5000
+    seed: int = "${seed}"  # type: ignore[assignment]
+    augment: bool = True
+
+
+@dataclass
+class SyntheticConfig(DatasetConfig):
+    _target_: str = "dynlab.data.synthetic.SyntheticDataModule"
+    name: str = "synthetic"
+    num_train: int = 2048
+    num_test: int = 512
+    num_classes: int = 10
+    image_size: int = 32
+    channels: int = 3
+    val_size: int = 256
+
+
+@dataclass
+class DigitsConfig(DatasetConfig):
+    _target_: str = "dynlab.data.digits.DigitsDataModule"
+    name: str = "digits"
+    val_size: int = 200
+    channels: int = 3
+
+
+@dataclass
+class CIFAR10Config(DatasetConfig):
+    _target_: str = "dynlab.data.cifar.CIFAR10DataModule"
+    name: str = "cifar10"
+    root: str | None = "${oc.env:DYNLAB_DATA,data}"
+
+
+@dataclass
+class CIFAR100Config(CIFAR10Config):
+    _target_: str = "dynlab.data.cifar.CIFAR100DataModule"
+    name: str = "cifar100"
+
+
+@dataclass
+class ImageNetConfig(DatasetConfig):
+    _target_: str = "dynlab.data.imagenet.ImageNetDataModule"
+    name: str = "imagenet"
+    root: str | None = "${oc.env:DYNLAB_DATA,data}/imagenet"
+    val_size: int = 50000
+    batch_size: int = 256
+    num_workers: int = 8
+    num_classes: int = 1000
+    image_size: int = 224
+
+
+@dataclass
+class TrainerConfig:
+    """Keyword arguments of `pytorch_lightning.Trainer` (the ones dynlab users set; extend as needed)."""
+
+    accelerator: str = "cpu"
+    devices: Any = 1
+    strategy: Any = "auto"
+    num_nodes: int = 1
+    precision: Any = "32-true"
+    max_epochs: int = 10
+    max_steps: int = -1
+    limit_train_batches: Any = None
+    limit_val_batches: Any = None
+    limit_test_batches: Any = None
+    val_check_interval: Any = None
+    check_val_every_n_epoch: int | None = 1
+    num_sanity_val_steps: int = 0
+    log_every_n_steps: int = 10
+    gradient_clip_val: float | None = None
+    accumulate_grad_batches: int = 1
+    deterministic: Any = False
+    benchmark: bool | None = None
+    enable_progress_bar: bool = True
+
+
+class LoggerName(str, Enum):
+    wandb = "wandb"
+    csv = "csv"
+    none = "none"
+
+
+@dataclass
+class LoggerConfig:
+    """Where metrics go. W&B is offline unless WANDB_MODE says otherwise (`wandb sync` later)."""
+
+    name: LoggerName = LoggerName.wandb
+    project: str = "dynlab"
+    entity: str | None = None
+    mode: str = "${oc.env:WANDB_MODE,offline}"
+    # Jobs of one sweep share a group; a single run gets its own (the run dir's name).
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class EvaluationConfig:
+    """The two dynamic-inference evaluations, run at the end of a schedule and by dynlab-evaluate."""
+
+    anytime: bool = True
+    budgeted: bool = True
+    # MSDNet's released code sweeps the geometric exit law q over 0.05..1.95 (39 levels).
+    qs: list[float] | None = None
+
+
+@dataclass
+class Config:
+    backbone: BackboneConfig = MISSING
+    technique: Any = MISSING
+    dataset: Any = MISSING
+    trainer: TrainerConfig = MISSING
+    logger: LoggerConfig = MISSING
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    seed: int = 0
+    # "train" runs the technique's training schedule; "search" (dynlab-search) its search schedule.
+    mode: str = "train"
+    run_dir: str = "${hydra:runtime.output_dir}"
+    # dynlab-evaluate: the checkpoint to evaluate.
+    ckpt_path: str | None = None
+    # Presets (+experiment=...) record what the paper reports and where it comes from.
+    expected: Any = None
+
+
+SCHEMAS: dict[str, dict[str, Any]] = {
+    "technique": {},
+    "dataset": {
+        "synthetic": SyntheticConfig,
+        "digits": DigitsConfig,
+        "cifar10": CIFAR10Config,
+        "cifar100": CIFAR100Config,
+        "imagenet": ImageNetConfig,
+    },
+    "backbone": {"backbone": BackboneConfig},
+    "trainer": {"trainer": TrainerConfig},
+    "logger": {"logger": LoggerConfig},
+}
+
+
+def register_schema(group: str, name: str, node: type) -> None:
+    """Add a schema (for example a technique's) so `conf/<group>/*.yaml` can extend it."""
+    SCHEMAS.setdefault(group, {})[name] = node
+
+
+def register_configs() -> None:
+    """Store every schema under `schema/<group>/<name>` and the root schema as `config_schema`."""
+    _import_technique_schemas()
+    cs = ConfigStore.instance()
+    cs.store(name="config_schema", node=Config)
+    for group, nodes in SCHEMAS.items():
+        for name, node in nodes.items():
+            cs.store(group=f"schema/{group}", name=name, node=node)
+
+
+def _import_technique_schemas() -> None:
+    """Techniques register their schemas on import (each package's `config.py`)."""
+    import importlib
+    import pkgutil
+
+    import dynlab.techniques as techniques
+
+    for info in pkgutil.iter_modules(techniques.__path__):
+        if info.ispkg:
+            try:
+                importlib.import_module(f"dynlab.techniques.{info.name}.config")
+            except ModuleNotFoundError as err:
+                if err.name != f"dynlab.techniques.{info.name}.config":
+                    raise

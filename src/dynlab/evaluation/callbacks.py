@@ -1,0 +1,172 @@
+"""Lightning callbacks running the anytime and budgeted-batch evaluations for any technique.
+
+Both run at the end of fit and of test, and `evaluate(trainer, pl_module)` runs them directly (the
+evaluate app calls it after loading a checkpoint). Each split's softmax outputs are computed once
+per model and global step and shared by the two callbacks. Every rank takes part in the passes
+(outputs are all-gathered); rank zero writes results.json, plots/*.png, W&B tables and the console.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from rich.console import Console
+from rich.table import Table
+from torch import Tensor, nn
+
+from dynlab.evaluation.anytime import anytime_records
+from dynlab.evaluation.budgeted import DEFAULT_QS, budgeted_curve
+from dynlab.evaluation.outputs import collect_exit_probs, contiguous_shard
+from dynlab.evaluation.plots import plot_anytime, plot_budgeted
+from dynlab.logging import log_records
+from dynlab.results import update_results
+
+# model -> (global_step, {split: (probs [K,N,C], targets [N])}); only the latest step is kept.
+_OUTPUTS: weakref.WeakKeyDictionary[nn.Module, tuple[int, dict[str, tuple[Tensor, Tensor]]]]
+_OUTPUTS = weakref.WeakKeyDictionary()
+
+
+class AnytimeEvaluation(pl.Callback):
+    """Top-1/top-5 of every exit on the test split against the MACs to reach it (anytime).
+
+    With `every_n_epochs`, it also runs at the end of every n-th training epoch.
+    """
+
+    def __init__(self, output_dir: str, every_n_epochs: int | None = None) -> None:
+        if every_n_epochs is not None and every_n_epochs < 1:
+            raise ValueError(f"every_n_epochs must be >= 1 or None, got {every_n_epochs}")
+        self.output_dir = Path(output_dir)
+        self.every_n_epochs = every_n_epochs
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+            self.evaluate(trainer, pl_module)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.evaluate(trainer, pl_module)
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.evaluate(trainer, pl_module)
+
+    def evaluate(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        datamodule: pl.LightningDataModule | None = None,
+    ) -> list[dict[str, Any]]:
+        """Anytime records of the module's model on the test split (`datamodule` or the trainer's)."""
+        datamodule = _datamodule(trainer, datamodule)
+        model = dynamic_model(pl_module)
+        probs, targets = exit_outputs(trainer, model, datamodule, "test")
+        records = anytime_records(probs, targets, model.exit_macs(input_size(datamodule)))
+        if trainer.is_global_zero:
+            update_results(self.output_dir, anytime=records)
+            plot_anytime(records, self.output_dir / "plots" / "anytime.png")
+            log_records(trainer.loggers, "anytime", records, "macs", "top1", "anytime prediction")
+            _print_table(
+                "anytime prediction (test)",
+                ["exit", "MACs", "top-1 %", "top-5 %"],
+                [[str(r["exit"]), _macs(r["macs"]), f"{r['top1']:.2f}", f"{r['top5']:.2f}"] for r in records],
+            )
+        return records
+
+
+class BudgetedEvaluation(pl.Callback):
+    """MSDNet's budgeted-batch curve: thresholds calibrated on the val split, reported on test."""
+
+    def __init__(self, output_dir: str, qs: Sequence[float] | None = None) -> None:
+        qs = DEFAULT_QS if qs is None else tuple(float(q) for q in qs)
+        if not qs or min(qs) <= 0:
+            raise ValueError(f"qs must be a non-empty list of budget levels > 0, got {qs}")
+        self.output_dir = Path(output_dir)
+        self.qs = qs
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.evaluate(trainer, pl_module)
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.evaluate(trainer, pl_module)
+
+    def evaluate(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        datamodule: pl.LightningDataModule | None = None,
+    ) -> list[dict[str, Any]]:
+        """The budgeted curve of the module's model (val = held-out calibration split, never test)."""
+        datamodule = _datamodule(trainer, datamodule)
+        model = dynamic_model(pl_module)
+        val = exit_outputs(trainer, model, datamodule, "val")
+        test = exit_outputs(trainer, model, datamodule, "test")
+        exit_macs = model.exit_macs(input_size(datamodule))
+        qs = self.qs if len(exit_macs) > 1 else self.qs[:1]  # one exit: every level is one point
+        curve = budgeted_curve(*val, *test, exit_macs, qs)
+        if trainer.is_global_zero:
+            update_results(self.output_dir, budgeted={"curve": curve, "exit_macs": exit_macs})
+            plot_budgeted(curve, self.output_dir / "plots" / "budgeted.png")
+            log_records(trainer.loggers, "budgeted", curve, "avg_macs", "accuracy", "budgeted batch")
+            shown = sorted({round(i * (len(curve) - 1) / 4) for i in range(5)})
+            _print_table(
+                "budgeted batch (test)",
+                ["q", "avg MACs", "top-1 %"],
+                [[f"{curve[i]['q']:.2f}", _macs(curve[i]["avg_macs"]), f"{curve[i]['accuracy']:.2f}"] for i in shown],
+            )
+        return curve
+
+
+def dynamic_model(pl_module: pl.LightningModule) -> nn.Module:
+    """The model answering the dynamic-model protocol: `pl_module.model` if present, else the module."""
+    model = getattr(pl_module, "model", pl_module)
+    missing = [m for m in ("forward_exits", "exit_macs") if not hasattr(model, m)]
+    if missing:
+        raise TypeError(f"{type(model).__name__} lacks {missing} (see dynlab.protocol)")
+    return model
+
+
+def exit_outputs(
+    trainer: pl.Trainer, model: nn.Module, datamodule: pl.LightningDataModule, split: str
+) -> tuple[Tensor, Tensor]:
+    """Softmax outputs [K,N,C] and targets [N] of the `split` loader, computed once per step."""
+    step, cached = _OUTPUTS.get(model, (None, {}))
+    if step != trainer.global_step:
+        cached = {}
+        _OUTPUTS[model] = (trainer.global_step, cached)
+    if split not in cached:
+        loader = getattr(datamodule, f"{split}_dataloader")()
+        cached[split] = collect_exit_probs(model, contiguous_shard(loader))
+    return cached[split]
+
+
+def input_size(datamodule: pl.LightningDataModule) -> tuple[int, int, int]:
+    """(C, H, W) of one sample: `datamodule.info.input_size`, else the shape of one test batch."""
+    size = getattr(getattr(datamodule, "info", None), "input_size", None)
+    if size is None:
+        x, _ = next(iter(datamodule.test_dataloader()))
+        size = x.shape[1:]
+    return tuple(int(d) for d in size)  # type: ignore[return-value]
+
+
+def _datamodule(
+    trainer: pl.Trainer, datamodule: pl.LightningDataModule | None
+) -> pl.LightningDataModule:
+    datamodule = datamodule or trainer.datamodule
+    if datamodule is None:
+        raise ValueError("no datamodule: pass one to evaluate() or attach one to the trainer")
+    return datamodule
+
+
+def _macs(value: float) -> str:
+    return f"{value / 1e6:,.2f}M"
+
+
+def _print_table(title: str, columns: list[str], rows: list[list[str]]) -> None:
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column, justify="right")
+    for row in rows:
+        table.add_row(*row)
+    Console().print(table)

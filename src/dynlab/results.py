@@ -1,0 +1,52 @@
+"""`results.json` of a run dir: one JSON document that several writers update section by section.
+
+Writes are atomic (temp file + rename) so a killed run never leaves a half-written file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+RESULTS_FILE = "results.json"
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write `text` to `path` through a temp file in the same folder and an atomic rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_results(run_dir: str | Path) -> dict[str, Any]:
+    """The results of a run dir, or an empty dict when it has none yet."""
+    path = Path(run_dir) / RESULTS_FILE
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def update_results(run_dir: str | Path, **sections: Any) -> dict[str, Any]:
+    """Merge `sections` (top-level keys) into the run's results.json and return the whole document."""
+    doc = read_results(run_dir)
+    doc.update(sections)
+    atomic_write_text(Path(run_dir) / RESULTS_FILE, json.dumps(doc, indent=2, default=_jsonable))
+    return doc
+
+
+def _jsonable(obj: Any) -> Any:
+    if hasattr(obj, "tolist"):  # tensors and numpy arrays
+        return obj.tolist()
+    if hasattr(obj, "item"):
+        return obj.item()
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")

@@ -1,0 +1,1 @@
+"""Plain classification: the static reference every dynamic technique is compared against."""

@@ -1,0 +1,27 @@
+"""`technique=baseline`: a backbone trained with cross-entropy; one exit on the accuracy-vs-MACs chart."""
+
+from __future__ import annotations
+
+from dynlab.backbones import create_backbone
+from dynlab.config import BackboneConfig, OptimConfig
+from dynlab.data.base import DataInfo
+from dynlab.protocol import StaticExits
+from dynlab.techniques.base import DynlabModule
+
+
+class BaselineModule(DynlabModule):
+    def __init__(
+        self,
+        backbone: BackboneConfig,
+        data_info: DataInfo,
+        optim: OptimConfig | None = None,
+    ) -> None:
+        super().__init__(optim)
+        self.save_hyperparameters(ignore=["data_info"])
+        net = create_backbone(
+            backbone.name,
+            num_classes=data_info.num_classes,
+            in_chans=data_info.input_size[0],
+            **dict(backbone.kwargs),
+        )
+        self.model = StaticExits(net)

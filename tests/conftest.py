@@ -1,0 +1,74 @@
+"""Shared test helpers: run dynlab's real apps on tiny configs, in-process or as the CLI would."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+from dynlab.apps._hydra import CONFIG_DIR
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A run small enough for a 2-core CI machine: a few dozen synthetic images, one epoch.
+TINY = [
+    "dataset=synthetic",
+    "dataset.num_train=96",
+    "dataset.num_test=64",
+    "dataset.val_size=32",
+    "dataset.batch_size=32",
+    "backbone=cifar_resnet20",
+    "trainer.max_epochs=1",
+    "trainer.enable_progress_bar=false",
+    "logger=csv",
+]
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+torch.set_num_threads(1)
+
+
+@pytest.fixture
+def compose_cfg(tmp_path: Path) -> Iterator:
+    """Compose a config as `dynlab-train` would, with its run dir under tmp_path."""
+
+    def _compose(overrides: list[str], config_name: str = "config", run_dir: Path | None = None) -> DictConfig:
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+            cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
+        run = run_dir or tmp_path / "run"
+        with open_dict(cfg):
+            cfg.hydra.runtime.output_dir = str(run)
+            cfg.hydra.job.num = 0
+        HydraConfig.instance().set_config(cfg)
+        with open_dict(cfg):
+            del cfg.hydra
+        return cfg
+
+    yield _compose
+    GlobalHydra.instance().clear()
+
+
+def run_cli(app: str, args: list[str], cwd: Path, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
+    """Run `python -m dynlab.apps.<app> args...` as a user would, outputs under cwd."""
+    env = {**os.environ, "DYNLAB_OUTPUTS": str(cwd / "out"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", f"dynlab.apps.{app}", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{app} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return proc
