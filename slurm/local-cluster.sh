@@ -8,7 +8,9 @@
 #
 # Everything (slurm.conf, spool, state, logs, pid files, munge key and socket) lives under
 # ${DYNLAB_SLURM_DIR:-/tmp/dynlab-slurm}; nothing under /etc is written. Client commands find the
-# cluster through SLURM_CONF: `start` prints the export line to use.
+# cluster through SLURM_CONF: `start` prints the export line to use. `start` exits 3 when Slurm is
+# missing and cannot be installed. A requeued job waits ~2 minutes (Slurm's BeginTime hold);
+# `scontrol update jobid=<id> starttime=now` releases it sooner.
 set -euo pipefail
 
 DIR=${DYNLAB_SLURM_DIR:-/tmp/dynlab-slurm}
@@ -28,14 +30,16 @@ install_packages() {
     command -v sbatch >/dev/null || missing+=(slurm-client)
     command -v munged >/dev/null || missing+=(munge)
     [[ ${#missing[@]} -eq 0 ]] && return
-    if [[ $(id -u) -ne 0 ]]; then
-        log "missing ${missing[*]}; run as root (or install them) first"
-        exit 2
+    if [[ $(id -u) -ne 0 ]] || ! command -v apt-get >/dev/null; then
+        log "missing ${missing[*]}: install them (Debian/Ubuntu: run this script as root)"
+        exit 3
     fi
     log "installing ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    if ! { apt-get update -qq && apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null; }; then
+        log "apt-get could not install ${missing[*]}"
+        exit 3
+    fi
 }
 
 alive() { [[ -f $1 ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
@@ -80,12 +84,11 @@ DefMemPerCPU=$((mem_mb / cpus))
 SlurmdParameters=config_overrides
 ReturnToService=2
 
-# Jobs may requeue themselves (dynlab's preemption handler) and be preempted by the urgent
-# partition; a preempted job gets SIGTERM plus its --signal, then GraceTime seconds to checkpoint.
+# Jobs may requeue themselves (dynlab's preemption handler) and be preempted (requeued) by jobs
+# of the urgent partition; a preempted job gets SIGTERM, then GraceTime seconds to checkpoint.
 JobRequeue=1
 PreemptType=preempt/partition_prio
 PreemptMode=REQUEUE
-SlurmctldParameters=preempt_send_user_signal
 
 # Short timeouts so that tests are quick.
 MessageTimeout=10
@@ -113,7 +116,7 @@ start_munge() {
         --seed-file="$MUNGE_DIR/munged.seed"
 }
 
-node_state() { sinfo -h -N -n "$NODE" -o %t 2>/dev/null | head -n1; }
+node_state() { sinfo -h -N -n "$NODE" -o %t 2>/dev/null | head -n1 || true; }
 
 status() {
     local state

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -11,8 +13,10 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf.errors import ValidationError
 
 from dynlab import checkpointing as ckpt
+from dynlab import runner
 from dynlab.backbones import UnknownBackboneError
 from dynlab.data.base import DataRootError
+from dynlab.preemption import PreemptionHandler
 from dynlab.runner import build_datamodule, build_module, run_job, validate_config
 
 from .conftest import REPO, TINY, run_cli
@@ -48,7 +52,7 @@ def test_every_technique_builds_on_backbones(compose_cfg, technique, backbone):
         ("trainer.max_epoch=1", ConfigCompositionException, "max_epoch"),
         ("dataset.batch_size=many", ConfigCompositionException, "batch_size"),
         ("technique.optim.name=rmsprop", ConfigCompositionException, "rmsprop"),
-        ("+dataset.colour=red", ConfigCompositionException, "colour"),
+        ("dataset.colour=red", ConfigCompositionException, "colour"),
         ("dataset=mnist", MissingConfigException, "digits"),
         ("backbone=resnet9000", MissingConfigException, "cifar_resnet56"),
     ],
@@ -58,6 +62,12 @@ def test_bad_overrides_fail_at_composition(compose_cfg, override, exception, mes
         compose_cfg([override])
     text = str(err.value) + str(err.value.__cause__ or "")
     assert message in text
+
+
+def test_forced_unknown_key_fails_before_training(compose_cfg):
+    cfg = compose_cfg([*TINY, "+dataset.colour=red"])
+    with pytest.raises(Exception, match="colour"):
+        build_datamodule(cfg)
 
 
 def test_wrong_type_in_a_group_file_is_a_validation_error(compose_cfg):
@@ -103,3 +113,35 @@ def test_fit_writes_run_dir_and_rerun_resumes_nothing_twice(compose_cfg, tmp_pat
     # The same command again: the phase is done, so only the evaluation runs, with the same answer.
     assert run_job(compose_cfg([*TINY, "trainer.max_epochs=2"], run_dir=run)) == pytest.approx(top1)
     assert final.stat().st_mtime_ns == stamp
+
+
+class _SignalAtStep3(PreemptionHandler):
+    """The real handler, plus a SIGTERM to this process at step 3 (as Slurm's preemption sends)."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+
+def test_preempted_run_resumes_to_identical_weights(compose_cfg, tmp_path, monkeypatch):
+    overrides = [*TINY, "dataset.num_train=160", "trainer.max_epochs=2"]
+    assert run_job(compose_cfg(overrides, run_dir=tmp_path / "full")) is not None
+
+    with monkeypatch.context() as patch:
+        patch.setattr(runner, "PreemptionHandler", _SignalAtStep3)
+        assert run_job(compose_cfg(overrides, run_dir=tmp_path / "cut")) is None
+    stopped = torch.load(ckpt.phase_dir(tmp_path / "cut", "train") / "last.ckpt", weights_only=False)
+    assert stopped["global_step"] == 3 and stopped["epoch"] == 0
+    assert not ckpt.is_done(tmp_path / "cut", "train")
+    # Rerunning the same command continues mid-epoch and lands on the same weights and metrics.
+    run_job(compose_cfg(overrides, run_dir=tmp_path / "cut"))
+    full, resumed = (
+        torch.load(ckpt.phase_dir(tmp_path / run, "train") / "final.ckpt", weights_only=False)
+        for run in ("full", "cut")
+    )
+    assert full["global_step"] == resumed["global_step"] == 8
+    for name, tensor in full["state_dict"].items():
+        assert torch.equal(tensor, resumed["state_dict"][name]), name
+    metrics = [json.loads((tmp_path / r / "results.json").read_text())["metrics"] for r in ("full", "cut")]
+    assert metrics[0] == metrics[1]

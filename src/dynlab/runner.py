@@ -16,6 +16,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -54,7 +55,7 @@ def validate_config(cfg: DictConfig) -> None:
 
 def build_datamodule(cfg: DictConfig) -> DynlabDataModule:
     """The dataset's DataModule; a missing data root fails here with where to put the data."""
-    return instantiate(_without_name(cfg, "dataset"))
+    return _instantiate(_without_name(cfg, "dataset"))
 
 
 def build_module(cfg: DictConfig, datamodule: DynlabDataModule) -> DynlabModule:
@@ -62,7 +63,18 @@ def build_module(cfg: DictConfig, datamodule: DynlabDataModule) -> DynlabModule:
     backbone = OmegaConf.to_object(cfg.backbone)
     assert isinstance(backbone, BackboneConfig)
     technique = _without_name(cfg, "technique")
-    return instantiate(technique, backbone=backbone, data_info=datamodule.info, _convert_="object")
+    return _instantiate(technique, backbone=backbone, data_info=datamodule.info, _convert_="object")
+
+
+def _instantiate(node: DictConfig, **kwargs: Any) -> Any:
+    """`hydra.utils.instantiate`, letting the constructor's own error (a missing data root, an
+    incompatible backbone) reach the user instead of Hydra's wrapper around it."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        if err.__cause__ is not None:
+            raise err.__cause__ from None
+        raise
 
 
 def _without_name(cfg: DictConfig, group: str) -> DictConfig:
@@ -213,7 +225,9 @@ def run_schedule(
             with finishing_logger(logger):
                 trainer = build_trainer(cfg, phase, logger, callbacks)
                 resume = ckpt.resume_path(cfg.run_dir, phase.name)
-                trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
+                # The run's own checkpoint (it holds RNG states and config dataclasses, which
+                # torch's weights-only unpickler refuses).
+                trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=False)
                 if trainer.interrupted:
                     raise KeyboardInterrupt(f"phase '{phase.name}' was interrupted")
                 trainer.save_checkpoint(pdir / ckpt.FINAL)

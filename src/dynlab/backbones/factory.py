@@ -17,7 +17,11 @@ _DYNLAB_PACKAGE = __name__.rpartition(".")[0]
 
 
 class UnknownBackboneError(ValueError):
-    """A backbone name that neither dynlab nor timm registers."""
+    """A backbone name that neither dynlab nor timm registers; the message says which work."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(_unknown_backbone_message(name))
+        self.name = name
 
 
 def list_backbones() -> list[str]:
@@ -41,7 +45,7 @@ def create_backbone(name: str, num_classes: int, in_chans: int = 3, **kwargs: An
     Weights are never downloaded: the model is always built with `pretrained=False`.
     """
     if not is_known_backbone(name):
-        raise UnknownBackboneError(_unknown_backbone_message(name))
+        raise UnknownBackboneError(name)
     if num_classes < 0:
         raise ValueError(f"num_classes must be >= 0 (0 drops the classifier), got {num_classes}")
     if in_chans < 1:

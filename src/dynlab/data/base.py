@@ -49,6 +49,8 @@ def require_paths(dataset: str, root: str | Path | None, layout: str, paths: lis
     if root is None:
         raise DataRootError(f"{dataset}: dataset.root is not set. {how}")
     root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DataRootError(f"{dataset}: the data root {root} does not exist. {how}")
     missing = [str(root / path) for path in paths if not (root / path).exists()]
     if missing:
         raise DataRootError(f"{dataset}: missing {', '.join(missing)}. {how}")
@@ -60,9 +62,13 @@ class TensorImages(Dataset[tuple[Tensor, int]]):
 
     def __init__(self, images: Tensor, labels: Tensor) -> None:
         if images.dtype != torch.uint8 or images.dim() != 4:
-            raise ValueError(f"images must be uint8 [N,C,H,W], got {images.dtype} {tuple(images.shape)}")
+            raise ValueError(
+                f"images must be uint8 [N,C,H,W], got {images.dtype} {tuple(images.shape)}"
+            )
         if labels.shape != (images.shape[0],):
-            raise ValueError(f"labels must have shape ({images.shape[0]},), got {tuple(labels.shape)}")
+            raise ValueError(
+                f"labels must have shape ({images.shape[0]},), got {tuple(labels.shape)}"
+            )
         self.images, self.labels = images, labels.long()
 
     def __len__(self) -> int:

@@ -25,7 +25,9 @@ def read_cifar_batches(paths: list[Path], label_key: bytes) -> TensorImages:
             batch = pickle.load(file, encoding="bytes")
         images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
         labels.append(np.asarray(batch[label_key], dtype=np.int64))
-    return TensorImages(torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels)))
+    return TensorImages(
+        torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))
+    )
 
 
 class _CifarDataModule(DynlabDataModule):
@@ -62,7 +64,7 @@ class _CifarDataModule(DynlabDataModule):
             augment=augment,
         )
         files = [f"{self.folder}/{name}" for name in self.train_files + self.test_files]
-        self.data_dir = require_paths(self.name, root, self.layout, files) / self.folder
+        self.data_dir = require_paths(self.name, self.root, self.layout, files) / self.folder
         self._normalize = Normalize(self.mean, self.std)
 
     @property
@@ -70,8 +72,12 @@ class _CifarDataModule(DynlabDataModule):
         return DataInfo(self.name, self.num_classes, (3, 32, 32))
 
     def load_train_test(self) -> tuple[TensorImages, TensorImages]:
-        train = read_cifar_batches([self.data_dir / name for name in self.train_files], self.label_key)
-        test = read_cifar_batches([self.data_dir / name for name in self.test_files], self.label_key)
+        train = read_cifar_batches(
+            [self.data_dir / name for name in self.train_files], self.label_key
+        )
+        test = read_cifar_batches(
+            [self.data_dir / name for name in self.test_files], self.label_key
+        )
         return train, test
 
     def eval_transform(self) -> Normalize:
@@ -89,7 +95,9 @@ class CIFAR10DataModule(_CifarDataModule):
     test_files = ("test_batch",)
     label_key = b"labels"
     mean, std = (0.4914, 0.4824, 0.4467), (0.2471, 0.2435, 0.2616)  # MSDNet dataloader.py
-    layout = "<root>/cifar-10-batches-py/data_batch_1..5, test_batch (the python version of CIFAR-10)"
+    layout = (
+        "<root>/cifar-10-batches-py/data_batch_1..5, test_batch (the python version of CIFAR-10)"
+    )
 
 
 class CIFAR100DataModule(_CifarDataModule):

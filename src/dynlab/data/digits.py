@@ -11,7 +11,9 @@ from dynlab.data.transforms import CropFlip, Normalize, channel_stats
 
 IMAGE_SIZE = 32
 TEST_FRACTION = 0.2
-_TEST_SPLIT_SEED = 0  # the test split is fixed, like CIFAR's, so every training seed is compared on it
+_TEST_SPLIT_SEED = (
+    0  # the test split is fixed, like CIFAR's, so every training seed is compared on it
+)
 _DIGITS_MAX = 16.0  # load_digits pixels are counts in 0..16
 
 
@@ -19,9 +21,13 @@ def digits_images(channels: int) -> TensorImages:
     """All 1797 digits as uint8 [N,channels,32,32] (bilinear upsampling, grey replicated)."""
     digits = load_digits()
     small = torch.from_numpy(digits.images).float().unsqueeze(1) / _DIGITS_MAX
-    large = F.interpolate(small, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False)
+    large = F.interpolate(
+        small, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False
+    )
     pixels = (large.clamp(0, 1) * 255).round().to(torch.uint8)
-    return TensorImages(pixels.expand(-1, channels, -1, -1).contiguous(), torch.from_numpy(digits.target))
+    return TensorImages(
+        pixels.expand(-1, channels, -1, -1).contiguous(), torch.from_numpy(digits.target)
+    )
 
 
 class DigitsDataModule(DynlabDataModule):
@@ -59,7 +65,9 @@ class DigitsDataModule(DynlabDataModule):
 
     def load_train_test(self) -> tuple[TensorImages, TensorImages]:
         everything = digits_images(self.channels)
-        order = torch.randperm(len(everything), generator=torch.Generator().manual_seed(_TEST_SPLIT_SEED))
+        order = torch.randperm(
+            len(everything), generator=torch.Generator().manual_seed(_TEST_SPLIT_SEED)
+        )
         num_test = round(TEST_FRACTION * len(everything))
         train_idx, test_idx = order[num_test:], order[:num_test]
         train = TensorImages(everything.images[train_idx], everything.labels[train_idx])

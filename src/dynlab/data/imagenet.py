@@ -52,16 +52,21 @@ class ImageNetDataModule(DynlabDataModule):
             raise ValueError(f"imagenet: num_classes must be >= 2, got {num_classes}")
         if image_size < 8:
             raise ValueError(f"imagenet: image_size must be >= 8, got {image_size}")
-        self.data_dir: Path = require_paths("imagenet", root, LAYOUT, ["train", "val"])
+        self.data_dir: Path = require_paths("imagenet", self.root, LAYOUT, ["train", "val"])
         self.num_classes, self.image_size = num_classes, image_size
-        self._to_tensor = transforms.Compose([transforms.ToTensor(), transforms.Normalize(MEAN, STD)])
+        self._to_tensor = transforms.Compose(
+            [transforms.ToTensor(), transforms.Normalize(MEAN, STD)]
+        )
 
     @property
     def info(self) -> DataInfo:
         return DataInfo("imagenet", self.num_classes, (3, self.image_size, self.image_size))
 
     def load_train_test(self) -> tuple[ImageFolder, ImageFolder]:
-        train, test = ImageFolder(str(self.data_dir / "train")), ImageFolder(str(self.data_dir / "val"))
+        train, test = (
+            ImageFolder(str(self.data_dir / "train")),
+            ImageFolder(str(self.data_dir / "val")),
+        )
         if len(train.classes) != self.num_classes:
             raise ValueError(
                 f"imagenet: {self.data_dir / 'train'} has {len(train.classes)} class folders but "

@@ -59,12 +59,8 @@ class ResumableSampler(Sampler[tuple[int, int]]):
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         if seed < 0:
             raise ValueError(f"seed must be >= 0, got {seed}")
-        self.num_samples, self.seed, self.shuffle, self.drop_last = (
-            num_samples,
-            seed,
-            shuffle,
-            drop_last,
-        )
+        self.num_samples, self.seed = num_samples, seed
+        self.shuffle, self.drop_last = shuffle, drop_last
         self.epoch = 0
         self._resume_epoch, self._resume_skip = -1, 0
 
@@ -162,14 +158,16 @@ class ResumableDataLoader(DataLoader):
             raise ValueError("ResumableDataLoader needs batch_size (not a batch_sampler)")
         self.consumed = 0
 
-    def state_dict(self) -> dict[str, int]:
-        """Where training stands: the sampler's epoch and the batches consumed in it.
+    def __iter__(self) -> Iterator[Any]:
+        """Batches, with the sampler consulted only at the first `next()`.
 
-        A finished epoch is saved as the start of the next one: Lightning may create the
-        resumed iterator (and workers may prefetch from it) before it calls `set_epoch`.
+        Lightning creates the iterator before it calls `set_epoch` (at the start of fit), and
+        worker processes would read the sampler at creation; deferring keeps the epoch right.
         """
-        if self.consumed >= len(self):
-            return {"epoch": self.sampler.epoch + 1, "consumed": 0}
+        yield from super().__iter__()
+
+    def state_dict(self) -> dict[str, int]:
+        """Where training stands: the sampler's epoch and the batches consumed in it."""
         return {"epoch": self.sampler.epoch, "consumed": self.consumed}
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:

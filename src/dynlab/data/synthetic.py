@@ -14,23 +14,9 @@ from dynlab.data.base import DataInfo, DynlabDataModule, TensorImages
 from dynlab.data.transforms import CropFlip, Normalize, channel_stats
 
 _PATTERN_CELLS = 4  # class patterns are bilinear upsamplings of a 4x4 random grid
-_PATTERN_SCALE, _NOISE_SCALE = 48.0, 32.0  # in uint8 pixel units, around mid-grey 128
-
-
-def make_synthetic(
-    num_samples: int,
-    num_classes: int,
-    channels: int,
-    image_size: int,
-    templates: Tensor,
-    generator: torch.Generator,
-) -> TensorImages:
-    """Class-balanced samples: the class template plus Gaussian pixel noise, as uint8."""
-    labels = torch.arange(num_samples) % num_classes
-    labels = labels[torch.randperm(num_samples, generator=generator)]
-    noise = torch.randn(num_samples, channels, image_size, image_size, generator=generator)
-    pixels = 128.0 + _PATTERN_SCALE * templates[labels] + _NOISE_SCALE * noise
-    return TensorImages(pixels.round().clamp(0, 255).to(torch.uint8), labels)
+# Pixel units around mid-grey 128. With these a linear model reaches ~60 % test accuracy after
+# one epoch at the defaults and ~95 % after five: learnable, with headroom left for early exits.
+_PATTERN_SCALE, _NOISE_SCALE = 8.0, 64.0
 
 
 def class_templates(
@@ -39,6 +25,16 @@ def class_templates(
     """One smooth random pattern per class, float [K,C,S,S] with unit-scale values."""
     grid = torch.randn(num_classes, channels, _PATTERN_CELLS, _PATTERN_CELLS, generator=generator)
     return F.interpolate(grid, size=(image_size, image_size), mode="bilinear", align_corners=False)
+
+
+def make_synthetic(num_samples: int, templates: Tensor, generator: torch.Generator) -> TensorImages:
+    """Class-balanced samples: the class template plus Gaussian pixel noise, as uint8."""
+    num_classes = templates.shape[0]
+    labels = torch.arange(num_samples) % num_classes
+    labels = labels[torch.randperm(num_samples, generator=generator)]
+    noise = torch.randn(num_samples, *templates.shape[1:], generator=generator)
+    pixels = 128.0 + _PATTERN_SCALE * templates[labels] + _NOISE_SCALE * noise
+    return TensorImages(pixels.round().clamp(0, 255).to(torch.uint8), labels)
 
 
 class SyntheticDataModule(DynlabDataModule):
@@ -84,14 +80,15 @@ class SyntheticDataModule(DynlabDataModule):
 
     @property
     def info(self) -> DataInfo:
-        return DataInfo("synthetic", self.num_classes, (self.channels, self.image_size, self.image_size))
+        return DataInfo(
+            "synthetic", self.num_classes, (self.channels, self.image_size, self.image_size)
+        )
 
     def load_train_test(self) -> tuple[TensorImages, TensorImages]:
         generator = torch.Generator().manual_seed(self.seed)
-        shape = (self.num_classes, self.channels, self.image_size)
-        templates = class_templates(*shape, generator)
-        train = make_synthetic(self.num_train, *shape, templates, generator)
-        test = make_synthetic(self.num_test, *shape, templates, generator)
+        templates = class_templates(self.num_classes, self.channels, self.image_size, generator)
+        train = make_synthetic(self.num_train, templates, generator)
+        test = make_synthetic(self.num_test, templates, generator)
         self._normalize = Normalize(*channel_stats(train.images))
         return train, test
 

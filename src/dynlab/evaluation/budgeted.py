@@ -39,15 +39,20 @@ def calibrate_thresholds(val_probs: Tensor, p: Tensor) -> Tensor:
     nobody leaves gets +inf; the last exit gets -inf (it takes everything left).
     """
     conf, _ = _confidences(val_probs, "val_probs")
-    return _thresholds(conf, conf.argsort(dim=1, descending=True), _check_distribution(p, len(conf)))
+    return _thresholds(
+        conf, conf.argsort(dim=1, descending=True), _check_distribution(p, len(conf))
+    )
 
 
-def exit_indices(probs: Tensor, thresholds: Tensor) -> Tensor:
+def exit_indices(probs: Tensor, thresholds: Tensor | Sequence[float]) -> Tensor:
     """Exit [N] (0-based) of each sample: the first k whose confidence is >= thresholds[k], else K-1."""
     conf, _ = _confidences(probs, "probs")
+    thresholds = torch.as_tensor(thresholds, dtype=conf.dtype, device=conf.device)
     if thresholds.shape != (len(conf),):
-        raise ValueError(f"thresholds must have shape ({len(conf)},), got {tuple(thresholds.shape)}")
-    return _first_exit(conf, thresholds.to(conf))
+        raise ValueError(
+            f"thresholds must have shape ({len(conf)},), got {tuple(thresholds.shape)}"
+        )
+    return _first_exit(conf, thresholds)
 
 
 def budgeted_curve(
@@ -126,10 +131,14 @@ def _percent_correct(correct: Tensor, exits: Tensor) -> float:
 def _confidences(probs: Tensor, name: str) -> tuple[Tensor, Tensor]:
     """Max softmax probability and predicted class, both [K,N], of probs [K,N,C]."""
     if probs.ndim != 3 or 0 in probs.shape:
-        raise ValueError(f"{name} must be a non-empty [K exits, N, C classes] tensor, got {tuple(probs.shape)}")
+        raise ValueError(
+            f"{name} must be a non-empty [K exits, N, C classes] tensor, got {tuple(probs.shape)}"
+        )
     conf, pred = probs.max(dim=2)
     if conf.min() < 0 or conf.max() > 1:
-        raise ValueError(f"{name} must hold softmax probabilities (max in [0, 1]); were logits passed?")
+        raise ValueError(
+            f"{name} must hold softmax probabilities (max in [0, 1]); were logits passed?"
+        )
     return conf, pred
 
 
@@ -137,7 +146,9 @@ def _check_distribution(p: Tensor, num_exits: int) -> Tensor:
     """`p` as a float64 CPU tensor of shape [K], with a clear error for a wrong length."""
     p = torch.as_tensor(p, dtype=torch.float64).cpu()
     if p.shape != (num_exits,):
-        raise ValueError(f"p must have one fraction per exit ({num_exits}), got shape {tuple(p.shape)}")
+        raise ValueError(
+            f"p must have one fraction per exit ({num_exits}), got shape {tuple(p.shape)}"
+        )
     return p
 
 

@@ -9,6 +9,7 @@ per model and global step and shared by the two callbacks. Every rank takes part
 from __future__ import annotations
 
 import weakref
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,16 +22,38 @@ from torch import Tensor, nn
 from dynlab.evaluation.anytime import anytime_records
 from dynlab.evaluation.budgeted import DEFAULT_QS, budgeted_curve
 from dynlab.evaluation.outputs import collect_exit_probs, contiguous_shard
-from dynlab.evaluation.plots import plot_anytime, plot_budgeted
+from dynlab.evaluation.plots import format_macs, plot_anytime, plot_budgeted
 from dynlab.logging import log_records
 from dynlab.results import update_results
 
-# model -> (global_step, {split: (probs [K,N,C], targets [N])}); only the latest step is kept.
-_OUTPUTS: weakref.WeakKeyDictionary[nn.Module, tuple[int, dict[str, tuple[Tensor, Tensor]]]]
+# model -> (global_step, datamodule, {split: (probs [K,N,C], targets [N])}); only the latest kept.
+_OUTPUTS: weakref.WeakKeyDictionary[nn.Module, tuple[int, Any, dict[str, tuple[Tensor, Tensor]]]]
 _OUTPUTS = weakref.WeakKeyDictionary()
 
 
-class AnytimeEvaluation(pl.Callback):
+class _EndOfRunEvaluation(pl.Callback, ABC):
+    """Runs `evaluate` at the end of fit and at the end of test, writing under `output_dir`."""
+
+    def __init__(self, output_dir: str) -> None:
+        self.output_dir = Path(output_dir)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.evaluate(trainer, pl_module)
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.evaluate(trainer, pl_module)
+
+    @abstractmethod
+    def evaluate(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        datamodule: pl.LightningDataModule | None = None,
+    ) -> list[dict[str, Any]]:
+        """Run the evaluation on every rank and publish it from rank zero; returns the records."""
+
+
+class AnytimeEvaluation(_EndOfRunEvaluation):
     """Top-1/top-5 of every exit on the test split against the MACs to reach it (anytime).
 
     With `every_n_epochs`, it also runs at the end of every n-th training epoch.
@@ -39,18 +62,12 @@ class AnytimeEvaluation(pl.Callback):
     def __init__(self, output_dir: str, every_n_epochs: int | None = None) -> None:
         if every_n_epochs is not None and every_n_epochs < 1:
             raise ValueError(f"every_n_epochs must be >= 1 or None, got {every_n_epochs}")
-        self.output_dir = Path(output_dir)
+        super().__init__(output_dir)
         self.every_n_epochs = every_n_epochs
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
             self.evaluate(trainer, pl_module)
-
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.evaluate(trainer, pl_module)
-
-    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.evaluate(trainer, pl_module)
 
     def evaluate(
         self,
@@ -67,29 +84,23 @@ class AnytimeEvaluation(pl.Callback):
             update_results(self.output_dir, anytime=records)
             plot_anytime(records, self.output_dir / "plots" / "anytime.png")
             log_records(trainer.loggers, "anytime", records, "macs", "top1", "anytime prediction")
-            _print_table(
-                "anytime prediction (test)",
-                ["exit", "MACs", "top-1 %", "top-5 %"],
-                [[str(r["exit"]), _macs(r["macs"]), f"{r['top1']:.2f}", f"{r['top5']:.2f}"] for r in records],
-            )
+            rows = [
+                [str(r["exit"]), format_macs(r["macs"]), f"{r['top1']:.2f}", f"{r['top5']:.2f}"]
+                for r in records
+            ]
+            _print_table("anytime prediction (test)", ["exit", "MACs", "top-1 %", "top-5 %"], rows)
         return records
 
 
-class BudgetedEvaluation(pl.Callback):
+class BudgetedEvaluation(_EndOfRunEvaluation):
     """MSDNet's budgeted-batch curve: thresholds calibrated on the val split, reported on test."""
 
     def __init__(self, output_dir: str, qs: Sequence[float] | None = None) -> None:
         qs = DEFAULT_QS if qs is None else tuple(float(q) for q in qs)
         if not qs or min(qs) <= 0:
             raise ValueError(f"qs must be a non-empty list of budget levels > 0, got {qs}")
-        self.output_dir = Path(output_dir)
+        super().__init__(output_dir)
         self.qs = qs
-
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.evaluate(trainer, pl_module)
-
-    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.evaluate(trainer, pl_module)
 
     def evaluate(
         self,
@@ -108,13 +119,13 @@ class BudgetedEvaluation(pl.Callback):
         if trainer.is_global_zero:
             update_results(self.output_dir, budgeted={"curve": curve, "exit_macs": exit_macs})
             plot_budgeted(curve, self.output_dir / "plots" / "budgeted.png")
-            log_records(trainer.loggers, "budgeted", curve, "avg_macs", "accuracy", "budgeted batch")
-            shown = sorted({round(i * (len(curve) - 1) / 4) for i in range(5)})
-            _print_table(
-                "budgeted batch (test)",
-                ["q", "avg MACs", "top-1 %"],
-                [[f"{curve[i]['q']:.2f}", _macs(curve[i]["avg_macs"]), f"{curve[i]['accuracy']:.2f}"] for i in shown],
-            )
+            log_records(trainer.loggers, "budgeted", curve, "avg_macs", "accuracy", "budgeted")
+            shown = sorted({round(i * (len(curve) - 1) / 4) for i in range(5)})  # about 5 levels
+            rows = [
+                [f"{r['q']:.2f}", format_macs(r["avg_macs"]), f"{r['accuracy']:.2f}"]
+                for r in (curve[i] for i in shown)
+            ]
+            _print_table("budgeted batch (test)", ["q", "avg MACs", "top-1 %"], rows)
         return curve
 
 
@@ -131,10 +142,10 @@ def exit_outputs(
     trainer: pl.Trainer, model: nn.Module, datamodule: pl.LightningDataModule, split: str
 ) -> tuple[Tensor, Tensor]:
     """Softmax outputs [K,N,C] and targets [N] of the `split` loader, computed once per step."""
-    step, cached = _OUTPUTS.get(model, (None, {}))
-    if step != trainer.global_step:
+    step, source, cached = _OUTPUTS.get(model, (None, None, {}))
+    if step != trainer.global_step or source is not datamodule:
         cached = {}
-        _OUTPUTS[model] = (trainer.global_step, cached)
+        _OUTPUTS[model] = (trainer.global_step, datamodule, cached)
     if split not in cached:
         loader = getattr(datamodule, f"{split}_dataloader")()
         cached[split] = collect_exit_probs(model, contiguous_shard(loader))
@@ -157,10 +168,6 @@ def _datamodule(
     if datamodule is None:
         raise ValueError("no datamodule: pass one to evaluate() or attach one to the trainer")
     return datamodule
-
-
-def _macs(value: float) -> str:
-    return f"{value / 1e6:,.2f}M"
 
 
 def _print_table(title: str, columns: list[str], rows: list[list[str]]) -> None:

@@ -11,8 +11,6 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from dynlab.evaluation.outputs import evaluating
-
 
 def early_exit_predict(
     model: nn.Module, x: Tensor, thresholds: Tensor | Sequence[float]
@@ -21,35 +19,40 @@ def early_exit_predict(
 
     A sample leaves at the first exit k whose max softmax probability is >= thresholds[k] (the last
     exit takes all the rest): the same rule as `budgeted.exit_indices` on `forward_exits`, so the
-    thresholds of `budgeted.calibrate_thresholds` apply. Runs in eval mode under no_grad.
+    thresholds of `budgeted.calibrate_thresholds` apply. Runs under no_grad; the model must be in
+    eval mode (batch statistics would change as samples leave), set once by the caller because
+    toggling every module's mode on each call costs more than a batch-1 forward of a small net.
     """
     if not hasattr(model, "exit_session"):
         raise TypeError(f"{type(model).__name__} has no exit_session (see dynlab.protocol)")
+    if model.training:
+        raise ValueError("early_exit_predict needs the model in eval mode: call model.eval() first")
     n = len(x)
-    thresholds = torch.as_tensor(thresholds, dtype=torch.float32, device=x.device)
-    logits = exit_idx = None
-    with evaluating(model):
+    # float32 like the confidences they are compared with (as in budgeted.exit_indices).
+    limits = torch.as_tensor(thresholds, dtype=torch.float32).tolist()
+    logits: Tensor | None = None  # [N,C], allocated once the first exit tells C
+    exit_idx = torch.empty(n, dtype=torch.long, device=x.device)
+    with torch.no_grad():
         session = model.exit_session(x)
-        if thresholds.shape != (session.num_exits,):
+        if len(limits) != session.num_exits:
             raise ValueError(
                 f"thresholds must have shape ({session.num_exits},) for this model's exits, "
-                f"got {tuple(thresholds.shape)}"
+                f"got {len(limits)} values"
             )
         remaining = torch.arange(n, device=x.device)  # original index of each sample still in
-        for k in range(session.num_exits):
+        for k, limit in enumerate(limits):
             out = session.next_exit()
             if logits is None:
                 logits = out.new_empty(n, out.shape[1])
-                exit_idx = torch.full((n,), session.num_exits - 1, device=x.device)
-            if k == session.num_exits - 1:
-                leave = torch.ones(len(out), dtype=torch.bool, device=x.device)
-            else:
-                leave = out.float().softmax(dim=1).amax(dim=1) >= thresholds[k]
-            logits[remaining[leave]] = out[leave]
-            exit_idx[remaining[leave]] = k
-            remaining = remaining[~leave]
-            if len(remaining) == 0:
+            last = k == session.num_exits - 1
+            leave = None if last else out.float().softmax(dim=1).amax(dim=1) >= limit
+            if leave is None or bool(leave.all()):  # everyone still in leaves here
+                logits[remaining] = out
+                exit_idx[remaining] = k
                 break
             if leave.any():
+                logits[remaining[leave]] = out[leave]
+                exit_idx[remaining[leave]] = k
+                remaining = remaining[~leave]
                 session.keep(~leave)
     return logits, exit_idx

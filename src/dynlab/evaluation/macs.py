@@ -35,4 +35,3 @@ def count_macs(
     with evaluating(owner) if owner is not None else torch.no_grad(), counter:
         model_or_fn(x)
     return counter.get_total_flops() // 2
-

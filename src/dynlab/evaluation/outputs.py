@@ -40,8 +40,10 @@ def contiguous_shard(loader: DataLoader) -> DataLoader:
     Rank r of W gets items [r*N//W, (r+1)*N//W), so concatenating the shards in rank order gives
     the dataset back exactly once, unlike a DistributedSampler that interleaves and pads.
     """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if _world_size() == 1:
         return loader
+    if loader.batch_size is None:
+        raise ValueError("contiguous_shard needs a loader built with batch_size (no batch_sampler)")
     rank, world = dist.get_rank(), dist.get_world_size()
     n = len(loader.dataset)  # type: ignore[arg-type]
     indices = range(rank * n // world, (rank + 1) * n // world)
@@ -75,10 +77,15 @@ def collect_exit_probs(
     if not probs:
         raise ValueError("the dataloader yielded no batches")
     local_probs, local_targets = torch.cat(probs, dim=1), torch.cat(targets)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if _world_size() > 1:
         comm = device if dist.get_backend() == "nccl" else torch.device("cpu")
         return _gather_shards(local_probs, comm, dim=1), _gather_shards(local_targets, comm, dim=0)
     return local_probs, local_targets
+
+
+def _world_size() -> int:
+    """Number of processes in the initialised torch.distributed group (1 without one)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def _gather_shards(local: Tensor, device: torch.device, dim: int) -> Tensor:

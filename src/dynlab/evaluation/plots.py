@@ -25,7 +25,9 @@ def plot_anytime(records: Sequence[Mapping[str, Any]], path: str | Path) -> None
     ax.plot(macs, [r["top1"] for r in records], "o-", label="top-1")
     ax.plot(macs, [r["top5"] for r in records], "s--", label="top-5")
     for r, m in zip(records, macs, strict=True):
-        ax.annotate(f"exit {r['exit']}", (m, r["top1"]), textcoords="offset points", xytext=(4, -12))
+        ax.annotate(
+            f"exit {r['exit']}", (m, r["top1"]), textcoords="offset points", xytext=(4, -12)
+        )
     _finish(fig, ax, unit, "anytime prediction", "test accuracy (%)", path)
 
 
@@ -41,15 +43,12 @@ def plot_overlay(runs: Sequence[Mapping[str, Any]], path: str | Path) -> None:
 
     Each run is {"label": str, "budgeted": [records]} or {"label": str, "point": (avg_macs, acc)}.
     """
+    if not runs:
+        raise ValueError("plot_overlay needs at least one run")
     for run in runs:
         if ("budgeted" in run) == ("point" in run):
             raise ValueError(f"run {run.get('label')!r} needs exactly one of 'budgeted' or 'point'")
-    all_macs = [
-        m
-        for run in runs
-        for m in ([r["avg_macs"] for r in run["budgeted"]] if "budgeted" in run else [run["point"][0]])
-    ]
-    scale, unit = _macs_unit(all_macs)
+    scale, unit = _macs_unit([m for run in runs for m in _run_macs(run)])
     fig, ax = _figure()
     for run in runs:
         if "budgeted" in run:
@@ -65,6 +64,17 @@ def plot_overlay(runs: Sequence[Mapping[str, Any]], path: str | Path) -> None:
             macs, accuracy = run["point"]
             ax.plot([macs / scale], [accuracy], "*", markersize=12, label=run["label"])
     _finish(fig, ax, unit, "budgeted batch classification", "test top-1 accuracy (%)", path)
+
+
+def format_macs(value: float) -> str:
+    """MACs in a short human form: 4.09G, 144, 12.5M."""
+    scale, unit = _macs_unit([value])
+    return f"{value / scale:.3g}{unit}"
+
+
+def _run_macs(run: Mapping[str, Any]) -> list[float]:
+    """The MACs values a run puts on the chart (its curve's levels or its single point)."""
+    return [r["avg_macs"] for r in run["budgeted"]] if "budgeted" in run else [run["point"][0]]
 
 
 def _macs_unit(values: Sequence[float]) -> tuple[float, str]:

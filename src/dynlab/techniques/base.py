@@ -141,11 +141,28 @@ class DynlabModule(pl.LightningModule):
             opt = torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov)
         else:
             opt = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas))
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        epochs = max(1, self.trainer.max_epochs or 1)
-        schedule = lr_lambda(o, total_steps=total, steps_per_epoch=total / epochs)
+        steps_per_epoch = optimizer_steps_per_epoch(self.trainer)
+        total = self.trainer.max_steps
+        if total is None or total < 0:
+            total = steps_per_epoch * max(1, self.trainer.max_epochs or 1)
+        schedule = lr_lambda(o, total_steps=max(1, total), steps_per_epoch=steps_per_epoch)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def optimizer_steps_per_epoch(trainer: pl.Trainer) -> int:
+    """Optimiser steps in one epoch, from the datamodule's train loader on this rank.
+
+    Not `trainer.estimated_stepping_batches`: in Lightning 2.6 it sets up the fit loop's train
+    loader before a resume restores it, and the loader's saved position is then never applied.
+    """
+    batches = len(trainer.datamodule.train_dataloader())
+    limit = trainer.limit_train_batches
+    if isinstance(limit, int):
+        batches = min(batches, limit)
+    elif limit is not None:
+        batches = int(batches * limit)
+    return max(1, math.ceil(batches / trainer.accumulate_grad_batches))
 
 
 def parameter_groups(

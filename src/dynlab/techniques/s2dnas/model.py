@@ -1,0 +1,175 @@
+"""The S2D network: a static CNN run as s thin full-depth stages, one exit after each.
+
+Stage k runs the backbone's own `forward_features` on its channel slice of every layer (see
+`layers.py`); its last feature map is average-pooled and, concatenated with the pooled maps of stages
+1..k-1, fed to exit k's linear classifier. Stages run in order and reuse earlier stages' features, so
+the MACs to reach exit k are cumulative and measured, and an early-exit session really stops
+computing later stages for the samples that left.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dynlab.evaluation.outputs import evaluating
+from dynlab.techniques.s2dnas.analysis import (
+    SUPPORTED_BACKBONES,
+    BackboneLayout,
+    UnsupportedBackboneError,
+)
+from dynlab.techniques.s2dnas.layers import StageCursor, StageRun
+from dynlab.techniques.s2dnas.settings import S2DSettings
+from dynlab.techniques.s2dnas.transform import mask_to_plan, plan_stages, stage_backbone
+
+
+class S2DNet(nn.Module):
+    """A backbone transformed in place into `settings.num_stages` stages with one exit each.
+
+    The exit of stage k is a linear classifier over the pooled last feature maps of stages 1..k; the
+    last exit starts from the backbone's own classifier, so with one stage the network is the
+    original one. The transformation is checked when built: the stages' last feature maps,
+    concatenated, must equal those of the original network with the unread weight blocks zeroed.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        layout: BackboneLayout,
+        settings: S2DSettings,
+        groups: int,
+        input_size: tuple[int, int, int],
+    ) -> None:
+        super().__init__()
+        classifier = backbone.get_classifier()  # type: ignore[operator]
+        if not isinstance(classifier, nn.Linear) or classifier.in_features != layout.out_channels:
+            raise UnsupportedBackboneError(
+                f"{layout.backbone}: the classifier must be one nn.Linear over the "
+                f"{layout.out_channels} pooled features. Backbones that work: {SUPPORTED_BACKBONES}."
+            )
+        reference = copy.deepcopy(backbone)
+        self.layout, self.settings, self.groups = layout, settings, groups
+        self.plan = plan_stages(layout, settings, groups)
+        self.cursor = StageCursor()
+        stage_backbone(backbone, layout, self.plan, self.cursor)
+        backbone.reset_classifier(0)  # type: ignore[operator]
+        self.backbone = backbone
+        self.heads = nn.ModuleList(
+            nn.Linear(stop, classifier.out_features) for _, stop in self.plan.out_bounds
+        )
+        self.heads[-1].load_state_dict(classifier.state_dict())
+        mask_to_plan(reference, layout, self.plan)
+        self._verify(reference, input_size)
+
+    @property
+    def num_stages(self) -> int:
+        return self.settings.num_stages
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_exits(x)[-1]
+
+    def forward_exits(self, x: Tensor) -> list[Tensor]:
+        """Logits of every exit, cheapest first."""
+        run = StageRun(x)
+        return [self._advance(run)[1] for _ in range(self.num_stages)]
+
+    def exit_session(self, x: Tensor) -> S2DExitSession:
+        """Stage-by-stage evaluation of `x` where exited samples stop being computed."""
+        return S2DExitSession(self, x)
+
+    def exit_macs(self, input_size: tuple[int, int, int]) -> list[float]:
+        """Measured cumulative MACs per sample to reach each exit (stages 1..k plus exit k)."""
+        from dynlab.evaluation.macs import count_macs
+
+        return [
+            float(count_macs(partial(self._logits_through, stages=k + 1), input_size, module=self))
+            for k in range(self.num_stages)
+        ]
+
+    def _logits_through(self, x: Tensor, stages: int) -> Tensor:
+        run = StageRun(x)
+        for _ in range(stages):
+            logits = self._advance(run)[1]
+        return logits
+
+    def _advance(self, run: StageRun) -> tuple[Tensor, Tensor]:
+        """Run the next stage of `run`: its last feature map and its exit's logits."""
+        if run.stage >= self.num_stages:
+            raise RuntimeError(f"all {self.num_stages} stages have run")
+        self.cursor.run = run
+        try:
+            features = self.backbone.forward_features(run.image)  # type: ignore[operator]
+        finally:
+            self.cursor.run = None
+        run.pooled.append(features.mean(dim=(2, 3)))
+        logits = self.heads[run.stage](torch.cat(run.pooled, dim=1))
+        run.stage += 1
+        return features, logits
+
+    def _verify(self, reference: nn.Module, input_size: tuple[int, int, int]) -> None:
+        """Compare with the masked original on a random batch; raise if the stages differ from it."""
+        backbone, works = self.layout.backbone, f"Backbones that work: {SUPPORTED_BACKBONES}."
+        x = torch.randn(2, *input_size, generator=torch.Generator().manual_seed(0))
+        with evaluating(reference), evaluating(self):
+            expected = reference.forward_features(x)  # type: ignore[operator]
+            run = StageRun(x)
+            try:
+                stages = [self._advance(run) for _ in range(self.num_stages)]
+            except RuntimeError as err:
+                raise UnsupportedBackboneError(
+                    f"{backbone}: forward_features cannot run stage by stage ({err}); it mixes "
+                    "channels outside Conv2d layers (a functional concatenation or channel "
+                    f"shuffle, or a map size change outside nn modules). {works}"
+                ) from err
+            features = torch.cat([f for f, _ in stages], dim=1)
+            if not _close(features, expected):
+                raise UnsupportedBackboneError(
+                    f"{backbone}: the stages do not reproduce forward_features; it mixes channels "
+                    f"outside Conv2d layers or changes map sizes outside nn modules. {works}"
+                )
+            if not _close(stages[-1][1], reference.forward_head(expected)):  # type: ignore[operator]
+                raise UnsupportedBackboneError(
+                    f"{backbone}: forward_head is not global average pooling plus the linear "
+                    f"classifier, which the S2D exits replace. {works}"
+                )
+
+
+class S2DExitSession:
+    """Early-exit evaluation of one batch (see `dynlab.protocol.ExitSession`)."""
+
+    def __init__(self, net: S2DNet, x: Tensor) -> None:
+        self.net, self.run = net, StageRun(x)
+        self.num_exits = net.num_stages
+
+    def next_exit(self) -> Tensor:
+        """Run the next stage on the samples still in the batch; its exit's logits."""
+        return self.net._advance(self.run)[1]
+
+    def keep(self, mask: Tensor) -> None:
+        """Drop the samples where `mask` is False from every later stage."""
+        self.run.keep(mask)
+
+
+def multi_exit_loss(
+    logits: Sequence[Tensor], y: Tensor, weights: Sequence[float], label_smoothing: float = 0.0
+) -> Tensor:
+    """sum_k w_k CE(exit_k, y): MSDNet's weighted cumulative loss (Huang et al., ICLR 2018, Sec. 4)."""
+    if len(weights) != len(logits):
+        raise ValueError(f"{len(weights)} loss weights for {len(logits)} exits")
+    return sum(
+        w * F.cross_entropy(z, y, label_smoothing=label_smoothing)
+        for w, z in zip(weights, logits, strict=True)
+    )  # type: ignore[return-value]
+
+
+def _close(actual: Tensor, expected: Tensor) -> bool:
+    """Equal up to float32 summation-order noise, relative to the tensor's scale."""
+    scale = float(expected.abs().max().clamp(min=1.0))
+    return actual.shape == expected.shape and bool(
+        torch.allclose(actual, expected, rtol=1e-3, atol=1e-4 * scale)
+    )

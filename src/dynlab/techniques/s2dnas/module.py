@@ -1,0 +1,225 @@
+"""`technique=s2dnas`: a static backbone transformed into a multi-stage dynamic network (S2DNAS).
+
+Yuan et al., "S2DNAS: Transforming Static CNN Model for Dynamic Inference via Neural Architecture
+Search", ECCV 2020. `mode=train` (dynlab-train) trains the network given by the config's split
+points and concat bits with the multi-exit loss. `mode=search` (dynlab-search) runs the schedule
+  search (custom) -> retrain_1 .. retrain_k (fit, the k best distinct candidates from scratch)
+  -> select (custom: keep the retrained network with the best val score);
+the retrain phases appear once the search has found its candidates.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from torch import Tensor
+
+from dynlab.backbones import create_backbone
+from dynlab.checkpointing import FINAL, phase_dir
+from dynlab.config import BackboneConfig, OptimConfig
+from dynlab.data.base import DataInfo
+from dynlab.evaluation.macs import count_macs
+from dynlab.results import atomic_write_text
+from dynlab.techniques.base import DynlabModule, Phase, PhaseContext, PhaseKind
+from dynlab.techniques.s2dnas.analysis import analyse_backbone
+from dynlab.techniques.s2dnas.candidate import CandidateData
+from dynlab.techniques.s2dnas.config import S2DNASSearchConfig, SelectBy
+from dynlab.techniques.s2dnas.controller import Controller, Reinforce
+from dynlab.techniques.s2dnas.model import S2DNet, multi_exit_loss
+from dynlab.techniques.s2dnas.reward import dynamic_score, exit_probs, reward
+from dynlab.techniques.s2dnas.search import CandidateEvaluator, derived_seed, run_search, top_candidates
+from dynlab.techniques.s2dnas.settings import S2DSettings, resolve_settings
+
+SEARCH, SELECT, RETRAIN = "search", "select", "retrain_"
+CONTROLLER_STREAM, RETRAIN_STREAM = 2, 3  # seed streams (search.py uses 0 and 1)
+
+
+class S2DNASModule(DynlabModule):
+    """The S2D network of a backbone, its multi-exit training, and the search over its settings."""
+
+    def __init__(
+        self,
+        backbone: BackboneConfig,
+        data_info: DataInfo,
+        optim: OptimConfig | None = None,
+        name: str = "s2dnas",
+        num_stages: int = 3,
+        groups: int = 8,
+        split_points: list[list[int]] | None = None,
+        concat: list[list[bool]] | None = None,
+        loss_weights: list[float] | None = None,
+        init_from: str | None = None,
+        seed: int = 0,
+        search: S2DNASSearchConfig | None = None,
+    ) -> None:
+        super().__init__(optim)
+        self.save_hyperparameters(ignore=["data_info"])
+        self.backbone_cfg, self.data_info = backbone, data_info
+        self.groups, self.seed = groups, seed
+        self.search_cfg = search or S2DNASSearchConfig()
+        self.loss_weights = [1.0] * num_stages if loss_weights is None else list(loss_weights)
+        if len(self.loss_weights) != num_stages:
+            raise ValueError(f"s2dnas: {len(self.loss_weights)} loss_weights for {num_stages} stages")
+        self.static_weights = load_static_weights(init_from) if init_from else None
+        net = self._new_backbone()
+        self.layout = analyse_backbone(net, data_info.input_size, backbone.name)
+        settings = resolve_settings(split_points, concat, num_stages, self.layout.num_layer_groups, groups)
+        self.model = S2DNet(net, self.layout, settings, groups, data_info.input_size)
+        self.top_k: list[dict[str, Any]] = []  # the search's best candidates (settings, reward)
+        self.retrained: dict[str, dict[str, Any]] = {}  # retrain phase -> its val score
+        self.selected: str | None = None
+
+    # --- training -----------------------------------------------------------------------------
+    def exit_losses(self, logits: list[Tensor], y: Tensor) -> Tensor:
+        return multi_exit_loss(logits, y, self.loss_weights, self.optim.label_smoothing)
+
+    # --- phases -------------------------------------------------------------------------------
+    def phases(self, mode: str) -> list[Phase]:
+        if mode != "search":
+            return super().phases(mode)
+        schedule = [Phase(SEARCH, PhaseKind.custom)]
+        if self.top_k:
+            retrain_epochs = self.search_cfg.retrain_epochs
+            schedule += [Phase(f"{RETRAIN}{i}", max_epochs=retrain_epochs) for i in range(1, len(self.top_k) + 1)]
+            schedule.append(Phase(SELECT, PhaseKind.custom))
+        return schedule
+
+    def start_phase(self, phase: Phase) -> None:
+        """A retrain phase starts from a fresh network with its candidate's settings (on a resume,
+        the network already has them and keeps its weights)."""
+        super().start_phase(phase)
+        if phase.name.startswith(RETRAIN):
+            i = int(phase.name.removeprefix(RETRAIN))
+            settings = S2DSettings.from_dict(self.top_k[i - 1]["settings"])
+            if settings != self.model.settings:
+                self._use(settings, derived_seed(self.seed, RETRAIN_STREAM, i))
+
+    def run_custom_phase(self, phase: Phase, ctx: PhaseContext) -> None:
+        if phase.name == SEARCH:
+            self._search(ctx)
+        elif phase.name == SELECT:
+            self._select(ctx)
+        else:
+            super().run_custom_phase(phase, ctx)
+
+    def on_fit_end(self) -> None:
+        """After a retrain phase, score the network on val as the search did (for `select`)."""
+        if self.current_phase and self.current_phase.startswith(RETRAIN):
+            data = CandidateData.from_datamodule(self.trainer.datamodule)  # type: ignore[attr-defined]
+            self.retrained[self.current_phase] = self._val_score(data)
+
+    # --- technique state ----------------------------------------------------------------------
+    def technique_state(self) -> dict[str, Any]:
+        return {
+            "settings": self.model.settings.to_dict(),
+            "top_k": self.top_k,
+            "retrained": self.retrained,
+            "selected": self.selected,
+        }
+
+    def load_technique_state(self, state: dict[str, Any]) -> None:
+        """Rebuild the network for the saved settings (before its weights are loaded)."""
+        if not state:
+            return
+        settings = S2DSettings.from_dict(state["settings"])
+        if settings != self.model.settings:
+            self._use(settings, self.seed)
+        self.top_k = state.get("top_k", [])
+        self.retrained = state.get("retrained", {})
+        self.selected = state.get("selected")
+
+    # --- building -----------------------------------------------------------------------------
+    def _new_backbone(self) -> torch.nn.Module:
+        """The static backbone, with the `init_from` weights when given."""
+        cfg = self.backbone_cfg
+        net = create_backbone(
+            cfg.name, num_classes=self.data_info.num_classes, in_chans=self.data_info.input_size[0], **dict(cfg.kwargs)
+        )
+        if self.static_weights is not None:
+            try:
+                net.load_state_dict(self.static_weights)
+            except RuntimeError as err:
+                raise ValueError(f"s2dnas init_from: the weights do not fit backbone {cfg.name}: {err}") from err
+        return net
+
+    def _build(self, settings: S2DSettings) -> S2DNet:
+        return S2DNet(self._new_backbone(), self.layout, settings, self.groups, self.data_info.input_size)
+
+    def _use(self, settings: S2DSettings, seed: int) -> None:
+        """Replace the network by a new one with `settings`, initialised from `seed`."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.model = self._build(settings).to(self.device)
+
+    def _static_macs(self) -> float:
+        return float(count_macs(self._new_backbone(), self.data_info.input_size))
+
+    # --- search and selection -----------------------------------------------------------------
+    def _search(self, ctx: PhaseContext) -> None:
+        cfg = self.search_cfg
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derived_seed(self.seed, CONTROLLER_STREAM))
+            controller = Controller(
+                self.layout.num_layer_groups, self.model.num_stages, self.groups, cfg.controller_hidden
+            )
+        evaluate = CandidateEvaluator(
+            build=self._build,
+            data=CandidateData.from_datamodule(ctx.datamodule),  # type: ignore[arg-type]
+            optim=self.optim,
+            loss_weights=self.loss_weights,
+            input_size=self.data_info.input_size,
+            static_macs=self._static_macs(),
+            cfg=cfg,
+            seed=self.seed,
+            device=search_device(ctx.cfg),
+        )
+        reinforce = Reinforce(controller, cfg.controller_lr, cfg.baseline_decay, cfg.entropy_weight)
+        candidates = run_search(controller, reinforce, evaluate, cfg, ctx.phase_dir, self.seed)
+        self.top_k = [
+            {"index": c["index"], "settings": c["settings"], "reward": c["reward"]}
+            for c in top_candidates(candidates, cfg.top_k)
+        ]
+
+    def _val_score(self, data: CandidateData) -> dict[str, Any]:
+        """Val accuracy under dynamic inference, average MACs and reward, as for a candidate."""
+        probs, targets = exit_probs(self.model, data.val_loader(), self.device)
+        macs = self.model.exit_macs(self.data_info.input_size)
+        score = dynamic_score(probs, targets, macs, self._static_macs(), self.search_cfg)
+        return {"settings": self.model.settings.to_dict(), "reward": reward(score, self.search_cfg), **score.as_dict()}
+
+    def _select(self, ctx: PhaseContext) -> None:
+        """Load the retrained network with the best val reward (or val accuracy, `select_by`)."""
+        if not self.retrained:
+            raise RuntimeError("s2dnas select: no retrain phase has recorded a val score")
+        key = "reward" if self.search_cfg.select_by == SelectBy.reward else "accuracy"
+        best = max(self.retrained, key=lambda p: self.retrained[p][key])
+        checkpoint = torch.load(phase_dir(ctx.run_dir, best) / FINAL, map_location="cpu", weights_only=False)
+        settings = S2DSettings.from_dict(checkpoint["dynlab"]["technique"]["settings"])
+        self._use(settings, self.seed)
+        self.load_state_dict(checkpoint["state_dict"])
+        self.selected = best
+        summary = {"selected": best, "by": key, "retrained": self.retrained}
+        atomic_write_text(ctx.phase_dir / "selection.json", json.dumps(summary, indent=2))
+
+
+def load_static_weights(path: str | Path) -> dict[str, Tensor]:
+    """A static backbone's weights from a `technique=baseline` checkpoint or a plain state dict."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    state = checkpoint.get("state_dict", checkpoint)
+    prefix = "model.net."  # BaselineModule keeps the backbone in StaticExits.net
+    if any(key.startswith(prefix) for key in state):
+        state = {key.removeprefix(prefix): value for key, value in state.items() if key.startswith(prefix)}
+    return state
+
+
+def search_device(cfg: DictConfig | None) -> torch.device:
+    """Where candidates train: this rank's GPU unless the trainer is set to CPU."""
+    accelerator = cfg.trainer.accelerator if cfg is not None else "auto"
+    if accelerator != "cpu" and torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")

@@ -1,0 +1,54 @@
+"""The console apps as users run them: a multirun of DDP jobs logging to W&B, and dynlab-evaluate."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from .conftest import TINY, run_cli
+
+
+def _run_dirs(root: Path) -> list[Path]:
+    return sorted(p.parent for p in root.rglob("results.json"))
+
+
+@pytest.mark.slow
+def test_multirun_of_ddp_cpu_jobs_with_wandb(tmp_path):
+    """The three traps together: DDP re-executing argv in a -m run, a leftover wandb.run, env vars."""
+    args = [*TINY, "logger=wandb", "trainer=ddp_cpu", "trainer.enable_progress_bar=false", "-m", "seed=0,1"]
+    run_cli("train", args, cwd=tmp_path)
+    runs = _run_dirs(tmp_path / "out")
+    assert len(runs) == 2, runs
+    seeds = set()
+    for run in runs:
+        results = json.loads((run / "results.json").read_text())
+        assert results["status"] == "completed", results.get("error")
+        assert {"test/top1", "test/loss"} <= results["metrics"].keys()
+        assert results["anytime"] and results["budgeted"]["curve"]
+        # Only rank zero logs: one offline W&B run for the training phase, one for the evaluation.
+        wandb_runs = sorted((run / "wandb").glob("offline-run-*"))
+        assert len(wandb_runs) == 2, wandb_runs
+        seeds.add(results["config"]["seed"])
+        assert any(o.startswith("seed=") for o in results["overrides"])
+    assert seeds == {0, 1}
+    # No job re-swept the multirun: exactly the two job folders exist.
+    assert len([p for p in (tmp_path / "out").rglob(".hydra") if p.is_dir()]) == 2
+
+
+@pytest.mark.slow
+def test_evaluate_app_reproduces_training_metrics(tmp_path):
+    run_cli("train", [*TINY, "hydra.run.dir=train_run"], cwd=tmp_path)
+    trained = json.loads((tmp_path / "train_run/results.json").read_text())
+    ckpt = tmp_path / "train_run/checkpoints/train/final.ckpt"
+    run_cli("evaluate", [f"ckpt_path={ckpt}", "hydra.run.dir=eval_run"], cwd=tmp_path)
+    evaluated = json.loads((tmp_path / "eval_run/results.json").read_text())
+    assert evaluated["metrics"]["test/top1"] == pytest.approx(trained["metrics"]["test/top1"])
+    assert evaluated["budgeted"]["curve"] == trained["budgeted"]["curve"]
+    assert evaluated["checkpoint"] == str(ckpt.resolve())
+
+
+def test_evaluate_app_rejects_missing_checkpoint(tmp_path):
+    proc = run_cli("evaluate", ["ckpt_path=nope.ckpt", "hydra.run.dir=e"], cwd=tmp_path, check=False)
+    assert proc.returncode != 0 and "no such checkpoint file" in proc.stderr
