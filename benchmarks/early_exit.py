@@ -3,8 +3,9 @@
 For a few budget levels, thresholds are calibrated with the real budgeted-batch code on fixed random
 inputs; then early exit (samples leave the batch) is timed against running every exit
 (`forward_exits`) at batch size 64 and 1, next to the MACs speed-up of the exits actually taken.
-Target: measured speed-up >= 0.8 x MACs speed-up. Prints one JSON object; `overhead_when_nobody_leaves`
-(early exit with no sample leaving / every exit) is the exit machinery's own cost, and
+Target: measured speed-up >= 0.8 x MACs speed-up. Prints one JSON object:
+`overhead_when_nobody_leaves` (early exit with no sample leaving / every exit) is the exit
+machinery's own cost, and
 `stage_time_speedup` (the speed-up the measured time per stage allows at these exit fractions)
 shows how well MACs predict time for the model (a full-resolution first stage costs more per MAC).
 Run: `.venv/bin/python benchmarks/early_exit.py [--threads N]`. Swap the model in `make_model`.
@@ -141,7 +142,7 @@ def seconds_to_each_exit(model: nn.Module, batches: Sequence[Tensor], repeats: i
 def calibrated_levels(
     model: nn.Module, exit_macs: list[float], val_x: Tensor, test_x: Tensor
 ) -> list[dict]:
-    """Budgeted-curve records at LEVELS: thresholds calibrated on val_x by the real budgeted code."""
+    """Budgeted-curve records at LEVELS, calibrated on val_x by the real budgeted code."""
     loader = [
         DataLoader(TensorDataset(x, torch.zeros(len(x), dtype=torch.long)), batch_size=64)
         for x in (val_x, test_x)

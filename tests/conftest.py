@@ -59,16 +59,19 @@ def compose_cfg(tmp_path: Path) -> Iterator:
 
 
 def run_cli(app: str, args: list[str], cwd: Path, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
-    """Run `python -m dynlab.apps.<app> args...` as a user would, outputs under cwd."""
+    """Run `python -m dynlab.apps.<app> args...` as a user would, outputs under cwd.
+
+    Output goes to files, not pipes: W&B's service process outlives the app and would hold a
+    pipe open until it exits.
+    """
     env = {**os.environ, "DYNLAB_OUTPUTS": str(cwd / "out"), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", f"dynlab.apps.{app}", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    out, err = cwd / f"{app}.stdout", cwd / f"{app}.stderr"
+    with out.open("w") as stdout, err.open("w") as stderr:
+        proc = subprocess.run(
+            [sys.executable, "-m", f"dynlab.apps.{app}", *args],
+            cwd=cwd, env=env, stdout=stdout, stderr=stderr, stdin=subprocess.DEVNULL, timeout=timeout,
+        )
+    proc.stdout, proc.stderr = out.read_text(), err.read_text()
     if check and proc.returncode != 0:
         raise AssertionError(f"{app} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
     return proc

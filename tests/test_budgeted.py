@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from dynlab.evaluation.budgeted import (
     DEFAULT_QS,
@@ -20,7 +20,7 @@ from dynlab.evaluation.budgeted import (
     exit_distribution,
     exit_indices,
 )
-from dynlab.evaluation.outputs import collect_exit_probs, contiguous_shard
+from dynlab.evaluation.outputs import collect_exit_probs
 from dynlab.evaluation.reference import budgeted_curve_loop
 
 
@@ -74,7 +74,7 @@ def test_an_exit_whose_quota_exceeds_what_remains_takes_nobody() -> None:
 
 
 class TestTwoExitBudgets:
-    """Two exits, 4 val samples; test confidences at exit 1: 0.95, 0.75, 0.7 (tied), targets 0,1,2."""
+    """Two exits, 4 val samples; test confidences at exit 1: 0.95, 0.75, 0.7; targets 0, 1, 2."""
 
     val = probs_with([[0.9, 0.8, 0.7, 0.6], [0.9] * 4], [[0] * 4, [0] * 4])
     test = probs_with([[0.95, 0.75, 0.7], [0.9] * 3], [[0, 1, 0], [0, 1, 2]])
@@ -146,22 +146,21 @@ class ScaledExits(nn.Module):
         return [x[:, :4] * self.scale[0], x[:, :4] * self.scale[1] + x[:, 4:]]
 
 
-def ddp_problem() -> tuple[nn.Module, DataLoader, DataLoader]:
-    """The same model and val/test loaders (37 and 23 samples: uneven shards) in every process."""
+def ddp_curve(rank: int = 0, world_size: int = 1) -> dict:
+    """Val outputs and budgeted curve from this rank's contiguous shards of fixed val/test sets
+    (37 and 23 samples: shards of unequal size), as dynlab.data's eval loaders shard them."""
     generator = torch.Generator().manual_seed(0)
+    model = ScaledExits()
 
-    def loader(n: int) -> DataLoader:
+    def shard(n: int) -> DataLoader:
         data = TensorDataset(
             torch.randn(n, 8, generator=generator), torch.randint(0, 4, (n,), generator=generator)
         )
-        return DataLoader(data, batch_size=5)
+        own = range(rank * n // world_size, (rank + 1) * n // world_size)
+        return DataLoader(Subset(data, own), batch_size=5)
 
-    return ScaledExits(), loader(37), loader(23)
-
-
-def curve_from(model: nn.Module, val_loader: DataLoader, test_loader: DataLoader) -> dict:
-    val = collect_exit_probs(model, contiguous_shard(val_loader))
-    test = collect_exit_probs(model, contiguous_shard(test_loader))
+    val = collect_exit_probs(model, shard(37))
+    test = collect_exit_probs(model, shard(23))
     return {"val": val, "curve": budgeted_curve(*val, *test, [1.0, 2.0])}
 
 
@@ -170,7 +169,7 @@ def ddp_worker(rank: int, world_size: int, port: int, out: Path) -> None:
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
     )
     try:
-        torch.save(curve_from(*ddp_problem()), out / f"rank{rank}.pt")
+        torch.save(ddp_curve(rank, world_size), out / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -184,7 +183,7 @@ def free_port() -> int:
 @pytest.mark.slow  # two spawned processes each import torch
 def test_two_processes_give_the_single_process_curve(tmp_path: Path) -> None:
     mp.spawn(ddp_worker, args=(2, free_port(), tmp_path), nprocs=2)
-    single = curve_from(*ddp_problem())
+    single = ddp_curve()
     for rank in range(2):
         gathered = torch.load(tmp_path / f"rank{rank}.pt")
         assert torch.equal(gathered["val"][0], single["val"][0])

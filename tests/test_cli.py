@@ -17,7 +17,7 @@ def _run_dirs(root: Path) -> list[Path]:
 @pytest.mark.slow
 def test_multirun_of_ddp_cpu_jobs_with_wandb(tmp_path):
     """The three traps together: DDP re-executing argv in a -m run, a leftover wandb.run, env vars."""
-    args = [*TINY, "logger=wandb", "trainer=ddp_cpu", "trainer.enable_progress_bar=false", "-m", "seed=0,1"]
+    args = ["-m", *TINY, "logger=wandb", "trainer=ddp_cpu", "seed=0,1"]
     run_cli("train", args, cwd=tmp_path)
     runs = _run_dirs(tmp_path / "out")
     assert len(runs) == 2, runs

@@ -11,7 +11,7 @@ from dynlab.evaluation.early_exit import early_exit_predict
 
 
 class ChainNet(nn.Module):
-    """Conv blocks with a classifier head after each; its session runs later blocks on fewer samples."""
+    """Conv blocks with a classifier head after each; its session runs later blocks on fewer."""
 
     def __init__(self, num_blocks: int = 3, width: int = 8, num_classes: int = 5) -> None:
         super().__init__()

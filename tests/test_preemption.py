@@ -76,7 +76,6 @@ class TinyRegression(pl.LightningModule):
 
     def configure_optimizers(self) -> dict:
         opt = torch.optim.Adam(self.parameters(), lr=0.01)
-        assert self.trainer.estimated_stepping_batches
         return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.StepLR(opt, 1, 0.5)}
 
     def train_dataloader(self) -> ResumableDataLoader:
@@ -89,7 +88,9 @@ class TinyRegression(pl.LightningModule):
 def loader(sampler: ResumableSampler) -> ResumableDataLoader:
     """A loader with its own generator: creating its iterator (every epoch) leaves the global RNG,
     and so dropout after a resume at an epoch end, alone."""
-    return ResumableDataLoader(Points(), batch_size=BATCH, sampler=sampler, generator=torch.Generator())
+    return ResumableDataLoader(
+        Points(), batch_size=BATCH, sampler=sampler, generator=torch.Generator()
+    )
 
 
 def fit(root: Path, module: TinyRegression, ckpt_path: Path | None = None) -> dict[str, Tensor]:
@@ -185,5 +186,8 @@ def test_requeues_the_array_task_on_the_time_limit_signal_only(
 
 def test_slurm_job_id() -> None:
     assert slurm_job_id({"SLURM_JOB_ID": "7"}) == "7"
-    assert slurm_job_id({"SLURM_JOB_ID": "9", "SLURM_ARRAY_JOB_ID": "7", "SLURM_ARRAY_TASK_ID": "1"}) == "7_1"
+    assert (
+        slurm_job_id({"SLURM_JOB_ID": "9", "SLURM_ARRAY_JOB_ID": "7", "SLURM_ARRAY_TASK_ID": "1"})
+        == "7_1"
+    )
     assert slurm_job_id({}) is None

@@ -68,18 +68,29 @@ def read_csv(path: Path) -> dict[str, dict[str, str]]:
         return {row["run"]: row for row in csv.DictReader(f)}
 
 
-def test_table_has_one_row_per_completed_run_with_its_summaries(sweep: Path, tmp_path: Path) -> None:
+def test_table_has_one_row_per_completed_run_with_its_summaries(
+    sweep: Path, tmp_path: Path
+) -> None:
     write_report([sweep], tmp_path / "out")
 
     rows = read_csv(tmp_path / "out" / "report.csv")
     assert set(rows) == {"sweep/0_dynamic", "sweep/1_static"}
     dynamic, static = rows["sweep/0_dynamic"], rows["sweep/1_static"]
-    assert (dynamic["technique"], dynamic["backbone"], dynamic["dataset"]) == ("gfnet", "cifar_resnet20", "cifar10")
-    assert dynamic["varying_overrides"] == "technique=gfnet seed=1"  # not the shared dataset=cifar10
+    assert (dynamic["technique"], dynamic["backbone"], dynamic["dataset"]) == (
+        "gfnet",
+        "cifar_resnet20",
+        "cifar10",
+    )
+    assert (
+        dynamic["varying_overrides"] == "technique=gfnet seed=1"
+    )  # not the shared dataset=cifar10
     assert static["varying_overrides"] == "backbone=cifar_resnet56"
     assert float(dynamic["macs"]) == 40e6 and int(dynamic["params"]) == 300_000
     assert float(dynamic["top1"]) == 91.5 and int(dynamic["exits"]) == 3
-    assert (float(dynamic["anytime_first_top1"]), float(dynamic["anytime_last_top1"])) == (80.0, 91.5)
+    assert (float(dynamic["anytime_first_top1"]), float(dynamic["anytime_last_top1"])) == (
+        80.0,
+        91.5,
+    )
     assert float(dynamic["budgeted_top1_at_25pct_macs"]) == 84.0
     assert float(dynamic["budgeted_top1_at_50pct_macs"]) == 89.0
     assert float(static["macs"]) == 125e6 and float(static["top1"]) == 93.0
@@ -92,7 +103,10 @@ def test_markdown_lists_incomplete_runs_and_links_the_figure(sweep: Path, tmp_pa
     assert markdown == (tmp_path / "out" / "report.md").read_text()
     assert "2 of 5 runs completed" in markdown
     table = markdown.split("## Incomplete runs")[0]
-    assert "| sweep/0_dynamic | gfnet | cifar_resnet20 | cifar10 | technique=gfnet seed=1 | 300K | 40M | 91.50 |" in table
+    assert (
+        "| sweep/0_dynamic | gfnet | cifar_resnet20 | cifar10 | technique=gfnet seed=1 | 300K | 40M | 91.50 |"
+        in table
+    )
     incomplete = markdown.split("## Incomplete runs")[1]
     assert "`sweep/2_failed`: failed: RuntimeError: boom" in incomplete
     assert "`sweep/3_running`: still running in phase stage2" in incomplete

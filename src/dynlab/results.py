@@ -6,6 +6,7 @@ Writes are atomic (temp file + rename) so a killed run never leaves a half-writt
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -39,9 +40,21 @@ def read_results(run_dir: str | Path) -> dict[str, Any]:
 def update_results(run_dir: str | Path, **sections: Any) -> dict[str, Any]:
     """Merge `sections` (top-level keys) into the run's results.json and return the whole document."""
     doc = read_results(run_dir)
-    doc.update(sections)
-    atomic_write_text(Path(run_dir) / RESULTS_FILE, json.dumps(doc, indent=2, default=_jsonable))
+    doc.update(json_safe(sections))
+    text = json.dumps(doc, indent=2, default=_jsonable, allow_nan=False)
+    atomic_write_text(Path(run_dir) / RESULTS_FILE, text)
     return doc
+
+
+def json_safe(obj: Any) -> Any:
+    """Strict JSON has no infinities: a threshold nobody reaches is written as the string "inf"."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_safe(v) for v in obj]
+    return obj
 
 
 def _jsonable(obj: Any) -> Any:

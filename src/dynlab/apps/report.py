@@ -93,7 +93,9 @@ def varying_overrides(runs: Sequence[Run]) -> dict[Path, str]:
     """Each run's overrides minus those every run has: what tells the runs of a sweep apart."""
     overrides = {run.path: run.results.get("overrides") or [] for run in runs}
     shared = set.intersection(*map(set, overrides.values())) if overrides else set()
-    return {path: " ".join(o for o in given if o not in shared) for path, given in overrides.items()}
+    return {
+        path: " ".join(o for o in given if o not in shared) for path, given in overrides.items()
+    }
 
 
 def summary_row(run: Run, varying: str) -> dict[str, Any]:
@@ -160,7 +162,9 @@ def write_report(paths: Sequence[Path], outdir: Path) -> str:
     """Write report.md, report.csv and accuracy_vs_macs.png into `outdir`; returns the markdown."""
     runs = load_runs(paths)
     if not runs:
-        raise FileNotFoundError(f"no run dirs (with .hydra/ or {RESULTS_FILE}) under {list(map(str, paths))}")
+        raise FileNotFoundError(
+            f"no run dirs (with .hydra/ or {RESULTS_FILE}) under {list(map(str, paths))}"
+        )
     done = [run for run in runs if run.completed]
     varying = varying_overrides(done)
     rows = [summary_row(run, varying[run.path]) for run in done]
@@ -191,7 +195,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Command line: `dynlab-report PATH... [-o OUTDIR]`."""
     parser = argparse.ArgumentParser(prog="dynlab-report", description=__doc__.split("\n")[0])
     parser.add_argument("paths", nargs="+", type=Path, help="run dirs, or folders holding run dirs")
-    parser.add_argument("-o", "--outdir", type=Path, default=Path("report"), help="default: report/")
+    parser.add_argument(
+        "-o", "--outdir", type=Path, default=Path("report"), help="default: report/"
+    )
     args = parser.parse_args(argv)
     try:
         markdown = write_report(args.paths, args.outdir)

@@ -76,7 +76,9 @@ def sbatch_command(sweep_file: Path, sweep_dir: Path, num_jobs: int) -> str:
 def main(argv: Sequence[str] | None = None) -> None:
     """Command line: `dynlab-sweep-file OVERRIDE... -o FILE [--sweep-dir DIR]`."""
     parser = argparse.ArgumentParser(prog="dynlab-sweep-file", description=__doc__.split("\n")[0])
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides, sweeps as in `dynlab-train -m`")
+    parser.add_argument(
+        "overrides", nargs="*", help="Hydra overrides, sweeps as in `dynlab-train -m`"
+    )
     parser.add_argument("-o", "--output", type=Path, required=True, help="the sweep file to write")
     parser.add_argument(
         "--sweep-dir", type=Path, help="where the jobs' run dirs go (default: runs/<file name>)"

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from timm.layers import ClassifierHead
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import Tensor, nn
+
+from dynlab.backbones._base import CifarClassifier, cifar_cfg, init_weights
 
 __all__ = ["CifarMobileNetV2", "InvertedResidual"]
 
@@ -64,13 +65,11 @@ class InvertedResidual(nn.Module):
         return x + out if self.use_residual else out
 
 
-class CifarMobileNetV2(nn.Module):
+class CifarMobileNetV2(CifarClassifier):
     """MobileNetV2 down-sampling 8x, for 32x32 inputs, with timm's classifier API."""
 
     def __init__(self, num_classes: int = 10, in_chans: int = 3, drop_rate: float = 0.0) -> None:
-        super().__init__()
-        self.num_classes = num_classes
-        self.num_features = NUM_FEATURES
+        super().__init__(NUM_FEATURES, num_classes, drop_rate)
         self.stem = nn.Sequential(*conv_bn(in_chans, STEM_WIDTH, 3, 1), nn.ReLU6(inplace=True))
         blocks = []
         in_channels = STEM_WIDTH
@@ -83,53 +82,14 @@ class CifarMobileNetV2(nn.Module):
         self.conv_head = nn.Sequential(
             *conv_bn(in_channels, NUM_FEATURES, 1, 1), nn.ReLU6(inplace=True)
         )
-        self.head = ClassifierHead(NUM_FEATURES, num_classes, drop_rate=drop_rate)
-        self.apply(_init_weights)
+        self.apply(init_weights)
 
     def forward_features(self, x: Tensor) -> Tensor:
         """The last feature map, [B, 1280, H/8, W/8]."""
         return self.conv_head(self.blocks(self.stem(x)))
 
-    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        """Global average pool, dropout and the linear classifier (skipped when `pre_logits`)."""
-        return self.head(x, pre_logits=pre_logits)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_head(self.forward_features(x))
-
-    def get_classifier(self) -> nn.Module:
-        """The final linear layer (nn.Identity when there are no classes)."""
-        return self.head.fc
-
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace the classifier with a fresh one for `num_classes` (0 removes it)."""
-        self.num_classes = num_classes
-        self.head.reset(num_classes)
-
-
-def _init_weights(module: nn.Module) -> None:
-    """Kaiming-normal convs, BN weight 1 and bias 0."""
-    if isinstance(module, nn.Conv2d):
-        nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-    elif isinstance(module, nn.BatchNorm2d):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
-
-
-default_cfgs = generate_default_cfgs(
-    {
-        "cifar_mobilenetv2": {
-            "num_classes": 10,
-            "input_size": (3, 32, 32),
-            "pool_size": (4, 4),
-            "crop_pct": 1.0,
-            "mean": (0.4914, 0.4822, 0.4465),
-            "std": (0.2470, 0.2435, 0.2616),
-            "first_conv": "stem.0",
-            "classifier": "head.fc",
-        }
-    }
-)
+default_cfgs = generate_default_cfgs({"cifar_mobilenetv2": cifar_cfg((4, 4), "stem.0")})
 
 
 @register_model

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from timm.layers import ClassifierHead
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import Tensor, nn
+
+from dynlab.backbones._base import CifarClassifier, cifar_cfg, init_weights
 
 __all__ = ["BasicBlock", "CifarResNet"]
 
@@ -46,20 +47,18 @@ class BasicBlock(nn.Module):
         return self.relu(out + self.shortcut(x))
 
 
-class CifarResNet(nn.Module):
+class CifarResNet(CifarClassifier):
     """ResNet-(6n+2) for 32x32 inputs with timm's classifier API (`forward_features` etc.)."""
 
     def __init__(
         self, depth: int, num_classes: int = 10, in_chans: int = 3, drop_rate: float = 0.0
     ) -> None:
-        super().__init__()
         if depth < 8 or (depth - 2) % 6 != 0:
             raise ValueError(
                 f"CIFAR ResNet depth must be 6n+2 with n >= 1 (20, 32, 56...), got {depth}"
             )
+        super().__init__(STAGE_WIDTHS[-1], num_classes, drop_rate)
         blocks_per_stage = (depth - 2) // 6
-        self.num_classes = num_classes
-        self.num_features = STAGE_WIDTHS[-1]
         self.stem = nn.Sequential(
             nn.Conv2d(in_chans, STAGE_WIDTHS[0], 3, padding=1, bias=False),
             nn.BatchNorm2d(STAGE_WIDTHS[0]),
@@ -75,55 +74,15 @@ class CifarResNet(nn.Module):
                 in_channels = width
             stages.append(nn.Sequential(*stage))
         self.stages = nn.Sequential(*stages)
-        self.head = ClassifierHead(self.num_features, num_classes, drop_rate=drop_rate)
-        self.apply(_init_weights)
+        self.apply(init_weights)
 
     def forward_features(self, x: Tensor) -> Tensor:
         """The last feature map, [B, 64, H/4, W/4]."""
         return self.stages(self.stem(x))
 
-    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        """Global average pool, dropout and the linear classifier (skipped when `pre_logits`)."""
-        return self.head(x, pre_logits=pre_logits)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_head(self.forward_features(x))
-
-    def get_classifier(self) -> nn.Module:
-        """The final linear layer (nn.Identity when there are no classes)."""
-        return self.head.fc
-
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace the classifier with a fresh one for `num_classes` (0 removes it)."""
-        self.num_classes = num_classes
-        self.head.reset(num_classes)
-
-
-def _init_weights(module: nn.Module) -> None:
-    """Kaiming-normal convs (He et al. 2015, as the paper uses), BN weight 1 and bias 0."""
-    if isinstance(module, nn.Conv2d):
-        nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-    elif isinstance(module, nn.BatchNorm2d):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
-
-
-def _cfg() -> dict[str, Any]:
-    """timm's model config: 10 CIFAR classes at 3x32x32, CIFAR-10 channel statistics, no weights."""
-    return {
-        "num_classes": 10,
-        "input_size": (3, 32, 32),
-        "pool_size": (8, 8),
-        "crop_pct": 1.0,
-        "mean": (0.4914, 0.4822, 0.4465),
-        "std": (0.2470, 0.2435, 0.2616),
-        "first_conv": "stem.0",
-        "classifier": "head.fc",
-    }
-
 
 default_cfgs = generate_default_cfgs(
-    {f"cifar_resnet{depth}": _cfg() for depth in (20, 32, 44, 56, 110)}
+    {f"cifar_resnet{depth}": cifar_cfg((8, 8), "stem.0") for depth in (20, 32, 44, 56, 110)}
 )
 
 

@@ -12,16 +12,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from timm.layers import ClassifierHead
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import Tensor, nn
+
+from dynlab.backbones._base import CifarClassifier, cifar_cfg, init_weights
 
 __all__ = ["CifarVGG"]
 
 VGG16_STAGES = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))
 
 
-class CifarVGG(nn.Module):
+class CifarVGG(CifarClassifier):
     """VGG for 32x32 inputs: conv-BN-ReLU stages each closed by a max-pool, one linear layer."""
 
     def __init__(
@@ -31,7 +32,7 @@ class CifarVGG(nn.Module):
         in_chans: int = 3,
         drop_rate: float = 0.0,
     ) -> None:
-        super().__init__()
+        super().__init__(stages[-1][-1], num_classes, drop_rate)
         layers: list[nn.Module] = []
         in_channels = in_chans
         for widths in stages:
@@ -43,56 +44,15 @@ class CifarVGG(nn.Module):
                 ]
                 in_channels = width
             layers.append(nn.MaxPool2d(2))
-        self.num_classes = num_classes
-        self.num_features = in_channels
         self.features = nn.Sequential(*layers)
-        self.head = ClassifierHead(self.num_features, num_classes, drop_rate=drop_rate)
-        self.apply(_init_weights)
+        self.apply(init_weights)
 
     def forward_features(self, x: Tensor) -> Tensor:
         """The last feature map, [B, 512, H/32, W/32]."""
         return self.features(x)
 
-    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        """Global average pool, dropout and the linear classifier (skipped when `pre_logits`)."""
-        return self.head(x, pre_logits=pre_logits)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_head(self.forward_features(x))
-
-    def get_classifier(self) -> nn.Module:
-        """The final linear layer (nn.Identity when there are no classes)."""
-        return self.head.fc
-
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace the classifier with a fresh one for `num_classes` (0 removes it)."""
-        self.num_classes = num_classes
-        self.head.reset(num_classes)
-
-
-def _init_weights(module: nn.Module) -> None:
-    """Kaiming-normal convs, BN weight 1 and bias 0."""
-    if isinstance(module, nn.Conv2d):
-        nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-    elif isinstance(module, nn.BatchNorm2d):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
-
-
-default_cfgs = generate_default_cfgs(
-    {
-        "cifar_vgg16_bn": {
-            "num_classes": 10,
-            "input_size": (3, 32, 32),
-            "pool_size": (1, 1),
-            "crop_pct": 1.0,
-            "mean": (0.4914, 0.4822, 0.4465),
-            "std": (0.2470, 0.2435, 0.2616),
-            "first_conv": "features.0",
-            "classifier": "head.fc",
-        }
-    }
-)
+default_cfgs = generate_default_cfgs({"cifar_vgg16_bn": cifar_cfg((1, 1), "features.0")})
 
 
 @register_model

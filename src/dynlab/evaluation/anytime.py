@@ -1,4 +1,4 @@
-"""Anytime prediction: the accuracy of every exit on its own, next to the MACs needed to reach it."""
+"""Anytime prediction: the accuracy of every exit on its own, next to the MACs to reach it."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def anytime_records(
     """
     if logits_or_probs.ndim != 3 or 0 in logits_or_probs.shape:
         raise ValueError(
-            f"expected a non-empty [K exits, N, C classes] tensor, got {tuple(logits_or_probs.shape)}"
+            f"expected a non-empty [K, N, C] tensor, got {tuple(logits_or_probs.shape)}"
         )
     num_exits, n, num_classes = logits_or_probs.shape
     if targets.shape != (n,):

@@ -22,12 +22,12 @@ DEFAULT_QS: tuple[float, ...] = tuple(i / 20 for i in range(1, 40))
 
 
 def exit_distribution(q: float, num_exits: int) -> Tensor:
-    """Fraction of samples meant to leave at each exit at budget level q: q^k / sum_j q^j (float64)."""
+    """Fraction of samples meant to leave at each exit at budget level q: q^k / sum_j q^j."""
     if not q > 0:
         raise ValueError(f"budget level q must be > 0, got {q}")
     if num_exits < 1:
         raise ValueError(f"num_exits must be >= 1, got {num_exits}")
-    # q^k normalised, written as a softmax of k*log(q) so that large q or many exits cannot overflow.
+    # q^k normalised, as a softmax of k*log(q) so that large q or many exits cannot overflow.
     k = torch.arange(1, num_exits + 1, dtype=torch.float64)
     return torch.softmax(k * math.log(q), dim=0)
 
@@ -45,7 +45,7 @@ def calibrate_thresholds(val_probs: Tensor, p: Tensor) -> Tensor:
 
 
 def exit_indices(probs: Tensor, thresholds: Tensor | Sequence[float]) -> Tensor:
-    """Exit [N] (0-based) of each sample: the first k whose confidence is >= thresholds[k], else K-1."""
+    """Exit [N] (0-based) of each sample: the first k with confidence >= thresholds[k], else K-1."""
     conf, _ = _confidences(probs, "probs")
     thresholds = torch.as_tensor(thresholds, dtype=conf.dtype, device=conf.device)
     if thresholds.shape != (len(conf),):

@@ -2,8 +2,10 @@
 
 Both run at the end of fit and of test, and `evaluate(trainer, pl_module)` runs them directly (the
 evaluate app calls it after loading a checkpoint). Each split's softmax outputs are computed once
-per model and global step and shared by the two callbacks. Every rank takes part in the passes
-(outputs are all-gathered); rank zero writes results.json, plots/*.png, W&B tables and the console.
+per model and global step and shared by the two callbacks. Every rank takes part in the passes:
+the datamodule's val/test loaders must give each rank a contiguous shard (dynlab.data's
+EvalSampler does), which are all-gathered in rank order; rank zero then writes results.json,
+plots/*.png, the W&B tables and the console tables.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from torch import Tensor, nn
 
 from dynlab.evaluation.anytime import anytime_records
 from dynlab.evaluation.budgeted import DEFAULT_QS, budgeted_curve
-from dynlab.evaluation.outputs import collect_exit_probs, contiguous_shard
+from dynlab.evaluation.outputs import collect_exit_probs
 from dynlab.evaluation.plots import format_macs, plot_anytime, plot_budgeted
 from dynlab.logging import log_records
 from dynlab.results import update_results
@@ -56,18 +58,8 @@ class _EndOfRunEvaluation(pl.Callback, ABC):
 class AnytimeEvaluation(_EndOfRunEvaluation):
     """Top-1/top-5 of every exit on the test split against the MACs to reach it (anytime).
 
-    With `every_n_epochs`, it also runs at the end of every n-th training epoch.
+    Only at the end of a run: the test split never steers training or model selection.
     """
-
-    def __init__(self, output_dir: str, every_n_epochs: int | None = None) -> None:
-        if every_n_epochs is not None and every_n_epochs < 1:
-            raise ValueError(f"every_n_epochs must be >= 1 or None, got {every_n_epochs}")
-        super().__init__(output_dir)
-        self.every_n_epochs = every_n_epochs
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
-            self.evaluate(trainer, pl_module)
 
     def evaluate(
         self,
@@ -75,7 +67,7 @@ class AnytimeEvaluation(_EndOfRunEvaluation):
         pl_module: pl.LightningModule,
         datamodule: pl.LightningDataModule | None = None,
     ) -> list[dict[str, Any]]:
-        """Anytime records of the module's model on the test split (`datamodule` or the trainer's)."""
+        """Anytime records of the model on the test split of `datamodule` (or the trainer's)."""
         datamodule = _datamodule(trainer, datamodule)
         model = dynamic_model(pl_module)
         probs, targets = exit_outputs(trainer, model, datamodule, "test")
@@ -108,7 +100,7 @@ class BudgetedEvaluation(_EndOfRunEvaluation):
         pl_module: pl.LightningModule,
         datamodule: pl.LightningDataModule | None = None,
     ) -> list[dict[str, Any]]:
-        """The budgeted curve of the module's model (val = held-out calibration split, never test)."""
+        """The budgeted curve of the model (val: the held-out calibration split, never test)."""
         datamodule = _datamodule(trainer, datamodule)
         model = dynamic_model(pl_module)
         val = exit_outputs(trainer, model, datamodule, "val")
@@ -130,7 +122,7 @@ class BudgetedEvaluation(_EndOfRunEvaluation):
 
 
 def dynamic_model(pl_module: pl.LightningModule) -> nn.Module:
-    """The model answering the dynamic-model protocol: `pl_module.model` if present, else the module."""
+    """The model answering the dynamic-model protocol: `pl_module.model`, else `pl_module`."""
     model = getattr(pl_module, "model", pl_module)
     missing = [m for m in ("forward_exits", "exit_macs") if not hasattr(model, m)]
     if missing:
@@ -148,7 +140,7 @@ def exit_outputs(
         _OUTPUTS[model] = (trainer.global_step, datamodule, cached)
     if split not in cached:
         loader = getattr(datamodule, f"{split}_dataloader")()
-        cached[split] = collect_exit_probs(model, contiguous_shard(loader))
+        cached[split] = collect_exit_probs(model, loader)
     return cached[split]
 
 

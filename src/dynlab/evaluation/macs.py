@@ -19,10 +19,10 @@ def count_macs(
 ) -> int:
     """MACs of one batch-1 forward of `model_or_fn` on an input of shape (C, H, W).
 
-    `model_or_fn` is a module or any callable on a batch (e.g. "run stages 1..k"); the module that
-    owns it (`module`, else the callable's bound `__self__`) gives the device and is run in eval mode
-    under no_grad, its training flags restored afterwards. FlopCounterMode counts 2 flops per
-    multiply-accumulate of the conv/matmul ops it knows, so MACs = flops / 2.
+    `model_or_fn` is a module or any callable on a batch (e.g. "run stages 1..k"); the module
+    that owns it (`module`, else the callable's bound `__self__`) gives the device and is run in
+    eval mode under no_grad, its training flags restored afterwards. FlopCounterMode counts 2 flops
+    per multiply-accumulate of the conv/matmul ops it knows, so MACs = flops / 2.
     """
     if len(input_size) != 3 or not all(isinstance(d, int) and d > 0 for d in input_size):
         raise ValueError(f"input_size must be three positive ints (C, H, W), got {input_size!r}")

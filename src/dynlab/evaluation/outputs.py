@@ -12,12 +12,11 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Subset
 
 
 @contextmanager
 def evaluating(module: nn.Module) -> Iterator[nn.Module]:
-    """Run `module` in eval mode under no_grad, then give every submodule back its own train flag."""
+    """Run `module` in eval mode under no_grad, then give each submodule back its own train flag."""
     modes = [(m, m.training) for m in module.modules()]
     module.eval()
     try:
@@ -34,36 +33,15 @@ def module_device(module: nn.Module) -> torch.device:
     return tensors[0].device if tensors else torch.device("cpu")
 
 
-def contiguous_shard(loader: DataLoader) -> DataLoader:
-    """This rank's contiguous slice of `loader`'s dataset (the loader itself outside DDP).
-
-    Rank r of W gets items [r*N//W, (r+1)*N//W), so concatenating the shards in rank order gives
-    the dataset back exactly once, unlike a DistributedSampler that interleaves and pads.
-    """
-    if _world_size() == 1:
-        return loader
-    if loader.batch_size is None:
-        raise ValueError("contiguous_shard needs a loader built with batch_size (no batch_sampler)")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    n = len(loader.dataset)  # type: ignore[arg-type]
-    indices = range(rank * n // world, (rank + 1) * n // world)
-    return DataLoader(
-        Subset(loader.dataset, indices),
-        batch_size=loader.batch_size,
-        num_workers=loader.num_workers,
-        collate_fn=loader.collate_fn,
-        pin_memory=loader.pin_memory,
-    )
-
-
 def collect_exit_probs(
     model: nn.Module, dataloader: Iterable[tuple[Tensor, Tensor]]
 ) -> tuple[Tensor, Tensor]:
     """Softmax of every exit of `model.forward_exits` over `dataloader`: probs [K,N,C], targets [N].
 
     Runs in eval mode under no_grad on the model's device and returns CPU tensors. Under an
-    initialised torch.distributed, each rank passes its contiguous shard (see `contiguous_shard`)
-    and every rank gets all shards concatenated in rank order.
+    initialised torch.distributed, each rank passes its contiguous shard of the split (rank r of W
+    holding items [r*N//W, (r+1)*N//W), as dynlab.data's EvalSampler gives) and every rank gets
+    all shards concatenated in rank order: the whole split once, whatever the number of processes.
     """
     if not hasattr(model, "forward_exits"):
         raise TypeError(f"{type(model).__name__} has no forward_exits (see dynlab.protocol)")

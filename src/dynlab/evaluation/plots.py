@@ -18,7 +18,7 @@ _UNITS = ((1e9, "G"), (1e6, "M"), (1e3, "K"), (1.0, ""))
 
 
 def plot_anytime(records: Sequence[Mapping[str, Any]], path: str | Path) -> None:
-    """Top-1 and top-5 of every exit against the cumulative MACs to reach it (anytime prediction)."""
+    """Top-1 and top-5 of every exit against the cumulative MACs to reach it (anytime)."""
     scale, unit = _macs_unit([r["macs"] for r in records])
     fig, ax = _figure()
     macs = [r["macs"] / scale for r in records]

@@ -1,7 +1,8 @@
 """The budgeted-batch rule written as the plain per-sample loop of MSDNet's released code.
 
 It is the yardstick for `dynlab.evaluation.budgeted.budgeted_curve`: tests check both give the same
-records and `benchmarks/budgeted.py` times both. `val` is the held-out calibration split, never test.
+records and `benchmarks/budgeted.py` times both. `val` is the held-out calibration split,
+never test.
 """
 
 from __future__ import annotations

@@ -96,7 +96,9 @@ class _Call:
     reads_image: bool
 
 
-def analyse_backbone(net: nn.Module, input_size: tuple[int, int, int], backbone: str) -> BackboneLayout:
+def analyse_backbone(
+    net: nn.Module, input_size: tuple[int, int, int], backbone: str
+) -> BackboneLayout:
     """Trace `net.forward_features` once on a zero image of `input_size` (C, H, W) and describe it.
 
     Raises UnsupportedBackboneError naming the backbone and the offending module for anything the
@@ -109,10 +111,12 @@ def analyse_backbone(net: nn.Module, input_size: tuple[int, int, int], backbone:
             f"get_classifier. Backbones that work: {SUPPORTED_BACKBONES}."
         )
     calls, out_shape = _trace(net, input_size)
+    for call in calls:  # every layer's kind first: the clearest reason to reject a backbone
+        _check_kind(call, backbone)
+    for call in calls:
+        _check_shape(call, backbone)
     if len(out_shape) != 4:
         raise UnsupportedBackboneError(f"{backbone}: forward_features must return a [B,C,H,W] map")
-    for call in calls:
-        _check_layer(call, backbone)
     conv_names = [call.name for call in calls if isinstance(call.module, nn.Conv2d)]
     if len(set(conv_names)) != len(conv_names):
         twice = next(name for name in conv_names if conv_names.count(name) > 1)
@@ -121,10 +125,12 @@ def analyse_backbone(net: nn.Module, input_size: tuple[int, int, int], backbone:
             f"keeps one input per stage for each conv. Backbones that work: {SUPPORTED_BACKBONES}."
         )
     groups = _SizeGroups()
-    for call in calls:
-        is_conv = isinstance(call.module, nn.Conv2d)
-        if not is_conv or _is_depthwise(call.module):  # channel-local: one partition in and out
-            groups.tie(_size(call.in_shape), _size(call.out_shape))
+    for call in calls:  # sizes in forward order, so layer groups are numbered input to output
+        if not call.reads_image:
+            groups.add(_size(call.in_shape))
+        groups.add(_size(call.out_shape))
+        if not isinstance(call.module, nn.Conv2d) or _is_depthwise(call.module):
+            groups.tie(_size(call.in_shape), _size(call.out_shape))  # one partition in and out
     convs, norms = [], []
     for call in calls:
         if isinstance(call.module, nn.Conv2d):
@@ -140,7 +146,9 @@ def analyse_backbone(net: nn.Module, input_size: tuple[int, int, int], backbone:
                 )
             )
         elif isinstance(call.module, nn.BatchNorm2d):
-            norms.append(NormLayer(call.name, call.module.num_features, groups.index(_size(call.out_shape))))
+            norms.append(
+                NormLayer(call.name, call.module.num_features, groups.index(_size(call.out_shape)))
+            )
     if not convs:
         raise UnsupportedBackboneError(f"{backbone}: forward_features has no Conv2d to split")
     if not groups.known(_size(out_shape)):
@@ -192,7 +200,7 @@ def _trace(net: nn.Module, input_size: tuple[int, int, int]) -> tuple[list[_Call
     return calls, tuple(out.shape) if isinstance(out, Tensor) else ()
 
 
-def _check_layer(call: _Call, backbone: str) -> None:
+def _check_kind(call: _Call, backbone: str) -> None:
     """Raise UnsupportedBackboneError for a layer the transformation cannot slice by channels."""
     module, kind = call.module, type(call.module).__name__
     where = f"{backbone}: module '{call.name}' ({kind}) in forward_features"
@@ -204,7 +212,9 @@ def _check_layer(call: _Call, backbone: str) -> None:
                 f"splits dense and depthwise convs only. {works}"
             )
         if module.padding_mode != "zeros":
-            raise UnsupportedBackboneError(f"{where} pads with '{module.padding_mode}'; only zero padding is supported. {works}")
+            raise UnsupportedBackboneError(
+                f"{where} pads with '{module.padding_mode}'; only zero padding is supported. {works}"
+            )
     elif type(module) is nn.BatchNorm2d:
         if module.momentum is None:
             raise UnsupportedBackboneError(
@@ -217,8 +227,16 @@ def _check_layer(call: _Call, backbone: str) -> None:
             "depthwise Conv2d, a BatchNorm2d or a channel-local activation/pooling/dropout (no "
             f"Linear, attention, LayerNorm/GroupNorm or squeeze-and-excitation gates). {works}"
         )
+
+
+def _check_shape(call: _Call, backbone: str) -> None:
+    """Raise UnsupportedBackboneError for a layer that does not map feature maps to feature maps."""
     if len(call.in_shape) != 4 or len(call.out_shape) != 4:
-        raise UnsupportedBackboneError(f"{where} maps {call.in_shape} to {call.out_shape}; S2DNAS needs [B,C,H,W] feature maps. {works}")
+        raise UnsupportedBackboneError(
+            f"{backbone}: module '{call.name}' ({type(call.module).__name__}) maps {call.in_shape} "
+            f"to {call.out_shape}; S2DNAS needs [B,C,H,W] feature maps throughout forward_features. "
+            f"Backbones that work: {SUPPORTED_BACKBONES}."
+        )
 
 
 def _is_depthwise(conv: nn.Conv2d) -> bool:
@@ -236,10 +254,13 @@ class _SizeGroups:
         self._parent: dict[Size, Size] = {}
         self._order: list[Size] = []
 
-    def _root(self, size: Size) -> Size:
+    def add(self, size: Size) -> None:
         if size not in self._parent:
             self._parent[size] = size
             self._order.append(size)
+
+    def _root(self, size: Size) -> Size:
+        self.add(size)
         while self._parent[size] != size:
             size = self._parent[size]
         return size

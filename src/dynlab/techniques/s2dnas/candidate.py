@@ -37,7 +37,9 @@ class CandidateData:
         datamodule.setup("fit")
         splits = datamodule.splits
         assert splits is not None
-        augment = datamodule.augment_transform() if datamodule.augment else datamodule.eval_transform()
+        augment = (
+            datamodule.augment_transform() if datamodule.augment else datamodule.eval_transform()
+        )
         return cls(
             train=SeededDataset(splits.train, augment),
             val=SeededDataset(splits.val, datamodule.eval_transform()),
@@ -45,7 +47,9 @@ class CandidateData:
             eval_batch_size=datamodule.eval_batch_size,
         )
 
-    def train_batches(self, generator: torch.Generator, limit: int | None) -> Iterator[tuple[Tensor, Tensor]]:
+    def train_batches(
+        self, generator: torch.Generator, limit: int | None
+    ) -> Iterator[tuple[Tensor, Tensor]]:
         """One epoch of shuffled, augmented batches (at most `limit`), drawn from `generator`."""
         order = torch.randperm(len(self.train), generator=generator)
         seeds = torch.randint(0, 2**62, (len(self.train),), generator=generator)
@@ -79,12 +83,15 @@ def train_candidate(
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     groups = parameter_groups(model, named, optim)
     if optim.name == OptimizerName.sgd:
-        optimizer: torch.optim.Optimizer = torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum, nesterov=optim.nesterov)
+        optimizer: torch.optim.Optimizer = torch.optim.SGD(
+            groups, lr=optim.lr, momentum=optim.momentum, nesterov=optim.nesterov
+        )
     else:
         optimizer = torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas))
     steps_per_epoch = data.num_train_batches(batches_per_epoch)
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(optim, total_steps=epochs * steps_per_epoch, steps_per_epoch=steps_per_epoch)
+        optimizer,
+        lr_lambda(optim, total_steps=epochs * steps_per_epoch, steps_per_epoch=steps_per_epoch),
     )
     generator = torch.Generator().manual_seed(seed)
     for _ in range(epochs):

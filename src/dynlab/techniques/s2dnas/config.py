@@ -3,22 +3,22 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 
 from dynlab.config import TechniqueConfig, register_schema
 
 
-class RewardForm(str, Enum):
+class RewardForm(StrEnum):
     difference = "difference"  # ACC - lambda * MACs / static MACs
     product = "product"  # MnasNet's ACC * (MACs / target)^w
 
 
-class ExitRule(str, Enum):
+class ExitRule(StrEnum):
     threshold = "threshold"  # leave at the first exit whose confidence reaches `threshold`
     budget = "budget"  # thresholds calibrated on val for MSDNet's budget level `budget_q`
 
 
-class SelectBy(str, Enum):
+class SelectBy(StrEnum):
     reward = "reward"
     accuracy = "accuracy"
 
@@ -28,7 +28,9 @@ class S2DNASSearchConfig:
     """The controller, its REINFORCE updates, the candidates' short training and their reward."""
 
     iterations: int = 20  # controller updates
-    candidates_per_iteration: int = 2  # sampled per update; spread over DDP ranks when there are any
+    candidates_per_iteration: int = (
+        2  # sampled per update; spread over DDP ranks when there are any
+    )
     candidate_epochs: int = 1
     candidate_batches: int | None = None  # training batches per candidate epoch (None: all)
     controller_hidden: int = 64
@@ -47,19 +49,33 @@ class S2DNASSearchConfig:
     select_by: SelectBy = SelectBy.reward
 
     def __post_init__(self) -> None:
-        for name in ("iterations", "candidates_per_iteration", "candidate_epochs", "controller_hidden", "top_k"):
+        for name in (
+            "iterations",
+            "candidates_per_iteration",
+            "candidate_epochs",
+            "controller_hidden",
+            "top_k",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"s2dnas search.{name} must be >= 1, got {getattr(self, name)}")
         if self.candidate_batches is not None and self.candidate_batches < 1:
-            raise ValueError(f"s2dnas search.candidate_batches must be >= 1 or null, got {self.candidate_batches}")
+            raise ValueError(
+                f"s2dnas search.candidate_batches must be >= 1 or null, got {self.candidate_batches}"
+            )
         if self.retrain_epochs is not None and self.retrain_epochs < 1:
-            raise ValueError(f"s2dnas search.retrain_epochs must be >= 1 or null, got {self.retrain_epochs}")
+            raise ValueError(
+                f"s2dnas search.retrain_epochs must be >= 1 or null, got {self.retrain_epochs}"
+            )
         if not 0 <= self.baseline_decay < 1:
-            raise ValueError(f"s2dnas search.baseline_decay must be in [0, 1), got {self.baseline_decay}")
+            raise ValueError(
+                f"s2dnas search.baseline_decay must be in [0, 1), got {self.baseline_decay}"
+            )
         if not 0 < self.threshold <= 1:
             raise ValueError(f"s2dnas search.threshold must be in (0, 1], got {self.threshold}")
         if self.budget_q <= 0 or self.target_macs_ratio <= 0 or self.controller_lr <= 0:
-            raise ValueError("s2dnas search.budget_q, target_macs_ratio and controller_lr must be > 0")
+            raise ValueError(
+                "s2dnas search.budget_q, target_macs_ratio and controller_lr must be > 0"
+            )
 
 
 @dataclass

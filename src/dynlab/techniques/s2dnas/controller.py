@@ -32,7 +32,9 @@ class Decision:
 class Controller(nn.Module):
     """LSTM policy over the S2D settings of a backbone with `num_layer_groups` layer groups."""
 
-    def __init__(self, num_layer_groups: int, num_stages: int, groups: int, hidden_size: int = 64) -> None:
+    def __init__(
+        self, num_layer_groups: int, num_stages: int, groups: int, hidden_size: int = 64
+    ) -> None:
         super().__init__()
         if num_stages < 2:
             raise ValueError("a search needs num_stages >= 2 (one stage has nothing to search)")
@@ -42,13 +44,20 @@ class Controller(nn.Module):
         self.decisions = [
             Decision(kind, g, i)
             for g in range(num_layer_groups)
-            for kind, indices in ((SPLIT, range(num_stages - 1)), (CONCAT, range(2, num_stages + 1)))
+            for kind, indices in (
+                (SPLIT, range(num_stages - 1)),
+                (CONCAT, range(2, num_stages + 1)),
+            )
             for i in indices
         ]
         self.start = nn.Parameter(torch.zeros(1, hidden_size))
         self.lstm = nn.LSTMCell(hidden_size, hidden_size)
-        self.embed = nn.ModuleDict({SPLIT: nn.Embedding(groups - 1, hidden_size), CONCAT: nn.Embedding(2, hidden_size)})
-        self.heads = nn.ModuleDict({SPLIT: nn.Linear(hidden_size, groups - 1), CONCAT: nn.Linear(hidden_size, 2)})
+        self.embed = nn.ModuleDict(
+            {SPLIT: nn.Embedding(groups - 1, hidden_size), CONCAT: nn.Embedding(2, hidden_size)}
+        )
+        self.heads = nn.ModuleDict(
+            {SPLIT: nn.Linear(hidden_size, groups - 1), CONCAT: nn.Linear(hidden_size, 2)}
+        )
 
     def sample(self, generator: torch.Generator) -> list[int]:
         """Tokens of one settings drawn from the policy (split tokens are point - 1)."""
@@ -90,7 +99,9 @@ class Controller(nn.Module):
             logits = self.heads[decision.kind](h)[0]
             if decision.kind == SPLIT:
                 previous_point = 0 if decision.index == 0 else previous_point
-                logits = logits.masked_fill(~self._valid_points(decision.index, previous_point), float("-inf"))
+                logits = logits.masked_fill(
+                    ~self._valid_points(decision.index, previous_point), float("-inf")
+                )
             log_probs = logits.log_softmax(dim=0)
             if given is not None:
                 token = given[step]
@@ -122,7 +133,9 @@ class Reinforce:
     loss = -mean((R - b) log p) - beta * mean(H).
     """
 
-    def __init__(self, controller: Controller, lr: float, baseline_decay: float, entropy_weight: float) -> None:
+    def __init__(
+        self, controller: Controller, lr: float, baseline_decay: float, entropy_weight: float
+    ) -> None:
         self.controller = controller
         self.optimizer = torch.optim.Adam(controller.parameters(), lr=lr)
         self.baseline_decay, self.entropy_weight = baseline_decay, entropy_weight
@@ -136,7 +149,9 @@ class Reinforce:
         if self.baseline is None:
             self.baseline = mean_reward
         else:
-            self.baseline = self.baseline_decay * self.baseline + (1 - self.baseline_decay) * mean_reward
+            self.baseline = (
+                self.baseline_decay * self.baseline + (1 - self.baseline_decay) * mean_reward
+            )
         loss = self.controller.start.new_zeros(())
         for tokens, reward in zip(samples, rewards, strict=True):
             log_prob, entropy = self.controller.log_prob_and_entropy(tokens)

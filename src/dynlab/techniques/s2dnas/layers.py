@@ -42,7 +42,9 @@ class StageCursor:
 
     def current(self) -> StageRun:
         if self.run is None:
-            raise RuntimeError("a staged layer ran outside S2DNet; call the S2D network, not its backbone")
+            raise RuntimeError(
+                "a staged layer ran outside S2DNet; call the S2D network, not its backbone"
+            )
         return self.run
 
 
@@ -108,7 +110,9 @@ class StagedDepthwiseConv2d(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         lo, hi = self.bounds[self.cursor.current().stage]
         bias = self.bias[lo:hi] if self.bias is not None else None
-        return F.conv2d(x, self.weight[lo:hi], bias, self.stride, self.padding, self.dilation, hi - lo)
+        return F.conv2d(
+            x, self.weight[lo:hi], bias, self.stride, self.padding, self.dilation, hi - lo
+        )
 
 
 class StagedBatchNorm2d(nn.BatchNorm2d):
@@ -116,7 +120,9 @@ class StagedBatchNorm2d(nn.BatchNorm2d):
     statistics (every channel belongs to exactly one stage, so nothing is shared or left unused)."""
 
     def __init__(self, norm: nn.BatchNorm2d, cursor: StageCursor, bounds: Sequence[Bounds]) -> None:
-        super().__init__(norm.num_features, norm.eps, norm.momentum, norm.affine, norm.track_running_stats)
+        super().__init__(
+            norm.num_features, norm.eps, norm.momentum, norm.affine, norm.track_running_stats
+        )
         self.load_state_dict(norm.state_dict())
         self.cursor, self.bounds = cursor, list(bounds)
 

@@ -32,11 +32,17 @@ from dynlab.techniques.s2dnas.config import S2DNASSearchConfig, SelectBy
 from dynlab.techniques.s2dnas.controller import Controller, Reinforce
 from dynlab.techniques.s2dnas.model import S2DNet, multi_exit_loss
 from dynlab.techniques.s2dnas.reward import dynamic_score, exit_probs, reward
-from dynlab.techniques.s2dnas.search import CandidateEvaluator, derived_seed, run_search, top_candidates
+from dynlab.techniques.s2dnas.search import (
+    CONTROLLER_STREAM,
+    RETRAIN_STREAM,
+    CandidateEvaluator,
+    derived_seed,
+    run_search,
+    top_candidates,
+)
 from dynlab.techniques.s2dnas.settings import S2DSettings, resolve_settings
 
 SEARCH, SELECT, RETRAIN = "search", "select", "retrain_"
-CONTROLLER_STREAM, RETRAIN_STREAM = 2, 3  # seed streams (search.py uses 0 and 1)
 
 
 class S2DNASModule(DynlabModule):
@@ -64,11 +70,15 @@ class S2DNASModule(DynlabModule):
         self.search_cfg = search or S2DNASSearchConfig()
         self.loss_weights = [1.0] * num_stages if loss_weights is None else list(loss_weights)
         if len(self.loss_weights) != num_stages:
-            raise ValueError(f"s2dnas: {len(self.loss_weights)} loss_weights for {num_stages} stages")
+            raise ValueError(
+                f"s2dnas: {len(self.loss_weights)} loss_weights for {num_stages} stages"
+            )
         self.static_weights = load_static_weights(init_from) if init_from else None
         net = self._new_backbone()
         self.layout = analyse_backbone(net, data_info.input_size, backbone.name)
-        settings = resolve_settings(split_points, concat, num_stages, self.layout.num_layer_groups, groups)
+        settings = resolve_settings(
+            split_points, concat, num_stages, self.layout.num_layer_groups, groups
+        )
         self.model = S2DNet(net, self.layout, settings, groups, data_info.input_size)
         self.top_k: list[dict[str, Any]] = []  # the search's best candidates (settings, reward)
         self.retrained: dict[str, dict[str, Any]] = {}  # retrain phase -> its val score
@@ -82,10 +92,17 @@ class S2DNASModule(DynlabModule):
     def phases(self, mode: str) -> list[Phase]:
         if mode != "search":
             return super().phases(mode)
+        if self.model.num_stages < 2:
+            raise ValueError(
+                "s2dnas: a search needs technique.num_stages >= 2 (one stage has nothing to split)"
+            )
         schedule = [Phase(SEARCH, PhaseKind.custom)]
         if self.top_k:
             retrain_epochs = self.search_cfg.retrain_epochs
-            schedule += [Phase(f"{RETRAIN}{i}", max_epochs=retrain_epochs) for i in range(1, len(self.top_k) + 1)]
+            schedule += [
+                Phase(f"{RETRAIN}{i}", max_epochs=retrain_epochs)
+                for i in range(1, len(self.top_k) + 1)
+            ]
             schedule.append(Phase(SELECT, PhaseKind.custom))
         return schedule
 
@@ -138,23 +155,30 @@ class S2DNASModule(DynlabModule):
         """The static backbone, with the `init_from` weights when given."""
         cfg = self.backbone_cfg
         net = create_backbone(
-            cfg.name, num_classes=self.data_info.num_classes, in_chans=self.data_info.input_size[0], **dict(cfg.kwargs)
+            cfg.name,
+            num_classes=self.data_info.num_classes,
+            in_chans=self.data_info.input_size[0],
+            **dict(cfg.kwargs),
         )
         if self.static_weights is not None:
             try:
                 net.load_state_dict(self.static_weights)
             except RuntimeError as err:
-                raise ValueError(f"s2dnas init_from: the weights do not fit backbone {cfg.name}: {err}") from err
+                raise ValueError(
+                    f"s2dnas init_from: the weights do not fit backbone {cfg.name}: {err}"
+                ) from err
         return net
 
     def _build(self, settings: S2DSettings) -> S2DNet:
-        return S2DNet(self._new_backbone(), self.layout, settings, self.groups, self.data_info.input_size)
+        return S2DNet(
+            self._new_backbone(), self.layout, settings, self.groups, self.data_info.input_size
+        )
 
     def _use(self, settings: S2DSettings, seed: int) -> None:
         """Replace the network by a new one with `settings`, initialised from `seed`."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            self.model = self._build(settings).to(self.device)
+            self.model = self._build(settings).to(self.device).train(self.training)
 
     def _static_macs(self) -> float:
         return float(count_macs(self._new_backbone(), self.data_info.input_size))
@@ -165,7 +189,10 @@ class S2DNASModule(DynlabModule):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derived_seed(self.seed, CONTROLLER_STREAM))
             controller = Controller(
-                self.layout.num_layer_groups, self.model.num_stages, self.groups, cfg.controller_hidden
+                self.layout.num_layer_groups,
+                self.model.num_stages,
+                self.groups,
+                cfg.controller_hidden,
             )
         evaluate = CandidateEvaluator(
             build=self._build,
@@ -190,7 +217,11 @@ class S2DNASModule(DynlabModule):
         probs, targets = exit_probs(self.model, data.val_loader(), self.device)
         macs = self.model.exit_macs(self.data_info.input_size)
         score = dynamic_score(probs, targets, macs, self._static_macs(), self.search_cfg)
-        return {"settings": self.model.settings.to_dict(), "reward": reward(score, self.search_cfg), **score.as_dict()}
+        return {
+            "settings": self.model.settings.to_dict(),
+            "reward": reward(score, self.search_cfg),
+            **score.as_dict(),
+        }
 
     def _select(self, ctx: PhaseContext) -> None:
         """Load the retrained network with the best val reward (or val accuracy, `select_by`)."""
@@ -198,7 +229,9 @@ class S2DNASModule(DynlabModule):
             raise RuntimeError("s2dnas select: no retrain phase has recorded a val score")
         key = "reward" if self.search_cfg.select_by == SelectBy.reward else "accuracy"
         best = max(self.retrained, key=lambda p: self.retrained[p][key])
-        checkpoint = torch.load(phase_dir(ctx.run_dir, best) / FINAL, map_location="cpu", weights_only=False)
+        checkpoint = torch.load(
+            phase_dir(ctx.run_dir, best) / FINAL, map_location="cpu", weights_only=False
+        )
         settings = S2DSettings.from_dict(checkpoint["dynlab"]["technique"]["settings"])
         self._use(settings, self.seed)
         self.load_state_dict(checkpoint["state_dict"])
@@ -213,7 +246,11 @@ def load_static_weights(path: str | Path) -> dict[str, Tensor]:
     state = checkpoint.get("state_dict", checkpoint)
     prefix = "model.net."  # BaselineModule keeps the backbone in StaticExits.net
     if any(key.startswith(prefix) for key in state):
-        state = {key.removeprefix(prefix): value for key, value in state.items() if key.startswith(prefix)}
+        state = {
+            key.removeprefix(prefix): value
+            for key, value in state.items()
+            if key.startswith(prefix)
+        }
     return state
 
 

@@ -37,7 +37,9 @@ class DynamicScore:
         return asdict(self)
 
 
-def exit_probs(model: nn.Module, loader: Iterable[tuple[Tensor, Tensor]], device: torch.device) -> tuple[Tensor, Tensor]:
+def exit_probs(
+    model: nn.Module, loader: Iterable[tuple[Tensor, Tensor]], device: torch.device
+) -> tuple[Tensor, Tensor]:
     """Softmax of every exit [K,N,C] and targets [N] over `loader`, on this process only.
 
     (Not `evaluation.outputs.collect_exit_probs`: that one all-gathers over DDP ranks, while during
@@ -62,7 +64,9 @@ def dynamic_score(
     """Accuracy and average MACs when each sample leaves at its exit under `cfg.exit_rule`."""
     num_exits = probs.shape[0]
     if cfg.exit_rule == ExitRule.threshold:
-        thresholds = torch.tensor([cfg.threshold] * (num_exits - 1) + [-math.inf], dtype=probs.dtype)
+        thresholds = torch.tensor(
+            [cfg.threshold] * (num_exits - 1) + [-math.inf], dtype=probs.dtype
+        )
     else:
         thresholds = calibrate_thresholds(probs, exit_distribution(cfg.budget_q, num_exits))
     exits = exit_indices(probs, thresholds)

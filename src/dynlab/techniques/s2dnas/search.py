@@ -27,6 +27,7 @@ from torch import nn
 
 from dynlab.checkpointing import atomic_torch_save
 from dynlab.config import OptimConfig
+from dynlab.data.sampling import rank_and_world_size
 from dynlab.results import atomic_write_text
 from dynlab.techniques.s2dnas.candidate import CandidateData, train_candidate
 from dynlab.techniques.s2dnas.config import S2DNASSearchConfig
@@ -35,6 +36,8 @@ from dynlab.techniques.s2dnas.reward import dynamic_score, exit_probs, reward
 from dynlab.techniques.s2dnas.settings import S2DSettings
 
 SEARCH_STATE, CANDIDATES = "search_state.pt", "candidates.json"
+# Independent seed streams derived from the technique's seed (see `derived_seed`).
+CANDIDATE_STREAM, SAMPLING_STREAM, CONTROLLER_STREAM, RETRAIN_STREAM = range(4)
 
 Evaluate = Callable[[S2DSettings, int], dict[str, Any]]
 
@@ -42,9 +45,6 @@ Evaluate = Callable[[S2DSettings, int], dict[str, Any]]
 def derived_seed(seed: int, *keys: int) -> int:
     """An independent seed for the stream named by `keys` (e.g. candidate k: keys (0, k))."""
     return int(np.random.SeedSequence([seed, *keys]).generate_state(1)[0])
-
-
-CANDIDATE_STREAM, SAMPLING_STREAM = 0, 1
 
 
 @dataclass
@@ -109,7 +109,7 @@ def run_search(
     seed: int,
 ) -> list[dict[str, Any]]:
     """Run (or resume) the search in `phase_dir`; every evaluated candidate's record, in order."""
-    rank, world = _rank_and_world()
+    rank, world = rank_and_world_size()
     generator = torch.Generator().manual_seed(derived_seed(seed, SAMPLING_STREAM))
     state = _load(phase_dir, reinforce, generator)
     if world > 1:
@@ -167,12 +167,6 @@ def _save(phase_dir: Path, state: SearchState, reinforce: Reinforce, rank: int) 
     state.reinforce = reinforce.state_dict()
     atomic_torch_save(vars(state), phase_dir / SEARCH_STATE)
     atomic_write_text(phase_dir / CANDIDATES, json.dumps(state.candidates, indent=2))
-
-
-def _rank_and_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def _all_gather(record: dict[str, Any] | None, world: int) -> list[dict[str, Any] | None]:

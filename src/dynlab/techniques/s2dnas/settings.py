@@ -57,7 +57,9 @@ class S2DSettings:
                     f"(groups={groups})"
                 )
             if any(b <= a for a, b in zip(points, points[1:], strict=False)):
-                raise SettingsError(f"split_points[{g}] = {list(points)} must be strictly increasing")
+                raise SettingsError(
+                    f"split_points[{g}] = {list(points)} must be strictly increasing"
+                )
         for k, row in enumerate(self.concat, start=2):
             if len(row) != num_layer_groups:
                 raise SettingsError(

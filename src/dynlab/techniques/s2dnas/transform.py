@@ -82,7 +82,9 @@ def plan_stages(layout: BackboneLayout, settings: S2DSettings, groups: int) -> S
     return StagePlan(convs=convs, norms=norms, out_bounds=out_bounds)
 
 
-def stage_backbone(net: nn.Module, layout: BackboneLayout, plan: StagePlan, cursor: StageCursor) -> None:
+def stage_backbone(
+    net: nn.Module, layout: BackboneLayout, plan: StagePlan, cursor: StageCursor
+) -> None:
     """Swap every Conv2d / BatchNorm2d of `forward_features` for its staged version, in place.
 
     The staged layers start from the original weights (sliced into per-stage blocks), so a backbone
@@ -97,7 +99,9 @@ def stage_backbone(net: nn.Module, layout: BackboneLayout, plan: StagePlan, curs
         if p.depthwise:
             staged = StagedDepthwiseConv2d(original, cursor, p.out_bounds)
         else:
-            staged = StagedConv2d(original, index, cursor, p.out_bounds, p.in_bounds, p.reads_earlier)
+            staged = StagedConv2d(
+                original, index, cursor, p.out_bounds, p.in_bounds, p.reads_earlier
+            )
         _replace(net, conv.name, staged)
     for name, bounds in plan.norms.items():
         original = modules[name]

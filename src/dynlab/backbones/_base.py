@@ -1,0 +1,61 @@
+"""What dynlab's CIFAR backbones share: timm's classifier API, the weight init, the timm config."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from timm.layers import ClassifierHead
+from torch import Tensor, nn
+
+
+class CifarClassifier(nn.Module):
+    """A feature extractor (`forward_features`, defined by subclasses) plus timm's classifier head:
+    global average pooling, dropout and one linear layer."""
+
+    def __init__(self, num_features: int, num_classes: int, drop_rate: float) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.num_features = num_features
+        self.head = ClassifierHead(num_features, num_classes, drop_rate=drop_rate)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """Global average pool, dropout and the linear classifier (skipped when `pre_logits`)."""
+        return self.head(x, pre_logits=pre_logits)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def get_classifier(self) -> nn.Module:
+        """The final linear layer (nn.Identity when there are no classes)."""
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the classifier with a fresh one for `num_classes` (0 removes it)."""
+        self.num_classes = num_classes
+        self.head.reset(num_classes)
+
+
+def init_weights(module: nn.Module) -> None:
+    """Kaiming-normal convs (He et al. 2015), BN weight 1 and bias 0."""
+    if isinstance(module, nn.Conv2d):
+        nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+    elif isinstance(module, nn.BatchNorm2d):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+def cifar_cfg(pool_size: tuple[int, int], first_conv: str) -> dict[str, Any]:
+    """timm's model config: 10 CIFAR classes at 3x32x32, CIFAR-10 channel statistics, no weights."""
+    return {
+        "num_classes": 10,
+        "input_size": (3, 32, 32),
+        "pool_size": pool_size,
+        "crop_pct": 1.0,
+        "mean": (0.4914, 0.4822, 0.4465),
+        "std": (0.2470, 0.2435, 0.2616),
+        "first_conv": first_conv,
+        "classifier": "head.fc",
+    }

@@ -1,0 +1,104 @@
+"""The S2DNAS LightningModule: config, loss, state, static initialisation and the search schedule."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dynlab.backbones import create_backbone
+from dynlab.config import BackboneConfig
+from dynlab.data.base import DataInfo
+from dynlab.results import read_results
+from dynlab.runner import build_datamodule, build_module, run_job
+from dynlab.techniques.s2dnas.config import S2DNASSearchConfig
+from dynlab.techniques.s2dnas.module import S2DNASModule
+from dynlab.techniques.s2dnas.settings import SettingsError
+from tests.conftest import TINY
+
+DIGITS = DataInfo("digits", 10, (3, 32, 32))
+RESNET20 = BackboneConfig(name="cifar_resnet20")
+
+
+def test_config_builds_the_module_and_bad_settings_fail_before_training(compose_cfg) -> None:
+    cfg = compose_cfg(["technique=s2dnas", "dataset=digits", "technique.num_stages=2"])
+    module = build_module(cfg, build_datamodule(cfg))
+    assert isinstance(module, S2DNASModule) and module.model.num_stages == 2
+    assert module.model.settings.split_points == ((4,), (4,), (4,))  # equal split of G=8
+    cfg = compose_cfg(["technique=s2dnas", "dataset=digits", "technique.split_points=[[6,3]]"])
+    with pytest.raises(SettingsError, match="strictly increasing"):
+        build_module(cfg, build_datamodule(cfg))
+
+
+def test_exit_losses_weight_each_exit() -> None:
+    module = S2DNASModule(RESNET20, DIGITS, loss_weights=[0.0, 0.5, 2.0])
+    logits = [torch.randn(4, 10) for _ in range(3)]
+    y = torch.tensor([0, 1, 2, 3])
+    expected = 0.5 * F.cross_entropy(logits[1], y) + 2.0 * F.cross_entropy(logits[2], y)
+    torch.testing.assert_close(module.exit_losses(logits, y), expected)
+    with pytest.raises(ValueError, match="2 loss_weights for 3 stages"):
+        S2DNASModule(RESNET20, DIGITS, loss_weights=[1.0, 1.0])
+
+
+def test_technique_state_rebuilds_the_network_before_its_weights_load() -> None:
+    trained = S2DNASModule(RESNET20, DIGITS, split_points=[[1, 3]], concat=[[False], [True]]).eval()
+    fresh = S2DNASModule(RESNET20, DIGITS).eval()
+    fresh.load_technique_state(trained.technique_state())
+    fresh.load_state_dict(trained.state_dict())
+    assert fresh.model.settings == trained.model.settings
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(fresh.forward_exits(x), trained.forward_exits(x))
+
+
+def test_init_from_a_static_checkpoint_slices_its_weights(tmp_path: Path) -> None:
+    static = create_backbone("cifar_resnet20", num_classes=10, in_chans=3).eval()
+    path = tmp_path / "baseline.ckpt"
+    torch.save({"state_dict": {f"model.net.{k}": v for k, v in static.state_dict().items()}}, path)
+    x = torch.randn(2, 3, 32, 32)
+    one_stage = S2DNASModule(RESNET20, DIGITS, num_stages=1, init_from=str(path)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(one_stage(x), static(x), rtol=1e-5, atol=1e-5)
+    three = S2DNASModule(RESNET20, DIGITS, init_from=str(path), split_points=[[2, 5]])
+    stem = three.model.backbone.stem[0]
+    torch.testing.assert_close(
+        stem.weights[1], static.stem[0].weight[4:10]
+    )  # stage 2: groups 2..4 of 16
+    with pytest.raises(ValueError, match="do not fit backbone cifar_resnet32"):
+        S2DNASModule(BackboneConfig(name="cifar_resnet32"), DIGITS, init_from=str(path))
+
+
+def test_search_schedule_runs_end_to_end_and_keeps_the_best_retrained_network(
+    compose_cfg, tmp_path: Path
+) -> None:
+    overrides = [
+        *TINY,
+        "technique=s2dnas",
+        "technique.num_stages=2",
+        "technique.groups=4",
+        "technique.search.iterations=1",
+        "technique.search.candidates_per_iteration=2",
+        "technique.search.candidate_batches=1",
+        "technique.search.top_k=2",
+        "evaluation.budgeted=false",
+    ]
+    cfg = compose_cfg(overrides, config_name="search", run_dir=tmp_path / "run")
+    run_job(cfg)
+    run = Path(cfg.run_dir)
+    selection = json.loads((run / "checkpoints" / "select" / "selection.json").read_text())
+    assert set(selection["retrained"]) == {"retrain_1", "retrain_2"}
+    best = max(selection["retrained"], key=lambda p: selection["retrained"][p]["reward"])
+    assert selection["selected"] == best
+    final = torch.load(run / "checkpoints" / "select" / "final.ckpt", weights_only=False)
+    assert final["dynlab"]["technique"]["settings"] == selection["retrained"][best]["settings"]
+    assert len(json.loads((run / "checkpoints" / "search" / "candidates.json").read_text())) == 2
+    assert read_results(run)["status"] == "completed"
+
+
+def test_search_needs_more_than_one_stage() -> None:
+    module = S2DNASModule(RESNET20, DIGITS, num_stages=1, search=S2DNASSearchConfig())
+    assert [p.name for p in module.phases("train")] == ["train"]
+    with pytest.raises(ValueError, match="num_stages >= 2"):
+        module.phases("search")

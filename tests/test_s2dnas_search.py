@@ -1,0 +1,140 @@
+"""The S2DNAS search: a tiny end-to-end search on digits, its records, kill-and-resume, DDP ranks."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from dynlab.config import BackboneConfig
+from dynlab.data.digits import DigitsDataModule
+from dynlab.techniques.base import Phase, PhaseContext, PhaseKind
+from dynlab.techniques.s2dnas import search as search_module
+from dynlab.techniques.s2dnas.config import S2DNASSearchConfig
+from dynlab.techniques.s2dnas.controller import Controller, Reinforce
+from dynlab.techniques.s2dnas.module import S2DNASModule
+from dynlab.techniques.s2dnas.search import CANDIDATES, SEARCH_STATE, run_search
+from dynlab.techniques.s2dnas.settings import S2DSettings
+
+TINY_SEARCH = S2DNASSearchConfig(
+    iterations=2, candidates_per_iteration=2, candidate_batches=1, top_k=2
+)
+
+
+def search_in(run_dir: Path) -> tuple[S2DNASModule, list[dict[str, Any]]]:
+    """Run the search phase of a digits S2DNAS module in `run_dir`; the module and its records."""
+    datamodule = DigitsDataModule(val_size=48, batch_size=16, eval_batch_size=48)
+    module = S2DNASModule(
+        BackboneConfig(name="cifar_resnet20"),
+        datamodule.info,
+        num_stages=2,
+        groups=4,
+        search=TINY_SEARCH,
+    )
+    phase_dir = run_dir / "search"
+    module.start_phase(Phase("search", PhaseKind.custom))
+    module.run_custom_phase(
+        Phase("search", PhaseKind.custom), PhaseContext(run_dir, phase_dir, datamodule, None)
+    )
+    return module, json.loads((phase_dir / CANDIDATES).read_text())
+
+
+def test_tiny_search_on_digits_records_every_candidate_and_grows_the_schedule(
+    tmp_path: Path,
+) -> None:
+    module, records = search_in(tmp_path)
+    assert [r["index"] for r in records] == [0, 1, 2, 3]
+    assert [r["iteration"] for r in records] == [0, 0, 1, 1]
+    for r in records:
+        S2DSettings.from_dict(r["settings"]).validate(num_stages=2, num_layer_groups=3, groups=4)
+        assert 0 <= r["accuracy"] <= 100 and 0 < r["macs_ratio"] < 1
+        assert r["reward"] == pytest.approx(
+            r["accuracy"] / 100 - TINY_SEARCH.cost_weight * r["macs_ratio"]
+        )
+        assert sum(r["exit_fractions"]) == pytest.approx(1.0)
+    assert module.top_k[0]["reward"] == max(r["reward"] for r in records)
+    assert [p.name for p in module.phases("search")] == [
+        "search",
+        "retrain_1",
+        "retrain_2",
+        "select",
+    ]
+    assert (tmp_path / "search" / SEARCH_STATE).exists()
+
+
+def test_killed_search_resumes_with_the_samples_of_an_uninterrupted_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, uninterrupted = search_in(tmp_path / "whole")
+    calls = {"n": 0}
+    train = search_module.train_candidate
+
+    def killed_at_third(*args: Any, **kwargs: Any) -> None:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("killed")
+        train(*args, **kwargs)
+
+    monkeypatch.setattr(search_module, "train_candidate", killed_at_third)
+    with pytest.raises(RuntimeError, match="killed"):
+        search_in(tmp_path / "killed")
+    partial = json.loads((tmp_path / "killed" / "search" / CANDIDATES).read_text())
+    assert [r["index"] for r in partial] == [0, 1]
+    monkeypatch.setattr(search_module, "train_candidate", train)
+    _, resumed = search_in(tmp_path / "killed")
+    assert [(r["index"], r["tokens"]) for r in resumed] == [
+        (r["index"], r["tokens"]) for r in uninterrupted
+    ]
+    assert [r["reward"] for r in resumed] == pytest.approx(
+        [r["reward"] for r in uninterrupted], abs=1e-6
+    )
+
+
+def fake_evaluate(settings: S2DSettings, index: int) -> dict[str, Any]:
+    """A cheap, deterministic reward standing in for training (it favours late split points)."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return {
+        "settings": settings.to_dict(),
+        "reward": sum(settings.split_points[0]) / 10,
+        "rank": rank,
+    }
+
+
+def _search_with_fake_rewards(phase_dir: Path) -> list[dict[str, Any]]:
+    torch.manual_seed(0)
+    controller = Controller(num_layer_groups=2, num_stages=3, groups=8, hidden_size=16)
+    learner = Reinforce(controller, lr=0.01, baseline_decay=0.9, entropy_weight=0.0)
+    cfg = S2DNASSearchConfig(iterations=3, candidates_per_iteration=4)
+    return run_search(controller, learner, fake_evaluate, cfg, phase_dir, seed=0)
+
+
+def _rank_main(rank: int, world: int, port: int, phase_dir: str, out: str) -> None:
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
+    try:
+        records = _search_with_fake_rewards(Path(phase_dir))
+        Path(out, f"rank{rank}.json").write_text(json.dumps(records))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_candidates_are_spread_over_two_gloo_ranks_with_the_single_process_result(
+    tmp_path: Path,
+) -> None:
+    single = _search_with_fake_rewards(tmp_path / "single")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = (2, port, str(tmp_path / "ddp"), str(tmp_path))
+    mp.start_processes(_rank_main, args=args, nprocs=2, join=True, start_method="fork")
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0] == ranks[1]  # every rank ends with the same records (and controller)
+    assert [c["tokens"] for c in ranks[0]] == [c["tokens"] for c in single]
+    assert [c["rank"] for c in ranks[0]] == [0, 1] * 6  # candidate j of each round ran on rank j

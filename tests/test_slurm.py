@@ -1,0 +1,339 @@
+"""dynlab on a real one-node Slurm cluster (slurm/local-cluster.sh): the Hydra Slurm launcher,
+slurm/array.sbatch with a dynlab-sweep-file, a preempted job that requeues itself and ends on the
+weights of an uninterrupted run, and dynlab-report over the results.
+
+Jobs are tiny but a loaded 2-core machine makes each take a minute: everything polls with
+generous timeouts, and a failure prints the jobs' and the daemons' logs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[1]
+CLUSTER = REPO / "slurm" / "local-cluster.sh"
+CLUSTER_DIR = Path(os.environ.get("DYNLAB_SLURM_DIR", "/tmp/dynlab-slurm"))
+TINY = [
+    "dataset=synthetic",
+    "dataset.num_train=96",
+    "dataset.num_test=64",
+    "dataset.val_size=32",
+    "dataset.batch_size=32",
+    "backbone=cifar_resnet20",
+    "trainer.max_epochs=1",
+    "trainer.enable_progress_bar=false",
+    "logger=csv",
+]
+# Long enough to be signalled mid-training: 4 epochs of 8 batches (288 - 32 held out, by 32).
+LONGER = [
+    "dataset=synthetic",
+    "dataset.num_train=288",
+    "dataset.num_test=64",
+    "dataset.val_size=32",
+    "dataset.batch_size=32",
+    "backbone=cifar_resnet20",
+    "trainer.max_epochs=4",
+    "trainer.enable_progress_bar=false",
+    "logger=csv",
+    "seed=0",
+]
+JOB_TIMEOUT_S = 900
+
+
+@pytest.fixture(scope="session")
+def slurm_env() -> Iterator[dict[str, str]]:
+    """Start the local cluster (installing Slurm if needed); the environment jobs are submitted from.
+
+    Skips only where Slurm cannot be installed. Stops the cluster afterwards if it started it.
+    """
+    was_up = subprocess.run([CLUSTER, "status"], capture_output=True).returncode == 0
+    start = subprocess.run([CLUSTER, "start"], capture_output=True, text=True, timeout=900)
+    if start.returncode == 3:
+        pytest.skip(f"Slurm is not installed and cannot be installed here: {start.stderr.strip()}")
+    assert start.returncode == 0, f"local-cluster.sh start failed:\n{start.stdout}\n{start.stderr}"
+    conf = re.search(r"export SLURM_CONF=(\S+)", start.stdout)
+    assert conf, start.stdout
+    yield {
+        **os.environ,
+        "SLURM_CONF": conf.group(1),
+        "OMP_NUM_THREADS": "1",
+        "WANDB_MODE": "offline",
+        "DYNLAB_PYTHON": sys.executable,
+    }
+    if not was_up:
+        subprocess.run([CLUSTER, "stop"], capture_output=True, timeout=120)
+
+
+def slurm(env: dict[str, str], *args: str) -> str:
+    """Run a Slurm client command and return its stdout."""
+    return subprocess.run(
+        args, env=env, capture_output=True, text=True, check=True, timeout=60
+    ).stdout
+
+
+def logs(*folders: Path) -> str:
+    """The jobs' logs under `folders` and the tail of the daemons' logs, for failure messages."""
+    parts = []
+    for folder in folders:
+        for path in sorted(folder.rglob("*")):
+            if path.suffix in (".out", ".err", ".log") and path.is_file():
+                parts.append(f"==> {path} <==\n{path.read_text(errors='replace')[-3000:]}")
+    for path in sorted((CLUSTER_DIR / "log").glob("slurm*.log")):
+        parts.append(
+            f"==> {path} <==\n" + "\n".join(path.read_text(errors="replace").splitlines()[-30:])
+        )
+    return "\n".join(parts)
+
+
+def wait_until(condition: Callable[[], bool], what: str, diagnostics: Callable[[], str]) -> None:
+    """Poll `condition` every 2 s until it holds or JOB_TIMEOUT_S passes."""
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}\n{diagnostics()}")
+        time.sleep(2)
+
+
+def job_done(env: dict[str, str], job: str) -> bool:
+    return slurm(env, "squeue", "-h", "-j", job, "-o", "%T").strip() == ""
+
+
+def results(run_dir: Path) -> dict:
+    path = run_dir / "results.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def assert_completed(run_dirs: list[Path], diagnostics: Callable[[], str]) -> None:
+    for run_dir in run_dirs:
+        status = results(run_dir).get("status")
+        assert status == "completed", f"{run_dir}: status {status}\n{diagnostics()}"
+
+
+def dynlab(app: str, *args: str, env: dict[str, str], cwd: Path, timeout: float) -> str:
+    """Run a dynlab app as a user would; returns stdout, fails with its output on error."""
+    proc = subprocess.run(
+        [sys.executable, "-m", f"dynlab.apps.{app}", *args],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, f"{app} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+    return proc.stdout
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    path = run_dir / "checkpoints" / "train" / "final.ckpt"
+    return torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+
+
+def test_hydra_multirun_becomes_one_slurm_array(slurm_env: dict[str, str], tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    dynlab(
+        "train",
+        "-m",
+        "hydra/launcher=slurm",
+        f"hydra.sweep.dir={sweep}",
+        "hydra.launcher.timeout_min=30",
+        *TINY,
+        "seed=0,1",
+        env=slurm_env,
+        cwd=tmp_path,
+        timeout=JOB_TIMEOUT_S,
+    )
+
+    run_dirs = sorted(p.parent for p in sweep.glob("*/.hydra"))
+    assert [p.name[:2] for p in run_dirs] == ["0_", "1_"]
+    assert_completed(run_dirs, lambda: logs(sweep / ".submitit"))
+    assert [results(p)["config"]["seed"] for p in run_dirs] == [0, 1]
+    # One array of two tasks, whose script asks for USR1 (not submitit's USR2) and may requeue.
+    (script,) = (sweep / ".submitit").glob(".submission_file_*.sh")
+    sbatch_lines = [line for line in script.read_text().splitlines() if line.startswith("#SBATCH")]
+    assert "#SBATCH --array=0-1%2" in sbatch_lines
+    assert [line for line in sbatch_lines if "--signal" in line] == ["#SBATCH --signal=USR1@120"]
+    assert "#SBATCH --requeue" in sbatch_lines
+    assert "#SBATCH --ntasks-per-node=1" in sbatch_lines  # = trainer.devices
+
+    report = dynlab(
+        "report",
+        str(sweep),
+        "-o",
+        str(tmp_path / "report"),
+        env=slurm_env,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert "2 of 2 runs completed" in report
+    assert (tmp_path / "report" / "accuracy_vs_macs.png").exists()
+
+
+def test_array_sbatch_runs_one_job_per_sweep_file_line(
+    slurm_env: dict[str, str], tmp_path: Path
+) -> None:
+    sweep_file, runs = tmp_path / "sweep.txt", tmp_path / "runs"
+    printed = dynlab(
+        "sweep_file",
+        *TINY,
+        "seed=0,1",
+        "-o",
+        str(sweep_file),
+        "--sweep-dir",
+        str(runs),
+        env=slurm_env,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert len(sweep_file.read_text().splitlines()) == 2
+    command = shlex.split(printed.splitlines()[-1])
+    assert command[:2] == ["sbatch", "--array=0-1"]
+
+    submitted = subprocess.run(
+        command, env=slurm_env, cwd=REPO, capture_output=True, text=True, check=True
+    )
+    job = submitted.stdout.split()[-1]
+    wait_until(lambda: job_done(slurm_env, job), f"array job {job}", lambda: logs(runs))
+
+    assert_completed([runs / "0", runs / "1"], lambda: logs(runs))
+    assert [results(runs / str(i))["config"]["seed"] for i in (0, 1)] == [0, 1]
+    report = dynlab(
+        "report",
+        str(runs),
+        "-o",
+        str(tmp_path / "report"),
+        env=slurm_env,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert "2 of 2 runs completed" in report
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(
+    slurm_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Callable[[], Path]]:
+    """A local, never interrupted run of LONGER, started in the background; waited for on use."""
+    run_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
+    log = run_dir.parent / "train.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "dynlab.apps.train", *LONGER, f"hydra.run.dir={run_dir}"],
+            env=slurm_env,
+            cwd=run_dir.parent,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+    def finished() -> Path:
+        assert proc.wait(timeout=JOB_TIMEOUT_S) == 0, (
+            f"uninterrupted run failed:\n{log.read_text()[-6000:]}"
+        )
+        return run_dir
+
+    yield finished
+    proc.kill()
+
+
+def interrupt_and_release(env: dict[str, str], task: str, run_dir: Path, job_logs: Path) -> None:
+    """After the first epoch of `task` (its checkpoint exists), send what Slurm sends before the
+    time limit, wait until the job has requeued itself, and lift Slurm's ~2 minute hold on it.
+
+    `scancel --signal` reaches the job steps (srun: the training processes), not the batch shell.
+    """
+    first_epoch = run_dir / "checkpoints" / "train" / "last.ckpt"
+    wait_until(first_epoch.exists, f"the first epoch of {task}", lambda: logs(job_logs))
+    slurm(env, "scancel", "--signal=USR1", task)
+
+    def requeued() -> bool:
+        info = slurm(env, "scontrol", "show", "job", task)
+        return "Restarts=1" in info and "JobState=PENDING" in info
+
+    wait_until(requeued, f"{task} to requeue itself", lambda: logs(job_logs))
+    slurm(env, "scontrol", "update", f"jobid={task}", "starttime=now")
+
+
+def assert_same_run(resumed: Path, uninterrupted: Path) -> None:
+    assert results(resumed)["metrics"] == results(uninterrupted)["metrics"]
+    resumed_weights, reference = final_weights(resumed), final_weights(uninterrupted)
+    assert resumed_weights.keys() == reference.keys()
+    for name, value in reference.items():
+        assert torch.equal(resumed_weights[name], value), name
+
+
+def test_preempted_array_task_requeues_and_ends_like_an_uninterrupted_run(
+    slurm_env: dict[str, str], uninterrupted: Callable[[], Path], tmp_path: Path
+) -> None:
+    sweep_file, runs = tmp_path / "sweep.txt", tmp_path / "runs"
+    sweep_file.write_text(" ".join(LONGER) + "\n")
+    runs.mkdir()
+    submitted = slurm(
+        slurm_env,
+        "sbatch",
+        "--parsable",
+        "--array=0-0",
+        f"--output={runs / 'slurm-%A_%a.out'}",
+        str(REPO / "slurm" / "array.sbatch"),
+        str(sweep_file),
+        str(runs),
+    )
+    task = f"{submitted.strip()}_0"
+    interrupt_and_release(slurm_env, task, runs / "0", runs)
+    wait_until(lambda: job_done(slurm_env, task), f"{task} to finish", lambda: logs(runs))
+
+    log = next(runs.glob("slurm-*.out")).read_text()
+    stopped = re.search(r"stopped at epoch \d+, step (\d+).*requeued Slurm job", log)
+    assert stopped and 8 < int(stopped.group(1)) < 32, logs(runs)  # mid-training, not at its ends
+    assert ", restart 1)" in log, log  # array.sbatch's banner of the requeued run
+    assert_completed([runs / "0"], lambda: logs(runs))
+    assert_same_run(runs / "0", uninterrupted())
+
+
+def test_preempted_multirun_job_finishes_before_the_sweep_returns(
+    slurm_env: dict[str, str], uninterrupted: Callable[[], Path], tmp_path: Path
+) -> None:
+    sweep, master_log = tmp_path / "sweep", tmp_path / "master.log"
+    with open(master_log, "w") as out:
+        master = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "dynlab.apps.train",
+                "-m",
+                "hydra/launcher=slurm",
+                f"hydra.sweep.dir={sweep}",
+                "hydra.launcher.timeout_min=30",
+                *LONGER,
+            ],
+            env=slurm_env,
+            cwd=tmp_path,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    submitit = sweep / ".submitit"
+    wait_until(
+        lambda: any(sweep.glob("0_*/checkpoints/train/last.ckpt")),
+        "the first epoch of the sweep's job",
+        lambda: master_log.read_text()[-3000:] + logs(submitit),
+    )
+    (task,) = [p.name for p in submitit.iterdir() if p.is_dir()]  # a one-job sweep: a plain job
+    run_dir = next(sweep.glob("0_*"))
+    interrupt_and_release(slurm_env, task, run_dir, submitit)
+
+    assert master.wait(timeout=JOB_TIMEOUT_S) == 0, master_log.read_text()[-6000:]
+    # The launcher waits for the requeued job: a preempted job must end without a result.
+    assert job_done(slurm_env, task), f"the sweep returned while {task} was still queued"
+    assert_completed([run_dir], lambda: logs(submitit))
+    assert_same_run(run_dir, uninterrupted())
