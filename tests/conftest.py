@@ -19,17 +19,21 @@ from dynlab.apps._hydra import CONFIG_DIR
 
 REPO = Path(__file__).resolve().parents[1]
 
-# A run small enough for a 2-core CI machine: a few dozen synthetic images, one epoch.
+# A run small enough for a 2-core CI machine: one epoch of a small net, CSV logs...
+TINY_RUN = [
+    "backbone=cifar_resnet20",
+    "trainer.max_epochs=1",
+    "trainer.enable_progress_bar=false",
+    "logger=csv",
+]
+# ... on a few dozen synthetic images.
 TINY = [
     "dataset=synthetic",
     "dataset.num_train=96",
     "dataset.num_test=64",
     "dataset.val_size=32",
     "dataset.batch_size=32",
-    "backbone=cifar_resnet20",
-    "trainer.max_epochs=1",
-    "trainer.enable_progress_bar=false",
-    "logger=csv",
+    *TINY_RUN,
 ]
 
 os.environ.setdefault("WANDB_MODE", "offline")

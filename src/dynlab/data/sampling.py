@@ -185,8 +185,13 @@ def resumable_loaders(trainer: pl.Trainer) -> list[ResumableDataLoader]:
 class ResumableLoaderCallback(pl.Callback):
     """Tells every ResumableDataLoader how many batches the training step has consumed."""
 
+    def __init__(self) -> None:
+        self._loaders: list[ResumableDataLoader] = []
+
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        for loader in resumable_loaders(trainer):
+        # Looked up once an epoch: the train loaders only change between epochs.
+        self._loaders = resumable_loaders(trainer)
+        for loader in self._loaders:
             loader.consumed = 0
 
     def on_train_batch_end(
@@ -197,5 +202,5 @@ class ResumableLoaderCallback(pl.Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        for loader in resumable_loaders(trainer):
+        for loader in self._loaders:
             loader.consumed = batch_idx + 1

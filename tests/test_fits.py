@@ -1,0 +1,62 @@
+"""A short real fit of every technique, backbone and dataset through the train app's runner."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from dynlab.data.fake import write_fake_cifar, write_fake_imagenet
+from dynlab.runner import run_job
+
+from .conftest import TINY, TINY_RUN
+
+SHORT = ["trainer.limit_train_batches=2", "evaluation.qs=[0.5,1.0,1.5]"]
+
+
+def _fit(compose_cfg, overrides: list[str]) -> dict:
+    cfg = compose_cfg(overrides)
+    run_job(cfg)
+    results = json.loads((Path(cfg.run_dir) / "results.json").read_text())
+    assert results["status"] == "completed"
+    assert 0.0 <= results["metrics"]["test/top1"] <= 100.0
+    return results
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    write_fake_cifar(root, num_classes=10, num_train=80, num_test=40, seed=0)
+    write_fake_cifar(root, num_classes=100, num_train=120, num_test=40, seed=1)
+    write_fake_imagenet(root / "imagenet", num_classes=3, per_class_train=12, per_class_val=4, size=40, seed=0)
+    return root
+
+
+DATASETS = {
+    "synthetic": ["dataset.num_train=96", "dataset.num_test=64", "dataset.val_size=32"],
+    "digits": ["dataset.batch_size=64"],
+    "cifar10": ["dataset.root={root}", "dataset.val_size=16", "dataset.batch_size=16"],
+    "cifar100": ["dataset.root={root}", "dataset.val_size=20", "dataset.batch_size=16"],
+    "imagenet": [
+        "dataset.root={root}/imagenet",
+        "dataset.num_classes=3",
+        "dataset.val_size=6",
+        "dataset.image_size=32",
+        "dataset.batch_size=8",
+        "dataset.num_workers=0",
+    ],
+}
+
+
+@pytest.mark.parametrize("dataset", sorted(DATASETS))
+def test_fit_on_every_dataset(compose_cfg, data_root, dataset):
+    overrides = [o.format(root=data_root) for o in DATASETS[dataset]]
+    results = _fit(compose_cfg, [*TINY_RUN, *SHORT, f"dataset={dataset}", *overrides])
+    assert results["dataset"] == dataset
+
+
+@pytest.mark.parametrize("backbone", ["cifar_resnet20", "cifar_vgg16_bn", "cifar_mobilenetv2", "timm"])
+def test_fit_on_every_backbone_kind(compose_cfg, backbone):
+    results = _fit(compose_cfg, [*TINY, *SHORT, f"backbone={backbone}"])
+    assert results["backbone"] == (backbone if backbone != "timm" else "resnet18")
