@@ -70,7 +70,9 @@ def plain_images_per_s(cfg, batch_size: int, steps: int) -> float:
     pl.seed_everything(0, verbose=False)
     datamodule = build_datamodule(cfg)
     model = build_module(cfg, datamodule).model.train()
-    optim = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    optim = torch.optim.SGD(
+        model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4
+    )
     loader = datamodule.train_dataloader()
     start = 0.0
     for step, (x, y) in enumerate(loader, start=1):

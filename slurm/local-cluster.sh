@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A one-node Slurm cluster on localhost, for the tests and for trying dynlab's Slurm path on a laptop.
 #
-#   slurm/local-cluster.sh start    install slurmctld/slurmd/munge if missing (apt-get, as root),
+#   slurm/local-cluster.sh start    (as root) install slurmctld/slurmd/munge if missing (apt-get),
 #                                   write the config and start the daemons (idempotent)
 #   slurm/local-cluster.sh status   exit 0 only when the node is idle, mixed or allocated
 #   slurm/local-cluster.sh stop     cancel this cluster's jobs and stop its daemons
@@ -51,7 +51,7 @@ write_config() {
     cpus=$(nproc)
     mem_mb=$(($(awk '/^MemTotal:/ {print $2}' /proc/meminfo) * 9 / 10 / 1024))
     cat >"$CONF" <<EOF
-# Written by slurm/local-cluster.sh (Slurm $(slurmctld -V | awk '{print $2}')); regenerated on every start.
+# Written by slurm/local-cluster.sh for Slurm $(slurmctld -V | awk '{print $2}'), whenever it starts the daemons.
 ClusterName=dynlab-local
 SlurmctldHost=$NODE(127.0.0.1)
 SlurmctldPort=$CTLD_PORT

@@ -21,6 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 # A run small enough for a 2-core CI machine: one epoch of a small net, CSV logs...
 TINY_RUN = [
+    "technique=baseline",
     "backbone=cifar_resnet20",
     "trainer.max_epochs=1",
     "trainer.enable_progress_bar=false",
@@ -45,7 +46,9 @@ torch.set_num_threads(1)
 def compose_cfg(tmp_path: Path) -> Iterator:
     """Compose a config as `dynlab-train` would, with its run dir under tmp_path."""
 
-    def _compose(overrides: list[str], config_name: str = "config", run_dir: Path | None = None) -> DictConfig:
+    def _compose(
+        overrides: list[str], config_name: str = "config", run_dir: Path | None = None
+    ) -> DictConfig:
         GlobalHydra.instance().clear()
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
             cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
@@ -62,7 +65,9 @@ def compose_cfg(tmp_path: Path) -> Iterator:
     GlobalHydra.instance().clear()
 
 
-def run_cli(app: str, args: list[str], cwd: Path, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
+def run_cli(
+    app: str, args: list[str], cwd: Path, timeout: float = 600, check: bool = True
+) -> subprocess.CompletedProcess:
     """Run `python -m dynlab.apps.<app> args...` as a user would, outputs under cwd.
 
     Output goes to files, not pipes: W&B's service process outlives the app and would hold a
@@ -73,9 +78,16 @@ def run_cli(app: str, args: list[str], cwd: Path, timeout: float = 600, check: b
     with out.open("w") as stdout, err.open("w") as stderr:
         proc = subprocess.run(
             [sys.executable, "-m", f"dynlab.apps.{app}", *args],
-            cwd=cwd, env=env, stdout=stdout, stderr=stderr, stdin=subprocess.DEVNULL, timeout=timeout,
+            cwd=cwd,
+            env=env,
+            stdout=stdout,
+            stderr=stderr,
+            stdin=subprocess.DEVNULL,
+            timeout=timeout,
         )
     proc.stdout, proc.stderr = out.read_text(), err.read_text()
     if check and proc.returncode != 0:
-        raise AssertionError(f"{app} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+        raise AssertionError(
+            f"{app} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+        )
     return proc

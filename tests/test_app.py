@@ -19,7 +19,7 @@ from dynlab.data.base import DataRootError
 from dynlab.preemption import PreemptionHandler
 from dynlab.runner import build_datamodule, build_module, run_job, validate_config
 
-from .conftest import REPO, TINY, run_cli
+from .conftest import REPO, TINY
 
 BACKBONES = sorted(p.stem for p in (REPO / "conf/backbone").glob("*.yaml"))
 TECHNIQUES = sorted(p.stem for p in (REPO / "conf/technique").glob("*.yaml"))
@@ -36,7 +36,9 @@ def test_every_combination_composes_and_validates(compose_cfg, technique, backbo
 
 
 @pytest.mark.parametrize("technique", TECHNIQUES)
-@pytest.mark.parametrize("backbone", ["cifar_resnet20", "cifar_mobilenetv2", "cifar_vgg16_bn", "timm"])
+@pytest.mark.parametrize(
+    "backbone", ["cifar_resnet20", "cifar_mobilenetv2", "cifar_vgg16_bn", "timm"]
+)
 def test_every_technique_builds_on_backbones(compose_cfg, technique, backbone):
     cfg = compose_cfg([*TINY, f"technique={technique}", f"backbone={backbone}"])
     module = build_module(cfg, build_datamodule(cfg))
@@ -131,7 +133,9 @@ def test_preempted_run_resumes_to_identical_weights(compose_cfg, tmp_path, monke
     with monkeypatch.context() as patch:
         patch.setattr(runner, "PreemptionHandler", _SignalAtStep3)
         assert run_job(compose_cfg(overrides, run_dir=tmp_path / "cut")) is None
-    stopped = torch.load(ckpt.phase_dir(tmp_path / "cut", "train") / "last.ckpt", weights_only=False)
+    stopped = torch.load(
+        ckpt.phase_dir(tmp_path / "cut", "train") / "last.ckpt", weights_only=False
+    )
     assert stopped["global_step"] == 3 and stopped["epoch"] == 0
     assert not ckpt.is_done(tmp_path / "cut", "train")
     # Rerunning the same command continues mid-epoch and lands on the same weights and metrics.
@@ -143,5 +147,7 @@ def test_preempted_run_resumes_to_identical_weights(compose_cfg, tmp_path, monke
     assert full["global_step"] == resumed["global_step"] == 8
     for name, tensor in full["state_dict"].items():
         assert torch.equal(tensor, resumed["state_dict"][name]), name
-    metrics = [json.loads((tmp_path / r / "results.json").read_text())["metrics"] for r in ("full", "cut")]
+    metrics = [
+        json.loads((tmp_path / r / "results.json").read_text())["metrics"] for r in ("full", "cut")
+    ]
     assert metrics[0] == metrics[1]

@@ -50,5 +50,7 @@ def test_evaluate_app_reproduces_training_metrics(tmp_path):
 
 
 def test_evaluate_app_rejects_missing_checkpoint(tmp_path):
-    proc = run_cli("evaluate", ["ckpt_path=nope.ckpt", "hydra.run.dir=e"], cwd=tmp_path, check=False)
+    proc = run_cli(
+        "evaluate", ["ckpt_path=nope.ckpt", "hydra.run.dir=e"], cwd=tmp_path, check=False
+    )
     assert proc.returncode != 0 and "no such checkpoint file" in proc.stderr

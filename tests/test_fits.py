@@ -29,7 +29,9 @@ def data_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("data")
     write_fake_cifar(root, num_classes=10, num_train=80, num_test=40, seed=0)
     write_fake_cifar(root, num_classes=100, num_train=120, num_test=40, seed=1)
-    write_fake_imagenet(root / "imagenet", num_classes=3, per_class_train=12, per_class_val=4, size=40, seed=0)
+    write_fake_imagenet(
+        root / "imagenet", num_classes=3, per_class_train=12, per_class_val=4, size=40, seed=0
+    )
     return root
 
 
@@ -56,7 +58,9 @@ def test_fit_on_every_dataset(compose_cfg, data_root, dataset):
     assert results["dataset"] == dataset
 
 
-@pytest.mark.parametrize("backbone", ["cifar_resnet20", "cifar_vgg16_bn", "cifar_mobilenetv2", "timm"])
+@pytest.mark.parametrize(
+    "backbone", ["cifar_resnet20", "cifar_vgg16_bn", "cifar_mobilenetv2", "timm"]
+)
 def test_fit_on_every_backbone_kind(compose_cfg, backbone):
     results = _fit(compose_cfg, [*TINY, *SHORT, f"backbone={backbone}"])
     assert results["backbone"] == (backbone if backbone != "timm" else "resnet18")

@@ -152,36 +152,44 @@ def test_resumed_run_reaches_the_uninterrupted_weights(
 
 
 @pytest.fixture
-def fake_scontrol(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """An `scontrol` on PATH that records its arguments instead of talking to Slurm."""
-    calls = tmp_path / "scontrol-calls"
-    script = tmp_path / "bin" / "scontrol"
-    script.parent.mkdir()
-    script.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
-    script.chmod(script.stat().st_mode | stat.S_IEXEC)
-    monkeypatch.setenv("PATH", f"{script.parent}{os.pathsep}{os.environ['PATH']}")
+def fake_slurm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """`scontrol` and `squeue` on PATH: scontrol records its arguments in the returned file,
+    squeue reports the job state in $FAKE_JOB_STATE."""
+    calls, bin_dir = tmp_path / "scontrol-calls", tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in [("scontrol", f'echo "$@" >> {calls}'), ("squeue", 'echo "$FAKE_JOB_STATE"')]:
+        script = bin_dir / name
+        script.write_text(f"#!/bin/sh\n{body}\n")
+        script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     return calls
 
 
 @pytest.mark.parametrize(
-    ("signum", "expected_calls"),
-    [(signal.SIGUSR1, "requeue 41_2\n"), (signal.SIGTERM, None)],
-    ids=["usr1-requeues", "sigterm-does-not"],
+    ("signum", "job_state", "requeued"),
+    [
+        (signal.SIGUSR1, "RUNNING", True),  # time limit ahead
+        (signal.SIGTERM, "RUNNING", True),  # preemption: the job still runs in its grace time
+        (signal.SIGTERM, "COMPLETING", False),  # scancel
+    ],
+    ids=["time-limit", "preemption", "scancel"],
 )
-def test_requeues_the_array_task_on_the_time_limit_signal_only(
+def test_requeues_the_array_task_unless_it_is_being_cancelled(
     tmp_path: Path,
-    fake_scontrol: Path,
+    fake_slurm: Path,
     monkeypatch: pytest.MonkeyPatch,
     signum: int,
-    expected_calls: str | None,
+    job_state: str,
+    requeued: bool,
 ) -> None:
     monkeypatch.setenv("SLURM_JOB_ID", "43")
     monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "41")
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "2")
-    with pytest.raises(Preempted, match="41_2" if expected_calls else "checkpoint"):
+    monkeypatch.setenv("FAKE_JOB_STATE", job_state)
+    with pytest.raises(Preempted, match="requeued Slurm job 41_2" if requeued else "not requeued"):
         fit(tmp_path, TinyRegression(signum=signum, signal_at_step=2))
-    calls = fake_scontrol.read_text() if fake_scontrol.exists() else None
-    assert calls == expected_calls
+    calls = fake_slurm.read_text() if fake_slurm.exists() else ""
+    assert calls == ("requeue 41_2\n" if requeued else "")
 
 
 def test_slurm_job_id() -> None:

@@ -8,13 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 
 from dynlab.backbones import create_backbone
 from dynlab.config import BackboneConfig
 from dynlab.data.base import DataInfo
 from dynlab.results import read_results
 from dynlab.runner import build_datamodule, build_module, run_job
-from dynlab.techniques.s2dnas.config import S2DNASSearchConfig
+from dynlab.techniques.s2dnas.config import S2DNASConfig, S2DNASSearchConfig
 from dynlab.techniques.s2dnas.module import S2DNASModule
 from dynlab.techniques.s2dnas.settings import SettingsError
 from tests.conftest import TINY
@@ -31,6 +32,14 @@ def test_config_builds_the_module_and_bad_settings_fail_before_training(compose_
     cfg = compose_cfg(["technique=s2dnas", "dataset=digits", "technique.split_points=[[6,3]]"])
     with pytest.raises(SettingsError, match="strictly increasing"):
         build_module(cfg, build_datamodule(cfg))
+
+
+@pytest.mark.parametrize("preset", ["digits", "resnet56_cifar10", "resnet56_cifar100"])
+def test_presets_compose_into_valid_s2dnas_configs(compose_cfg, preset: str) -> None:
+    cfg = compose_cfg([f"+experiment=s2dnas/{preset}"], config_name="search")
+    technique = OmegaConf.to_object(cfg.technique)  # runs the schema's own checks
+    assert isinstance(technique, S2DNASConfig) and technique.num_stages >= 2
+    assert cfg.expected.paper and cfg.expected.dynlab
 
 
 def test_exit_losses_weight_each_exit() -> None:

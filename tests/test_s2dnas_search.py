@@ -16,9 +16,10 @@ from dynlab.config import BackboneConfig
 from dynlab.data.digits import DigitsDataModule
 from dynlab.techniques.base import Phase, PhaseContext, PhaseKind
 from dynlab.techniques.s2dnas import search as search_module
-from dynlab.techniques.s2dnas.config import S2DNASSearchConfig
+from dynlab.techniques.s2dnas.config import ExitRule, RewardForm, S2DNASSearchConfig
 from dynlab.techniques.s2dnas.controller import Controller, Reinforce
 from dynlab.techniques.s2dnas.module import S2DNASModule
+from dynlab.techniques.s2dnas.reward import dynamic_score, reward
 from dynlab.techniques.s2dnas.search import CANDIDATES, SEARCH_STATE, run_search
 from dynlab.techniques.s2dnas.settings import S2DSettings
 
@@ -43,6 +44,25 @@ def search_in(run_dir: Path) -> tuple[S2DNASModule, list[dict[str, Any]]]:
         Phase("search", PhaseKind.custom), PhaseContext(run_dir, phase_dir, datamodule, None)
     )
     return module, json.loads((phase_dir / CANDIDATES).read_text())
+
+
+def test_dynamic_score_and_rewards_follow_the_exit_rule() -> None:
+    # 4 samples, 2 exits, 2 classes: samples 0 and 1 are confident at exit 1 (one of them wrongly).
+    first = torch.tensor([[0.95, 0.05], [0.05, 0.95], [0.6, 0.4], [0.55, 0.45]])
+    last = torch.tensor([[0.9, 0.1], [0.9, 0.1], [0.2, 0.8], [0.3, 0.7]])
+    probs, targets = torch.stack([first, last]), torch.tensor([0, 0, 1, 1])
+    cfg = S2DNASSearchConfig(threshold=0.9, cost_weight=0.5)
+    score = dynamic_score(probs, targets, exit_macs=[10.0, 30.0], static_macs=40.0, cfg=cfg)
+    assert score.exit_fractions == [0.5, 0.5]
+    assert score.accuracy == 75.0 and score.avg_macs == 20.0 and score.macs_ratio == 0.5
+    assert reward(score, cfg) == pytest.approx(0.75 - 0.5 * 0.5)
+    product = S2DNASSearchConfig(
+        reward=RewardForm.product, target_macs_ratio=0.25, product_exponent=-0.5
+    )
+    assert reward(score, product) == pytest.approx(0.75 * 2**-0.5)
+    for q, fractions in [(1e-6, [0.75, 0.25]), (1e6, [0.0, 1.0])]:  # p_k ~ q^k, floored quotas
+        budget = S2DNASSearchConfig(exit_rule=ExitRule.budget, budget_q=q)
+        assert dynamic_score(probs, targets, [10.0, 30.0], 40.0, budget).exit_fractions == fractions
 
 
 def test_tiny_search_on_digits_records_every_candidate_and_grows_the_schedule(

@@ -1,6 +1,7 @@
-"""dynlab on a real one-node Slurm cluster (slurm/local-cluster.sh): the Hydra Slurm launcher,
-slurm/array.sbatch with a dynlab-sweep-file, a preempted job that requeues itself and ends on the
-weights of an uninterrupted run, and dynlab-report over the results.
+"""The Slurm path. Without a cluster: dynlab-sweep-file. On a real one-node cluster
+(slurm/local-cluster.sh, tests marked `slurm`): the Hydra Slurm launcher, slurm/array.sbatch, jobs
+interrupted before their time limit or preempted that requeue themselves and end on the weights of
+an uninterrupted run, and dynlab-report over the results.
 
 Jobs are tiny but a loaded 2-core machine makes each take a minute: everything polls with
 generous timeouts, and a failure prints the jobs' and the daemons' logs.
@@ -20,8 +21,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.override_parser.overrides_parser import OverridesParser
 
-pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+from dynlab.apps.sweep_file import expand, sweep_line
+from dynlab.apps.sweep_file import main as sweep_file_main
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "slurm" / "local-cluster.sh"
@@ -37,7 +41,7 @@ TINY = [
     "trainer.enable_progress_bar=false",
     "logger=csv",
 ]
-# Long enough to be signalled mid-training: 4 epochs of 8 batches (288 - 32 held out, by 32).
+# Long enough to be interrupted mid-training: 6 epochs of 8 batches (288 - 32 held out, by 32).
 LONGER = [
     "dataset=synthetic",
     "dataset.num_train=288",
@@ -45,7 +49,7 @@ LONGER = [
     "dataset.val_size=32",
     "dataset.batch_size=32",
     "backbone=cifar_resnet20",
-    "trainer.max_epochs=4",
+    "trainer.max_epochs=6",
     "trainer.enable_progress_bar=false",
     "logger=csv",
     "seed=0",
@@ -77,6 +81,16 @@ def slurm_env() -> Iterator[dict[str, str]]:
         subprocess.run([CLUSTER, "stop"], capture_output=True, timeout=120)
 
 
+@pytest.fixture
+def cluster(slurm_env: dict[str, str]) -> Iterator[dict[str, str]]:
+    """The cluster's environment for one test; afterwards, jobs a failure left queued (they would
+    hold the CPUs) are cancelled."""
+    yield slurm_env
+    jobs = slurm(slurm_env, "squeue", "-h", "-o", "%A").split()
+    if jobs:
+        slurm(slurm_env, "scancel", *jobs)
+
+
 def slurm(env: dict[str, str], *args: str) -> str:
     """Run a Slurm client command and return its stdout."""
     return subprocess.run(
@@ -98,13 +112,15 @@ def logs(*folders: Path) -> str:
     return "\n".join(parts)
 
 
-def wait_until(condition: Callable[[], bool], what: str, diagnostics: Callable[[], str]) -> None:
-    """Poll `condition` every 2 s until it holds or JOB_TIMEOUT_S passes."""
+def wait_until(
+    condition: Callable[[], bool], what: str, diagnostics: Callable[[], str], every: float = 2.0
+) -> None:
+    """Poll `condition` every `every` seconds until it holds or JOB_TIMEOUT_S passes."""
     deadline = time.monotonic() + JOB_TIMEOUT_S
     while not condition():
         if time.monotonic() > deadline:
             pytest.fail(f"timed out waiting for {what}\n{diagnostics()}")
-        time.sleep(2)
+        time.sleep(every)
 
 
 def job_done(env: dict[str, str], job: str) -> bool:
@@ -141,7 +157,61 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
 
 
-def test_hydra_multirun_becomes_one_slurm_array(slurm_env: dict[str, str], tmp_path: Path) -> None:
+def test_sweep_file_jobs_are_hydra_multirun_jobs_in_order() -> None:
+    overrides = [
+        "backbone=cifar_resnet20,cifar_resnet56",
+        "trainer.max_epochs=2",
+        "seed=range(0,2)",
+    ]
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    (hydra_jobs,) = BasicSweeper.split_arguments(parsed, max_batch_size=None)
+    assert expand(overrides) == hydra_jobs
+    assert len(hydra_jobs) == 4
+
+
+def test_sweep_file_lines_read_back_as_the_same_overrides() -> None:
+    job = ["logger.tags=[a,b]", "+note='two words'", "seed=1"]
+    assert shlex.split(sweep_line(job)) == job
+
+
+def test_sweep_file_rejects_sweeps_it_cannot_enumerate() -> None:
+    with pytest.raises(ValueError, match="interval"):
+        expand(["technique.optim.lr=interval(0.01,0.1)"])
+
+
+def test_sweep_file_cli_writes_lines_and_the_sbatch_command(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sweep_file, runs = tmp_path / "sweep.txt", tmp_path / "runs"
+    sweep_file_main([*TINY, "seed=0,1,2", "-o", str(sweep_file), "--sweep-dir", str(runs)])
+
+    lines = sweep_file.read_text().splitlines()
+    assert [line.split()[-1] for line in lines] == ["seed=0", "seed=1", "seed=2"]
+    assert runs.is_dir()  # sbatch needs the --output folder to exist
+    command = shlex.split(capsys.readouterr().out.splitlines()[-1])
+    assert command == [
+        "sbatch",
+        "--array=0-2",
+        f"--output={runs}/slurm-%A_%a.out",
+        "slurm/array.sbatch",
+        str(sweep_file),
+        str(runs),
+    ]
+
+
+def test_sweep_file_cli_rejects_a_config_typo(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        sweep_file_main(["trainer.max_epoch=3", "seed=0,1", "-o", str(tmp_path / "s.txt")])
+    assert exit_info.value.code == 2
+    assert "job 0 (trainer.max_epoch=3 seed=0)" in capsys.readouterr().err
+    assert not (tmp_path / "s.txt").exists()
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_hydra_multirun_becomes_one_slurm_array(cluster: dict[str, str], tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
     dynlab(
         "train",
@@ -151,7 +221,7 @@ def test_hydra_multirun_becomes_one_slurm_array(slurm_env: dict[str, str], tmp_p
         "hydra.launcher.timeout_min=30",
         *TINY,
         "seed=0,1",
-        env=slurm_env,
+        env=cluster,
         cwd=tmp_path,
         timeout=JOB_TIMEOUT_S,
     )
@@ -173,7 +243,7 @@ def test_hydra_multirun_becomes_one_slurm_array(slurm_env: dict[str, str], tmp_p
         str(sweep),
         "-o",
         str(tmp_path / "report"),
-        env=slurm_env,
+        env=cluster,
         cwd=tmp_path,
         timeout=120,
     )
@@ -181,8 +251,10 @@ def test_hydra_multirun_becomes_one_slurm_array(slurm_env: dict[str, str], tmp_p
     assert (tmp_path / "report" / "accuracy_vs_macs.png").exists()
 
 
+@pytest.mark.slurm
+@pytest.mark.slow
 def test_array_sbatch_runs_one_job_per_sweep_file_line(
-    slurm_env: dict[str, str], tmp_path: Path
+    cluster: dict[str, str], tmp_path: Path
 ) -> None:
     sweep_file, runs = tmp_path / "sweep.txt", tmp_path / "runs"
     printed = dynlab(
@@ -193,7 +265,7 @@ def test_array_sbatch_runs_one_job_per_sweep_file_line(
         str(sweep_file),
         "--sweep-dir",
         str(runs),
-        env=slurm_env,
+        env=cluster,
         cwd=tmp_path,
         timeout=120,
     )
@@ -202,10 +274,10 @@ def test_array_sbatch_runs_one_job_per_sweep_file_line(
     assert command[:2] == ["sbatch", "--array=0-1"]
 
     submitted = subprocess.run(
-        command, env=slurm_env, cwd=REPO, capture_output=True, text=True, check=True
+        command, env=cluster, cwd=REPO, capture_output=True, text=True, check=True
     )
     job = submitted.stdout.split()[-1]
-    wait_until(lambda: job_done(slurm_env, job), f"array job {job}", lambda: logs(runs))
+    wait_until(lambda: job_done(cluster, job), f"array job {job}", lambda: logs(runs))
 
     assert_completed([runs / "0", runs / "1"], lambda: logs(runs))
     assert [results(runs / str(i))["config"]["seed"] for i in (0, 1)] == [0, 1]
@@ -214,7 +286,7 @@ def test_array_sbatch_runs_one_job_per_sweep_file_line(
         str(runs),
         "-o",
         str(tmp_path / "report"),
-        env=slurm_env,
+        env=cluster,
         cwd=tmp_path,
         timeout=120,
     )
@@ -247,18 +319,43 @@ def uninterrupted(
     proc.kill()
 
 
-def interrupt_and_release(env: dict[str, str], task: str, run_dir: Path, job_logs: Path) -> None:
-    """After the first epoch of `task` (its checkpoint exists), send what Slurm sends before the
-    time limit, wait until the job has requeued itself, and lift Slurm's ~2 minute hold on it.
-
-    `scancel --signal` reaches the job steps (srun: the training processes), not the batch shell.
-    """
-    first_epoch = run_dir / "checkpoints" / "train" / "last.ckpt"
-    wait_until(first_epoch.exists, f"the first epoch of {task}", lambda: logs(job_logs))
+def time_limit_warning(env: dict[str, str], task: str) -> None:
+    """What Slurm sends `signal_delay_s` before the time limit: SIGUSR1 to the job steps (srun's
+    tasks, the training processes; `--batch` would signal the batch shell instead)."""
     slurm(env, "scancel", "--signal=USR1", task)
+
+
+def preemption(env: dict[str, str], task: str) -> None:
+    """A whole-node job in the `urgent` partition: Slurm preempts `task`, which gets SIGTERM and
+    the debug partition's GraceTime to checkpoint."""
+    cpus = slurm(env, "sinfo", "-h", "-o", "%c").split()[0]
+    slurm(
+        env,
+        "sbatch",
+        "--partition=urgent",
+        f"--cpus-per-task={cpus}",
+        "--output=/dev/null",
+        "--wrap=true",
+    )
+
+
+def interrupt_and_release(
+    env: dict[str, str],
+    task: str,
+    run_dir: Path,
+    job_logs: Path,
+    interrupt: Callable[[dict[str, str], str], None] = time_limit_warning,
+) -> None:
+    """After the first epoch of `task` (its checkpoint exists), `interrupt` it, wait until the job
+    has requeued itself, and lift Slurm's ~2 minute hold on the requeued job."""
+    first_epoch = run_dir / "checkpoints" / "train" / "last.ckpt"
+    wait_until(first_epoch.exists, f"the first epoch of {task}", lambda: logs(job_logs), every=0.2)
+    interrupt(env, task)
 
     def requeued() -> bool:
         info = slurm(env, "scontrol", "show", "job", task)
+        if re.search(r"JobState=(COMPLETED|FAILED|CANCELLED)", info):
+            pytest.fail(f"{task} ended instead of requeueing itself\n{logs(job_logs)}")
         return "Restarts=1" in info and "JobState=PENDING" in info
 
     wait_until(requeued, f"{task} to requeue itself", lambda: logs(job_logs))
@@ -273,36 +370,46 @@ def assert_same_run(resumed: Path, uninterrupted: Path) -> None:
         assert torch.equal(resumed_weights[name], value), name
 
 
-def test_preempted_array_task_requeues_and_ends_like_an_uninterrupted_run(
-    slurm_env: dict[str, str], uninterrupted: Callable[[], Path], tmp_path: Path
+@pytest.mark.slurm
+@pytest.mark.slow
+@pytest.mark.parametrize("interrupt", [time_limit_warning, preemption], ids=lambda f: f.__name__)
+def test_interrupted_array_task_requeues_and_ends_like_an_uninterrupted_run(
+    cluster: dict[str, str],
+    uninterrupted: Callable[[], Path],
+    tmp_path: Path,
+    interrupt: Callable[[dict[str, str], str], None],
 ) -> None:
     sweep_file, runs = tmp_path / "sweep.txt", tmp_path / "runs"
     sweep_file.write_text(" ".join(LONGER) + "\n")
     runs.mkdir()
+    cpus = slurm(cluster, "sinfo", "-h", "-o", "%c").split()[0]
     submitted = slurm(
-        slurm_env,
+        cluster,
         "sbatch",
         "--parsable",
         "--array=0-0",
+        f"--cpus-per-task={cpus}",  # the whole node: an urgent job can only run by preempting it
         f"--output={runs / 'slurm-%A_%a.out'}",
         str(REPO / "slurm" / "array.sbatch"),
         str(sweep_file),
         str(runs),
     )
     task = f"{submitted.strip()}_0"
-    interrupt_and_release(slurm_env, task, runs / "0", runs)
-    wait_until(lambda: job_done(slurm_env, task), f"{task} to finish", lambda: logs(runs))
+    interrupt_and_release(cluster, task, runs / "0", runs, interrupt)
+    wait_until(lambda: job_done(cluster, task), f"{task} to finish", lambda: logs(runs))
 
     log = next(runs.glob("slurm-*.out")).read_text()
     stopped = re.search(r"stopped at epoch \d+, step (\d+).*requeued Slurm job", log)
-    assert stopped and 8 < int(stopped.group(1)) < 32, logs(runs)  # mid-training, not at its ends
+    assert stopped and 8 < int(stopped.group(1)) < 48, logs(runs)  # mid-training, not at its ends
     assert ", restart 1)" in log, log  # array.sbatch's banner of the requeued run
     assert_completed([runs / "0"], lambda: logs(runs))
     assert_same_run(runs / "0", uninterrupted())
 
 
+@pytest.mark.slurm
+@pytest.mark.slow
 def test_preempted_multirun_job_finishes_before_the_sweep_returns(
-    slurm_env: dict[str, str], uninterrupted: Callable[[], Path], tmp_path: Path
+    cluster: dict[str, str], uninterrupted: Callable[[], Path], tmp_path: Path
 ) -> None:
     sweep, master_log = tmp_path / "sweep", tmp_path / "master.log"
     with open(master_log, "w") as out:
@@ -317,7 +424,7 @@ def test_preempted_multirun_job_finishes_before_the_sweep_returns(
                 "hydra.launcher.timeout_min=30",
                 *LONGER,
             ],
-            env=slurm_env,
+            env=cluster,
             cwd=tmp_path,
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -327,10 +434,11 @@ def test_preempted_multirun_job_finishes_before_the_sweep_returns(
         lambda: any(sweep.glob("0_*/checkpoints/train/last.ckpt")),
         "the first epoch of the sweep's job",
         lambda: master_log.read_text()[-3000:] + logs(submitit),
+        every=0.2,
     )
     (task,) = [p.name for p in submitit.iterdir() if p.is_dir()]  # a one-job sweep: a plain job
     run_dir = next(sweep.glob("0_*"))
-    interrupt_and_release(slurm_env, task, run_dir, submitit)
+    interrupt_and_release(cluster, task, run_dir, submitit)
 
     assert master.wait(timeout=JOB_TIMEOUT_S) == 0, master_log.read_text()[-6000:]
     # The launcher waited for the requeued job (a preempted job must end without a result).

@@ -1,2 +1,3 @@
 """dynlab: a platform for efficient and dynamic neural networks."""
+
 __version__ = "0.1.0"

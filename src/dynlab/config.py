@@ -9,19 +9,19 @@ Checks that need more than types (backbone names, technique/backbone compatibili
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 
-class OptimizerName(str, Enum):
+class OptimizerName(StrEnum):
     sgd = "sgd"
     adamw = "adamw"
 
 
-class ScheduleName(str, Enum):
+class ScheduleName(StrEnum):
     cosine = "cosine"
     step = "step"
     constant = "constant"
@@ -149,7 +149,7 @@ class TrainerConfig:
     enable_progress_bar: bool = True
 
 
-class LoggerName(str, Enum):
+class LoggerName(StrEnum):
     wandb = "wandb"
     csv = "csv"
     none = "none"

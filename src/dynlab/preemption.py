@@ -1,7 +1,7 @@
 """Preemption-safe training: dynlab's `PreemptionHandler` is the one owner of Slurm's signals.
 
 Slurm warns a job before its time limit with the `--signal` it asked for (dynlab asks for SIGUSR1,
-see slurm/README.md) and preempts or cancels it with SIGTERM. Three components could react:
+see slurm/README.md), and preempts or cancels it with SIGTERM. Three components could react:
 
 - Lightning's `SLURMEnvironment(auto_requeue=True)` saves its checkpoint *inside the signal
   handler*, i.e. wherever the main thread happens to be, possibly between backward and the
@@ -9,13 +9,17 @@ see slurm/README.md) and preempts or cancels it with SIGTERM. Three components c
 - submitit's USR2 handler requeues the whole Hydra job without saving anything of the fit;
 - `PreemptionHandler`'s handler only records the signal. The training loop acts at the next batch
   end (or validation end), a point Lightning's loops resume from exactly: every rank saves
-  `<default_root_dir>/last.ckpt`, rank 0 requeues the Slurm job (on SIGUSR1 only), and the fit
-  stops by raising `Preempted`, so the phase is not marked done.
+  `<default_root_dir>/last.ckpt`, rank 0 requeues the Slurm job, and the fit stops by raising
+  `Preempted`, so the phase is not marked done.
 
 The other two are switched off: the runner builds its trainers with
 `SLURMEnvironment(auto_requeue=False)`, and the Slurm launcher and slurm/array.sbatch ask Slurm for
-USR1, so nothing sends submitit's USR2. SIGTERM does not requeue: a preempted job is requeued by
-Slurm itself (PreemptMode=REQUEUE), a cancelled one must stay cancelled.
+USR1, so nothing sends submitit's USR2.
+
+SIGTERM requeues only while Slurm still reports the job RUNNING: that is preemption, whose grace
+time the job used to checkpoint (a preempted job that exits by itself is not requeued by Slurm,
+even with PreemptMode=REQUEUE). `scancel` marks the job COMPLETING before signalling it, and a
+cancelled job must stay cancelled (`scontrol requeue` would revive it).
 """
 
 from __future__ import annotations
@@ -36,10 +40,9 @@ from dynlab.checkpointing import LAST
 
 log = logging.getLogger(__name__)
 
-# Slurm's warning before the time limit (sbatch --signal=USR1@N): checkpoint, requeue, stop.
-REQUEUE_SIGNALS = (signal.SIGUSR1,)
-# Preemption (Slurm requeues the job itself) or scancel: checkpoint and stop.
-STOP_SIGNALS = (signal.SIGTERM,)
+# SIGUSR1: Slurm's warning before the time limit (sbatch --signal=USR1@N).
+# SIGTERM: preemption (after which GraceTime seconds are left) or scancel.
+SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
 
 class Preempted(SystemExit):
@@ -65,7 +68,7 @@ class PreemptionHandler(pl.Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._received.clear()
-        for signum in (*REQUEUE_SIGNALS, *STOP_SIGNALS):
+        for signum in SIGNALS:
             self._previous[signum] = signal.signal(signum, self._record)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -102,14 +105,20 @@ class PreemptionHandler(pl.Callback):
         # Any rank's signal stops all ranks at the same step (the checkpoint save is collective).
         if not trainer.strategy.reduce_boolean_decision(bool(self._received), all=False):
             return
-        wants_requeue = any(s in REQUEUE_SIGNALS for s in self._received)
-        wants_requeue = trainer.strategy.reduce_boolean_decision(wants_requeue, all=False)
+        time_limit = signal.SIGUSR1 in self._received
+        time_limit = trainer.strategy.reduce_boolean_decision(time_limit, all=False)
         path = Path(trainer.default_root_dir) / LAST
         trainer.save_checkpoint(path)
-        message = f"stopped at epoch {trainer.current_epoch}, step {trainer.global_step}; checkpoint {path}"
+        message = (
+            f"stopped at epoch {trainer.current_epoch}, step {trainer.global_step}; "
+            f"checkpoint {path}"
+        )
         job = slurm_job_id(os.environ)
-        if wants_requeue and job is not None and trainer.is_global_zero:
-            message += "; " + requeue(job)
+        if job is not None and trainer.is_global_zero:
+            if time_limit or slurm_job_state(job) == "RUNNING":
+                message += "; " + requeue(job)
+            else:
+                message += f"; Slurm job {job} is being cancelled, not requeued"
         log.warning(message)
         raise Preempted(f"[dynlab] preempted: {message}")
 
@@ -120,6 +129,17 @@ def slurm_job_id(environ: Mapping[str, str]) -> str | None:
     if "SLURM_ARRAY_JOB_ID" in environ and "SLURM_ARRAY_TASK_ID" in environ:
         return f"{environ['SLURM_ARRAY_JOB_ID']}_{environ['SLURM_ARRAY_TASK_ID']}"
     return environ.get("SLURM_JOB_ID")
+
+
+def slurm_job_state(job: str) -> str:
+    """The job's state as squeue reports it (RUNNING, COMPLETING, ...), '' if Slurm does not answer."""
+    try:
+        result = subprocess.run(
+            ["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True, timeout=60
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return result.stdout.strip()
 
 
 def requeue(job: str) -> str:

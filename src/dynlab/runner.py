@@ -44,13 +44,13 @@ def validate_config(cfg: DictConfig) -> None:
     """Checks beyond the schemas' types: names that must exist and settings that must agree."""
     if not is_known_backbone(cfg.backbone.name):
         raise UnknownBackboneError(cfg.backbone.name)
-    devices = cfg.trainer.devices
-    if cfg.trainer.accelerator == "cpu" and isinstance(devices, int) and devices > 1:
-        if cfg.trainer.strategy in ("auto", None):
-            raise ConfigError(
-                f"trainer.devices={devices} on CPU needs a DDP strategy: use trainer=ddp_cpu "
-                "(or trainer.strategy=ddp)"
-            )
+    devices, strategy = cfg.trainer.devices, cfg.trainer.strategy
+    multi_cpu = cfg.trainer.accelerator == "cpu" and isinstance(devices, int) and devices > 1
+    if multi_cpu and strategy in ("auto", None):
+        raise ConfigError(
+            f"trainer.devices={devices} on CPU needs a DDP strategy: use trainer=ddp_cpu "
+            "(or trainer.strategy=ddp)"
+        )
 
 
 def build_datamodule(cfg: DictConfig) -> DynlabDataModule:
@@ -140,7 +140,9 @@ def build_trainer(
     if phase.max_epochs is not None:
         kwargs["max_epochs"] = phase.max_epochs
     callbacks: list[Callback] = [
-        ModelCheckpoint(dirpath=phase_dir, filename="best", monitor="val/top1", mode="max", save_last=True),
+        ModelCheckpoint(
+            dirpath=phase_dir, filename="best", monitor="val/top1", mode="max", save_last=True
+        ),
         ResumableLoaderCallback(),
         ckpt.RNGStateCallback(),
         *extra_callbacks,
@@ -236,7 +238,9 @@ def run_schedule(
         _barrier()
 
 
-def evaluate(cfg: DictConfig, module: DynlabModule, datamodule: DynlabDataModule) -> dict[str, float]:
+def evaluate(
+    cfg: DictConfig, module: DynlabModule, datamodule: DynlabDataModule
+) -> dict[str, float]:
     """Test metrics plus the anytime and budgeted evaluations, in a W&B run of job type `evaluate`."""
     logger = build_logger(cfg, "evaluate")
     with finishing_logger(logger):
@@ -273,7 +277,9 @@ def run_job(cfg: DictConfig) -> float | None:
         run_schedule(cfg, module, datamodule, [PreemptionHandler()])
         metrics = evaluate(cfg, module, datamodule)
     except Preempted:
-        print(f"[dynlab] preempted: checkpoint saved in {cfg.run_dir}; the requeued job resumes there.")
+        print(
+            f"[dynlab] preempted: checkpoint saved in {cfg.run_dir}; the requeued job resumes there."
+        )
         return None
     except BaseException as err:
         if _is_global_zero():

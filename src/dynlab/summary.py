@@ -11,7 +11,9 @@ from rich.table import Table
 
 def print_summary(results: dict[str, Any], run_dir: str | Path) -> None:
     """Names, size, cost and final metrics of a finished run, and where its outputs are."""
-    table = Table(title=f"dynlab: {results.get('technique')} · {results.get('backbone')} · {results.get('dataset')}")
+    table = Table(
+        title=f"dynlab: {results.get('technique')} · {results.get('backbone')} · {results.get('dataset')}"
+    )
     table.add_column("what")
     table.add_column("value", justify="right")
     table.add_row("parameters", f"{results.get('params', 0) / 1e6:.3f} M")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from dynlab.config import OptimConfig, OptimizerName, ScheduleName
 
 
-class PhaseKind(str, Enum):
+class PhaseKind(StrEnum):
     fit = "fit"  # a Lightning `trainer.fit` over the datamodule
     custom = "custom"  # the technique's own loop (a search), run by `run_custom_phase`
 
@@ -135,12 +135,8 @@ class DynlabModule(pl.LightningModule):
         return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
 
     def configure_optimizers(self) -> dict[str, Any]:
-        groups = parameter_groups(self, self.trainable_parameters(), self.optim)
         o = self.optim
-        if o.name == OptimizerName.sgd:
-            opt = torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov)
-        else:
-            opt = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas))
+        opt = build_optimizer(self, self.trainable_parameters(), o)
         steps_per_epoch = optimizer_steps_per_epoch(self.trainer)
         total = self.trainer.max_steps
         if total is None or total < 0:
@@ -163,6 +159,18 @@ def optimizer_steps_per_epoch(trainer: pl.Trainer) -> int:
     elif limit is not None:
         batches = int(batches * limit)
     return max(1, math.ceil(batches / trainer.accumulate_grad_batches))
+
+
+def build_optimizer(
+    root: nn.Module, named: list[tuple[str, nn.Parameter]], optim: OptimConfig
+) -> torch.optim.Optimizer:
+    """SGD (Nesterov momentum) or AdamW over `named`, weight decay split by `parameter_groups`."""
+    groups = parameter_groups(root, named, optim)
+    if optim.name == OptimizerName.sgd:
+        return torch.optim.SGD(
+            groups, lr=optim.lr, momentum=optim.momentum, nesterov=optim.nesterov
+        )
+    return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas))
 
 
 def parameter_groups(

@@ -16,10 +16,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from dynlab.config import OptimConfig, OptimizerName
+from dynlab.config import OptimConfig
 from dynlab.data.base import DynlabDataModule
 from dynlab.data.sampling import SeededDataset
-from dynlab.techniques.base import lr_lambda, parameter_groups
+from dynlab.techniques.base import build_optimizer, lr_lambda
 from dynlab.techniques.s2dnas.model import multi_exit_loss
 
 
@@ -81,13 +81,7 @@ def train_candidate(
     """Train `model` with the multi-exit loss for `epochs` (the technique's optimiser and schedule)."""
     model.to(device).train()
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    groups = parameter_groups(model, named, optim)
-    if optim.name == OptimizerName.sgd:
-        optimizer: torch.optim.Optimizer = torch.optim.SGD(
-            groups, lr=optim.lr, momentum=optim.momentum, nesterov=optim.nesterov
-        )
-    else:
-        optimizer = torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas))
+    optimizer = build_optimizer(model, named, optim)
     steps_per_epoch = data.num_train_batches(batches_per_epoch)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer,

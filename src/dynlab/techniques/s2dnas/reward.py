@@ -31,7 +31,9 @@ class DynamicScore:
     avg_macs: float
     macs_ratio: float  # avg_macs / the static model's MACs
     exit_fractions: list[float]
-    thresholds: list[float]
+    thresholds: list[
+        float | None
+    ]  # None: nobody leaves there (inf) or everybody left leaves (-inf)
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -79,7 +81,7 @@ def dynamic_score(
         avg_macs=avg_macs,
         macs_ratio=avg_macs / static_macs,
         exit_fractions=fractions.tolist(),
-        thresholds=thresholds.tolist(),
+        thresholds=[t if math.isfinite(t) else None for t in thresholds.tolist()],
     )
 
 
