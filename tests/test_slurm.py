@@ -31,6 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "slurm" / "local-cluster.sh"
 CLUSTER_DIR = Path(os.environ.get("DYNLAB_SLURM_DIR", "/tmp/dynlab-slurm"))
 TINY = [
+    "technique=baseline",
     "dataset=synthetic",
     "dataset.num_train=96",
     "dataset.num_test=64",
@@ -43,6 +44,7 @@ TINY = [
 ]
 # Long enough to be interrupted mid-training: 6 epochs of 8 batches (288 - 32 held out, by 32).
 LONGER = [
+    "technique=baseline",
     "dataset=synthetic",
     "dataset.num_train=288",
     "dataset.num_test=64",
@@ -249,6 +251,32 @@ def test_hydra_multirun_becomes_one_slurm_array(cluster: dict[str, str], tmp_pat
     )
     assert "2 of 2 runs completed" in report
     assert (tmp_path / "report" / "accuracy_vs_macs.png").exists()
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_ddp_job_runs_one_slurm_task_per_device(cluster: dict[str, str], tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    dynlab(
+        "train",
+        "-m",
+        "hydra/launcher=slurm",
+        f"hydra.sweep.dir={sweep}",
+        *TINY,
+        "trainer=ddp_cpu",  # 2 gloo processes
+        env=cluster,
+        cwd=tmp_path,
+        timeout=JOB_TIMEOUT_S,
+    )
+
+    (run_dir,) = [p.parent for p in sweep.glob("*/.hydra")]
+    submitit = sweep / ".submitit"
+    assert_completed([run_dir], lambda: logs(submitit))
+    (script,) = submitit.glob("*/*_submission.sh")
+    assert "#SBATCH --ntasks-per-node=2" in script.read_text().splitlines()
+    # Lightning took the ranks from Slurm (srun started both processes).
+    rank_logs = "".join(p.read_text() for p in submitit.glob("*/*_log.err"))
+    assert "GLOBAL_RANK: 0, MEMBER: 1/2" in rank_logs and "GLOBAL_RANK: 1, MEMBER: 2/2" in rank_logs
 
 
 @pytest.mark.slurm
