@@ -458,8 +458,14 @@ def test_preempted_multirun_job_finishes_before_the_sweep_returns(
             stderr=subprocess.STDOUT,
         )
     submitit = sweep / ".submitit"
+
+    def first_epoch_done() -> bool:
+        if master.poll() is not None:
+            pytest.fail(f"dynlab-train -m exited early:\n{master_log.read_text()[-6000:]}")
+        return any(sweep.glob("0_*/checkpoints/train/last.ckpt"))
+
     wait_until(
-        lambda: any(sweep.glob("0_*/checkpoints/train/last.ckpt")),
+        first_epoch_done,
         "the first epoch of the sweep's job",
         lambda: master_log.read_text()[-3000:] + logs(submitit),
         every=0.2,

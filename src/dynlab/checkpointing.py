@@ -7,9 +7,7 @@ at the first phase without `done`, from its `last.ckpt`.
 
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +15,8 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.plugins.io import TorchCheckpointIO
+
+from dynlab.atomic import atomic_open
 
 CHECKPOINTS = "checkpoints"
 LAST, FINAL, DONE = "last.ckpt", "final.ckpt", "done"
@@ -28,18 +28,8 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
     Lightning's own save goes through fsspec, whose local transaction writes the temp file to
     /tmp and moves it, which is a copy (not atomic) when /tmp is another filesystem.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path, "wb") as f:
+        torch.save(obj, f)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pickle
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -48,21 +49,9 @@ class _CifarDataModule(DynlabDataModule):
         *,
         root: str | None,
         val_size: int = 5000,
-        batch_size: int = 128,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        seed: int = 0,
-        augment: bool = True,
+        **common: Any,
     ) -> None:
-        super().__init__(
-            root=root,
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size,
-            num_workers=num_workers,
-            val_size=val_size,
-            seed=seed,
-            augment=augment,
-        )
+        super().__init__(root=root, val_size=val_size, **common)
         files = [f"{self.folder}/{name}" for name in self.train_files + self.test_files]
         self.data_dir = require_paths(self.name, self.root, self.layout, files) / self.folder
         self._normalize = Normalize(self.mean, self.std)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
@@ -39,21 +41,9 @@ class DigitsDataModule(DynlabDataModule):
         root: str | None = None,
         channels: int = 3,
         val_size: int = 200,
-        batch_size: int = 128,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        seed: int = 0,
-        augment: bool = True,
+        **common: Any,
     ) -> None:
-        super().__init__(
-            root=root,
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size,
-            num_workers=num_workers,
-            val_size=val_size,
-            seed=seed,
-            augment=augment,
-        )
+        super().__init__(root=root, val_size=val_size, **common)
         if channels not in (1, 3):
             raise ValueError(f"digits: channels must be 1 or 3, got {channels}")
         self.channels = channels

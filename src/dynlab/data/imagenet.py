@@ -8,6 +8,7 @@ validation and the official val set is the test set.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from torchvision import transforms
 from torchvision.datasets import ImageFolder
@@ -33,21 +34,9 @@ class ImageNetDataModule(DynlabDataModule):
         num_classes: int = 1000,
         image_size: int = 224,
         val_size: int = 50000,
-        batch_size: int = 128,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        seed: int = 0,
-        augment: bool = True,
+        **common: Any,
     ) -> None:
-        super().__init__(
-            root=root,
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size,
-            num_workers=num_workers,
-            val_size=val_size,
-            seed=seed,
-            augment=augment,
-        )
+        super().__init__(root=root, val_size=val_size, **common)
         if num_classes < 2:
             raise ValueError(f"imagenet: num_classes must be >= 2, got {num_classes}")
         if image_size < 8:

@@ -6,6 +6,8 @@ so a small CNN or even a linear model clearly beats chance within an epoch.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -50,21 +52,9 @@ class SyntheticDataModule(DynlabDataModule):
         image_size: int = 32,
         channels: int = 3,
         val_size: int = 200,
-        batch_size: int = 128,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        seed: int = 0,
-        augment: bool = True,
+        **common: Any,
     ) -> None:
-        super().__init__(
-            root=root,
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size,
-            num_workers=num_workers,
-            val_size=val_size,
-            seed=seed,
-            augment=augment,
-        )
+        super().__init__(root=root, val_size=val_size, **common)
         for name, value, least in [
             ("num_train", num_train, 2),
             ("num_test", num_test, 1),
