@@ -16,7 +16,7 @@ from dynlab import checkpointing as ckpt
 from dynlab import runner
 from dynlab.backbones import UnknownBackboneError
 from dynlab.data.base import DataRootError
-from dynlab.preemption import PreemptionHandler
+from dynlab.preemption import Preempted, PreemptionHandler
 from dynlab.runner import build_datamodule, build_module, run_job, validate_config
 
 from .conftest import REPO, TINY
@@ -132,7 +132,8 @@ def test_preempted_run_resumes_to_identical_weights(compose_cfg, tmp_path, monke
 
     with monkeypatch.context() as patch:
         patch.setattr(runner, "PreemptionHandler", _SignalAtStep3)
-        assert run_job(compose_cfg(overrides, run_dir=tmp_path / "cut")) is None
+        with pytest.raises(Preempted):
+            run_job(compose_cfg(overrides, run_dir=tmp_path / "cut"))
     stopped = torch.load(
         ckpt.phase_dir(tmp_path / "cut", "train") / "last.ckpt", weights_only=False
     )

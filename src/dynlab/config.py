@@ -13,7 +13,7 @@ from enum import StrEnum
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 
 class OptimizerName(StrEnum):
@@ -216,8 +216,15 @@ def register_schema(group: str, name: str, node: type) -> None:
     SCHEMAS.setdefault(group, {})[name] = node
 
 
+def gpus_per_node(accelerator: str, devices: int) -> int | None:
+    """Slurm GPUs per node for a Lightning trainer: one per device on GPU trainers, none on CPU."""
+    return devices if accelerator in ("gpu", "cuda") else None
+
+
 def register_configs() -> None:
-    """Store every schema under `schema/<group>/<name>` and the root schema as `config_schema`."""
+    """Store every schema under `schema/<group>/<name>` and the root schema as `config_schema`,
+    and the resolvers the config files use."""
+    OmegaConf.register_new_resolver("dynlab.gpus_per_node", gpus_per_node, replace=True)
     _import_technique_schemas()
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)

@@ -265,7 +265,8 @@ def _barrier() -> None:
 def run_job(cfg: DictConfig) -> float | None:
     """One job of `dynlab-train` / `dynlab-search`: the whole schedule, then the evaluations.
 
-    Returns the final test top-1 (Hydra sweepers can optimise it); None when preempted.
+    Returns the final test top-1 (Hydra sweepers can optimise it); raises `Preempted` when stopped
+    by a Slurm signal after checkpointing.
     """
     validate_config(cfg)
     pl.seed_everything(cfg.seed, workers=True)
@@ -277,10 +278,9 @@ def run_job(cfg: DictConfig) -> float | None:
         run_schedule(cfg, module, datamodule, [PreemptionHandler()])
         metrics = evaluate(cfg, module, datamodule)
     except Preempted:
-        print(
-            f"[dynlab] preempted: checkpoint saved in {cfg.run_dir}; the requeued job resumes there."
-        )
-        return None
+        # Re-raised (a SystemExit): a requeued job must not report a result to submitit/Hydra.
+        print(f"[dynlab] preempted: checkpoint saved in {cfg.run_dir}; the job resumes there.")
+        raise
     except BaseException as err:
         if _is_global_zero():
             update_results(cfg.run_dir, status="failed", error=f"{type(err).__name__}: {err}")

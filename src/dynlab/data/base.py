@@ -192,6 +192,9 @@ class DynlabDataModule(pl.LightningDataModule, ABC):
 
     def _loader_options(self) -> dict[str, Any]:
         return {
+            # A loader's own generator: creating an iterator then draws nothing from the global
+            # RNG, which stays in step with an uninterrupted run across a resume.
+            "generator": torch.Generator(),
             "num_workers": self.num_workers,
             "persistent_workers": self.num_workers > 0,
             "pin_memory": torch.cuda.is_available(),
