@@ -211,6 +211,15 @@ def test_sweep_file_cli_rejects_a_config_typo(
     assert not (tmp_path / "s.txt").exists()
 
 
+def assert_report_of_two_runs(path: Path, tmp_path: Path, cluster: dict[str, str]) -> None:
+    """dynlab-report over a finished 2-job sweep finds both runs and draws the figure."""
+    report = dynlab(
+        "report", str(path), "-o", str(tmp_path / "report"), env=cluster, cwd=tmp_path, timeout=120
+    )
+    assert "2 of 2 runs completed" in report
+    assert (tmp_path / "report" / "accuracy_vs_macs.png").exists()
+
+
 @pytest.mark.slurm
 @pytest.mark.slow
 def test_hydra_multirun_becomes_one_slurm_array(cluster: dict[str, str], tmp_path: Path) -> None:
@@ -240,17 +249,7 @@ def test_hydra_multirun_becomes_one_slurm_array(cluster: dict[str, str], tmp_pat
     assert "#SBATCH --requeue" in sbatch_lines
     assert "#SBATCH --ntasks-per-node=1" in sbatch_lines  # = trainer.devices
 
-    report = dynlab(
-        "report",
-        str(sweep),
-        "-o",
-        str(tmp_path / "report"),
-        env=cluster,
-        cwd=tmp_path,
-        timeout=120,
-    )
-    assert "2 of 2 runs completed" in report
-    assert (tmp_path / "report" / "accuracy_vs_macs.png").exists()
+    assert_report_of_two_runs(sweep, tmp_path, cluster)
 
 
 @pytest.mark.slurm
@@ -309,16 +308,7 @@ def test_array_sbatch_runs_one_job_per_sweep_file_line(
 
     assert_completed([runs / "0", runs / "1"], lambda: logs(runs))
     assert [results(runs / str(i))["config"]["seed"] for i in (0, 1)] == [0, 1]
-    report = dynlab(
-        "report",
-        str(runs),
-        "-o",
-        str(tmp_path / "report"),
-        env=cluster,
-        cwd=tmp_path,
-        timeout=120,
-    )
-    assert "2 of 2 runs completed" in report
+    assert_report_of_two_runs(runs, tmp_path, cluster)
 
 
 @pytest.fixture(scope="module")
