@@ -66,14 +66,19 @@ def compose_cfg(tmp_path: Path) -> Iterator:
 
 
 def run_cli(
-    app: str, args: list[str], cwd: Path, timeout: float = 600, check: bool = True
+    app: str,
+    args: list[str],
+    cwd: Path,
+    timeout: float = 600,
+    check: bool = True,
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess:
-    """Run `python -m dynlab.apps.<app> args...` as a user would, outputs under cwd.
+    """Run `python -m dynlab.apps.<app> args...` as a user would (plus `env`), outputs under cwd.
 
     Output goes to files, not pipes: W&B's service process outlives the app and would hold a
     pipe open until it exits.
     """
-    env = {**os.environ, "DYNLAB_OUTPUTS": str(cwd / "out"), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, **(env or {}), "DYNLAB_OUTPUTS": str(cwd / "out"), "OMP_NUM_THREADS": "1"}
     out, err = cwd / f"{app}.stdout", cwd / f"{app}.stderr"
     with out.open("w") as stdout, err.open("w") as stderr:
         proc = subprocess.run(

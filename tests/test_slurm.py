@@ -27,6 +27,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from dynlab.apps.sweep_file import expand, sweep_line
 from dynlab.apps.sweep_file import main as sweep_file_main
 
+from .conftest import run_cli
+
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "slurm" / "local-cluster.sh"
 CLUSTER_DIR = Path(os.environ.get("DYNLAB_SLURM_DIR", "/tmp/dynlab-slurm"))
@@ -142,16 +144,22 @@ def assert_completed(run_dirs: list[Path], diagnostics: Callable[[], str]) -> No
 
 def dynlab(app: str, *args: str, env: dict[str, str], cwd: Path, timeout: float) -> str:
     """Run a dynlab app as a user would; returns stdout, fails with its output on error."""
-    proc = subprocess.run(
-        [sys.executable, "-m", f"dynlab.apps.{app}", *args],
-        env=env,
+    return run_cli(app, list(args), cwd=cwd, timeout=timeout, env=env).stdout
+
+
+def slurm_multirun(sweep: Path, *overrides: str, cluster: dict[str, str], cwd: Path) -> None:
+    """`dynlab-train -m hydra/launcher=slurm ...` into `sweep`, waiting for the whole array."""
+    dynlab(
+        "train",
+        "-m",
+        "hydra/launcher=slurm",
+        f"hydra.sweep.dir={sweep}",
+        *TINY,
+        *overrides,
+        env=cluster,
         cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
+        timeout=JOB_TIMEOUT_S,
     )
-    assert proc.returncode == 0, f"{app} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
-    return proc.stdout
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -224,17 +232,8 @@ def assert_report_of_two_runs(path: Path, tmp_path: Path, cluster: dict[str, str
 @pytest.mark.slow
 def test_hydra_multirun_becomes_one_slurm_array(cluster: dict[str, str], tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
-    dynlab(
-        "train",
-        "-m",
-        "hydra/launcher=slurm",
-        f"hydra.sweep.dir={sweep}",
-        "hydra.launcher.timeout_min=30",
-        *TINY,
-        "seed=0,1",
-        env=cluster,
-        cwd=tmp_path,
-        timeout=JOB_TIMEOUT_S,
+    slurm_multirun(
+        sweep, "hydra.launcher.timeout_min=30", "seed=0,1", cluster=cluster, cwd=tmp_path
     )
 
     run_dirs = sorted(p.parent for p in sweep.glob("*/.hydra"))
@@ -256,17 +255,7 @@ def test_hydra_multirun_becomes_one_slurm_array(cluster: dict[str, str], tmp_pat
 @pytest.mark.slow
 def test_ddp_job_runs_one_slurm_task_per_device(cluster: dict[str, str], tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
-    dynlab(
-        "train",
-        "-m",
-        "hydra/launcher=slurm",
-        f"hydra.sweep.dir={sweep}",
-        *TINY,
-        "trainer=ddp_cpu",  # 2 gloo processes
-        env=cluster,
-        cwd=tmp_path,
-        timeout=JOB_TIMEOUT_S,
-    )
+    slurm_multirun(sweep, "trainer=ddp_cpu", cluster=cluster, cwd=tmp_path)  # 2 gloo processes
 
     (run_dir,) = [p.parent for p in sweep.glob("*/.hydra")]
     submitit = sweep / ".submitit"

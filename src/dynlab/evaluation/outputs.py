@@ -34,7 +34,7 @@ def module_device(module: nn.Module) -> torch.device:
 
 
 def collect_exit_probs(
-    model: nn.Module, dataloader: Iterable[tuple[Tensor, Tensor]]
+    model: nn.Module, dataloader: Iterable[tuple[Tensor, Tensor]], gather: bool = True
 ) -> tuple[Tensor, Tensor]:
     """Softmax of every exit of `model.forward_exits` over `dataloader`: probs [K,N,C], targets [N].
 
@@ -42,6 +42,8 @@ def collect_exit_probs(
     initialised torch.distributed, each rank passes its contiguous shard of the split (rank r of W
     holding items [r*N//W, (r+1)*N//W), as dynlab.data's EvalSampler gives) and every rank gets
     all shards concatenated in rank order: the whole split once, whatever the number of processes.
+    `gather=False` keeps this process's outputs only (a search where each rank scores its own
+    candidate on the whole split).
     """
     if not hasattr(model, "forward_exits"):
         raise TypeError(f"{type(model).__name__} has no forward_exits (see dynlab.protocol)")
@@ -55,7 +57,7 @@ def collect_exit_probs(
     if not probs:
         raise ValueError("the dataloader yielded no batches")
     local_probs, local_targets = torch.cat(probs, dim=1), torch.cat(targets)
-    if _world_size() > 1:
+    if gather and _world_size() > 1:
         comm = device if dist.get_backend() == "nccl" else torch.device("cpu")
         return _gather_shards(local_probs, comm, dim=1), _gather_shards(local_targets, comm, dim=0)
     return local_probs, local_targets

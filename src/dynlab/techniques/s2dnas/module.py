@@ -24,6 +24,7 @@ from dynlab.checkpointing import FINAL, phase_dir
 from dynlab.config import BackboneConfig, OptimConfig
 from dynlab.data.base import DataInfo
 from dynlab.evaluation.macs import count_macs
+from dynlab.evaluation.outputs import collect_exit_probs
 from dynlab.results import atomic_write_text
 from dynlab.techniques.base import DynlabModule, Phase, PhaseContext, PhaseKind
 from dynlab.techniques.s2dnas.analysis import analyse_backbone
@@ -31,7 +32,7 @@ from dynlab.techniques.s2dnas.candidate import CandidateData
 from dynlab.techniques.s2dnas.config import S2DNASSearchConfig, SelectBy
 from dynlab.techniques.s2dnas.controller import Controller, Reinforce
 from dynlab.techniques.s2dnas.model import S2DNet, multi_exit_loss
-from dynlab.techniques.s2dnas.reward import dynamic_score, exit_probs, reward
+from dynlab.techniques.s2dnas.reward import dynamic_score, reward
 from dynlab.techniques.s2dnas.search import (
     CONTROLLER_STREAM,
     RETRAIN_STREAM,
@@ -214,7 +215,7 @@ class S2DNASModule(DynlabModule):
 
     def _val_score(self, data: CandidateData) -> dict[str, Any]:
         """Val accuracy under dynamic inference, average MACs and reward, as for a candidate."""
-        probs, targets = exit_probs(self.model, data.val_loader(), self.device)
+        probs, targets = collect_exit_probs(self.model, data.val_loader(), gather=False)
         macs = self.model.exit_macs(self.data_info.input_size)
         score = dynamic_score(probs, targets, macs, self._static_macs(), self.search_cfg)
         return {

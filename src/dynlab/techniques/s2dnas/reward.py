@@ -12,14 +12,13 @@ held-out val split is ever used here, never test.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from dynlab.evaluation.budgeted import calibrate_thresholds, exit_distribution, exit_indices
-from dynlab.evaluation.outputs import evaluating
 from dynlab.techniques.s2dnas.config import ExitRule, RewardForm, S2DNASSearchConfig
 
 
@@ -37,23 +36,6 @@ class DynamicScore:
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
-
-
-def exit_probs(
-    model: nn.Module, loader: Iterable[tuple[Tensor, Tensor]], device: torch.device
-) -> tuple[Tensor, Tensor]:
-    """Softmax of every exit [K,N,C] and targets [N] over `loader`, on this process only.
-
-    (Not `evaluation.outputs.collect_exit_probs`: that one all-gathers over DDP ranks, while during
-    the search every rank scores its own candidate.)
-    """
-    probs, targets = [], []
-    with evaluating(model):
-        for x, y in loader:
-            exits = model.forward_exits(x.to(device))  # type: ignore[operator]
-            probs.append(torch.stack([e.float().softmax(dim=-1) for e in exits]).cpu())
-            targets.append(y)
-    return torch.cat(probs, dim=1), torch.cat(targets)
 
 
 def dynamic_score(

@@ -28,11 +28,12 @@ from torch import nn
 from dynlab.checkpointing import atomic_torch_save
 from dynlab.config import OptimConfig
 from dynlab.data.sampling import rank_and_world_size
+from dynlab.evaluation.outputs import collect_exit_probs
 from dynlab.results import atomic_write_text
 from dynlab.techniques.s2dnas.candidate import CandidateData, train_candidate
 from dynlab.techniques.s2dnas.config import S2DNASSearchConfig
 from dynlab.techniques.s2dnas.controller import Controller, Reinforce
-from dynlab.techniques.s2dnas.reward import dynamic_score, exit_probs, reward
+from dynlab.techniques.s2dnas.reward import dynamic_score, reward
 from dynlab.techniques.s2dnas.settings import S2DSettings
 
 SEARCH_STATE, CANDIDATES = "search_state.pt", "candidates.json"
@@ -77,7 +78,7 @@ class CandidateEvaluator:
                 seed,
                 self.device,
             )
-        probs, targets = exit_probs(model, self.data.val_loader(), self.device)
+        probs, targets = collect_exit_probs(model, self.data.val_loader(), gather=False)
         exit_macs = model.exit_macs(self.input_size)  # type: ignore[operator]
         score = dynamic_score(probs, targets, exit_macs, self.static_macs, self.cfg)
         return {
