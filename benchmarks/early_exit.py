@@ -7,8 +7,11 @@ Target: measured speed-up >= 0.8 x MACs speed-up. Prints one JSON object:
 `overhead_when_nobody_leaves` (early exit with no sample leaving / every exit) is the exit
 machinery's own cost, and
 `stage_time_speedup` (the speed-up the measured time per stage allows at these exit fractions)
-shows how well MACs predict time for the model (a full-resolution first stage costs more per MAC).
-Run: `.venv/bin/python benchmarks/early_exit.py [--threads N]`. Swap the model in `make_model`.
+shows how well MACs predict time for the model (a full-resolution first stage costs more per MAC),
+and `seconds_to_each_exit` the per-stage timings behind it. The model is timed in its deploy form
+(`deploy()`: BatchNorm folded, what evaluation runs on); `--form train` times the training form.
+Run: `.venv/bin/python benchmarks/early_exit.py [--threads N] [--repeats R] [--form deploy|train]`.
+Swap the model in `make_model`.
 """
 
 from __future__ import annotations
@@ -28,13 +31,14 @@ from dynlab.evaluation.budgeted import budgeted_curve
 from dynlab.evaluation.early_exit import early_exit_predict
 from dynlab.evaluation.macs import count_macs
 from dynlab.evaluation.outputs import collect_exit_probs
+from dynlab.protocol import DynamicNet
 
 LEVELS = (0.25, 0.5, 1.0, 2.0)  # budget levels q (MSDNet's exit law p_k ∝ q^k)
 BATCHES = {64: 4, 1: 64}  # batch size -> number of test batches timed
 NUM_CALIBRATION = 1024
 
 
-class MultiExitCNN(nn.Module):
+class MultiExitCNN(DynamicNet):
     """Four conv stages (32x32 -> 4x4) with a pooled linear classifier after each stage."""
 
     def __init__(
@@ -105,7 +109,7 @@ def make_model() -> tuple[nn.Module, tuple[int, int, int]]:
 
 
 def best_seconds(
-    runs: Mapping[str, Callable[[Tensor], object]], batches: Sequence[Tensor], repeats: int = 7
+    runs: Mapping[str, Callable[[Tensor], object]], batches: Sequence[Tensor], repeats: int
 ) -> dict[str, float]:
     """Best wall-clock time of a pass over `batches` for each run, the runs taking turns so that
     all of them see the same machine load (the first round is a warm-up and is not counted)."""
@@ -152,7 +156,11 @@ def calibrated_levels(
 
 
 def measure(
-    model: nn.Module, exit_macs: list[float], curve: list[dict], batches: Sequence[Tensor]
+    model: nn.Module,
+    exit_macs: list[float],
+    curve: list[dict],
+    batches: Sequence[Tensor],
+    repeats: int,
 ) -> dict[str, object]:
     """Time every exit vs early exit at each level, next to the MACs of the exits actually taken."""
 
@@ -169,8 +177,8 @@ def measure(
     runs |= {
         f"q={r['q']}": partial(early_exit_predict, model, thresholds=r["thresholds"]) for r in curve
     }
-    seconds = best_seconds(runs, batches)
-    to_exit = seconds_to_each_exit(model, batches).double()
+    seconds = best_seconds(runs, batches, repeats)
+    to_exit = seconds_to_each_exit(model, batches, repeats).double()
     macs = torch.tensor(exit_macs, dtype=torch.float64)
     levels = []
     for record in curve:
@@ -193,6 +201,7 @@ def measure(
         "samples": sum(len(b) for b in batches),
         "every_exit_s": round(seconds["every_exit"], 4),
         "overhead_when_nobody_leaves": round(seconds["nobody_leaves"] / seconds["every_exit"], 3),
+        "seconds_to_each_exit": [round(float(t), 5) for t in to_exit],
         "levels": levels,
     }
 
@@ -200,19 +209,29 @@ def measure(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
-    torch.set_num_threads(parser.parse_args().threads)
+    parser.add_argument("--repeats", type=int, default=7, help="timed rounds (best one is kept)")
+    parser.add_argument("--form", choices=("deploy", "train"), default="deploy")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model, input_size = make_model()
     model.eval()
+    if args.form == "deploy":
+        model = model.deploy()
     exit_macs = model.exit_macs(input_size)
     generator = torch.Generator().manual_seed(0)
     val_x = torch.randn(NUM_CALIBRATION, *input_size, generator=generator)
     test_x = torch.randn(max(b * n for b, n in BATCHES.items()), *input_size, generator=generator)
     curve = calibrated_levels(model, exit_macs, val_x, test_x)
-    report: dict[str, object] = {"torch_threads": torch.get_num_threads(), "exit_macs": exit_macs}
+    report: dict[str, object] = {
+        "form": args.form,
+        "torch_threads": torch.get_num_threads(),
+        "repeats": args.repeats,
+        "exit_macs": exit_macs,
+    }
     for batch_size, num_batches in BATCHES.items():
         batches = test_x[: batch_size * num_batches].split(batch_size)
-        report[f"batch_{batch_size}"] = measure(model, exit_macs, curve, batches)
+        report[f"batch_{batch_size}"] = measure(model, exit_macs, curve, batches, args.repeats)
     print(json.dumps(report, indent=2))
 
 

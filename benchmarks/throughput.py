@@ -1,8 +1,10 @@
 """Training throughput: dynlab's Lightning path vs a hand-written PyTorch loop, side by side.
 
-Same model (CIFAR ResNet-20), same data loader (dynlab's synthetic train loader), same batch size
-and optimiser; images/s over the steps after a warm-up. Target: ratio >= 0.95 on CPU.
+Same model, same data loader (dynlab's synthetic train loader), same batch size, optimiser,
+device and precision; images/s over the steps after a warm-up. Target: ratio >= 0.95.
 Run: .venv/bin/python benchmarks/throughput.py [--steps 60 --batch-size 64]
+GPU (benchmarks/gpu_check.sh): --trainer gpu --batch-size 256, or
+--trainer gpu --backbone timm --backbone-name resnet50 --image-size 224 --batch-size 128.
 """
 
 from __future__ import annotations
@@ -23,23 +25,27 @@ from dynlab.techniques.base import Phase
 WARMUP = 5
 
 
-def compose_run(steps: int, batch_size: int, run_dir: str):
+def compose_run(args: argparse.Namespace, run_dir: str):
+    overrides = [
+        "technique=baseline",
+        "dataset=synthetic",
+        f"dataset.num_train={args.steps * args.batch_size + 256}",
+        f"dataset.batch_size={args.batch_size}",
+        f"dataset.image_size={args.image_size}",
+        f"dataset.num_workers={args.num_workers}",
+        "dataset.augment=true",
+        f"backbone={args.backbone}",
+        f"trainer={args.trainer}",
+        "logger=none",
+        "trainer.enable_progress_bar=false",
+        f"trainer.max_steps={args.steps}",
+        "trainer.limit_val_batches=0",
+        f"run_dir={run_dir}",
+    ]
+    if args.backbone_name:
+        overrides.append(f"backbone.name={args.backbone_name}")
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose(
-            "config",
-            overrides=[
-                "dataset=synthetic",
-                f"dataset.num_train={steps * batch_size + 256}",
-                f"dataset.batch_size={batch_size}",
-                "dataset.augment=true",
-                "backbone=cifar_resnet20",
-                "logger=none",
-                "trainer.enable_progress_bar=false",
-                f"trainer.max_steps={steps}",
-                "trainer.limit_val_batches=0",
-                f"run_dir={run_dir}",
-            ],
-        )
+        return compose("config", overrides=overrides)
 
 
 class StepTimer(pl.Callback):
@@ -50,6 +56,8 @@ class StepTimer(pl.Callback):
         self.steps = 0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if torch.cuda.is_available() and pl_module.device.type == "cuda":
+            torch.cuda.synchronize()
         if batch_idx + 1 == WARMUP:
             self.start = time.perf_counter()
         elif batch_idx + 1 > WARMUP:
@@ -61,30 +69,42 @@ def lightning_images_per_s(cfg, batch_size: int) -> float:
     datamodule = build_datamodule(cfg)
     module = build_module(cfg, datamodule)
     timer = StepTimer()
-    trainer = build_trainer(cfg, Phase("bench"), logger=False, extra_callbacks=[timer])
+    trainer = build_trainer(cfg, Phase("bench"), False, [timer], module)
     trainer.fit(module, datamodule=datamodule)
     return timer.steps * batch_size / (timer.end - timer.start)
 
 
 def plain_images_per_s(cfg, batch_size: int, steps: int) -> float:
+    """The same training steps in a hand-written loop on the trainer's device and precision."""
     pl.seed_everything(0, verbose=False)
+    device = torch.device("cuda" if cfg.trainer.accelerator in ("gpu", "cuda") else "cpu")
+    autocast = torch.autocast(device.type, torch.bfloat16, enabled="bf16" in cfg.trainer.precision)
     datamodule = build_datamodule(cfg)
-    model = build_module(cfg, datamodule).model.train()
+    model = build_module(cfg, datamodule).model.to(device).train()
     optim = torch.optim.SGD(
         model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4
     )
     loader = datamodule.train_dataloader()
     start = 0.0
     for step, (x, y) in enumerate(loader, start=1):
-        loss = F.cross_entropy(model(x), y)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with autocast:
+            loss = F.cross_entropy(model(x), y)
         optim.zero_grad(set_to_none=True)
         loss.backward()
         optim.step()
         if step == WARMUP:
+            _sync(device)
             start = time.perf_counter()
         if step == steps:
             break
+    _sync(device)
     return (steps - WARMUP) * batch_size / (time.perf_counter() - start)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def main() -> None:
@@ -92,11 +112,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--trainer", default="cpu", help="a conf/trainer choice (cpu, gpu)")
+    parser.add_argument("--backbone", default="cifar_resnet20", help="a conf/backbone choice")
+    parser.add_argument("--backbone-name", default=None, help="backbone.name (timm models)")
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--num-workers", type=int, default=0)
     args = parser.parse_args()
     import tempfile
 
     with tempfile.TemporaryDirectory() as run_dir:
-        cfg = compose_run(args.steps, args.batch_size, run_dir)
+        cfg = compose_run(args, run_dir)
         plain, lightning = [], []
         for _ in range(args.repeats):  # interleaved, so machine noise hits both alike
             plain.append(plain_images_per_s(cfg, args.batch_size, args.steps))
@@ -106,7 +131,11 @@ def main() -> None:
         json.dumps(
             {
                 "benchmark": "training_throughput",
-                "model": "cifar_resnet20",
+                "model": cfg.backbone.name,
+                "image_size": args.image_size,
+                "trainer": args.trainer,
+                "precision": cfg.trainer.precision,
+                "device": torch.cuda.get_device_name() if args.trainer == "gpu" else "cpu",
                 "batch_size": args.batch_size,
                 "threads": torch.get_num_threads(),
                 "plain_images_per_s": round(best_plain, 1),

@@ -108,8 +108,10 @@ def test_fit_writes_run_dir_and_rerun_resumes_nothing_twice(compose_cfg, tmp_pat
     assert results["params"] > 200_000 and len(results["exit_macs"]) == 1
     assert len(results["anytime"]) == 1 and results["budgeted"]["curve"]
     assert (run / "plots/anytime.png").exists() and (run / "plots/budgeted.png").exists()
-    for name in ("last.ckpt", "best.ckpt", "final.ckpt", "done"):
+    for name in ("last.ckpt", "final.ckpt", "done"):
         assert (ckpt.phase_dir(run, "train") / name).exists(), name
+    # Nothing reads a "best" checkpoint, so none is written (test data never selects a model).
+    assert sorted(p.name for p in ckpt.phase_dir(run, "train").glob("*best*")) == []
     final = ckpt.phase_dir(run, "train") / "final.ckpt"
     stamp = final.stat().st_mtime_ns
     # The same command again: the phase is done, so only the evaluation runs, with the same answer.

@@ -49,8 +49,17 @@ def test_evaluate_app_reproduces_training_metrics(tmp_path):
     assert evaluated["checkpoint"] == str(ckpt.resolve())
 
 
-def test_evaluate_app_rejects_missing_checkpoint(tmp_path):
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [(None, "no such checkpoint file"), ("epoch,top1\n", "not a torch checkpoint")],
+    ids=["missing", "not-a-checkpoint"],
+)
+def test_evaluate_app_rejects_what_is_no_checkpoint_in_one_line(tmp_path, content, message):
+    if content is not None:
+        (tmp_path / "nope.ckpt").write_text(content)
     proc = run_cli(
         "evaluate", ["ckpt_path=nope.ckpt", "hydra.run.dir=e"], cwd=tmp_path, check=False
     )
-    assert proc.returncode != 0 and "no such checkpoint file" in proc.stderr
+    assert proc.returncode == 2
+    assert proc.stderr.startswith(f"dynlab-evaluate: error: ckpt_path=nope.ckpt: {message}")
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr

@@ -20,7 +20,7 @@ from dynlab.evaluation.callbacks import AnytimeEvaluation, BudgetedEvaluation
 from dynlab.evaluation.outputs import collect_exit_probs
 from dynlab.evaluation.plots import plot_overlay
 from dynlab.logging import log_records
-from dynlab.protocol import StaticExits
+from dynlab.protocol import DynamicNet, StaticExits
 from dynlab.results import json_safe
 
 INPUT_SIZE = (3, 4, 4)
@@ -64,7 +64,7 @@ class TinyData(pl.LightningDataModule):
         return DataLoader(self.splits["test"], batch_size=8)
 
 
-class TwoExitNet(nn.Module):
+class TwoExitNet(DynamicNet):
     def __init__(self) -> None:
         super().__init__()
         self.stem, self.head1 = nn.Linear(48, 16), nn.Linear(16, 3)
@@ -122,7 +122,8 @@ def test_fit_writes_results_plots_and_shares_each_pass(tmp_path: Path) -> None:
     assert results["budgeted"]["curve"] == json_safe(budgeted_curve(*val, *test, exit_macs))
     assert (tmp_path / "plots" / "anytime.png").stat().st_size > 0
     assert (tmp_path / "plots" / "budgeted.png").stat().st_size > 0
-    # One pass per split at fit end, shared by both callbacks, plus this test's reference pass.
+    # One pass per split at fit end, shared by both callbacks (one deploy form for both), plus
+    # this test's reference pass.
     assert data.splits["test"].reads == 2 * 24
     assert data.splits["val"].reads == 2 * 20
 

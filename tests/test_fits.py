@@ -1,4 +1,5 @@
-"""A short real fit of every technique, backbone and dataset through the train app's runner."""
+"""Real fits through the train app's runner: every dataset and backbone kind runs, and every
+technique and registered CIFAR backbone learns on digits with its default recipe."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from dynlab.backbones import list_backbones
 from dynlab.data.fake import write_fake_cifar, write_fake_imagenet
 from dynlab.runner import run_job
 
@@ -20,7 +22,7 @@ def _fit(compose_cfg, overrides: list[str]) -> dict:
     run_job(cfg)
     results = json.loads((Path(cfg.run_dir) / "results.json").read_text())
     assert results["status"] == "completed"
-    assert 0.0 <= results["metrics"]["test/top1"] <= 100.0
+    assert results["exit_macs"] and all(m > 0 for m in results["exit_macs"])
     return results
 
 
@@ -64,3 +66,29 @@ def test_fit_on_every_dataset(compose_cfg, data_root, dataset):
 def test_fit_on_every_backbone_kind(compose_cfg, backbone):
     results = _fit(compose_cfg, [*TINY, *SHORT, f"backbone={backbone}"])
     assert results["backbone"] == (backbone if backbone != "timm" else "resnet18")
+
+
+# Digits, chance 10 %: "learns" means far above it after two epochs of the default recipe.
+LEARN = [
+    "dataset=digits",
+    "trainer.max_epochs=2",
+    "trainer.enable_progress_bar=false",
+    "logger=none",
+    "evaluation.anytime=false",
+    "evaluation.budgeted=false",
+]
+
+
+@pytest.mark.parametrize("technique", ["baseline", "s2dnas"])
+def test_every_technique_learns_on_digits(compose_cfg, technique):
+    results = _fit(compose_cfg, [*LEARN, f"technique={technique}", "backbone=cifar_resnet20"])
+    assert results["metrics"]["test/top1"] > 70.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backbone", list_backbones())
+def test_every_cifar_backbone_learns_on_digits(compose_cfg, backbone):
+    """Switching the backbone must not silently give a chance-level result (VGG-16-BN stayed at
+    15 % with lr 0.1: its config brings lr 0.01 and a warm-up)."""
+    results = _fit(compose_cfg, [*LEARN, "technique=baseline", f"backbone={backbone}"])
+    assert results["metrics"]["test/top1"] > 70.0, backbone

@@ -133,3 +133,21 @@ def test_cli_writes_the_report_and_rejects_missing_paths(
         main([str(tmp_path / "nowhere"), "-o", str(tmp_path / "x")])
     assert exit_info.value.code == 2
     assert "not a directory" in capsys.readouterr().err
+
+
+def test_broken_and_diverged_runs_are_listed_with_their_reason(tmp_path: Path) -> None:
+    """A results.json that is not JSON is 'broken'; a diverged run is 'failed' with its error."""
+    root = tmp_path / "sweep"
+    update_results(root / "ok", **STATIC)
+    (root / "cut").mkdir(parents=True)
+    (root / "cut" / "results.json").write_text('{"status": "compl')
+    diverged = "TrainingDiverged: training diverged in phase 'train', epoch 0, step 2"
+    update_results(root / "nan", status="failed", error=diverged, metrics={"test/loss": "nan"})
+
+    markdown = write_report([root], tmp_path / "out")
+
+    assert "1 of 3 runs completed" in markdown
+    incomplete = markdown.split("## Incomplete runs")[1]
+    assert "`sweep/cut`: broken: " in incomplete and "not valid JSON" in incomplete
+    assert f"`sweep/nan`: failed: {diverged}" in incomplete
+    assert set(read_csv(tmp_path / "out" / "report.csv")) == {"sweep/ok"}

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,9 @@ import torch.multiprocessing as mp
 
 from dynlab.config import BackboneConfig
 from dynlab.data.digits import DigitsDataModule
+from dynlab.preemption import Preempted
+from dynlab.results import read_results
+from dynlab.runner import run_job
 from dynlab.techniques.base import Phase, PhaseContext, PhaseKind
 from dynlab.techniques.s2dnas import search as search_module
 from dynlab.techniques.s2dnas.config import ExitRule, RewardForm, S2DNASSearchConfig
@@ -23,6 +28,7 @@ from dynlab.techniques.s2dnas.reward import dynamic_score, reward
 from dynlab.techniques.s2dnas.search import CANDIDATES, SEARCH_STATE, run_search
 from dynlab.techniques.s2dnas.settings import S2DSettings
 
+SEARCH_PHASES = ("search", "retrain_1")
 TINY_SEARCH = S2DNASSearchConfig(
     iterations=2, candidates_per_iteration=2, candidate_batches=1, top_k=2
 )
@@ -158,3 +164,65 @@ def test_candidates_are_spread_over_two_gloo_ranks_with_the_single_process_resul
     assert ranks[0] == ranks[1]  # every rank ends with the same records (and controller)
     assert [c["tokens"] for c in ranks[0]] == [c["tokens"] for c in single]
     assert [c["rank"] for c in ranks[0]] == [0, 1] * 6  # candidate j of each round ran on rank j
+
+
+def test_search_killed_in_retrain_2_resumes_there_and_ends_as_an_uninterrupted_one(
+    compose_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    overrides = [
+        "technique=s2dnas",
+        "technique.num_stages=2",
+        "technique.groups=4",
+        "technique.search.iterations=1",
+        "technique.search.candidates_per_iteration=2",
+        "technique.search.candidate_batches=1",
+        "technique.search.top_k=2",
+        "dataset=synthetic",
+        "dataset.num_train=96",
+        "dataset.num_test=32",
+        "dataset.val_size=32",
+        "dataset.batch_size=16",
+        "backbone=cifar_resnet20",
+        "trainer.max_epochs=1",
+        "trainer.enable_progress_bar=false",
+        "evaluation.budgeted=false",
+        "evaluation.anytime=false",
+        "logger=none",
+    ]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    run_job(compose_cfg(overrides, config_name="search", run_dir=whole))
+
+    step = S2DNASModule.training_step
+
+    def signalled_in_retrain_2(self: S2DNASModule, batch: Any, batch_idx: int) -> Any:
+        if self.current_phase == "retrain_2" and self.global_step == 2:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return step(self, batch, batch_idx)
+
+    monkeypatch.setattr(S2DNASModule, "training_step", signalled_in_retrain_2)
+    with pytest.raises(Preempted):
+        run_job(compose_cfg(overrides, config_name="search", run_dir=killed))
+    checkpoints = killed / "checkpoints"
+    assert (checkpoints / "retrain_1" / "done").exists()
+    assert not (checkpoints / "retrain_2" / "done").exists()
+    assert (
+        torch.load(checkpoints / "retrain_2" / "last.ckpt", weights_only=False)["global_step"] == 3
+    )
+    finished = {p: (checkpoints / p / "final.ckpt").stat().st_mtime_ns for p in SEARCH_PHASES}
+
+    monkeypatch.setattr(S2DNASModule, "training_step", step)
+    monkeypatch.setattr(S2DNASModule, "_search", lambda *_: pytest.fail("the search ran again"))
+    run_job(compose_cfg(overrides, config_name="search", run_dir=killed))
+    assert {p: (checkpoints / p / "final.ckpt").stat().st_mtime_ns for p in SEARCH_PHASES} == (
+        finished
+    )
+    for phase in ("retrain_2", "select"):
+        ends = [
+            torch.load(run / "checkpoints" / phase / "final.ckpt", weights_only=False)
+            for run in (whole, killed)
+        ]
+        assert ends[0]["dynlab"] == ends[1]["dynlab"]
+        for name, value in ends[0]["state_dict"].items():
+            torch.testing.assert_close(ends[1]["state_dict"][name], value, rtol=0, atol=0)
+    assert read_results(killed)["status"] == "completed"
+    assert read_results(killed)["metrics"] == read_results(whole)["metrics"]

@@ -262,8 +262,11 @@ def test_ddp_job_runs_one_slurm_task_per_device(cluster: dict[str, str], tmp_pat
     assert_completed([run_dir], lambda: logs(submitit))
     (script,) = submitit.glob("*/*_submission.sh")
     assert "#SBATCH --ntasks-per-node=2" in script.read_text().splitlines()
-    # Lightning took the ranks from Slurm (srun started both processes).
-    rank_logs = "".join(p.read_text() for p in submitit.glob("*/*_log.err"))
+    # Lightning took the ranks from Slurm (srun started both processes); its info lines go to the
+    # run's log file, not to the console.
+    rank_logs = "".join(
+        p.read_text() for p in [*submitit.glob("*/*_log.err"), *run_dir.glob("*.log")]
+    )
     assert "GLOBAL_RANK: 0, MEMBER: 1/2" in rank_logs and "GLOBAL_RANK: 1, MEMBER: 2/2" in rank_logs
 
 
@@ -459,3 +462,87 @@ def test_preempted_multirun_job_finishes_before_the_sweep_returns(
         [run_dir], lambda: "the sweep returned before its requeued job finished\n" + logs(submitit)
     )
     assert_same_run(run_dir, uninterrupted())
+
+
+# An S2DNAS search of 6 candidates (3 controller updates of 2), then one short retrain.
+SEARCH = [
+    "technique=s2dnas",
+    "technique.num_stages=2",
+    "technique.groups=4",
+    "technique.search.iterations=3",
+    "technique.search.candidates_per_iteration=2",
+    "technique.search.candidate_batches=2",
+    "technique.search.top_k=1",
+    "technique.search.retrain_epochs=1",
+    "dataset=synthetic",
+    "dataset.num_train=96",
+    "dataset.num_test=32",
+    "dataset.val_size=32",
+    "dataset.batch_size=16",
+    "backbone=cifar_resnet20",
+    "trainer.enable_progress_bar=false",
+    "evaluation.budgeted=false",
+    "logger=csv",
+    "seed=0",
+]
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_search_signalled_mid_search_requeues_and_continues_with_the_next_candidate(
+    cluster: dict[str, str], tmp_path: Path
+) -> None:
+    local, run_dir = tmp_path / "local", tmp_path / "slurm" / "run"
+    run_dir.parent.mkdir()
+    reference = subprocess.Popen(  # the uninterrupted search, alongside
+        [sys.executable, "-m", "dynlab.apps.search", *SEARCH, f"hydra.run.dir={local}"],
+        env={k: v for k, v in cluster.items() if not k.startswith("SLURM_")},
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    command = shlex.join(
+        ["srun", sys.executable, "-m", "dynlab.apps.search", *SEARCH, f"hydra.run.dir={run_dir}"]
+    )
+    job = slurm(
+        cluster,
+        "sbatch",
+        "--parsable",
+        "--requeue",
+        "--open-mode=append",
+        f"--output={run_dir.parent / 'slurm-%j.out'}",
+        f"--chdir={REPO}",
+        f"--wrap=exec {command}",
+    ).strip()
+    ledger = run_dir / "checkpoints" / "search" / "candidates.json"
+    diagnostics = lambda: logs(run_dir.parent)  # noqa: E731
+
+    def first_candidate_saved() -> bool:
+        return ledger.exists() and len(json.loads(ledger.read_text())) >= 1
+
+    wait_until(first_candidate_saved, "the first candidate", diagnostics, every=0.2)
+    slurm(cluster, "scancel", "--signal=USR1", job)  # Slurm's warning before the time limit
+
+    def requeued() -> bool:
+        info = slurm(cluster, "scontrol", "show", "job", job)
+        if re.search(r"JobState=(COMPLETED|FAILED|CANCELLED)", info):
+            pytest.fail(f"{job} ended instead of requeueing itself\n{diagnostics()}")
+        return "Restarts=1" in info and "JobState=PENDING" in info
+
+    wait_until(requeued, f"{job} to requeue itself", diagnostics)
+    at_stop = json.loads(ledger.read_text())
+    slurm(cluster, "scontrol", "update", f"jobid={job}", "starttime=now")
+    wait_until(lambda: job_done(cluster, job), f"{job} to finish", diagnostics)
+
+    log = next(run_dir.parent.glob("slurm-*.out")).read_text()
+    stopped = re.search(r"stopped after candidate (\d+); .*requeued Slurm job", log)
+    assert stopped and int(stopped.group(1)) < 5, diagnostics()  # during the search
+    assert len(at_stop) == int(stopped.group(1)) + 1
+    assert_completed([run_dir], diagnostics)
+    final = json.loads(ledger.read_text())
+    assert final[: len(at_stop)] == at_stop  # kept as saved (same seconds): none was run again
+    assert reference.wait(timeout=JOB_TIMEOUT_S) == 0
+    whole = json.loads((local / "checkpoints" / "search" / "candidates.json").read_text())
+    same = ("index", "tokens", "reward", "accuracy", "exit_macs")
+    assert [{k: c[k] for k in same} for c in final] == [{k: c[k] for k in same} for c in whole]
+    assert results(run_dir)["metrics"] == results(local)["metrics"]

@@ -1,13 +1,17 @@
 """Checkpoints that are never half-written, carry the RNG, and are laid out one folder per phase.
 
 Layout of a run dir: `checkpoints/<phase>/last.ckpt` (resume point, rewritten during the phase),
-`best.ckpt`, `final.ckpt` + `done` once the phase finished. A rerun of the same command resumes
-at the first phase without `done`, from its `last.ckpt`.
+`last.prev.ckpt` (the one before it), `best.ckpt`, `final.ckpt` + `done` once the phase finished.
+A rerun of the same command resumes at the first phase without `done`, from its `last.ckpt`, or
+from `last.prev.ckpt` when `last.ckpt` is damaged (a disk filled up, a copy cut short).
 """
 
 from __future__ import annotations
 
+import os
+import pickle
 import random
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +21,13 @@ import torch
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 from dynlab.atomic import atomic_open
+from dynlab.errors import CheckpointError
+from dynlab.validation import checkpoint_problem
 
 CHECKPOINTS = "checkpoints"
 LAST, FINAL, DONE = "last.ckpt", "final.ckpt", "done"
+# The resume point before the current `last.ckpt`, and where a damaged one is moved aside.
+LAST_PREV, LAST_DAMAGED = "last.prev.ckpt", "last.damaged.ckpt"
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
@@ -33,12 +41,29 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning checkpoint IO whose saves are atomic on local disks."""
+    """Lightning checkpoint IO whose saves are atomic on local disks; a new `last.ckpt` keeps
+    the one it replaces as `last.prev.ckpt`, the fallback if the new one turns out damaged."""
 
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None
     ) -> None:
+        path = Path(path)
+        if path.name == LAST and path.exists():
+            keep_previous(path, path.with_name(LAST_PREV))
         atomic_torch_save(checkpoint, path)
+
+
+def keep_previous(path: Path, previous: Path) -> None:
+    """Make `previous` a copy of `path` without copying bytes (a hard link, renamed atomically
+    over `previous`); where links are not supported, `path` itself becomes `previous`."""
+    tmp = previous.with_name(f".{previous.name}.link")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(path, tmp)
+    except OSError:
+        os.replace(path, previous)
+    else:
+        os.replace(tmp, previous)
 
 
 class RNGStateCallback(pl.Callback):
@@ -84,9 +109,31 @@ def is_done(run_dir: str | Path, phase: str) -> bool:
 
 
 def resume_path(run_dir: str | Path, phase: str) -> Path | None:
-    """The checkpoint an unfinished phase resumes from, if it got that far."""
-    last = phase_dir(run_dir, phase) / LAST
-    return last if last.exists() else None
+    """The checkpoint an unfinished phase resumes from, if it got that far.
+
+    A damaged `last.ckpt` is moved aside (so the next save does not rotate it into
+    `last.prev.ckpt`) and the phase resumes from `last.prev.ckpt`, saying so.
+    """
+    folder = phase_dir(run_dir, phase)
+    last, previous = folder / LAST, folder / LAST_PREV
+    if not last.exists():
+        return previous if checkpoint_problem(previous) is None else None
+    problem = checkpoint_problem(last)
+    if problem is None:
+        return last
+    if checkpoint_problem(previous) is not None:
+        raise CheckpointError(
+            f"{last} is damaged ({problem}) and there is no good {LAST_PREV} to fall back to. "
+            f"Delete {folder} to start phase '{phase}' again."
+        )
+    os.replace(last, folder / LAST_DAMAGED)
+    print(
+        f"[dynlab] {last} is damaged ({problem}); moved to {LAST_DAMAGED}, resuming phase "
+        f"'{phase}' from {LAST_PREV}.",
+        file=sys.stderr,
+        flush=True,
+    )
+    return previous
 
 
 def mark_done(run_dir: str | Path, phase: str) -> None:
@@ -103,6 +150,20 @@ def save_module_state(module: pl.LightningModule, path: str | Path) -> None:
 def load_module_state(module: pl.LightningModule, path: str | Path) -> None:
     """Inverse of `save_module_state` (also reads Lightning checkpoints): technique state first,
     since it may rebuild the model, then the weights."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise CheckpointError(f"{path}: {problem}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, AttributeError) as err:
+        raise CheckpointError(f"{path}: cannot be read as a checkpoint: {err}") from err
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise CheckpointError(f"{path}: a torch file, but no dynlab/Lightning checkpoint")
     module.on_load_checkpoint(checkpoint)
-    module.load_state_dict(checkpoint["state_dict"])
+    try:
+        module.load_state_dict(checkpoint["state_dict"])
+    except RuntimeError as err:
+        raise CheckpointError(
+            f"{path} does not fit this model (another technique, backbone or dataset?): "
+            f"{str(err).splitlines()[0]}"
+        ) from err

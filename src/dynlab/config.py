@@ -18,18 +18,32 @@ from omegaconf import MISSING, OmegaConf
 
 class OptimizerName(StrEnum):
     sgd = "sgd"
+    adam = "adam"
     adamw = "adamw"
 
 
 class ScheduleName(StrEnum):
     cosine = "cosine"
     step = "step"
+    # Linear decay to zero per iteration, as SPOS's official supernet and retrain scripts
+    # (megvii-model/SinglePathOneShot, train.py: LambdaLR(1 - step / total_iters)).
+    linear = "linear"
     constant = "constant"
 
 
 @dataclass
+class ParamGroupConfig:
+    """Parameters whose name matches `pattern` (fnmatch, e.g. `model.classifier.*`) get their own
+    learning rate and/or weight decay; the first matching group wins."""
+
+    pattern: str = MISSING
+    lr: float | None = None
+    weight_decay: float | None = None
+
+
+@dataclass
 class OptimConfig:
-    """Optimiser and learning-rate schedule shared by every technique's training phases."""
+    """One optimiser with its learning-rate schedule (see `dynlab.optim`)."""
 
     name: OptimizerName = OptimizerName.sgd
     lr: float = 0.1
@@ -39,12 +53,68 @@ class OptimConfig:
     weight_decay: float = 5e-4
     # Norm weights and biases get no weight decay (Goyal et al. 2017, Sec. 5.1 practice).
     no_decay_norm_and_bias: bool = True
+    # Which parameters this optimiser steps (fnmatch patterns on names; empty: every trainable
+    # parameter no other optimiser of the phase claims).
+    params: list[str] = field(default_factory=list)
+    groups: list[ParamGroupConfig] = field(default_factory=list)
     schedule: ScheduleName = ScheduleName.cosine
+    # Linear warm-up from lr/steps to lr over the first warmup_epochs (Goyal et al. 2017, Sec. 2.2).
     warmup_epochs: float = 0.0
-    # Step schedule: decay by `gamma` at these fractions of the phase's epochs (He et al.: 0.5, 0.75).
+    # Step schedule: decay by `gamma` at these fractions of the phase's steps (He et al.: 0.5, 0.75).
     milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])
     gamma: float = 0.1
     label_smoothing: float = 0.0
+
+
+@dataclass
+class StreamConfig:
+    """An extra seeded subset of the train split a phase trains on (`dynlab.data.base.StreamSpec`)."""
+
+    fraction: float | None = None
+    size: int | None = None
+    complement: bool = False
+    # The subset's seed key; null: the stream's own name. Two streams with the same key, one with
+    # complement=true, are disjoint halves of one split (FBNetV2's 80 % weights / 20 % arch).
+    key: str | None = None
+    augment: bool = True
+    shuffle: bool = True
+    sharded: bool = True
+    batch_size: int | None = None
+
+
+@dataclass
+class EMAConfig:
+    """An exponential moving average of the weights (Lightning's EMAWeightAveraging) whose
+    average replaces the weights at the end of the phase and is what validation sees."""
+
+    decay: float = 0.9998
+    # Buffers copied from the live model instead of averaged (binary pruning masks); buffers that
+    # are not floating point are always copied.
+    copy_buffers: list[str] = field(default_factory=lambda: ["*mask*"])
+
+
+@dataclass
+class PhaseRecipe:
+    """How one phase of a technique's schedule trains, all from config (`technique.phases.<name>`).
+
+    Unset fields fall back to the technique's defaults: `optim` for a single optimiser, the
+    trainer's max_epochs, the trainer config as it is.
+    """
+
+    epochs: int | None = None
+    # Named optimisers of the phase (several only with manual optimisation, e.g. FBNetV2's
+    # weights and architecture); empty: {"main": technique.optim}.
+    optimizers: dict[str, OptimConfig] = field(default_factory=dict)
+    # Parameters frozen (requires_grad=False) during the phase, by fnmatch pattern.
+    freeze: list[str] = field(default_factory=list)
+    # Trainer keyword overrides for this phase (e.g. gradient_clip_val, precision).
+    trainer: dict[str, Any] = field(default_factory=dict)
+    # DDPStrategy keyword arguments when the trainer runs DDP (SPOS's supernet:
+    # {find_unused_parameters: true}, since one path leaves the other choices without gradients).
+    ddp: dict[str, Any] = field(default_factory=dict)
+    # Extra train streams: the phase's train loader becomes {name: loader} (Lightning combines them).
+    streams: dict[str, StreamConfig] = field(default_factory=dict)
+    ema: EMAConfig | None = None
 
 
 @dataclass
@@ -62,6 +132,9 @@ class TechniqueConfig:
     _target_: str = MISSING
     name: str = MISSING
     optim: OptimConfig = field(default_factory=OptimConfig)
+    # Per-phase recipes keyed by phase name or fnmatch pattern (`retrain_*`); handed to the
+    # module by the runner, not a constructor argument.
+    phases: dict[str, PhaseRecipe] = field(default_factory=dict)
 
 
 @dataclass
@@ -190,8 +263,11 @@ class Config:
     # "train" runs the technique's training schedule; "search" (dynlab-search) its search schedule.
     mode: str = "train"
     run_dir: str = "${hydra:runtime.output_dir}"
-    # dynlab-evaluate: the checkpoint to evaluate.
+    # dynlab-evaluate: the checkpoint to evaluate; dynlab-train/-search: the state a fresh run
+    # starts from (weights and technique state, e.g. a finished search's), ignored on a resume.
     ckpt_path: str | None = None
+    # Run only this phase of the schedule (with ckpt_path: one phase alone from a checkpoint).
+    phase: str | None = None
     # Presets (+experiment=...) record what the paper reports and where it comes from.
     expected: Any = None
 

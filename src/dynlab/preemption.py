@@ -12,6 +12,12 @@ see slurm/README.md), and preempts or cancels it with SIGTERM. Three components 
   `<default_root_dir>/last.ckpt`, rank 0 requeues the Slurm job, and the fit stops by raising
   `Preempted`, so the phase is not marked done.
 
+Custom phases (a search) and the gaps between phases are covered too: the runner holds
+`job_signals()` around the schedule, so a signal arriving outside a fit is recorded instead of
+killing the job, and is acted on at the next safe point: the next candidate boundary of a search
+(`stop_if_signalled`, after its ledger is saved), the next batch end of a fit, or the end of the
+schedule. The signals received are shared by all of these (module state: one job per process).
+
 The other two are switched off: the runner builds its trainers with
 `SLURMEnvironment(auto_requeue=False)`, and the Slurm launcher and slurm/array.sbatch ask Slurm for
 USR1, so nothing sends submitit's USR2.
@@ -28,7 +34,8 @@ import logging
 import os
 import signal
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -53,23 +60,100 @@ class Preempted(SystemExit):
     """
 
 
+_received: set[signal.Signals] = set()  # signals not acted on yet, for the whole job
+
+
+def _record(signum: int, frame: FrameType | None) -> None:
+    _received.add(signal.Signals(signum))
+
+
+@contextmanager
+def recording_signals() -> Iterator[None]:
+    """Record SIGUSR1/SIGTERM (instead of dying) while inside; the previous handlers come back."""
+    previous = {signum: signal.signal(signum, _record) for signum in SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def signalled() -> bool:
+    """Whether this process received a signal not acted on yet."""
+    return bool(_received)
+
+
+@contextmanager
+def job_signals(reduce: Callable[[bool], bool] | None = None) -> Iterator[None]:
+    """A job's schedule: signals are recorded from here on, and one still pending at the end (it
+    arrived after the last safe point) stops the job there, before the final evaluation."""
+    _received.clear()
+    with recording_signals():
+        yield
+        stop_if_signalled("after the last phase", reduce=reduce)
+
+
+def stop_if_signalled(
+    where: str,
+    reduce: Callable[[bool], bool] | None = None,
+    is_global_zero: bool | None = None,
+) -> None:
+    """At a safe point whose state is saved: if any rank got a signal, requeue (rank 0) and raise
+    `Preempted` on every rank. `reduce(flag)` ORs a flag over the ranks (collective)."""
+    reduce = reduce or _any_rank
+    if not reduce(bool(_received)):
+        return
+    time_limit = reduce(signal.SIGUSR1 in _received)
+    if is_global_zero is None:
+        is_global_zero = _rank() == 0
+    message = f"stopped {where}"
+    job = slurm_job_id(os.environ)
+    if job is not None and is_global_zero:
+        if time_limit or slurm_job_state(job) == "RUNNING":
+            message += "; " + requeue(job)
+        else:
+            message += f"; Slurm job {job} is being cancelled, not requeued"
+    _received.clear()
+    log.warning(message)
+    raise Preempted(f"[dynlab] preempted: {message}")
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _any_rank(flag: bool) -> bool:
+    """`flag` ORed over the ranks of an initialised process group (itself outside one)."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    nccl = dist.get_backend() == "nccl"
+    device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+    value = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
 class PreemptionHandler(pl.Callback):
     """Checkpoints and stops training at the first safe point after SIGUSR1 or SIGTERM.
 
     Its handlers are installed for the training loop only (on_train_start, after Lightning sets
-    its own, until on_train_end or on_exception). Put it after callbacks whose state changes at
-    batch end (dynlab.data.sampling.ResumableLoaderCallback): Lightning calls them in list order
-    and this one saves the state they leave.
+    its own, until on_train_end or on_exception); a signal recorded before the fit (between
+    phases, under `job_signals`) stops it at its first batch end. Put it after callbacks whose
+    state changes at batch end (dynlab.data.sampling.ResumableLoaderCallback): Lightning calls
+    them in list order and this one saves the state they leave.
     """
 
     def __init__(self) -> None:
-        self._received: set[signal.Signals] = set()
-        self._previous: dict[signal.Signals, Any] = {}
+        self._scope: Any = None
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._received.clear()
-        for signum in SIGNALS:
-            self._previous[signum] = signal.signal(signum, self._record)
+        self._scope = recording_signals()
+        self._scope.__enter__()
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._restore()
@@ -93,34 +177,23 @@ class PreemptionHandler(pl.Callback):
         if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
             self._stop_if_signalled(trainer)
 
-    def _record(self, signum: int, frame: FrameType | None) -> None:
-        self._received.add(signal.Signals(signum))
-
     def _restore(self) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-        self._previous.clear()
+        if self._scope is not None:
+            self._scope.__exit__(None, None, None)
+            self._scope = None
 
     def _stop_if_signalled(self, trainer: pl.Trainer) -> None:
         # Any rank's signal stops all ranks at the same step (the checkpoint save is collective).
-        if not trainer.strategy.reduce_boolean_decision(bool(self._received), all=False):
+        reduce = trainer.strategy.reduce_boolean_decision
+        if not reduce(bool(_received), all=False):
             return
-        time_limit = signal.SIGUSR1 in self._received
-        time_limit = trainer.strategy.reduce_boolean_decision(time_limit, all=False)
         path = Path(trainer.default_root_dir) / LAST
         trainer.save_checkpoint(path)
-        message = (
-            f"stopped at epoch {trainer.current_epoch}, step {trainer.global_step}; "
-            f"checkpoint {path}"
+        stop_if_signalled(
+            f"at epoch {trainer.current_epoch}, step {trainer.global_step}; checkpoint {path}",
+            reduce=lambda flag: reduce(flag, all=False),
+            is_global_zero=trainer.is_global_zero,
         )
-        job = slurm_job_id(os.environ)
-        if job is not None and trainer.is_global_zero:
-            if time_limit or slurm_job_state(job) == "RUNNING":
-                message += "; " + requeue(job)
-            else:
-                message += f"; Slurm job {job} is being cancelled, not requeued"
-        log.warning(message)
-        raise Preempted(f"[dynlab] preempted: {message}")
 
 
 def slurm_job_id(environ: Mapping[str, str]) -> str | None:

@@ -2,15 +2,19 @@
 
 `forward_exits` gives logits at every exit, cheapest first; `exit_macs` gives the measured cumulative
 MACs per sample to reach each exit; `exit_session` runs exits one at a time so that samples which
-have exited leave the batch and later exits compute only on the rest (real early exit).
+have exited leave the batch and later exits compute only on the rest (real early exit); `deploy`
+gives the inference network with the same exits and outputs, which evaluation runs on.
+`DynamicNet` is the base of the techniques' models: it gives `forward` and the shared `deploy`.
 """
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+import copy
+from typing import Protocol, Self, runtime_checkable
 
-import torch
 from torch import Tensor, nn
+
+from dynlab.nn.fuse import fold_batchnorm
 
 
 class ExitSession(Protocol):
@@ -35,6 +39,41 @@ class DynamicModel(Protocol):
 
     def exit_session(self, x: Tensor) -> ExitSession: ...
 
+    def deploy(self) -> DynamicModel: ...
+
+
+class DynamicNet(nn.Module):
+    """Base of a technique's model: `forward` is the last exit, `deploy` folds BatchNorm.
+
+    Subclasses implement `forward_exits`, `exit_macs` and `exit_session`. A technique with its own
+    inference conversion (SFR's group conv + index, RepVGG/ACNet branch fusion, a searched child
+    as a standalone net) overrides `deploy`, starting from `super().deploy()` (BN already folded).
+    """
+
+    deployed: bool = False  # True on the network `deploy()` returns
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_exits(x)[-1]
+
+    def forward_exits(self, x: Tensor) -> list[Tensor]:
+        raise NotImplementedError
+
+    def exit_macs(self, input_size: tuple[int, int, int]) -> list[float]:
+        raise NotImplementedError
+
+    def exit_session(self, x: Tensor) -> ExitSession:
+        raise NotImplementedError
+
+    def deploy(self) -> Self:
+        """The inference form: an eval-mode copy with every BatchNorm that follows a conv (on any
+        exit's path) folded into it; same exits, same outputs. A deploy form returns itself."""
+        if self.deployed:
+            return self
+        net = copy.deepcopy(self)
+        fold_batchnorm(net, method="forward_exits")
+        net.deployed = True
+        return net.requires_grad_(False)
+
 
 class SingleExitSession:
     """The session of a static model: one exit, nothing to drop."""
@@ -54,7 +93,7 @@ class SingleExitSession:
         self._x = self._x[mask]
 
 
-class StaticExits(nn.Module):
+class StaticExits(DynamicNet):
     """Wraps any classifier as a one-exit dynamic model, so static baselines land on the same charts."""
 
     def __init__(self, net: nn.Module) -> None:
@@ -74,10 +113,3 @@ class StaticExits(nn.Module):
 
     def exit_session(self, x: Tensor) -> ExitSession:
         return SingleExitSession(self.net, x)
-
-
-def num_exits(model: DynamicModel, input_size: tuple[int, int, int]) -> int:
-    """How many exits `model` has, found by one tiny forward pass."""
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))  # type: ignore[attr-defined]
-    with torch.no_grad():
-        return len(model.forward_exits(torch.zeros(1, *input_size, device=device)))

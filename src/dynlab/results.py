@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from dynlab.atomic import atomic_open
+from dynlab.errors import ResultsError
 
 RESULTS_FILE = "results.json"
 
@@ -22,9 +23,18 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 
 def read_results(run_dir: str | Path) -> dict[str, Any]:
-    """The results of a run dir, or an empty dict when it has none yet."""
+    """The results of a run dir, or an empty dict when it has none yet; `ResultsError` when the
+    file is not a JSON object (edited by hand, or written by something else than dynlab)."""
     path = Path(run_dir) / RESULTS_FILE
-    return json.loads(path.read_text()) if path.exists() else {}
+    if not path.exists():
+        return {}
+    try:
+        doc = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ResultsError(f"{path} is not valid JSON ({err}); move it aside to rerun") from err
+    if not isinstance(doc, dict):
+        raise ResultsError(f"{path} holds a JSON {type(doc).__name__}, not an object")
+    return doc
 
 
 def update_results(run_dir: str | Path, **sections: Any) -> dict[str, Any]:

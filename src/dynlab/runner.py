@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,34 +24,24 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint, RichProgressBar
 from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
 from pytorch_lightning.plugins.environments import SLURMEnvironment
+from pytorch_lightning.strategies import DDPStrategy
 
 from dynlab import checkpointing as ckpt
-from dynlab.backbones import UnknownBackboneError, is_known_backbone
-from dynlab.config import BackboneConfig
+from dynlab.config import BackboneConfig, PhaseRecipe
 from dynlab.data.base import DynlabDataModule
 from dynlab.data.sampling import ResumableLoaderCallback
+from dynlab.distributed import start_job_processes
+from dynlab.divergence import DivergenceGuard
+from dynlab.ema import EMA
 from dynlab.evaluation.callbacks import AnytimeEvaluation, BudgetedEvaluation
-from dynlab.preemption import Preempted, PreemptionHandler
+from dynlab.logging import quiet_console, wandb_mode
+from dynlab.preemption import Preempted, PreemptionHandler, job_signals
 from dynlab.results import update_results
 from dynlab.summary import print_summary
 from dynlab.techniques.base import DynlabModule, Phase, PhaseContext, PhaseKind
 
-
-class ConfigError(ValueError):
-    """A composed config that cannot work, found before anything expensive starts."""
-
-
-def validate_config(cfg: DictConfig) -> None:
-    """Checks beyond the schemas' types: names that must exist and settings that must agree."""
-    if not is_known_backbone(cfg.backbone.name):
-        raise UnknownBackboneError(cfg.backbone.name)
-    devices, strategy = cfg.trainer.devices, cfg.trainer.strategy
-    multi_cpu = cfg.trainer.accelerator == "cpu" and isinstance(devices, int) and devices > 1
-    if multi_cpu and strategy in ("auto", None):
-        raise ConfigError(
-            f"trainer.devices={devices} on CPU needs a DDP strategy: use trainer=ddp_cpu "
-            "(or trainer.strategy=ddp)"
-        )
+# ConfigError and validate_config live in dynlab.validation; imported here for older callers.
+from dynlab.validation import ConfigError, build_run, validate_config  # noqa: F401
 
 
 def build_datamodule(cfg: DictConfig) -> DynlabDataModule:
@@ -59,11 +50,17 @@ def build_datamodule(cfg: DictConfig) -> DynlabDataModule:
 
 
 def build_module(cfg: DictConfig, datamodule: DynlabDataModule) -> DynlabModule:
-    """The technique's LightningModule on the chosen backbone, sized for the dataset."""
+    """The technique's LightningModule on the chosen backbone, sized for the dataset, with the
+    technique's phase recipes."""
     backbone = OmegaConf.to_object(cfg.backbone)
     assert isinstance(backbone, BackboneConfig)
-    technique = _without_name(cfg, "technique")
-    return _instantiate(technique, backbone=backbone, data_info=datamodule.info, _convert_="object")
+    technique = _without_name(cfg, "technique", "phases")
+    module = _instantiate(
+        technique, backbone=backbone, data_info=datamodule.info, _convert_="object"
+    )
+    recipes = OmegaConf.to_object(cfg.technique.phases) if "phases" in cfg.technique else {}
+    module.set_recipes(recipes)  # type: ignore[arg-type]
+    return module
 
 
 def _instantiate(node: DictConfig, **kwargs: Any) -> Any:
@@ -77,14 +74,16 @@ def _instantiate(node: DictConfig, **kwargs: Any) -> Any:
         raise
 
 
-def _without_name(cfg: DictConfig, group: str) -> DictConfig:
-    """A group's node minus its `name`, which identifies the choice and is no constructor argument.
+def _without_name(cfg: DictConfig, group: str, *spine_keys: str) -> DictConfig:
+    """A group's node minus its `name` (which identifies the choice) and the `spine_keys` the
+    runner consumes itself: none of them is a constructor argument.
 
     Copied with its root so interpolations such as `${seed}` still resolve.
     """
     root = copy.deepcopy(cfg)
     with open_dict(root[group]):
-        del root[group]["name"]
+        for key in ("name", *spine_keys):
+            root[group].pop(key, None)
     return root[group]
 
 
@@ -107,12 +106,18 @@ def sweep_group(cfg: DictConfig) -> str:
 
 
 def build_logger(cfg: DictConfig, phase: str) -> Logger | bool:
-    """W&B (offline unless WANDB_MODE says otherwise), CSV, or nothing; one logger per phase."""
+    """W&B (offline unless WANDB_MODE says otherwise, and offline when its server cannot be
+    reached), CSV, or nothing; one logger per phase."""
     run_dir = Path(cfg.run_dir)
     if cfg.logger.name == "none":
         return False
     if cfg.logger.name == "csv":
         return CSVLogger(save_dir=run_dir, name="csv", version=phase)
+    import wandb
+
+    # wandb's own banner lines stay off the console unless WANDB_SILENT=false asks for them; the
+    # summary says where the offline run is and how to sync it.
+    os.environ.setdefault("WANDB_SILENT", "true")
     tags = [*cfg.logger.tags, cfg.technique.name, cfg.backbone.name, cfg.dataset.name]
     # A stable id per (run dir, phase): a preempted and requeued phase continues the same W&B run.
     run_id = hashlib.sha1(f"{run_dir.resolve()}:{phase}".encode()).hexdigest()[:16]
@@ -126,27 +131,49 @@ def build_logger(cfg: DictConfig, phase: str) -> Logger | bool:
         tags=tags,
         id=run_id,
         resume="allow",
-        mode=cfg.logger.mode,
+        mode=wandb_mode(cfg.logger.mode, run_dir),
         config=OmegaConf.to_container(cfg, resolve=True),
+        # No history/summary dump at the end of a run: dynlab prints its own summary.
+        settings=wandb.Settings(quiet=True),
     )
 
 
 def build_trainer(
-    cfg: DictConfig, phase: Phase, logger: Logger | bool, extra_callbacks: list[Callback]
+    cfg: DictConfig,
+    phase: Phase,
+    logger: Logger | bool,
+    extra_callbacks: list[Callback],
+    module: DynlabModule | None = None,
 ) -> pl.Trainer:
-    """A Lightning trainer for one phase, checkpointing atomically into the phase's folder."""
+    """A Lightning trainer for one phase, checkpointing atomically into the phase's folder.
+
+    The phase's recipe (from `module`) sets its epochs, trainer overrides, DDP options and EMA.
+    """
     phase_dir = ckpt.phase_dir(cfg.run_dir, phase.name)
     kwargs: dict[str, Any] = OmegaConf.to_container(cfg.trainer, resolve=True)  # type: ignore[assignment]
-    if phase.max_epochs is not None:
-        kwargs["max_epochs"] = phase.max_epochs
+    recipe = module.recipe(phase.name) if module is not None else PhaseRecipe()
+    kwargs.update(recipe.trainer)
+    epochs = module.phase_epochs(phase) if module is not None else phase.max_epochs
+    if epochs is not None:
+        kwargs["max_epochs"] = epochs
+    if recipe.ddp and kwargs.get("strategy") == "ddp":
+        kwargs["strategy"] = DDPStrategy(**recipe.ddp)
+    if module is not None and not module.automatic_optimization:
+        # Lightning refuses gradient_clip_val under manual optimisation: manual_step clips.
+        module.manual_clip_val = kwargs.pop("gradient_clip_val", None)
     callbacks: list[Callback] = [
+        # Only the resume point: `last.ckpt` (monitor=None keeps the newest, under that name).
         ModelCheckpoint(
-            dirpath=phase_dir, filename="best", monitor="val/top1", mode="max", save_last=True
+            dirpath=phase_dir,
+            filename=ckpt.LAST.removesuffix(".ckpt"),
+            enable_version_counter=False,
         ),
         ResumableLoaderCallback(),
         ckpt.RNGStateCallback(),
         *extra_callbacks,
     ]
+    if recipe.ema is not None:
+        callbacks.append(EMA(recipe.ema))
     if kwargs.get("enable_progress_bar", True) and sys.stdout.isatty():
         callbacks.append(RichProgressBar())
     plugins: list[Any] = [ckpt.AtomicCheckpointIO()]
@@ -162,6 +189,8 @@ def build_trainer(
         plugins=plugins,
         # dynlab's samplers shard by rank themselves (exact resume, no padded eval samples).
         use_distributed_sampler=False,
+        # dynlab prints its own MACs and parameters at the end; Lightning's table counts no MACs.
+        enable_model_summary=False,
     )
 
 
@@ -188,24 +217,70 @@ def finishing_logger(logger: Logger | bool) -> Iterator[None]:
             wandb.finish()
 
 
+def schedule(module: DynlabModule, cfg: DictConfig) -> list[Phase]:
+    """The technique's schedule for `cfg.mode`, or only the phase `cfg.phase` when it is set."""
+    phases = module.phases(cfg.mode)
+    if cfg.get("phase") is None:
+        return phases
+    chosen = [p for p in phases if p.name == cfg.phase]
+    if not chosen:
+        names = ", ".join(p.name for p in phases)
+        raise ConfigError(f"phase={cfg.phase}: the {cfg.mode} schedule has the phases {names}")
+    return chosen
+
+
 def next_phase(module: DynlabModule, cfg: DictConfig) -> Phase | None:
     """The first phase of the schedule not finished yet (the schedule may grow as phases end)."""
-    return next((p for p in module.phases(cfg.mode) if not ckpt.is_done(cfg.run_dir, p.name)), None)
+    return next((p for p in schedule(module, cfg) if not ckpt.is_done(cfg.run_dir, p.name)), None)
 
 
 def restore_finished_phases(module: DynlabModule, cfg: DictConfig) -> None:
-    """On a rerun, load the outcome of the last finished phase before continuing the schedule.
+    """On a rerun, load the outcome of the last finished phase before continuing the schedule;
+    in a fresh run dir, the state of `ckpt_path` when one is given (a phase started from it).
 
     Loading it may grow the schedule (a finished search knows its retrain phases), so repeat until
     no later finished phase appears.
     """
     loaded: Phase | None = None
     while True:
-        done = [p for p in module.phases(cfg.mode) if ckpt.is_done(cfg.run_dir, p.name)]
+        done = [p for p in schedule(module, cfg) if ckpt.is_done(cfg.run_dir, p.name)]
         if not done or done[-1] == loaded:
-            return
+            break
         loaded = done[-1]
         ckpt.load_module_state(module, ckpt.phase_dir(cfg.run_dir, loaded.name) / ckpt.FINAL)
+    if loaded is None and cfg.get("ckpt_path"):
+        ckpt.load_module_state(module, cfg.ckpt_path)
+
+
+@contextmanager
+def phase_streams(
+    module: DynlabModule, datamodule: DynlabDataModule, phase: Phase
+) -> Iterator[None]:
+    """The phase's extra train streams (its recipe's `streams`) for the length of the phase."""
+    streams = module.recipe(phase.name).streams
+    if not streams:
+        yield
+        return
+    from dynlab.data.base import StreamSpec
+
+    specs = {
+        name: StreamSpec(
+            name=s.key or name,
+            fraction=s.fraction,
+            size=s.size,
+            complement=s.complement,
+            augment=s.augment,
+            shuffle=s.shuffle,
+            sharded=s.sharded,
+            batch_size=s.batch_size,
+        )
+        for name, s in streams.items()
+    }
+    datamodule.set_train_streams(specs)
+    try:
+        yield
+    finally:
+        datamodule.set_train_streams(None)
 
 
 def run_schedule(
@@ -224,8 +299,8 @@ def run_schedule(
                 ckpt.save_module_state(module, pdir / ckpt.FINAL)
         else:
             logger = build_logger(cfg, phase.name)
-            with finishing_logger(logger):
-                trainer = build_trainer(cfg, phase, logger, callbacks)
+            with finishing_logger(logger), phase_streams(module, datamodule, phase):
+                trainer = build_trainer(cfg, phase, logger, callbacks, module)
                 resume = ckpt.resume_path(cfg.run_dir, phase.name)
                 # The run's own checkpoint (it holds RNG states and config dataclasses, which
                 # torch's weights-only unpickler refuses).
@@ -268,14 +343,16 @@ def run_job(cfg: DictConfig) -> float | None:
     Returns the final test top-1 (Hydra sweepers can optimise it); raises `Preempted` when stopped
     by a Slurm signal after checkpointing.
     """
+    quiet_console()
     validate_config(cfg)
-    pl.seed_everything(cfg.seed, workers=True)
-    datamodule = build_datamodule(cfg)
-    module = build_module(cfg, datamodule)
+    start_job_processes(cfg)  # dynlab.distributed: every phase, custom ones too, on every rank
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    datamodule, module = build_run(cfg)
     if _is_global_zero():
         update_results(cfg.run_dir, status="running", error=None, **run_identity(cfg))
     try:
-        run_schedule(cfg, module, datamodule, [PreemptionHandler()])
+        with job_signals():  # dynlab.preemption: a signal outside a fit waits for a safe point
+            run_schedule(cfg, module, datamodule, [PreemptionHandler(), DivergenceGuard()])
         metrics = evaluate(cfg, module, datamodule)
     except Preempted:
         # Re-raised (a SystemExit): a requeued job must not report a result to submitit/Hydra.

@@ -1,4 +1,9 @@
-"""What every Hydra entry point of dynlab shares: where the configs are, and DDP relaunch hygiene."""
+"""What every Hydra entry point of dynlab shares: where the configs are, user errors in one line,
+cheap checks before heavy imports, and DDP relaunch hygiene.
+
+Nothing here imports torch or Lightning: a typo, a wrong type or a bad combination is reported
+in about a second; the runner (torch, Lightning, timm) is imported once the config passed.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +14,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import open_dict, read_write
+from omegaconf import DictConfig, open_dict, read_write
 
 from dynlab.config import register_configs
+from dynlab.errors import reporting_user_errors
+from dynlab.validation import validate_config
 
 # The repo's conf/ (the package is installed editable from the repo, see pyproject.toml).
 CONFIG_DIR = str(Path(__file__).resolve().parents[3] / "conf")
@@ -19,6 +26,19 @@ CONFIG_DIR = str(Path(__file__).resolve().parents[3] / "conf")
 register_configs()
 
 _DDP_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
+
+
+def run_schedule_app(prog: str, cfg: DictConfig) -> float | None:
+    """`dynlab-train` / `dynlab-search`: check the config, then import the runner and run the job.
+
+    A user error (config, data, checkpoint, divergence) is one line on stderr and exit status 2.
+    """
+    with reporting_user_errors(prog):
+        validate_config(cfg)
+        from dynlab.runner import run_job  # torch, Lightning, timm: only for a valid config
+
+        with ddp_job_scope(cfg.run_dir):
+            return run_job(cfg)
 
 
 @contextmanager

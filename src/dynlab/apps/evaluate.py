@@ -12,13 +12,13 @@ import hydra
 import yaml
 from hydra import compose
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException
 from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
 
-from dynlab import checkpointing as ckpt
 from dynlab.apps._hydra import CONFIG_DIR, ddp_job_scope
-from dynlab.results import update_results
-from dynlab.runner import build_datamodule, build_module, evaluate, run_identity, validate_config
-from dynlab.summary import print_summary
+from dynlab.errors import CheckpointError, reporting_user_errors
+from dynlab.validation import ConfigError, build_run, checkpoint_problem, validate_config
 
 
 def training_overrides(ckpt_path: Path) -> list[str]:
@@ -32,15 +32,34 @@ def training_overrides(ckpt_path: Path) -> list[str]:
 
 @hydra.main(config_path=CONFIG_DIR, config_name="evaluate", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
+    with reporting_user_errors("dynlab-evaluate"):
+        return evaluate_checkpoint(cfg)
+
+
+def evaluate_checkpoint(cfg: DictConfig) -> float | None:
+    """Rebuild the training run's model and data, load the checkpoint, evaluate, write results."""
     ckpt_path = Path(cfg.ckpt_path)
-    if not ckpt_path.is_file():
-        raise FileNotFoundError(f"ckpt_path={ckpt_path}: no such checkpoint file")
+    problem = checkpoint_problem(ckpt_path)
+    if problem is not None:
+        raise CheckpointError(f"ckpt_path={ckpt_path}: {problem}")
     overrides = [*training_overrides(ckpt_path), *HydraConfig.get().overrides.task]
-    cfg = compose("evaluate", overrides=[*overrides, f"run_dir={cfg.run_dir}"])
+    try:
+        cfg = compose("evaluate", overrides=[*overrides, f"run_dir={cfg.run_dir}"])
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ConfigError(
+            f"the training run's overrides plus these do not compose ({' '.join(overrides)}): {err}"
+        ) from err
+    validate_config(cfg)
+    # torch, Lightning, timm: only once the config is known to be valid.
+    from dynlab import checkpointing as ckpt
+    from dynlab.logging import quiet_console
+    from dynlab.results import update_results
+    from dynlab.runner import evaluate, run_identity
+    from dynlab.summary import print_summary
+
+    quiet_console()
     with ddp_job_scope(cfg.run_dir):
-        validate_config(cfg)
-        datamodule = build_datamodule(cfg)
-        module = build_module(cfg, datamodule)
+        datamodule, module = build_run(cfg)
         ckpt.load_module_state(module, ckpt_path)
         metrics = evaluate(cfg, module, datamodule)
         results = update_results(

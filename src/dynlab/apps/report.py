@@ -3,8 +3,9 @@
     dynlab-report multirun/2025-06-01/12-00-00 runs/sweep -o report
 
 Every run dir under the given paths (a folder holding `.hydra/` or `results.json`: a multirun
-sweep, a Slurm array's run dirs) is read. Runs that did not complete (no results.json, or status
-running or failed) are listed in a section of their own, never dropped silently.
+sweep, a Slurm array's run dirs) is read. Runs that did not complete (no results.json, status
+running or failed, a diverged run, a results.json that is not valid JSON) are listed in a section
+of their own with the reason, never dropped silently.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dynlab.errors import ResultsError
 from dynlab.evaluation.plots import format_macs, plot_overlay
 from dynlab.results import RESULTS_FILE, read_results
 
@@ -71,8 +73,16 @@ def load_runs(paths: Iterable[Path]) -> list[Run]:
             raise FileNotFoundError(f"not a directory: {root}")
         for path in find_run_dirs(root):
             name = str(Path(root.name) / path.relative_to(root)) if path != root else root.name
-            runs.setdefault(path.resolve(), Run(name, path, read_results(path)))
+            runs.setdefault(path.resolve(), Run(name, path, results_or_broken(path)))
     return list(runs.values())
+
+
+def results_or_broken(path: Path) -> dict[str, Any]:
+    """A run dir's results, or a stand-in with status "broken" and why it cannot be read."""
+    try:
+        return read_results(path)
+    except ResultsError as err:
+        return {"status": "broken", "error": str(err)}
 
 
 def why_incomplete(run: Run) -> str:
@@ -82,6 +92,8 @@ def why_incomplete(run: Run) -> str:
         return f"no {RESULTS_FILE} (never started, or stopped before writing it)"
     if status == "failed":
         return f"failed: {run.results.get('error') or 'no error recorded'}"
+    if status == "broken":
+        return f"broken: {run.results.get('error')}"
     if status == "running":
         phase = run.results.get("phase")
         where = f" in phase {phase}" if phase else ""

@@ -5,14 +5,12 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from dynlab.apps._hydra import CONFIG_DIR, ddp_job_scope
-from dynlab.runner import run_job
+from dynlab.apps._hydra import CONFIG_DIR, run_schedule_app
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="search", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
-    with ddp_job_scope(cfg.run_dir):
-        return run_job(cfg)
+    return run_schedule_app("dynlab-search", cfg)
 
 
 if __name__ == "__main__":

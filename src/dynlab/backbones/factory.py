@@ -13,10 +13,12 @@ import timm
 from timm.models import is_model, model_entrypoint
 from torch import nn
 
+from dynlab.errors import UserError
+
 _DYNLAB_PACKAGE = __name__.rpartition(".")[0]
 
 
-class UnknownBackboneError(ValueError):
+class UnknownBackboneError(UserError, ValueError):
     """A backbone name that neither dynlab nor timm registers; the message says which work."""
 
     def __init__(self, name: str) -> None:

@@ -2,18 +2,23 @@
 
 Each dataset gives its full train set, its test set and two transforms; this base carves the
 seeded validation split out of train (used for model selection and for calibrating early-exit
-thresholds) and builds resumable train loaders and rank-sharded eval loaders.
+thresholds) and builds resumable train loaders and rank-sharded eval loaders. Techniques ask for
+extra streams (`StreamSpec`): seeded subsets of the train split, never touching val, such as
+FBNetV2's 20 % for architecture parameters or SPOS's fixed BN-recalibration subset.
 """
 
 from __future__ import annotations
 
+import zlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities import CombinedLoader
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
@@ -25,6 +30,7 @@ from dynlab.data.sampling import (
     SeededDataset,
 )
 from dynlab.data.transforms import SeededTransform
+from dynlab.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -36,7 +42,7 @@ class DataInfo:
     input_size: tuple[int, int, int]  # (C, H, W)
 
 
-class DataRootError(FileNotFoundError):
+class DataRootError(UserError, FileNotFoundError):
     """The data root or files under it are missing (dynlab never downloads datasets)."""
 
 
@@ -89,6 +95,43 @@ def holdout_split(num_samples: int, val_size: int, seed: int) -> tuple[list[int]
 
 
 @dataclass(frozen=True)
+class StreamSpec:
+    """An extra stream over a seeded subset of the train split (val is never part of it).
+
+    The subset is drawn by (datamodule seed, `name`): `fraction` or `size` of the train split (all
+    of it when both are None); `complement=True` is the rest of the split, so ("arch", 0.2) and
+    ("arch", 0.2, complement=True) are disjoint and cover it. `sharded=False` gives every rank the
+    whole stream (a search whose ranks train different candidates). `batch_size=None`: the
+    datamodule's.
+    """
+
+    name: str
+    fraction: float | None = None
+    size: int | None = None
+    complement: bool = False
+    augment: bool = True
+    shuffle: bool = True
+    sharded: bool = True
+    batch_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.fraction is not None and self.size is not None:
+            raise ValueError(f"stream {self.name}: give fraction or size, not both")
+        if self.fraction is not None and not 0 < self.fraction <= 1:
+            raise ValueError(f"stream {self.name}: fraction must be in (0, 1], got {self.fraction}")
+        if self.size is not None and self.size < 1:
+            raise ValueError(f"stream {self.name}: size must be >= 1, got {self.size}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"stream {self.name}: batch_size must be >= 1, got {self.batch_size}")
+
+
+def stream_seed(seed: int, name: str) -> int:
+    """A seed for stream `name` of a datamodule seeded by `seed` (stable across processes)."""
+    keys = [seed, zlib.crc32(name.encode())]
+    return int(np.random.SeedSequence(keys).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+@dataclass(frozen=True)
 class Splits:
     """The three base datasets, each yielding (untransformed sample, label)."""
 
@@ -130,6 +173,7 @@ class DynlabDataModule(pl.LightningDataModule, ABC):
         self.seed = seed
         self.augment = augment
         self.splits: Splits | None = None
+        self.train_streams: dict[str, StreamSpec] | None = None
 
     @property
     @abstractmethod
@@ -162,9 +206,13 @@ class DynlabDataModule(pl.LightningDataModule, ABC):
         train_idx, val_idx = holdout_split(num_train, self.val_size, self.seed)
         self.splits = Splits(Subset(train_full, train_idx), Subset(train_full, val_idx), test)
 
-    def train_dataloader(self) -> ResumableDataLoader:
-        """Seeded, sharded, resumable training batches (augmented unless `augment=False`)."""
+    def train_dataloader(self) -> ResumableDataLoader | CombinedLoader:
+        """Seeded, sharded, resumable training batches (augmented unless `augment=False`); with
+        `set_train_streams`, the streams combined (`max_size_cycle`), a batch being a dict."""
         self._require_loader_callback()
+        if self.train_streams is not None:
+            loaders = {key: self.stream_loader(spec) for key, spec in self.train_streams.items()}
+            return CombinedLoader(loaders, mode="max_size_cycle")
         train = self._splits().train
         transform = self.augment_transform() if self.augment else self.eval_transform()
         return ResumableDataLoader(
@@ -174,9 +222,65 @@ class DynlabDataModule(pl.LightningDataModule, ABC):
             **self._loader_options(),
         )
 
+    def set_train_streams(self, streams: dict[str, StreamSpec] | None) -> None:
+        """Make `train_dataloader()` yield dicts of these streams' batches (None: the one loader).
+
+        Every stream resumes exactly (ResumableLoaderCallback); the shorter ones cycle.
+        """
+        if streams is not None and not streams:
+            raise ValueError("set_train_streams needs at least one stream (or None)")
+        self.train_streams = dict(streams) if streams is not None else None
+
+    def stream_indices(self, spec: StreamSpec) -> list[int]:
+        """The stream's samples as positions in the train split (sorted; same on every rank)."""
+        n = len(self._splits().train)  # type: ignore[arg-type]
+        if spec.fraction is None and spec.size is None:
+            if spec.complement:
+                raise ValueError(f"stream {spec.name}: the complement of the whole split is empty")
+            return list(range(n))
+        take = spec.size if spec.size is not None else round(spec.fraction * n)  # type: ignore[operator]
+        if not 1 <= take <= n - int(spec.complement):
+            raise ValueError(
+                f"stream {spec.name}: {take} of the {n} training samples leaves "
+                f"{'no' if take < 1 else 'nothing for the complement or too few'} samples"
+            )
+        generator = torch.Generator().manual_seed(stream_seed(self.seed, spec.name))
+        order = torch.randperm(n, generator=generator)
+        chosen = order[take:] if spec.complement else order[:take]
+        return sorted(chosen.tolist())
+
+    def stream_loader(self, spec: StreamSpec) -> DataLoader:
+        """A loader over the stream's subset of the train split: a ResumableDataLoader (seeded
+        order, exact resume) when shuffled, else the subset in order; sharded by rank unless
+        `spec.sharded` is False."""
+        subset = Subset(self._splits().train, self.stream_indices(spec))
+        augment = spec.augment and self.augment
+        transform = self.augment_transform() if augment else self.eval_transform()
+        dataset = SeededDataset(subset, transform)
+        batch_size = spec.batch_size or self.batch_size
+        if spec.shuffle:
+            seed = stream_seed(self.seed, spec.name + ("/rest" if spec.complement else ""))
+            sampler = ResumableSampler(len(subset), seed, sharded=spec.sharded)
+            return ResumableDataLoader(
+                dataset, batch_size=batch_size, sampler=sampler, **self._loader_options()
+            )
+        ordered = EvalSampler(len(subset)) if spec.sharded else _Ordered(len(subset))
+        return DataLoader(dataset, batch_size=batch_size, sampler=ordered, **self._loader_options())
+
     def val_dataloader(self) -> DataLoader:
         """The held-out split of train with the test-time transform, in dataset order."""
         return self._eval_loader(self._splits().val)
+
+    def whole_val_loader(self) -> DataLoader:
+        """The whole held-out split in order on every rank (a search scores its own candidate
+        per rank; `val_dataloader` shards it)."""
+        val = self._splits().val
+        return DataLoader(
+            SeededDataset(val, self.eval_transform()),
+            batch_size=self.eval_batch_size,
+            sampler=_Ordered(len(val)),  # type: ignore[arg-type]
+            **self._loader_options(),
+        )
 
     def test_dataloader(self) -> DataLoader:
         """The test set in dataset order, sharded contiguously over ranks."""
@@ -215,3 +319,16 @@ class DynlabDataModule(pl.LightningDataModule, ABC):
                 "dynlab train loaders need dynlab.data.sampling.ResumableLoaderCallback() in the "
                 "Trainer's callbacks (it records the batches consumed, for exact resume)"
             )
+
+
+class _Ordered(torch.utils.data.Sampler[tuple[int, int]]):
+    """Every index in order as `(index, 0)`, on every rank (an unsharded, unshuffled stream)."""
+
+    def __init__(self, num_samples: int) -> None:
+        self.num_samples = num_samples
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self) -> Any:
+        return ((index, 0) for index in range(self.num_samples))

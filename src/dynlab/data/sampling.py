@@ -32,15 +32,16 @@ def rank_and_world_size() -> tuple[int, int]:
     return 0, 1
 
 
-def _generator(seed: int, epoch: int, stream: int) -> torch.Generator:
-    """A torch generator for (seed, epoch, stream), the tuple mixed by numpy's SeedSequence."""
-    state = np.random.SeedSequence([seed, epoch, stream]).generate_state(1, dtype=np.uint64)[0]
+def _generator(seed: int, epoch: int, stream: int, cycle: int = 0) -> torch.Generator:
+    """A torch generator for (seed, epoch, stream[, cycle]), mixed by numpy's SeedSequence."""
+    keys = [seed, epoch, stream] + ([cycle] if cycle else [])
+    state = np.random.SeedSequence(keys).generate_state(1, dtype=np.uint64)[0]
     return torch.Generator().manual_seed(int(state))
 
 
-def sample_seeds(seed: int, epoch: int, num_samples: int) -> Tensor:
+def sample_seeds(seed: int, epoch: int, num_samples: int, cycle: int = 0) -> Tensor:
     """The augmentation seed of every dataset index for this epoch (int64 [num_samples])."""
-    generator = _generator(seed, epoch, _SAMPLE_SEED_STREAM)
+    generator = _generator(seed, epoch, _SAMPLE_SEED_STREAM, cycle)
     return torch.randint(0, 2**62, (num_samples,), generator=generator)
 
 
@@ -49,30 +50,43 @@ class ResumableSampler(Sampler[tuple[int, int]]):
 
     Like DistributedSampler, the order is padded by wrapping around (or cut when `drop_last`)
     so every rank gets the same number of samples, and rank r takes positions r, r+W, ...
-    `resume(epoch, skip)` drops the first `skip` samples of this rank's shard of that epoch.
+    (`sharded=False`: every rank gets the whole order). A loader that is iterated again within an
+    epoch (the shorter loader of a `max_size_cycle` combination) gets a fresh order per cycle.
+    `resume(epoch, skip, cycle)` drops the first `skip` samples of that cycle of this rank's shard.
     """
 
     def __init__(
-        self, num_samples: int, seed: int, shuffle: bool = True, drop_last: bool = False
+        self,
+        num_samples: int,
+        seed: int,
+        shuffle: bool = True,
+        drop_last: bool = False,
+        sharded: bool = True,
     ) -> None:
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         if seed < 0:
             raise ValueError(f"seed must be >= 0, got {seed}")
         self.num_samples, self.seed = num_samples, seed
-        self.shuffle, self.drop_last = shuffle, drop_last
+        self.shuffle, self.drop_last, self.sharded = shuffle, drop_last, sharded
         self.epoch = 0
-        self._resume_epoch, self._resume_skip = -1, 0
+        self.cycle = 0  # the next iteration's pass over this epoch's order
+        self._resume: tuple[int, int, int] | None = None  # (epoch, cycle, skip) not reached yet
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose order the next iteration yields (Lightning calls this)."""
         self.epoch = epoch
+        if self._resume is None or self._resume[0] != epoch:
+            self.cycle = 0
 
-    def resume(self, epoch: int, skip: int) -> None:
-        """Go to `epoch` and leave out the first `skip` samples of this rank's shard of it."""
-        if skip < 0:
-            raise ValueError(f"skip must be >= 0, got {skip}")
-        self.epoch, self._resume_epoch, self._resume_skip = epoch, epoch, skip
+    def resume(self, epoch: int, skip: int, cycle: int = 0) -> None:
+        """Go to `cycle` of `epoch` and leave out the first `skip` samples of this rank's shard."""
+        if skip < 0 or cycle < 0:
+            raise ValueError(f"skip and cycle must be >= 0, got {skip} and {cycle}")
+        self.epoch, self.cycle, self._resume = epoch, cycle, (epoch, cycle, skip)
+
+    def _rank_and_world(self) -> tuple[int, int]:
+        return rank_and_world_size() if self.sharded else (0, 1)
 
     def _shard_length(self, world_size: int) -> int:
         if self.drop_last:
@@ -80,22 +94,23 @@ class ResumableSampler(Sampler[tuple[int, int]]):
         return math.ceil(self.num_samples / world_size)
 
     def __len__(self) -> int:
-        return self._shard_length(rank_and_world_size()[1])
+        return self._shard_length(self._rank_and_world()[1])
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        rank, world_size = rank_and_world_size()
+        rank, world_size = self._rank_and_world()
+        cycle, self.cycle = self.cycle, self.cycle + 1
         if self.shuffle:
-            order = torch.randperm(
-                self.num_samples, generator=_generator(self.seed, self.epoch, _PERMUTATION_STREAM)
-            )
+            generator = _generator(self.seed, self.epoch, _PERMUTATION_STREAM, cycle)
+            order = torch.randperm(self.num_samples, generator=generator)
         else:
             order = torch.arange(self.num_samples)
         total = self._shard_length(world_size) * world_size
         order = order.repeat(math.ceil(total / self.num_samples))[:total]
         shard = order[rank::world_size]
-        if self.epoch == self._resume_epoch:
-            shard = shard[self._resume_skip :]
-        seeds = sample_seeds(self.seed, self.epoch, self.num_samples)[shard]
+        if self._resume is not None and self._resume[:2] == (self.epoch, cycle):
+            shard = shard[self._resume[2] :]
+            self._resume = None
+        seeds = sample_seeds(self.seed, self.epoch, self.num_samples, cycle)[shard]
         yield from zip(shard.tolist(), seeds.tolist(), strict=True)
 
 
@@ -171,9 +186,14 @@ class ResumableDataLoader(DataLoader):
         return {"epoch": self.sampler.epoch, "consumed": self.consumed}
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
-        """Continue after the `consumed` batches of `epoch` (Lightning calls this before iterating)."""
+        """Continue after the `consumed` batches of `epoch` (Lightning calls this before iterating).
+
+        `consumed` counts the training steps of the epoch; a loader shorter than the epoch (cycled
+        by `max_size_cycle`) has been through `consumed // len(self)` whole passes by then.
+        """
         self.consumed = state_dict["consumed"]
-        self.sampler.resume(state_dict["epoch"], self.consumed * self.batch_size)
+        cycle, batches = divmod(self.consumed, len(self))
+        self.sampler.resume(state_dict["epoch"], batches * self.batch_size, cycle)
 
 
 def resumable_loaders(trainer: pl.Trainer) -> list[ResumableDataLoader]:
@@ -183,7 +203,8 @@ def resumable_loaders(trainer: pl.Trainer) -> list[ResumableDataLoader]:
 
 
 class ResumableLoaderCallback(pl.Callback):
-    """Tells every ResumableDataLoader how many batches the training step has consumed."""
+    """Tells every ResumableDataLoader of the fit (one, or each stream of a combined loader) how
+    many training steps of the epoch are done; each loader derives its own position from it."""
 
     def __init__(self) -> None:
         self._loaders: list[ResumableDataLoader] = []

@@ -46,12 +46,12 @@ class SyntheticDataModule(DynlabDataModule):
         self,
         *,
         root: str | None = None,
-        num_train: int = 2000,
-        num_test: int = 500,
+        num_train: int = 2048,
+        num_test: int = 512,
         num_classes: int = 10,
         image_size: int = 32,
         channels: int = 3,
-        val_size: int = 200,
+        val_size: int = 256,
         **common: Any,
     ) -> None:
         super().__init__(root=root, val_size=val_size, **common)

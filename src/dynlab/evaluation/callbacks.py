@@ -1,8 +1,9 @@
 """Lightning callbacks running the anytime and budgeted-batch evaluations for any technique.
 
 Both run at the end of fit and of test, and `evaluate(trainer, pl_module)` runs them directly (the
-evaluate app calls it after loading a checkpoint). Each split's softmax outputs are computed once
-per model and global step and shared by the two callbacks. Every rank takes part in the passes:
+evaluate app calls it after loading a checkpoint). They evaluate the model's deploy form (see
+dynlab.protocol): outputs and exit MACs of the inference network. Each split's softmax outputs are
+computed once per model and global step and shared by the two callbacks. Every rank takes part in the passes:
 the datamodule's val/test loaders must give each rank a contiguous shard (dynlab.data's
 EvalSampler does), which are all-gathered in rank order; rank zero then writes results.json,
 plots/*.png, the W&B tables and the console tables.
@@ -31,6 +32,8 @@ from dynlab.results import update_results
 # model -> (global_step, datamodule, {split: (probs [K,N,C], targets [N])}); only the latest kept.
 _OUTPUTS: weakref.WeakKeyDictionary[nn.Module, tuple[int, Any, dict[str, tuple[Tensor, Tensor]]]]
 _OUTPUTS = weakref.WeakKeyDictionary()
+# training-form model -> (global_step, its deploy form); only the latest kept.
+_DEPLOYED: weakref.WeakKeyDictionary[nn.Module, tuple[int, nn.Module]] = weakref.WeakKeyDictionary()
 
 
 class _EndOfRunEvaluation(pl.Callback, ABC):
@@ -69,7 +72,7 @@ class AnytimeEvaluation(_EndOfRunEvaluation):
     ) -> list[dict[str, Any]]:
         """Anytime records of the model on the test split of `datamodule` (or the trainer's)."""
         datamodule = _datamodule(trainer, datamodule)
-        model = dynamic_model(pl_module)
+        model = dynamic_model(trainer, pl_module)
         probs, targets = exit_outputs(trainer, model, datamodule, "test")
         records = anytime_records(probs, targets, model.exit_macs(input_size(datamodule)))
         if trainer.is_global_zero:
@@ -102,7 +105,7 @@ class BudgetedEvaluation(_EndOfRunEvaluation):
     ) -> list[dict[str, Any]]:
         """The budgeted curve of the model (val: the held-out calibration split, never test)."""
         datamodule = _datamodule(trainer, datamodule)
-        model = dynamic_model(pl_module)
+        model = dynamic_model(trainer, pl_module)
         val = exit_outputs(trainer, model, datamodule, "val")
         test = exit_outputs(trainer, model, datamodule, "test")
         exit_macs = model.exit_macs(input_size(datamodule))
@@ -121,13 +124,21 @@ class BudgetedEvaluation(_EndOfRunEvaluation):
         return curve
 
 
-def dynamic_model(pl_module: pl.LightningModule) -> nn.Module:
-    """The model answering the dynamic-model protocol: `pl_module.model`, else `pl_module`."""
+def dynamic_model(trainer: pl.Trainer, pl_module: pl.LightningModule) -> nn.Module:
+    """The deploy form of the model answering the dynamic-model protocol (`pl_module.model`, else
+    `pl_module`): the model itself when it is one (a DynlabModule swaps it in for its test loop),
+    else its `deploy()`, built once per model and global step and shared by the callbacks."""
     model = getattr(pl_module, "model", pl_module)
-    missing = [m for m in ("forward_exits", "exit_macs") if not hasattr(model, m)]
+    missing = [m for m in ("forward_exits", "exit_macs", "deploy") if not hasattr(model, m)]
     if missing:
         raise TypeError(f"{type(model).__name__} lacks {missing} (see dynlab.protocol)")
-    return model
+    if getattr(model, "deployed", False):
+        return model
+    step, deployed = _DEPLOYED.get(model, (None, None))
+    if step != trainer.global_step or deployed is None:
+        deployed = model.deploy()
+        _DEPLOYED[model] = (trainer.global_step, deployed)
+    return deployed
 
 
 def exit_outputs(

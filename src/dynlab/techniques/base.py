@@ -1,25 +1,51 @@
-"""What every technique's LightningModule shares: optimisation, metrics, phases, technique state.
+"""What every technique's LightningModule shares: phase recipes, optimisation, metrics, state.
 
 A technique subclasses `DynlabModule`, builds `self.model` (an object answering the dynamic-model
 protocol in `dynlab.protocol`), and implements `exit_losses` or overrides `training_step`.
 Schedules (GFNet's three stages, S2DNAS's search -> retrain, ...) are lists of `Phase`s that the
 train app runs in order, each with its own checkpoint folder, resuming at the first unfinished one.
+How a phase trains (optimisers, parameter groups, schedules, frozen parameters, trainer
+overrides, extra data streams, EMA) is its `PhaseRecipe`, from `technique.phases.<name>`.
+A technique with several optimisers in a step (FBNetV2, PPO) sets `automatic_optimization =
+False` and calls `manual_step(name, loss)`; Lightning checkpoints the optimisers either way.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-import torch
 import torch.nn.functional as F
+from pytorch_lightning.utilities import CombinedLoader
 from torch import Tensor, nn
+from torchmetrics import MeanMetric, Metric
+from torchmetrics.classification import MulticlassAccuracy
 
-from dynlab.config import OptimConfig, OptimizerName, ScheduleName
+from dynlab.config import OptimConfig, PhaseRecipe
+from dynlab.optim import (
+    NamedParams,
+    build_optimizer,
+    build_scheduler,
+    lr_lambda,
+    matches,
+    select_parameters,
+)
+
+__all__ = [
+    "DynlabModule",
+    "Phase",
+    "PhaseContext",
+    "PhaseKind",
+    "build_optimizer",
+    "lr_lambda",
+    "optimizer_steps_per_epoch",
+]
 
 
 class PhaseKind(StrEnum):
@@ -46,14 +72,29 @@ class PhaseContext:
     cfg: Any
 
 
+class PercentAccuracy(MulticlassAccuracy):
+    """torchmetrics' multiclass accuracy in percent, as dynlab reports every accuracy."""
+
+    def compute(self) -> Tensor:
+        return super().compute() * 100.0
+
+
 class DynlabModule(pl.LightningModule):
-    """Base LightningModule: SGD/AdamW with warm-up + cosine/step, top-1/top-5 per exit, phases."""
+    """Base LightningModule: per-phase recipes, optimisers and schedules, exact top-k per exit."""
 
     def __init__(self, optim: OptimConfig | None = None) -> None:
         super().__init__()
         self.optim = optim or OptimConfig()
         self.model: nn.Module
         self.current_phase: str | None = None
+        self.recipes: dict[str, PhaseRecipe] = {}
+        # Set by the runner under manual optimisation, where Lightning cannot clip for us.
+        self.manual_clip_val: float | None = None
+        self._optimizer_names: list[str] = []
+        self._frozen: set[str] = set()
+        # torchmetrics objects per split/exit, created at the first batch (exits and classes are
+        # known then); their states are not persistent, so checkpoints do not depend on them.
+        self.metrics = nn.ModuleDict()
 
     # --- the dynamic-model protocol, delegated to the technique's model -------------------------
     def forward(self, x: Tensor) -> Tensor:
@@ -65,6 +106,22 @@ class DynlabModule(pl.LightningModule):
     def exit_macs(self, input_size: tuple[int, int, int]) -> list[float]:
         return self.model.exit_macs(input_size)
 
+    # --- deploy form: test metrics and evaluations run on the inference network (DESIGN.md) ---
+    def deploy(self) -> nn.Module:
+        """The technique's inference network (`self.model.deploy()`): same exits, eval mode."""
+        return self.model.deploy()
+
+    def on_test_start(self) -> None:
+        """Swap in the deploy form for the test loop and the evaluation callbacks."""
+        self.__dict__["_training_form"] = self.model  # in __dict__: not registered as a submodule
+        self.model = self.deploy()
+
+    def on_test_end(self) -> None:
+        """Back to the training form; Lightning runs the callbacks' on_test_end before this."""
+        self.model = self.__dict__.pop("_training_form", self.model)
+
+    # --- end of deploy form ----------------------------------------------------------------------
+
     # --- phases -------------------------------------------------------------------------------
     def phases(self, mode: str) -> list[Phase]:
         """The schedule for `mode` ("train" or "search"); may grow as earlier phases finish."""
@@ -74,6 +131,26 @@ class DynlabModule(pl.LightningModule):
                 "(use dynlab-train). Techniques with a search: s2dnas."
             )
         return [Phase("train")]
+
+    def set_recipes(self, recipes: dict[str, PhaseRecipe]) -> None:
+        """The technique config's `phases` (the runner hands them over after building)."""
+        self.recipes = dict(recipes)
+
+    def recipe(self, phase: str | None = None) -> PhaseRecipe:
+        """The recipe of `phase` (default: the current one): an exact key, else the first fnmatch
+        pattern that matches (`retrain_*`), else the technique's defaults."""
+        name = phase if phase is not None else self.current_phase
+        if name is None:
+            return PhaseRecipe()
+        if name in self.recipes:
+            return self.recipes[name]
+        return next(
+            (r for pattern, r in self.recipes.items() if fnmatchcase(name, pattern)), PhaseRecipe()
+        )
+
+    def phase_epochs(self, phase: Phase) -> int | None:
+        """Epochs of a fit phase: the recipe's, else the phase's own, else the trainer's."""
+        return self.recipe(phase.name).epochs or phase.max_epochs
 
     def start_phase(self, phase: Phase) -> None:
         """Called before a phase runs (also when it resumes): freeze parts, switch losses, ..."""
@@ -107,8 +184,10 @@ class DynlabModule(pl.LightningModule):
         x, y = batch
         logits = self.model.forward_exits(x)
         loss = self.exit_losses(logits, y)
-        self.log("train/loss", loss, prog_bar=True, sync_dist=False)
-        self.log("train/top1", _top1(logits[-1], y), prog_bar=True)
+        self.log("train/loss", loss, prog_bar=True)
+        top1 = self._accuracy("train/top1", logits[-1].shape[1], k=1)
+        top1(logits[-1], y)
+        self._log_metric("train/top1", top1, prog_bar=True)
         return loss
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
@@ -118,103 +197,154 @@ class DynlabModule(pl.LightningModule):
         self._evaluate_batch(batch, "test")
 
     def _evaluate_batch(self, batch: tuple[Tensor, Tensor], split: str) -> None:
-        """Loss and top-1/top-5 of the last exit, plus top-1 of every earlier exit (synced in DDP)."""
+        """Loss and top-1/top-5 of the last exit, plus top-1 of every exit.
+
+        torchmetrics objects count correct samples and samples, summed over ranks at the epoch's
+        end, so the logged accuracy is exact over the whole split however it is sharded.
+        """
         x, y = batch
         logits = self.model.forward_exits(x)
-        self.log(f"{split}/loss", F.cross_entropy(logits[-1], y), sync_dist=True)
-        self.log(f"{split}/top1", _top1(logits[-1], y), prog_bar=True, sync_dist=True)
-        if logits[-1].shape[1] >= 5:
-            self.log(f"{split}/top5", _topk(logits[-1], y, 5), sync_dist=True)
+        num_classes = logits[-1].shape[1]
+        loss = self._metric(f"{split}/loss", MeanMetric)
+        loss.update(F.cross_entropy(logits[-1], y), weight=y.numel())
+        self._log_metric(f"{split}/loss", loss)
+        for k in (1, 5) if num_classes >= 5 else (1,):
+            name = f"{split}/top{k}"
+            metric = self._accuracy(name, num_classes, k)
+            metric.update(logits[-1], y)
+            self._log_metric(name, metric, prog_bar=k == 1)
         if len(logits) > 1:
             for k, lk in enumerate(logits, start=1):
-                self.log(f"{split}/top1_exit{k}", _top1(lk, y), sync_dist=True)
+                name = f"{split}/top1_exit{k}"
+                metric = self._accuracy(name, num_classes, k=1)
+                metric.update(lk, y)
+                self._log_metric(name, metric)
+
+    def _metric(self, name: str, make: Callable[[], Metric]) -> Metric:
+        """The metric object logged as `name`, made on first use on this module's device."""
+        key = _metric_key(name)
+        if key not in self.metrics:
+            self.metrics[key] = make().to(self.device)
+        return self.metrics[key]  # type: ignore[return-value]
+
+    def _log_metric(self, name: str, metric: Metric, **kwargs: Any) -> None:
+        """Log a metric object made after Lightning indexed the module's metric attributes."""
+        self.log(name, metric, metric_attribute=f"metrics.{_metric_key(name)}", **kwargs)
+
+    def _accuracy(self, name: str, num_classes: int, k: int) -> Metric:
+        """Exact top-k accuracy in percent over every sample of the epoch, on all ranks."""
+        return self._metric(
+            name,
+            lambda: PercentAccuracy(num_classes, top_k=k, average="micro", validate_args=False),
+        )
 
     # --- optimisation -------------------------------------------------------------------------
-    def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
-        """Parameters the current phase optimises (a technique may freeze parts in a phase)."""
+    def trainable_parameters(self) -> NamedParams:
+        """Parameters the current phase optimises (the recipe's `freeze` patterns are excluded;
+        a technique may also freeze parts itself in `start_phase`)."""
         return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
 
-    def configure_optimizers(self) -> dict[str, Any]:
-        o = self.optim
-        opt = build_optimizer(self, self.trainable_parameters(), o)
+    def phase_optimizers(self) -> dict[str, OptimConfig]:
+        """The current phase's named optimisers: its recipe's, else {"main": technique.optim}."""
+        return dict(self.recipe().optimizers) or {"main": self.optim}
+
+    def _apply_freeze(self) -> None:
+        """Freeze what the current recipe says and release what the previous phase froze."""
+        patterns = list(self.recipe().freeze)
+        for name, p in self.named_parameters():
+            if name in self._frozen and not matches(name, patterns):
+                p.requires_grad_(True)
+            elif matches(name, patterns):
+                p.requires_grad_(False)
+        self._frozen = {n for n, _ in self.named_parameters() if matches(n, patterns)}
+
+    def configure_optimizers(self) -> Any:
+        """One optimiser and per-step schedule for each of the phase's named optimisers.
+
+        An optimiser with `params` patterns takes those parameters; the one without takes every
+        trainable parameter left over. Several optimisers need manual optimisation.
+        """
+        self._apply_freeze()
+        configs = self.phase_optimizers()
+        if len(configs) > 1 and self.automatic_optimization:
+            raise ValueError(
+                f"phase '{self.current_phase}' names {len(configs)} optimisers "
+                f"({', '.join(configs)}): {type(self).__name__} must use manual optimisation "
+                "(automatic_optimization = False and manual_step) to step several"
+            )
+        assigned = assign_parameters(self.trainable_parameters(), configs)
         steps_per_epoch = optimizer_steps_per_epoch(self.trainer)
         total = self.trainer.max_steps
         if total is None or total < 0:
             total = steps_per_epoch * max(1, self.trainer.max_epochs or 1)
-        schedule = lr_lambda(o, total_steps=max(1, total), steps_per_epoch=steps_per_epoch)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        self._optimizer_names = list(configs)
+        result = []
+        for name, o in configs.items():
+            opt = build_optimizer(self, assigned[name], o)
+            sched = build_scheduler(opt, o, total_steps=total, steps_per_epoch=steps_per_epoch)
+            result.append(
+                {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+            )
+        return result[0] if len(result) == 1 else result
+
+    def manual_step(self, name: str, loss: Tensor) -> None:
+        """Under manual optimisation: one step of the phase's optimiser `name` on `loss` (zero
+        grad, backward, clip at the trainer's gradient_clip_val, step, advance its schedule)."""
+        index = self._optimizer_names.index(name)
+        optimizers, schedulers = self.optimizers(), self.lr_schedulers()
+        if not isinstance(optimizers, list):
+            optimizers, schedulers = [optimizers], [schedulers]
+        opt = optimizers[index]
+        opt.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        if self.manual_clip_val:
+            self.clip_gradients(opt, gradient_clip_val=self.manual_clip_val)
+        opt.step()
+        schedulers[index].step()  # type: ignore[union-attr]
+
+
+def _metric_key(name: str) -> str:
+    return name.replace("/", "__")
+
+
+def assign_parameters(
+    named: NamedParams, configs: dict[str, OptimConfig]
+) -> dict[str, NamedParams]:
+    """Split `named` over the optimisers: each takes what its `params` patterns match (an
+    earlier one wins), at most one without patterns takes the rest."""
+    catch_all = [name for name, o in configs.items() if not o.params]
+    if len(catch_all) > 1:
+        raise ValueError(
+            f"optimisers {', '.join(catch_all)} all lack `params` patterns: at most one may take "
+            "the parameters the others leave"
+        )
+    assigned: dict[str, NamedParams] = {}
+    taken: set[str] = set()
+    for name, o in configs.items():
+        if o.params:
+            assigned[name] = [
+                (n, p) for n, p in select_parameters(named, o.params) if n not in taken
+            ]
+            taken.update(n for n, _ in assigned[name])
+    for name in catch_all:
+        assigned[name] = [(n, p) for n, p in named if n not in taken]
+    return assigned
 
 
 def optimizer_steps_per_epoch(trainer: pl.Trainer) -> int:
-    """Optimiser steps in one epoch, from the datamodule's train loader on this rank.
+    """Optimiser steps in one epoch, from the datamodule's train loader(s) on this rank.
 
     Not `trainer.estimated_stepping_batches`: in Lightning 2.6 it sets up the fit loop's train
     loader before a resume restores it, and the loader's saved position is then never applied.
+    Several train streams are combined in max_size_cycle mode: the longest sets the epoch.
     """
-    batches = len(trainer.datamodule.train_dataloader())
+    loaders = trainer.datamodule.train_dataloader()
+    if not isinstance(loaders, CombinedLoader):
+        loaders = CombinedLoader(loaders, mode="max_size_cycle")
+    batches = max(len(loader) for loader in loaders.flattened)
     limit = trainer.limit_train_batches
     if isinstance(limit, int):
         batches = min(batches, limit)
     elif limit is not None:
         batches = int(batches * limit)
     return max(1, math.ceil(batches / trainer.accumulate_grad_batches))
-
-
-def build_optimizer(
-    root: nn.Module, named: list[tuple[str, nn.Parameter]], optim: OptimConfig
-) -> torch.optim.Optimizer:
-    """SGD (Nesterov momentum) or AdamW over `named`, weight decay split by `parameter_groups`."""
-    groups = parameter_groups(root, named, optim)
-    if optim.name == OptimizerName.sgd:
-        return torch.optim.SGD(
-            groups, lr=optim.lr, momentum=optim.momentum, nesterov=optim.nesterov
-        )
-    return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas))
-
-
-def parameter_groups(
-    root: nn.Module, named: list[tuple[str, nn.Parameter]], optim: OptimConfig
-) -> list[dict[str, Any]]:
-    """Two groups: decayed weights, and norm weights + biases without weight decay."""
-    if not optim.no_decay_norm_and_bias:
-        return [{"params": [p for _, p in named], "weight_decay": optim.weight_decay}]
-    norm_params = {
-        id(p)
-        for m in root.modules()
-        if isinstance(m, nn.modules.batchnorm._NormBase | nn.GroupNorm | nn.LayerNorm)
-        for p in m.parameters(recurse=False)
-    }
-    decay, no_decay = [], []
-    for name, p in named:
-        (no_decay if id(p) in norm_params or name.endswith(".bias") else decay).append(p)
-    return [
-        {"params": decay, "weight_decay": optim.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-
-
-def lr_lambda(optim: OptimConfig, total_steps: int, steps_per_epoch: float):
-    """Multiplier of the base lr at each optimiser step: linear warm-up, then cosine/step/constant."""
-    warmup = int(optim.warmup_epochs * steps_per_epoch)
-    milestones = [int(m * total_steps) for m in optim.milestones]
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        if optim.schedule == ScheduleName.cosine:
-            progress = (step - warmup) / max(1, total_steps - warmup)
-            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-        if optim.schedule == ScheduleName.step:
-            return optim.gamma ** sum(step >= m for m in milestones)
-        return 1.0
-
-    return factor
-
-
-def _top1(logits: Tensor, y: Tensor) -> Tensor:
-    return (logits.argmax(dim=1) == y).float().mean() * 100.0
-
-
-def _topk(logits: Tensor, y: Tensor, k: int) -> Tensor:
-    return (logits.topk(k, dim=1).indices == y[:, None]).any(dim=1).float().mean() * 100.0

@@ -12,8 +12,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils.fusion import fuse_conv_bn_weights
+
+from dynlab.nn.fuse import register_conv_bn_fuser
 
 Bounds = tuple[int, int]
 
@@ -48,6 +52,31 @@ class StageCursor:
         return self.run
 
 
+def stage_input(
+    conv_inputs: dict[int, list[Tensor]], index: int, x: Tensor, concat: bool, keep: bool
+) -> Tensor:
+    """What conv `index` reads at the running stage: its input `x`, or the inputs of the earlier
+    stages and `x` concatenated (`concat`); `keep` stores `x` for later stages that concatenate."""
+    kept = conv_inputs.setdefault(index, [])
+    inputs = torch.cat([*kept, x], dim=1) if concat else x
+    if keep:
+        kept.append(x)
+    return inputs
+
+
+class StageAttributes:
+    """The tensors one stage program reads, registered as buffers of `holder` under unique names
+    (`prefix` names the layer being converted)."""
+
+    def __init__(self, holder: nn.Module, prefix: str) -> None:
+        self.holder, self.prefix = holder, prefix
+
+    def get(self, graph: fx.Graph, name: str, tensor: Tensor) -> fx.Node:
+        target = f"{self.prefix}_{name}"
+        self.holder.register_buffer(target, tensor.detach().contiguous())
+        return graph.get_attr(target)
+
+
 class StagedConv2d(nn.Module):
     """A dense conv cut into per-stage weight blocks: stage k computes its output slice from its own
     input slice, or from the inputs of stages 1..k when it concatenates (only live blocks are kept)."""
@@ -63,7 +92,7 @@ class StagedConv2d(nn.Module):
     ) -> None:
         """`in_bounds` None: the conv reads the network input, whole, at every stage."""
         super().__init__()
-        self.index, self.cursor = index, cursor
+        self.index, self.cursor, self.out_bounds = index, cursor, list(out_bounds)
         self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
         self.reads_earlier = list(reads_earlier)
         self.reads_image = in_bounds is None
@@ -87,13 +116,25 @@ class StagedConv2d(nn.Module):
         k = run.stage
         inputs = x
         if not self.reads_image:
-            kept = run.conv_inputs.setdefault(self.index, [])
-            if self.reads_earlier[k]:
-                inputs = torch.cat([*kept, x], dim=1)
-            if self.keep_for_later[k]:
-                kept.append(x)
+            inputs = stage_input(
+                run.conv_inputs, self.index, x, self.reads_earlier[k], self.keep_for_later[k]
+            )
         bias = self.biases[k] if self.biases is not None else None
         return F.conv2d(inputs, self.weights[k], bias, self.stride, self.padding, self.dilation)
+
+    def stage_node(
+        self, graph: fx.Graph, x: fx.Node, conv_inputs: fx.Node, k: int, attrs: StageAttributes
+    ) -> fx.Node:
+        """Stage k of this conv as plain graph nodes: `stage_input` (if it concatenates or keeps
+        its input) and F.conv2d on stage k's weight block."""
+        inputs: fx.Node = x
+        if not self.reads_image and (self.reads_earlier[k] or self.keep_for_later[k]):
+            args = (conv_inputs, self.index, x, self.reads_earlier[k], self.keep_for_later[k])
+            inputs = graph.call_function(stage_input, args)
+        weight = attrs.get(graph, "weight", self.weights[k])
+        bias = attrs.get(graph, "bias", self.biases[k]) if self.biases is not None else None
+        args = (inputs, weight, bias, self.stride, self.padding, self.dilation)
+        return graph.call_function(F.conv2d, args)
 
 
 class StagedDepthwiseConv2d(nn.Module):
@@ -113,6 +154,16 @@ class StagedDepthwiseConv2d(nn.Module):
         return F.conv2d(
             x, self.weight[lo:hi], bias, self.stride, self.padding, self.dilation, hi - lo
         )
+
+    def stage_node(
+        self, graph: fx.Graph, x: fx.Node, conv_inputs: fx.Node, k: int, attrs: StageAttributes
+    ) -> fx.Node:
+        """Stage k of this conv as one F.conv2d node on its channel slice of the filters."""
+        lo, hi = self.bounds[k]
+        weight = attrs.get(graph, "weight", self.weight[lo:hi])
+        bias = attrs.get(graph, "bias", self.bias[lo:hi]) if self.bias is not None else None
+        args = (x, weight, bias, self.stride, self.padding, self.dilation, hi - lo)
+        return graph.call_function(F.conv2d, args)
 
 
 class StagedBatchNorm2d(nn.BatchNorm2d):
@@ -138,3 +189,46 @@ class StagedBatchNorm2d(nn.BatchNorm2d):
         return F.batch_norm(
             x, running_mean, running_var, weight, bias, use_batch_stats, self.momentum, self.eps
         )
+
+
+@register_conv_bn_fuser(StagedConv2d, norms=(StagedBatchNorm2d,))
+def fold_into_staged_conv(conv: nn.Module, norm: nn.Module) -> nn.Module:
+    """Fold, in place, stage k's slice of `norm` into stage k's weight block of `conv` (torch's
+    `fuse_conv_bn_weights` per block); every block then has a bias."""
+    assert isinstance(conv, StagedConv2d) and isinstance(norm, StagedBatchNorm2d)
+    _check_bounds(conv.out_bounds, norm.bounds)
+    weights, biases = [], []
+    for k, (lo, hi) in enumerate(conv.out_bounds):
+        bias = conv.biases[k] if conv.biases is not None else None
+        weight, bias = fuse_conv_bn_weights(conv.weights[k], bias, *_norm_slice(norm, lo, hi))
+        weights.append(weight)
+        biases.append(bias)
+    conv.weights, conv.biases = nn.ParameterList(weights), nn.ParameterList(biases)
+    return conv
+
+
+@register_conv_bn_fuser(StagedDepthwiseConv2d, norms=(StagedBatchNorm2d,))
+def fold_into_staged_depthwise(conv: nn.Module, norm: nn.Module) -> nn.Module:
+    """Fold, in place, `norm` into a depthwise conv: channel c's filter takes channel c's affine
+    map, so the whole weight folds at once and each stage keeps slicing its channels."""
+    assert isinstance(conv, StagedDepthwiseConv2d) and isinstance(norm, StagedBatchNorm2d)
+    _check_bounds(conv.bounds, norm.bounds)
+    conv.weight, conv.bias = fuse_conv_bn_weights(
+        conv.weight, conv.bias, *_norm_slice(norm, 0, norm.num_features)
+    )
+    return conv
+
+
+def _norm_slice(
+    norm: StagedBatchNorm2d, lo: int, hi: int
+) -> tuple[Tensor, Tensor, float, Tensor | None, Tensor | None]:
+    """Running mean, running variance, eps, weight and bias of channels [lo, hi) of `norm`."""
+    assert norm.running_mean is not None and norm.running_var is not None
+    weight = norm.weight[lo:hi] if norm.weight is not None else None
+    bias = norm.bias[lo:hi] if norm.bias is not None else None
+    return norm.running_mean[lo:hi], norm.running_var[lo:hi], norm.eps, weight, bias
+
+
+def _check_bounds(conv_bounds: Sequence[Bounds], norm_bounds: Sequence[Bounds]) -> None:
+    if list(conv_bounds) != list(norm_bounds):
+        raise ValueError(f"stage slices differ: conv {conv_bounds}, norm {norm_bounds}")

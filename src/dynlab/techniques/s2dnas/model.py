@@ -10,25 +10,35 @@ computing later stages for the samples that left.
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
+from typing import Any, Self
 
 import torch
+import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dynlab.evaluation.outputs import evaluating
+from dynlab.nn.fuse import trace_with_leaves
+from dynlab.protocol import DynamicNet
 from dynlab.techniques.s2dnas.analysis import (
     SUPPORTED_BACKBONES,
     BackboneLayout,
     UnsupportedBackboneError,
 )
-from dynlab.techniques.s2dnas.layers import StageCursor, StageRun
+from dynlab.techniques.s2dnas.layers import (
+    StageAttributes,
+    StageCursor,
+    StagedConv2d,
+    StagedDepthwiseConv2d,
+    StageRun,
+)
 from dynlab.techniques.s2dnas.settings import S2DSettings
 from dynlab.techniques.s2dnas.transform import mask_to_plan, plan_stages, stage_backbone
 
 
-class S2DNet(nn.Module):
+class S2DNet(DynamicNet):
     """A backbone transformed in place into `settings.num_stages` stages with one exit each.
 
     The exit of stage k is a linear classifier over the pooled last feature maps of stages 1..k; the
@@ -63,15 +73,14 @@ class S2DNet(nn.Module):
             nn.Linear(stop, classifier.out_features) for _, stop in self.plan.out_bounds
         )
         self.heads[-1].load_state_dict(classifier.state_dict())
+        # The deploy form's flat program of each stage (None: stages run through the cursor).
+        self.programs: nn.ModuleList | None = None
         mask_to_plan(reference, layout, self.plan)
         self._verify(reference, input_size)
 
     @property
     def num_stages(self) -> int:
         return self.settings.num_stages
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_exits(x)[-1]
 
     def forward_exits(self, x: Tensor) -> list[Tensor]:
         """Logits of every exit, cheapest first."""
@@ -81,6 +90,16 @@ class S2DNet(nn.Module):
     def exit_session(self, x: Tensor) -> S2DExitSession:
         """Stage-by-stage evaluation of `x` where exited samples stop being computed."""
         return S2DExitSession(self, x)
+
+    def deploy(self) -> Self:
+        """The inference form: BatchNorm folded into every stage's weight blocks (the staged layers
+        register their fusers), then each stage compiled into one flat program (`stage_programs`).
+        """
+        if self.deployed:
+            return self
+        net = super().deploy()
+        net.programs = stage_programs(net.backbone, net.num_stages)
+        return net
 
     def exit_macs(self, input_size: tuple[int, int, int]) -> list[float]:
         """Measured cumulative MACs per sample to reach each exit (stages 1..k plus exit k)."""
@@ -101,11 +120,14 @@ class S2DNet(nn.Module):
         """Run the next stage of `run`: its last feature map and its exit's logits."""
         if run.stage >= self.num_stages:
             raise RuntimeError(f"all {self.num_stages} stages have run")
-        self.cursor.run = run
-        try:
-            features = self.backbone.forward_features(run.image)  # type: ignore[operator]
-        finally:
-            self.cursor.run = None
+        if self.programs is not None:
+            features = self.programs[run.stage](run.image, run.conv_inputs)
+        else:
+            self.cursor.run = run
+            try:
+                features = self.backbone.forward_features(run.image)  # type: ignore[operator]
+            finally:
+                self.cursor.run = None
         run.pooled.append(features.mean(dim=(2, 3)))
         logits = self.heads[run.stage](torch.cat(run.pooled, dim=1))
         run.stage += 1
@@ -153,6 +175,57 @@ class S2DExitSession:
     def keep(self, mask: Tensor) -> None:
         """Drop the samples where `mask` is False from every later stage."""
         self.run.keep(mask)
+
+
+# Activation modules called as their function (and its keyword arguments) in a stage program: at
+# batch 1 the module call costs as much as the activation itself.
+_ACTIVATIONS: dict[type[nn.Module], Callable[[Any], tuple[Callable[..., Tensor], dict]]] = {
+    nn.ReLU: lambda m: (torch.relu_ if m.inplace else torch.relu, {}),
+    nn.ReLU6: lambda m: (F.relu6, {"inplace": m.inplace}),
+}
+
+
+def stage_programs(backbone: nn.Module, num_stages: int) -> nn.ModuleList | None:
+    """One fx program per stage computing `backbone.forward_features` of that stage, for the
+    deploy form: every staged conv becomes a direct F.conv2d on the stage's weight block (kept
+    inputs passed in as `conv_inputs`), ReLU/ReLU6 modules their functions, and the nn.Identity
+    left by folded norms disappears.
+
+    Same operations as running the backbone through the cursor, minus the per-layer module calls
+    and lookups, which at batch 1 cost as much as the thin stages' convolutions. None when a norm
+    was left unfolded (its per-stage slicing stays with the cursor path).
+    """
+    traced = trace_with_leaves(backbone, "forward_features")
+    modules = dict(traced.named_modules())
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in modules.values()):
+        return None
+    programs = []
+    for k in range(num_stages):
+        graph = copy.deepcopy(traced.graph)
+        image = next(n for n in graph.nodes if n.op == "placeholder")
+        with graph.inserting_after(image):
+            conv_inputs = graph.placeholder("conv_inputs")
+        for node in list(graph.nodes):
+            module = modules.get(node.target) if node.op == "call_module" else None
+            if module is None:
+                continue
+            with graph.inserting_before(node):
+                if isinstance(module, nn.Identity):
+                    replacement = node.args[0]
+                elif type(module) in _ACTIVATIONS:
+                    function, kwargs = _ACTIVATIONS[type(module)](module)
+                    replacement = graph.call_function(function, node.args, kwargs)
+                elif isinstance(module, StagedConv2d | StagedDepthwiseConv2d):
+                    name = f"stage{k}_" + str(node.target).removeprefix("module.")
+                    attrs = StageAttributes(traced, name.replace(".", "_"))
+                    replacement = module.stage_node(graph, node.args[0], conv_inputs, k, attrs)
+                else:
+                    continue
+            node.replace_all_uses_with(replacement)
+            graph.erase_node(node)
+        graph.lint()
+        programs.append(fx.GraphModule(traced, graph, class_name=f"S2DStage{k + 1}"))
+    return nn.ModuleList(programs)
 
 
 def multi_exit_loss(

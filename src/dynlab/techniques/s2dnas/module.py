@@ -11,24 +11,21 @@ the retrain phases appear once the search has found its candidates.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
 from torch import Tensor
 
 from dynlab.backbones import create_backbone
 from dynlab.checkpointing import FINAL, phase_dir
 from dynlab.config import BackboneConfig, OptimConfig
-from dynlab.data.base import DataInfo
+from dynlab.data.base import DataInfo, DynlabDataModule
 from dynlab.evaluation.macs import count_macs
-from dynlab.evaluation.outputs import collect_exit_probs
 from dynlab.results import atomic_write_text
+from dynlab.search import CandidateTrainer, seeded, val_exit_probs
 from dynlab.techniques.base import DynlabModule, Phase, PhaseContext, PhaseKind
 from dynlab.techniques.s2dnas.analysis import analyse_backbone
-from dynlab.techniques.s2dnas.candidate import CandidateData
 from dynlab.techniques.s2dnas.config import S2DNASSearchConfig, SelectBy
 from dynlab.techniques.s2dnas.controller import Controller, Reinforce
 from dynlab.techniques.s2dnas.model import S2DNet, multi_exit_loss
@@ -128,8 +125,8 @@ class S2DNASModule(DynlabModule):
     def on_fit_end(self) -> None:
         """After a retrain phase, score the network on val as the search did (for `select`)."""
         if self.current_phase and self.current_phase.startswith(RETRAIN):
-            data = CandidateData.from_datamodule(self.trainer.datamodule)  # type: ignore[attr-defined]
-            self.retrained[self.current_phase] = self._val_score(data)
+            datamodule = self.trainer.datamodule  # type: ignore[attr-defined]
+            self.retrained[self.current_phase] = self._val_score(datamodule)
 
     # --- technique state ----------------------------------------------------------------------
     def technique_state(self) -> dict[str, Any]:
@@ -177,8 +174,7 @@ class S2DNASModule(DynlabModule):
 
     def _use(self, settings: S2DSettings, seed: int) -> None:
         """Replace the network by a new one with `settings`, initialised from `seed`."""
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        with seeded(seed):
             self.model = self._build(settings).to(self.device).train(self.training)
 
     def _static_macs(self) -> float:
@@ -187,8 +183,7 @@ class S2DNASModule(DynlabModule):
     # --- search and selection -----------------------------------------------------------------
     def _search(self, ctx: PhaseContext) -> None:
         cfg = self.search_cfg
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(derived_seed(self.seed, CONTROLLER_STREAM))
+        with seeded(derived_seed(self.seed, CONTROLLER_STREAM)):
             controller = Controller(
                 self.layout.num_layer_groups,
                 self.model.num_stages,
@@ -197,14 +192,16 @@ class S2DNASModule(DynlabModule):
             )
         evaluate = CandidateEvaluator(
             build=self._build,
-            data=CandidateData.from_datamodule(ctx.datamodule),  # type: ignore[arg-type]
+            datamodule=ctx.datamodule,  # type: ignore[arg-type]
             optim=self.optim,
             loss_weights=self.loss_weights,
             input_size=self.data_info.input_size,
             static_macs=self._static_macs(),
             cfg=cfg,
             seed=self.seed,
-            device=search_device(ctx.cfg),
+            trainer=CandidateTrainer.from_trainer_config(
+                ctx.cfg.trainer if ctx.cfg is not None else None
+            ),
         )
         reinforce = Reinforce(controller, cfg.controller_lr, cfg.baseline_decay, cfg.entropy_weight)
         candidates = run_search(controller, reinforce, evaluate, cfg, ctx.phase_dir, self.seed)
@@ -213,9 +210,9 @@ class S2DNASModule(DynlabModule):
             for c in top_candidates(candidates, cfg.top_k)
         ]
 
-    def _val_score(self, data: CandidateData) -> dict[str, Any]:
+    def _val_score(self, datamodule: DynlabDataModule) -> dict[str, Any]:
         """Val accuracy under dynamic inference, average MACs and reward, as for a candidate."""
-        probs, targets = collect_exit_probs(self.model, data.val_loader(), gather=False)
+        probs, targets = val_exit_probs(self.model, datamodule.whole_val_loader())
         macs = self.model.exit_macs(self.data_info.input_size)
         score = dynamic_score(probs, targets, macs, self._static_macs(), self.search_cfg)
         return {
@@ -253,11 +250,3 @@ def load_static_weights(path: str | Path) -> dict[str, Tensor]:
             if key.startswith(prefix)
         }
     return state
-
-
-def search_device(cfg: DictConfig | None) -> torch.device:
-    """Where candidates train: this rank's GPU unless the trainer is set to CPU."""
-    accelerator = cfg.trainer.accelerator if cfg is not None else "auto"
-    if accelerator != "cpu" and torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")

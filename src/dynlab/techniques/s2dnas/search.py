@@ -1,14 +1,14 @@
 """The S2DNAS search loop: sample settings, train and score each candidate, update the controller.
 
-Every iteration samples `candidates_per_iteration` settings from the controller, trains each sampled
-network briefly, scores it on val (see `reward.py`) and takes one REINFORCE step. Under an initialised
-torch.distributed, the candidates of an iteration are spread over the ranks (rank r takes the r-th
-of each round of W) and the results all-gathered, so every rank keeps an identical controller.
-After every round, the controller, its optimiser and baseline, the sampling RNG, the pending samples
-and every evaluated candidate are saved atomically to `search_state.pt` (and the candidates to
-`candidates.json`): a killed search resumes at the next candidate and samples what the uninterrupted
-search would have. Candidate k is trained from seed (search seed, k), so it does not depend on when
-or where it runs.
+Every iteration samples `candidates_per_iteration` settings from the controller, trains each
+sampled network briefly, scores it on val (see `reward.py`) and takes one REINFORCE step. The
+shared machinery is `dynlab.search`: candidates train on the datamodule's real train loader
+(`train_candidate`), are spread over the ranks of the job with the records all-gathered, so every
+rank keeps an identical controller, and go into a `Ledger` saved after every round together with
+the controller, its optimiser and baseline, the sampling RNG and the pending samples: a killed or
+preempted search resumes at the next candidate and samples what the uninterrupted search would
+have. Candidate k is initialised from seed (search seed, k), so it does not depend on when or
+where it runs.
 """
 
 from __future__ import annotations
@@ -16,36 +16,42 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from dynlab.checkpointing import atomic_torch_save
 from dynlab.config import OptimConfig
-from dynlab.data.sampling import rank_and_world_size
-from dynlab.evaluation.outputs import collect_exit_probs
-from dynlab.results import atomic_write_text
-from dynlab.techniques.s2dnas.candidate import CandidateData, train_candidate
+from dynlab.data.base import DynlabDataModule, StreamSpec
+from dynlab.search import (
+    CandidateTrainer,
+    Ledger,
+    derived_seed,
+    evaluate_spread,
+    seeded,
+    train_candidate,
+    val_exit_probs,
+)
+from dynlab.search.ledger import RECORDS, STATE
 from dynlab.techniques.s2dnas.config import S2DNASSearchConfig
 from dynlab.techniques.s2dnas.controller import Controller, Reinforce
+from dynlab.techniques.s2dnas.model import multi_exit_loss
 from dynlab.techniques.s2dnas.reward import dynamic_score, reward
 from dynlab.techniques.s2dnas.settings import S2DSettings
 
-SEARCH_STATE, CANDIDATES = "search_state.pt", "candidates.json"
+__all__ = ["CANDIDATES", "SEARCH_STATE", "derived_seed", "run_search", "top_candidates"]
+
+SEARCH_STATE, CANDIDATES = STATE, RECORDS
 # Independent seed streams derived from the technique's seed (see `derived_seed`).
 CANDIDATE_STREAM, SAMPLING_STREAM, CONTROLLER_STREAM, RETRAIN_STREAM = range(4)
+# Every candidate trains on the whole train split, in the same seeded order (common random
+# numbers: candidates differ by their settings and initialisation, not by their batches).
+CANDIDATE_DATA = StreamSpec("s2dnas/candidates", sharded=False)
 
 Evaluate = Callable[[S2DSettings, int], dict[str, Any]]
-
-
-def derived_seed(seed: int, *keys: int) -> int:
-    """An independent seed for the stream named by `keys` (e.g. candidate k: keys (0, k))."""
-    return int(np.random.SeedSequence([seed, *keys]).generate_state(1)[0])
 
 
 @dataclass
@@ -53,32 +59,29 @@ class CandidateEvaluator:
     """Builds, briefly trains and scores one candidate; returns its record (settings, score, reward)."""
 
     build: Callable[[S2DSettings], nn.Module]
-    data: CandidateData
+    datamodule: DynlabDataModule
     optim: OptimConfig
     loss_weights: list[float]
     input_size: tuple[int, int, int]
     static_macs: float
     cfg: S2DNASSearchConfig
     seed: int
-    device: torch.device
+    trainer: CandidateTrainer
 
     def __call__(self, settings: S2DSettings, index: int) -> dict[str, Any]:
-        seed = derived_seed(self.seed, CANDIDATE_STREAM, index)
         start = time.perf_counter()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        with seeded(derived_seed(self.seed, CANDIDATE_STREAM, index)):
             model = self.build(settings)
             train_candidate(
                 model,
-                self.data,
+                self._loss,
                 self.optim,
-                self.loss_weights,
+                self.datamodule.stream_loader(CANDIDATE_DATA),
                 self.cfg.candidate_epochs,
                 self.cfg.candidate_batches,
-                seed,
-                self.device,
+                self.trainer,
             )
-        probs, targets = collect_exit_probs(model, self.data.val_loader(), gather=False)
+        probs, targets = val_exit_probs(model, self.datamodule.whole_val_loader())
         exit_macs = model.exit_macs(self.input_size)  # type: ignore[operator]
         score = dynamic_score(probs, targets, exit_macs, self.static_macs, self.cfg)
         return {
@@ -89,16 +92,8 @@ class CandidateEvaluator:
             "seconds": time.perf_counter() - start,
         }
 
-
-@dataclass
-class SearchState:
-    """Everything a resumed search needs (saved after every round of candidates)."""
-
-    reinforce: dict[str, Any]
-    generator: torch.Tensor
-    updates: int = 0
-    pending: list[list[int]] | None = None  # tokens sampled for the current iteration
-    candidates: list[dict[str, Any]] = field(default_factory=list)
+    def _loss(self, logits: list[torch.Tensor], y: torch.Tensor) -> torch.Tensor:
+        return multi_exit_loss(logits, y, self.loss_weights, self.optim.label_smoothing)
 
 
 def run_search(
@@ -110,37 +105,43 @@ def run_search(
     seed: int,
 ) -> list[dict[str, Any]]:
     """Run (or resume) the search in `phase_dir`; every evaluated candidate's record, in order."""
-    rank, world = rank_and_world_size()
     generator = torch.Generator().manual_seed(derived_seed(seed, SAMPLING_STREAM))
-    state = _load(phase_dir, reinforce, generator)
-    if world > 1:
-        dist.barrier()  # every rank has read the state before rank 0 writes it again
+    ledger = Ledger(phase_dir)
+    if ledger.load():
+        reinforce.load_state_dict(ledger.state["reinforce"])
+        generator.set_state(ledger.state["generator"])
+    else:
+        ledger.state = {"updates": 0, "pending": None}
+    state = ledger.state
+
+    def keep_state() -> None:
+        state["reinforce"], state["generator"] = reinforce.state_dict(), generator.get_state()
+
     per_iteration = cfg.candidates_per_iteration
-    while state.updates < cfg.iterations:
-        if state.pending is None:
-            state.pending = [controller.sample(generator) for _ in range(per_iteration)]
-            state.generator = generator.get_state()
-            _save(phase_dir, state, reinforce, rank)
-        first = state.updates * per_iteration
-        done = {c["index"] for c in state.candidates}
-        todo = [j for j in range(per_iteration) if first + j not in done]
-        for start in range(0, len(todo), world):
-            batch = todo[start : start + world]
-            record = None
-            if rank < len(batch):
-                j = batch[rank]
-                record = evaluate(controller.to_settings(state.pending[j]), first + j)
-                record.update(index=first + j, iteration=state.updates, tokens=state.pending[j])
-            for result in _all_gather(record, world):
-                if result is not None:
-                    state.candidates.append(result)
-            state.candidates.sort(key=lambda c: c["index"])
-            _save(phase_dir, state, reinforce, rank)
-        rewards = [c["reward"] for c in state.candidates[first : first + per_iteration]]
-        reinforce.update(state.pending, rewards)
-        state.updates, state.pending = state.updates + 1, None
-        _save(phase_dir, state, reinforce, rank)
-    return state.candidates
+    while state["updates"] < cfg.iterations:
+        if state["pending"] is None:
+            state["pending"] = [controller.sample(generator) for _ in range(per_iteration)]
+            keep_state()
+            ledger.save()
+        first, done = state["updates"] * per_iteration, ledger.done()
+        todo = [first + j for j in range(per_iteration) if first + j not in done]
+        sampled = partial(_evaluate_sampled, evaluate, controller, state["pending"], first)
+        evaluate_spread(todo, sampled, ledger, on_round=keep_state)
+        rewards = [c["reward"] for c in ledger.records[first : first + per_iteration]]
+        reinforce.update(state["pending"], rewards)
+        state["updates"], state["pending"] = state["updates"] + 1, None
+        keep_state()
+        ledger.save()
+    return ledger.records
+
+
+def _evaluate_sampled(
+    evaluate: Evaluate, controller: Controller, pending: list[list[int]], first: int, index: int
+) -> dict[str, Any]:
+    """Candidate `index` of an iteration whose samples `pending` start at index `first`."""
+    tokens = pending[index - first]
+    record = evaluate(controller.to_settings(tokens), index)
+    return {**record, "iteration": first // len(pending), "tokens": tokens}
 
 
 def top_candidates(candidates: list[dict[str, Any]], k: int) -> list[dict[str, Any]]:
@@ -149,30 +150,3 @@ def top_candidates(candidates: list[dict[str, Any]], k: int) -> list[dict[str, A
     for c in sorted(candidates, key=lambda c: (-c["reward"], c["index"])):
         best.setdefault(json.dumps(c["settings"]), c)
     return list(best.values())[:k]
-
-
-def _load(phase_dir: Path, reinforce: Reinforce, generator: torch.Generator) -> SearchState:
-    path = phase_dir / SEARCH_STATE
-    if not path.exists():
-        return SearchState(reinforce=reinforce.state_dict(), generator=generator.get_state())
-    saved = torch.load(path, map_location="cpu", weights_only=False)
-    state = SearchState(**saved)
-    reinforce.load_state_dict(state.reinforce)
-    generator.set_state(state.generator)
-    return state
-
-
-def _save(phase_dir: Path, state: SearchState, reinforce: Reinforce, rank: int) -> None:
-    if rank != 0:
-        return
-    state.reinforce = reinforce.state_dict()
-    atomic_torch_save(vars(state), phase_dir / SEARCH_STATE)
-    atomic_write_text(phase_dir / CANDIDATES, json.dumps(state.candidates, indent=2))
-
-
-def _all_gather(record: dict[str, Any] | None, world: int) -> list[dict[str, Any] | None]:
-    if world == 1:
-        return [record]
-    gathered: list[dict[str, Any] | None] = [None] * world
-    dist.all_gather_object(gathered, record)
-    return gathered

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# One prepared GPU check (under 8 minutes on one H200): trainer=gpu with bf16, DDP over NCCL with
+# one process, and the throughput benchmark on the GPU. Prints one JSON object per line and
+# writes them to ${OUT:-.}/gpu_check.jsonl. Never a test dependency (CI has no GPU).
+#
+# On this project's device machine python3 has torch, Lightning, timm and torchmetrics but not
+# Hydra: carry its wheels in .whl/ (benchmarks/README.md says how); the package runs from src/.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-.}
+PY=${PYTHON:-python3}
+export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} WANDB_MODE=offline DYNLAB_OUTPUTS=$OUT/runs
+if [ -d .whl ]; then
+    $PY -m pip install --quiet --no-index --find-links .whl hydra-core omegaconf >/dev/null
+fi
+log=$OUT/gpu_check.jsonl
+mkdir -p "$OUT/runs"
+: > "$log"
+emit() { echo "$1" | tee -a "$log"; }
+
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | sed 's/^/# /'
+
+# 1. The embedded default on one GPU in bf16, and 2. the same through DDP/NCCL with one process.
+for trainer in gpu "ddp trainer.devices=1"; do
+    dir=$OUT/runs/${trainer%% *}
+    start=$SECONDS
+    if timeout 150 $PY -m dynlab.apps.train trainer=$trainer logger=csv \
+        trainer.enable_progress_bar=false hydra.run.dir="$dir" > "$dir.log" 2>&1; then
+        status=ok
+    else
+        status="failed (see ${dir}.log)"; tail -20 "$dir.log" >&2
+    fi
+    secs=$((SECONDS - start))
+    top1=$($PY -c "import json,sys;print(json.load(open(sys.argv[1]))['metrics'].get('test/top1'))" \
+        "$dir/results.json" 2>/dev/null || echo null)
+    emit "{\"check\": \"dynlab-train trainer=$trainer\", \"status\": \"$status\", \"seconds\": $secs, \"test_top1\": $top1}"
+done
+
+# 3. Lightning path vs plain loop on the GPU, where per-step overhead shows.
+bench() {
+    local name=$1; shift
+    if ! timeout 180 $PY benchmarks/throughput.py --trainer gpu "$@" > "$OUT/runs/$name.log" 2>&1; then
+        tail -20 "$OUT/runs/$name.log" >&2
+        emit "{\"benchmark\": \"$name\", \"status\": \"failed (see runs/$name.log)\"}"
+        return
+    fi
+    emit "$(tail -1 "$OUT/runs/$name.log")"
+}
+bench throughput_resnet20 --batch-size 256 --steps 80 --num-workers 4
+bench throughput_resnet50 --backbone timm --backbone-name resnet50 --image-size 224 \
+    --batch-size 128 --steps 40 --num-workers 8

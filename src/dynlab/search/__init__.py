@@ -1,0 +1,36 @@
+"""What every search shares (S2DNAS today; SPOS and FBNetV2 next), independent of any technique.
+
+- `seeds`: independent seeds per stream (candidate k, the sampler, ...), so a candidate's result
+  depends on its index only, not on when or on which rank it runs;
+- `candidates`: brief training of a candidate network on the datamodule's real loaders, driven by a
+  small single-device Lightning Trainer (workers, pinned memory, AMP on GPU come with it);
+- `bn`: BN recalibration on a fixed training subset (SPOS);
+- `scoring`: exit probabilities and accuracies on the whole held-out val split;
+- `ledger`: every evaluated candidate with its score and the search's own state, saved atomically
+  after every round, so a killed or preempted search resumes at the next candidate;
+- `ranks`: candidates spread over the ranks of a job (rank r takes every W-th), results
+  all-gathered, only rank 0 writes, and a Slurm signal honoured at the next candidate boundary.
+
+Nothing here imports a technique: a technique passes its network builder, loss and score.
+"""
+
+from dynlab.search.bn import recalibrate_bn
+from dynlab.search.candidates import CandidateModule, CandidateTrainer, train_candidate
+from dynlab.search.ledger import Ledger
+from dynlab.search.ranks import all_gather_objects, evaluate_spread
+from dynlab.search.scoring import exit_accuracies, val_exit_probs
+from dynlab.search.seeds import derived_seed, seeded
+
+__all__ = [
+    "CandidateModule",
+    "CandidateTrainer",
+    "Ledger",
+    "all_gather_objects",
+    "derived_seed",
+    "evaluate_spread",
+    "exit_accuracies",
+    "recalibrate_bn",
+    "seeded",
+    "train_candidate",
+    "val_exit_probs",
+]

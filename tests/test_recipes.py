@@ -1,0 +1,326 @@
+"""Phase recipes: optimisers, parameter groups, schedules, freezing, manual optimisation, trainer
+overrides, EMA, all from config; and the optimisation code at known steps."""
+
+from __future__ import annotations
+
+import inspect
+import math
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.strategies import DDPStrategy
+from torch import Tensor, nn
+
+from dynlab import checkpointing as ckpt
+from dynlab.config import (
+    SCHEMAS,
+    EMAConfig,
+    OptimConfig,
+    ParamGroupConfig,
+    PhaseRecipe,
+    StreamConfig,
+)
+from dynlab.data.synthetic import SyntheticDataModule
+from dynlab.optim import build_optimizer, lr_lambda, parameter_groups
+from dynlab.protocol import StaticExits
+from dynlab.runner import build_datamodule, build_module, build_trainer, run_job
+from dynlab.techniques.base import DynlabModule, Phase, assign_parameters
+
+from .conftest import TINY
+
+
+def _cfg(**kw) -> OptimConfig:
+    return OptimConfig(**kw)
+
+
+# --- schedules ------------------------------------------------------------------------------
+def test_warmup_then_cosine_at_known_steps():
+    f = lr_lambda(_cfg(schedule="cosine", warmup_epochs=1), total_steps=110, steps_per_epoch=10)
+    assert [f(s) for s in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])
+    assert f(10) == pytest.approx(1.0)  # cosine starts after warm-up ...
+    assert f(60) == pytest.approx(0.5)  # ... is at half its length halfway ...
+    assert f(110) == pytest.approx(0.0, abs=1e-12)  # ... and ends at zero
+    assert f(35) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.25)))
+
+
+def test_step_schedule_decays_at_milestones():
+    f = lr_lambda(_cfg(schedule="step", milestones=[0.5, 0.75], gamma=0.1), 100, 10)
+    assert [f(s) for s in (0, 49, 50, 74, 75, 99)] == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
+
+
+def test_linear_decay_per_iteration_as_spos():
+    f = lr_lambda(_cfg(schedule="linear"), total_steps=200, steps_per_epoch=10)
+    assert [f(s) for s in (0, 50, 100, 200, 300)] == pytest.approx([1, 0.75, 0.5, 0, 0])
+
+
+def test_constant_schedule_only_warms_up():
+    f = lr_lambda(_cfg(schedule="constant", warmup_epochs=0.5), 100, 10)
+    assert [f(s) for s in (0, 4, 5, 99)] == pytest.approx([0.2, 1.0, 1.0, 1.0])
+
+
+# --- parameter groups and optimisers ---------------------------------------------------------
+def _net() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(2))
+
+
+def _named(net: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    net(torch.zeros(1, 3, 5, 5))  # materialise the lazy layer
+    return list(net.named_parameters())
+
+
+def test_norm_and_bias_get_no_weight_decay_and_groups_their_own_lr():
+    net = _net()
+    named = _named(net)
+    o = _cfg(lr=0.1, weight_decay=5e-4, groups=[ParamGroupConfig(pattern="3.*", lr=0.01)])
+    groups = {
+        (g["lr"], g["weight_decay"]): sorted(id(p) for p in g["params"])
+        for g in parameter_groups(net, named, o)
+    }
+    ids = {n: id(p) for n, p in named}
+    assert groups == {
+        (0.1, 5e-4): [ids["0.weight"]],
+        (0.1, 0.0): sorted([ids["0.bias"], ids["1.weight"], ids["1.bias"]]),
+        (0.01, 5e-4): [ids["3.weight"]],
+        (0.01, 0.0): [ids["3.bias"]],
+    }
+    opt = build_optimizer(net, named, o)
+    assert isinstance(opt, torch.optim.SGD) and opt.defaults["nesterov"]
+    assert sorted(g["lr"] for g in opt.param_groups) == [0.01, 0.01, 0.1, 0.1]
+
+
+def test_group_weight_decay_and_first_match_wins():
+    net = _net()
+    named = _named(net)
+    o = _cfg(
+        name="adam",
+        no_decay_norm_and_bias=False,
+        groups=[
+            ParamGroupConfig(pattern="3.weight", weight_decay=0.0),
+            ParamGroupConfig(pattern="3.*", lr=1.0),
+        ],
+    )
+    opt = build_optimizer(net, named, o)
+    assert isinstance(opt, torch.optim.Adam) and not isinstance(opt, torch.optim.AdamW)
+    by_param = {id(p): (g["lr"], g["weight_decay"]) for g in opt.param_groups for p in g["params"]}
+    params = dict(named)
+    assert by_param[id(params["3.weight"])] == (0.1, 0.0)
+    assert by_param[id(params["3.bias"])] == (1.0, 5e-4)
+    assert by_param[id(params["0.weight"])] == (0.1, 5e-4)
+
+
+def test_parameters_are_split_over_named_optimisers():
+    named = _named(_net())
+    configs = {"arch": _cfg(params=["3.*"]), "weights": _cfg()}
+    assigned = assign_parameters(named, configs)
+    assert [n for n, _ in assigned["arch"]] == ["3.weight", "3.bias"]
+    assert [n for n, _ in assigned["weights"]] == ["0.weight", "0.bias", "1.weight", "1.bias"]
+    with pytest.raises(ValueError, match="at most one"):
+        assign_parameters(named, {"a": _cfg(), "b": _cfg()})
+    with pytest.raises(ValueError, match="no parameters"):
+        build_optimizer(nn.Linear(2, 2), [], _cfg(params=["nothing.*"]))
+
+
+# --- recipes from config, end to end ----------------------------------------------------------
+def test_recipe_freezes_parameters_and_sets_epochs_from_config(compose_cfg):
+    cfg = compose_cfg(
+        [
+            *TINY,
+            "trainer.max_epochs=3",
+            "trainer.limit_train_batches=2",
+            "++technique.phases={train: {epochs: 1, freeze: [model.net.head.fc.*],"
+            " optimizers: {main: {lr: 0.05, schedule: constant}}}}",
+        ]
+    )
+    pl.seed_everything(cfg.seed)  # as run_job does: the same initial weights
+    module = build_module(cfg, build_datamodule(cfg))
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    run_job(cfg)
+    final = torch.load(
+        ckpt.phase_dir(cfg.run_dir, "train") / ckpt.FINAL, map_location="cpu", weights_only=False
+    )
+    assert final["epoch"] == 1 and final["global_step"] == 2  # the recipe's 1 epoch, not 3
+    assert final["optimizer_states"][0]["param_groups"][0]["lr"] == pytest.approx(0.05)
+    state = final["state_dict"]
+    fc = [n for n in before if n.startswith("model.net.head.fc.")]
+    assert fc and all(torch.equal(state[n], before[n]) for n in fc)
+    assert not torch.equal(state["model.net.stem.0.weight"], before["model.net.stem.0.weight"])
+
+
+def test_recipe_pattern_and_ddp_options_reach_the_trainer(compose_cfg):
+    cfg = compose_cfg(
+        [
+            *TINY,
+            "trainer=ddp_cpu",
+            "++technique.phases={retrain_*: {ddp: {find_unused_parameters: true},"
+            " trainer: {gradient_clip_val: 2.0}}}",
+        ]
+    )
+    datamodule = SyntheticDataModule(num_train=64, num_test=16, val_size=16, batch_size=16)
+    module = build_module(cfg, datamodule)
+    trainer = build_trainer(cfg, Phase("retrain_2"), False, [], module)
+    assert isinstance(trainer.strategy, DDPStrategy)
+    assert trainer.strategy._ddp_kwargs == {"find_unused_parameters": True}
+    assert trainer.gradient_clip_val == 2.0
+    plain = build_trainer(cfg, Phase("train"), False, [], module)
+    assert plain.gradient_clip_val is None
+    assert not plain.strategy._ddp_kwargs.get("find_unused_parameters", False)
+
+
+# --- manual optimisation, resumed exactly -----------------------------------------------------
+class TwoOptimisers(DynlabModule):
+    """Alternates two optimisers over body and head, as FBNetV2's weights and architecture."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        torch.manual_seed(0)
+        self.model = StaticExits(
+            nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 16), nn.ReLU(), nn.Linear(16, 10))
+        )
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        x, y = batch
+        loss = nn.functional.cross_entropy(self.model(x), y)
+        self.manual_step("body" if batch_idx % 2 == 0 else "head", loss)
+        self.log("train/loss", loss)
+
+
+RECIPE = PhaseRecipe(
+    epochs=2,
+    optimizers={
+        "head": OptimConfig(name="adam", lr=1e-2, params=["model.net.3.*"], schedule="step"),
+        "body": OptimConfig(lr=0.05, warmup_epochs=0.5),
+    },
+    trainer={"gradient_clip_val": 0.5},
+)
+
+
+class StopAfterFirstEpoch(pl.Callback):
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        trainer.should_stop = True
+
+
+def _fit_manual(compose_cfg, run_dir: Path, callbacks: list[pl.Callback]) -> TwoOptimisers:
+    cfg = compose_cfg([*TINY], run_dir=run_dir)
+    data = SyntheticDataModule(
+        num_train=96, num_test=16, val_size=16, batch_size=16, image_size=8, seed=0
+    )
+    module = TwoOptimisers()
+    module.set_recipes({"train": RECIPE})
+    phase = Phase("train")
+    module.start_phase(phase)
+    trainer = build_trainer(cfg, phase, False, callbacks, module)
+    resume = ckpt.resume_path(run_dir, "train")
+    trainer.fit(module, datamodule=data, ckpt_path=resume, weights_only=False)
+    return module
+
+
+def test_manual_optimisation_with_two_optimisers_resumes_exactly(compose_cfg, tmp_path):
+    straight = _fit_manual(compose_cfg, tmp_path / "straight", [])
+    _fit_manual(compose_cfg, tmp_path / "stopped", [StopAfterFirstEpoch()])
+    resumed = _fit_manual(compose_cfg, tmp_path / "stopped", [])
+    assert straight.manual_clip_val == 0.5
+    opts = straight.optimizers()
+    assert [type(o.optimizer).__name__ for o in opts] == ["Adam", "SGD"]
+    assert [sum(len(g["params"]) for g in o.param_groups) for o in opts] == [2, 2]
+    for (name, a), b in zip(
+        straight.state_dict().items(), resumed.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b), name
+
+
+# --- EMA ---------------------------------------------------------------------------------------
+class RecordWeights(pl.Callback):
+    """The live weights after every optimiser step, and a binary mask that flips each step."""
+
+    def __init__(self) -> None:
+        self.seen: list[dict[str, Tensor]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        pl_module.model.mask.fill_(float(batch_idx % 2))
+        self.seen.append({n: p.detach().clone() for n, p in pl_module.named_parameters()})
+
+
+def test_ema_averages_weights_and_copies_masks(compose_cfg, tmp_path):
+    cfg = compose_cfg([*TINY, "trainer.limit_val_batches=0"], run_dir=tmp_path)
+    data = SyntheticDataModule(
+        num_train=80, num_test=16, val_size=16, batch_size=16, image_size=8, seed=0
+    )
+    module = DynlabModule(OptimConfig(lr=0.05, schedule="constant"))
+    torch.manual_seed(0)
+    module.model = StaticExits(nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 10)))
+    module.model.register_buffer("mask", torch.zeros(()))
+    decay = 0.6
+    module.set_recipes({"train": PhaseRecipe(epochs=1, ema=EMAConfig(decay=decay))})
+    record = RecordWeights()
+    phase = Phase("train")
+    module.start_phase(phase)
+    # The recorder runs before the EMA callback, which build_trainer appends last.
+    build_trainer(cfg, phase, False, [record], module).fit(module, datamodule=data)
+    expected = dict(record.seen[0])
+    for weights in record.seen[1:]:
+        expected = {n: decay * expected[n] + (1 - decay) * w for n, w in weights.items()}
+    for name, p in module.named_parameters():
+        assert torch.allclose(p, expected[name], atol=1e-6), name
+        assert not torch.allclose(p, record.seen[-1][name])
+    assert module.model.mask.item() == 1.0  # the last step's mask (batch 3 of 4), not a blend
+
+
+# --- one source of defaults ---------------------------------------------------------------------
+@pytest.mark.parametrize("name", sorted(SCHEMAS["dataset"]))
+def test_dataset_schema_defaults_match_the_datamodule(name):
+    schema = SCHEMAS["dataset"][name]
+    module_path, cls = schema._target_.rsplit(".", 1)
+    datamodule = getattr(__import__(module_path, fromlist=[cls]), cls)
+    defaults = {f: getattr(schema(), f, None) for f in schema.__dataclass_fields__}
+    for param in inspect.signature(datamodule.__init__).parameters.values():
+        if param.default is not inspect.Parameter.empty and param.name in defaults:
+            if isinstance(defaults[param.name], str) and "${" in defaults[param.name]:
+                continue  # an interpolation (the data root from DYNLAB_DATA)
+            assert defaults[param.name] == param.default, (name, param.name)
+
+
+# --- extra train streams ------------------------------------------------------------------------
+class TwoStreams(DynlabModule):
+    """Trains on FBNetV2's split: weights on one stream, a second stream alongside."""
+
+    def __init__(self) -> None:
+        super().__init__(OptimConfig(lr=0.05))
+        self.model = StaticExits(nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 10)))
+        self.seen: list[tuple[str, ...]] = []
+
+    def training_step(self, batch: dict[str, tuple[Tensor, Tensor]], batch_idx: int) -> Tensor:
+        self.seen.append(tuple(sorted(batch)))
+        x, y = batch["weights"]
+        return nn.functional.cross_entropy(self.model(x), y)
+
+
+def test_recipe_streams_feed_the_phase_and_end_with_it(compose_cfg, tmp_path):
+    from dynlab.runner import run_schedule
+
+    cfg = compose_cfg([*TINY, "trainer.max_epochs=1"], run_dir=tmp_path)
+    data = SyntheticDataModule(
+        num_train=116, num_test=16, val_size=16, batch_size=10, image_size=8, seed=0
+    )
+    module = TwoStreams()
+    arch = {"fraction": 0.2, "key": "arch"}
+    module.set_recipes(
+        {
+            "train": PhaseRecipe(
+                streams={
+                    "weights": StreamConfig(**arch, complement=True),
+                    "arch": StreamConfig(**arch),
+                }
+            )
+        }
+    )
+    run_schedule(cfg, module, data, [])
+    # 100 train samples: the weights stream holds 80 (8 batches), arch 20 (2 batches, cycled).
+    assert module.seen == [("arch", "weights")] * 8
+    final = torch.load(
+        ckpt.phase_dir(tmp_path, "train") / ckpt.FINAL, map_location="cpu", weights_only=False
+    )
+    assert final["global_step"] == 8
+    assert data.train_streams is None  # the next phase gets the plain loader again
