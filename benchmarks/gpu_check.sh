@@ -11,7 +11,7 @@ OUT=${OUT:-.}
 PY=${PYTHON:-python3}
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} WANDB_MODE=offline DYNLAB_OUTPUTS=$OUT/runs
 if [ -d .whl ]; then
-    $PY -m pip install --quiet --no-index --find-links .whl hydra-core omegaconf >/dev/null
+    $PY -m pip install --quiet --no-index --no-build-isolation --find-links .whl hydra-core >/dev/null
 fi
 log=$OUT/gpu_check.jsonl
 mkdir -p "$OUT/runs"

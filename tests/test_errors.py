@@ -21,7 +21,7 @@ from dynlab.backbones import UnknownBackboneError
 from dynlab.data.base import DataRootError
 from dynlab.divergence import DivergenceGuard
 from dynlab.errors import TrainingDiverged, UserError, reporting_user_errors
-from dynlab.validation import ConfigError, build_run, validate_config
+from dynlab.validation import ConfigError, build_run, check_input_size, validate_config
 
 from .conftest import TINY, run_cli
 
@@ -83,6 +83,28 @@ def test_nan_loss_stops_at_that_step_naming_phase_epoch_and_remedy(tmp_path, man
     assert isinstance(err.value, UserError)
 
 
+class _EveryFourSteps(DivergenceGuard):
+    """The guard as it runs on a GPU or under DDP: the flag is read back every 4 steps only."""
+
+    def _due(self, trainer: pl.Trainer) -> bool:
+        return trainer.global_step % 4 == 0
+
+
+def test_a_late_check_still_names_the_first_non_finite_step(tmp_path):
+    trainer = pl.Trainer(
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[_EveryFourSteps()],
+        default_root_dir=tmp_path,
+    )
+    with pytest.raises(TrainingDiverged, match="epoch 0, step 6: the loss is nan"):
+        trainer.fit(_Tiny(nan_at=5))
+    assert trainer.global_step == 8  # read at step 8, the first NaN was at step 6
+
+
 def test_finite_loss_trains_through(tmp_path):
     assert _fit(_Tiny(nan_at=10**9), tmp_path).global_step == 8
 
@@ -118,15 +140,26 @@ def test_technique_constructor_value_error_becomes_a_config_error(compose_cfg):
         build_run(cfg)
 
 
-def test_model_that_cannot_take_the_input_size_fails_at_validation(compose_cfg):
+@pytest.mark.parametrize("technique", ["baseline", "s2dnas"])
+def test_model_that_cannot_take_the_input_size_fails_at_validation(compose_cfg, technique):
+    """Before the technique analyses or wraps the backbone (S2DNAS traces it on build)."""
     vit = [*TINY, "backbone=timm", "backbone.name=vit_tiny_patch16_224"]
     with pytest.raises(ConfigError) as err:
-        build_run(compose_cfg(vit))
+        build_run(compose_cfg([*vit, f"technique={technique}"]))
     message = str(err.value)
-    assert "cannot take synthetic's input size 3x32x32" in message
+    assert "backbone vit_tiny_patch16_224 cannot take synthetic's input size 3x32x32" in message
     assert "built for 3x224x224" in message and "+backbone.kwargs.img_size=32" in message
-    _, module = build_run(compose_cfg([*vit, "+backbone.kwargs.img_size=32"]))
-    assert module.training  # the check leaves the module as it found it
+    assert "\n" not in message
+
+
+def test_input_size_check_passes_what_the_model_can_take_and_keeps_the_rng(compose_cfg):
+    vit = [*TINY, "backbone=timm", "backbone.name=vit_tiny_patch16_224"]
+    cfg = compose_cfg([*vit, "+backbone.kwargs.img_size=32"])
+    datamodule, module = build_run(cfg)
+    assert module.forward_exits(torch.zeros(2, 3, 32, 32))[-1].shape == (2, 10)
+    state = torch.get_rng_state()
+    check_input_size(cfg, datamodule.info)
+    assert torch.equal(torch.get_rng_state(), state)  # the run's weights do not depend on it
 
 
 def test_apps_import_no_torch_before_the_config_is_checked():

@@ -245,3 +245,16 @@ def test_train_loader_under_a_trainer_needs_the_callback() -> None:
     data.trainer = trainer
     with pytest.raises(ValueError, match="ResumableLoaderCallback"):
         data.train_dataloader()
+
+
+def test_each_pass_within_an_epoch_has_its_own_order_and_resumes_exactly() -> None:
+    sampler = ResumableSampler(12, seed=2)
+    sampler.set_epoch(1)
+    passes = [list(sampler) for _ in range(4)]
+    assert len({str(p) for p in passes}) == 4  # a cycled (shorter) stream gets fresh orders
+    assert epoch_pairs(sampler, 1) == passes[0]  # a new epoch starts at its first pass again
+    resumed = ResumableSampler(12, seed=2)
+    resumed.resume(epoch=1, skip=5, cycle=2)
+    resumed.set_epoch(1)  # Lightning sets the epoch after loading the state: the resume point stays
+    assert list(resumed) == passes[2][5:]
+    assert list(resumed) == passes[3]  # then the passes go on as in the uninterrupted epoch

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -165,3 +167,12 @@ def test_dynlab_search_spreads_candidates_over_two_gloo_processes(tmp_path: Path
     for one, two in zip(ledgers["one"], ledgers["two"], strict=True):
         assert {k: one[k] for k in same} == {k: two[k] for k in same}
         assert one["reward"] == pytest.approx(two["reward"], abs=1e-6)
+
+
+def test_the_search_package_imports_no_technique_and_no_app() -> None:
+    code = (
+        "import sys, dynlab.search; "
+        "print([m for m in sys.modules if m.startswith(('dynlab.techniques', 'dynlab.apps'))])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

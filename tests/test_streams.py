@@ -93,6 +93,7 @@ class TwoStreams(pl.LightningModule):
 def fit_streams(root: Path, module: TwoStreams, ckpt: Path | None = None) -> dict[str, Tensor]:
     dm = synthetic()
     dm.set_train_streams({"arch": ARCH, "weights": WEIGHTS})
+    assert len(dm.train_dataloader()) == 10  # the longest stream's batches (schedules need it)
     pl.seed_everything(0)
     trainer = pl.Trainer(
         default_root_dir=root,

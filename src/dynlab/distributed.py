@@ -24,6 +24,7 @@ def start_job_processes(cfg: DictConfig) -> int:
     import torch.distributed as dist
     from pytorch_lightning.plugins.environments import SLURMEnvironment
     from pytorch_lightning.strategies import DDPStrategy
+    from pytorch_lightning.strategies.launchers import _SubprocessScriptLauncher
 
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size()
@@ -47,7 +48,10 @@ def start_job_processes(cfg: DictConfig) -> int:
     finally:
         banner.setLevel(level)
     strategy = trainer.strategy
-    if not isinstance(strategy, DDPStrategy) or strategy.launcher is None:
+    if not isinstance(strategy, DDPStrategy):
+        return 1
+    if not isinstance(strategy.launcher, _SubprocessScriptLauncher):
+        # ddp_spawn & co. run a function, not the script, in new processes: left to Lightning.
         return 1
     strategy.launcher.launch(strategy.setup_environment, trainer=trainer)
     return dist.get_world_size()

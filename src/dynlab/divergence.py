@@ -48,9 +48,13 @@ class DivergenceGuard(pl.Callback):
         loss = step_loss(outputs, trainer.callback_metrics)
         if loss is not None:
             self._record(loss, trainer.global_step)
-        single_cpu = trainer.world_size == 1 and trainer.strategy.root_device.type == "cpu"
-        if single_cpu or trainer.global_step % self.check_every == 0:
+        if self._due(trainer):
             self._check(trainer, pl_module)
+
+    def _due(self, trainer: pl.Trainer) -> bool:
+        """Read the flag back now? Every step on one CPU process (free), else every few."""
+        single_cpu = trainer.world_size == 1 and trainer.strategy.root_device.type == "cpu"
+        return single_cpu or trainer.global_step % self.check_every == 0
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.sanity_checking:

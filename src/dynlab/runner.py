@@ -34,7 +34,7 @@ from dynlab.distributed import start_job_processes
 from dynlab.divergence import DivergenceGuard
 from dynlab.ema import EMA
 from dynlab.evaluation.callbacks import AnytimeEvaluation, BudgetedEvaluation
-from dynlab.logging import quiet_console, wandb_mode
+from dynlab.logging import announce_phase, quiet_console, wandb_mode
 from dynlab.preemption import Preempted, PreemptionHandler, job_signals
 from dynlab.results import update_results
 from dynlab.summary import print_summary
@@ -292,6 +292,7 @@ def run_schedule(
         if _is_global_zero():
             update_results(cfg.run_dir, status="running", phase=phase.name)
         module.start_phase(phase)
+        announce_phase(cfg, module, phase)
         pdir = ckpt.phase_dir(cfg.run_dir, phase.name)
         if phase.kind == PhaseKind.custom:
             module.run_custom_phase(phase, PhaseContext(Path(cfg.run_dir), pdir, datamodule, cfg))

@@ -17,7 +17,7 @@ import os
 import zipfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -120,7 +120,8 @@ def check_input_size(cfg: DictConfig, info: DataInfo) -> None:
 
     name, kwargs = cfg.backbone.name, OmegaConf.to_container(cfg.backbone.kwargs, resolve=True)
     c, h, w = info.input_size
-    with constructor_errors(f"backbone={name}"):
+    # The RNG is put back afterwards: the run's own weights come out as without the check.
+    with torch.random.fork_rng(devices=[]), constructor_errors(f"backbone={name}"):
         net = create_backbone(name, num_classes=info.num_classes, in_chans=c, **kwargs)
     try:
         with torch.no_grad():

@@ -206,13 +206,13 @@ class DynlabDataModule(pl.LightningDataModule, ABC):
         train_idx, val_idx = holdout_split(num_train, self.val_size, self.seed)
         self.splits = Splits(Subset(train_full, train_idx), Subset(train_full, val_idx), test)
 
-    def train_dataloader(self) -> ResumableDataLoader | CombinedLoader:
+    def train_dataloader(self) -> ResumableDataLoader | StreamsLoader:
         """Seeded, sharded, resumable training batches (augmented unless `augment=False`); with
         `set_train_streams`, the streams combined (`max_size_cycle`), a batch being a dict."""
         self._require_loader_callback()
         if self.train_streams is not None:
             loaders = {key: self.stream_loader(spec) for key, spec in self.train_streams.items()}
-            return CombinedLoader(loaders, mode="max_size_cycle")
+            return StreamsLoader(loaders, mode="max_size_cycle")
         train = self._splits().train
         transform = self.augment_transform() if self.augment else self.eval_transform()
         return ResumableDataLoader(
@@ -319,6 +319,16 @@ class DynlabDataModule(pl.LightningDataModule, ABC):
                 "dynlab train loaders need dynlab.data.sampling.ResumableLoaderCallback() in the "
                 "Trainer's callbacks (it records the batches consumed, for exact resume)"
             )
+
+
+class StreamsLoader(CombinedLoader):
+    """Lightning's CombinedLoader of the train streams whose length (batches an epoch: the
+    longest stream's) is known before iteration, as for a single loader (schedules use it)."""
+
+    def __len__(self) -> int:
+        if self._iterator is None:
+            return max(len(loader) for loader in self.flattened)
+        return super().__len__()
 
 
 class _Ordered(torch.utils.data.Sampler[tuple[int, int]]):
