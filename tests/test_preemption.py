@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 
 from dynlab.checkpointing import AtomicCheckpointIO, RNGStateCallback
 from dynlab.data.sampling import ResumableDataLoader, ResumableLoaderCallback, ResumableSampler
-from dynlab.preemption import Preempted, PreemptionHandler, slurm_job_id
+from dynlab.preemption import Preempted, PreemptionHandler, job_signals, slurm_job_id
 
 BATCHES_PER_EPOCH, EPOCHS, BATCH = 4, 3, 8
 
@@ -199,3 +199,14 @@ def test_slurm_job_id() -> None:
         == "7_1"
     )
     assert slurm_job_id({}) is None
+
+
+def test_a_signal_between_phases_stops_the_next_fit_at_its_first_batch(tmp_path: Path) -> None:
+    before = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGTERM)}
+    with pytest.raises(Preempted, match="step 1;"), job_signals():
+        os.kill(os.getpid(), signal.SIGUSR1)  # after one phase ended, before the next one starts
+        fit(tmp_path, TinyRegression())
+    assert torch.load(tmp_path / "last.ckpt", weights_only=False)["global_step"] == 1
+    assert {s: signal.getsignal(s) for s in before} == before
+    with pytest.raises(Preempted, match="after the last phase"), job_signals():
+        os.kill(os.getpid(), signal.SIGTERM)  # after the last phase: stop before evaluating

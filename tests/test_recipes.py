@@ -149,9 +149,10 @@ def test_recipe_freezes_parameters_and_sets_epochs_from_config(compose_cfg):
 
 
 def test_recipe_pattern_and_ddp_options_reach_the_trainer(compose_cfg):
+    s2dnas = [o.replace("technique=baseline", "technique=s2dnas") for o in TINY]
     cfg = compose_cfg(
         [
-            *TINY,
+            *s2dnas,
             "trainer=ddp_cpu",
             "++technique.phases={retrain_*: {ddp: {find_unused_parameters: true},"
             " trainer: {gradient_clip_val: 2.0}}}",
@@ -324,3 +325,10 @@ def test_recipe_streams_feed_the_phase_and_end_with_it(compose_cfg, tmp_path):
     )
     assert final["global_step"] == 8
     assert data.train_streams is None  # the next phase gets the plain loader again
+
+
+def test_a_recipe_for_a_phase_the_technique_lacks_is_refused():
+    module = TwoOptimisers()
+    module.set_recipes({"train": RECIPE, "*": PhaseRecipe()})
+    with pytest.raises(ValueError, match=r"technique.phases.trian: .* \(its phases: train\)"):
+        module.set_recipes({"trian": RECIPE})

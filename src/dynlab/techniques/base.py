@@ -22,7 +22,6 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch.nn.functional as F
-from pytorch_lightning.utilities import CombinedLoader
 from torch import Tensor, nn
 from torchmetrics import MeanMetric, Metric
 from torchmetrics.classification import MulticlassAccuracy
@@ -82,6 +81,10 @@ class PercentAccuracy(MulticlassAccuracy):
 class DynlabModule(pl.LightningModule):
     """Base LightningModule: per-phase recipes, optimisers and schedules, exact top-k per exit."""
 
+    # Every phase name the technique's schedules can hold (fnmatch patterns for numbered ones),
+    # so a recipe for a misspelt phase is refused instead of silently never applied.
+    phase_names: tuple[str, ...] = ("train",)
+
     def __init__(self, optim: OptimConfig | None = None) -> None:
         super().__init__()
         self.optim = optim or OptimConfig()
@@ -134,6 +137,12 @@ class DynlabModule(pl.LightningModule):
 
     def set_recipes(self, recipes: dict[str, PhaseRecipe]) -> None:
         """The technique config's `phases` (the runner hands them over after building)."""
+        for key in recipes:
+            if not any(fnmatchcase(n, key) or fnmatchcase(key, n) for n in self.phase_names):
+                raise ValueError(
+                    f"technique.phases.{key}: {type(self).__name__} has no such phase "
+                    f"(its phases: {', '.join(self.phase_names)})"
+                )
         self.recipes = dict(recipes)
 
     def recipe(self, phase: str | None = None) -> PhaseRecipe:
@@ -336,12 +345,10 @@ def optimizer_steps_per_epoch(trainer: pl.Trainer) -> int:
 
     Not `trainer.estimated_stepping_batches`: in Lightning 2.6 it sets up the fit loop's train
     loader before a resume restores it, and the loader's saved position is then never applied.
-    Several train streams are combined in max_size_cycle mode: the longest sets the epoch.
+    Several train streams are combined in max_size_cycle mode: the longest sets the epoch
+    (`dynlab.data.base.StreamsLoader`).
     """
-    loaders = trainer.datamodule.train_dataloader()
-    if not isinstance(loaders, CombinedLoader):
-        loaders = CombinedLoader(loaders, mode="max_size_cycle")
-    batches = max(len(loader) for loader in loaders.flattened)
+    batches = len(trainer.datamodule.train_dataloader())
     limit = trainer.limit_train_batches
     if isinstance(limit, int):
         batches = min(batches, limit)

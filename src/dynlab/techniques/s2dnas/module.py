@@ -46,6 +46,8 @@ SEARCH, SELECT, RETRAIN = "search", "select", "retrain_"
 class S2DNASModule(DynlabModule):
     """The S2D network of a backbone, its multi-exit training, and the search over its settings."""
 
+    phase_names = ("train", SEARCH, f"{RETRAIN}*", SELECT)
+
     def __init__(
         self,
         backbone: BackboneConfig,
