@@ -8,11 +8,13 @@ The network is timed in its deploy form (BatchNorm folded into each stage's weig
 flat fx program per stage); `--form train` times the training form.
 Prints one JSON object. Run: `.venv/bin/python benchmarks/s2dnas_early_exit.py [--threads N]`.
 
-2026-11-30, CPU, 1 thread, 7 repeats, 2 cores shared with other jobs (load average ~5), batch 1,
-measured / MACs speed-up at q = 2, 1, 0.5, 0.25: training form 0.93, 0.86, 0.72, 0.66; deploy
-form 0.94, 0.87, 0.76, 0.71. Short of 0.8 at low q: the thin full-resolution first stage's convs
-alone take 17 % of the conv time for 9.4 % of the MACs (ATen's conv costs more per MAC at 6
-channels), which caps the ratio at about 0.77 at q = 0.25 even with no other overhead.
+2026-11-30, CPU, 1 thread, 7 repeats, on 2 cores shared with other jobs (load average 1-6, so
+figures move by a few hundredths between runs). Batch 1, measured / MACs speed-up at q = 2, 1,
+0.5, 0.25: training form 0.92, 0.88, 0.72, 0.67; deploy form 0.92, 0.88, 0.76, 0.71 (a second
+run: 0.94, 0.87, 0.76, 0.71); every exit 7.8 ms per image in the deploy form. Short of the 0.8
+target at q <= 0.5: the thin full-resolution first stage's 57 convs alone take 17 % of the conv
+time for 9.4 % of the MACs (ATen's conv costs more per MAC on 4-16 channels), which caps the ratio
+at about 0.77 (q = 0.25) and 0.81 (q = 0.5) even with no other overhead.
 """
 
 from __future__ import annotations

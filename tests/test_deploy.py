@@ -1,4 +1,4 @@
-"""Deploy forms: BatchNorm folded, same outputs and exits as the training form, used by evaluation."""
+"""Deploy forms: norms folded, exits and outputs as in the training form, used by evaluation."""
 
 from __future__ import annotations
 

@@ -87,6 +87,9 @@ class TinyModule(pl.LightningModule):
         x, y = batch
         return sum(F.cross_entropy(logits, y) for logits in self.model.forward_exits(x))
 
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self.model.forward_exits(batch[0])
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
@@ -102,14 +105,17 @@ def trainer(**kwargs) -> pl.Trainer:
     )
 
 
-def test_fit_writes_results_plots_and_shares_each_pass(tmp_path: Path) -> None:
+def test_test_end_writes_results_plots_and_shares_each_pass(tmp_path: Path) -> None:
     torch.manual_seed(0)
     data, module = TinyData(), TinyModule(TwoExitNet())
     callbacks = [
         AnytimeEvaluation(str(tmp_path)),
         BudgetedEvaluation(str(tmp_path)),
     ]
-    trainer(max_epochs=2, callbacks=callbacks).fit(module, datamodule=data)
+    run = trainer(max_epochs=2, callbacks=callbacks)
+    run.fit(module, datamodule=data)
+    assert not (tmp_path / "results.json").exists()  # nothing evaluated during fit
+    run.test(module, datamodule=data, verbose=False)
 
     results = json.loads((tmp_path / "results.json").read_text())
     exit_macs = module.model.exit_macs(INPUT_SIZE)
@@ -122,9 +128,9 @@ def test_fit_writes_results_plots_and_shares_each_pass(tmp_path: Path) -> None:
     assert results["budgeted"]["curve"] == json_safe(budgeted_curve(*val, *test, exit_macs))
     assert (tmp_path / "plots" / "anytime.png").stat().st_size > 0
     assert (tmp_path / "plots" / "budgeted.png").stat().st_size > 0
-    # One pass per split at fit end, shared by both callbacks (one deploy form for both), plus
-    # this test's reference pass.
-    assert data.splits["test"].reads == 2 * 24
+    # The test loop's pass, then one pass per split at test end shared by both callbacks (one
+    # deploy form for both), plus this test's reference pass.
+    assert data.splits["test"].reads == 3 * 24
     assert data.splits["val"].reads == 2 * 20
 
 

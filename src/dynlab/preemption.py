@@ -138,15 +138,11 @@ def _any_rank(flag: bool) -> bool:
     return bool(value.item())
 
 
-class PreemptionHandler(pl.Callback):
-    """Checkpoints and stops training at the first safe point after SIGUSR1 or SIGTERM.
-
-    Its handlers are installed for the training loop only (on_train_start, after Lightning sets
-    its own, until on_train_end or on_exception); a signal recorded before the fit (between
-    phases, under `job_signals`) stops it at its first batch end. Put it after callbacks whose
-    state changes at batch end (dynlab.data.sampling.ResumableLoaderCallback): Lightning calls
-    them in list order and this one saves the state they leave.
-    """
+class SignalRecorder(pl.Callback):
+    """Records SIGUSR1/SIGTERM during a training loop instead of letting Lightning's handlers act
+    (installed at on_train_start, after Lightning sets its own, until on_train_end or
+    on_exception). Alone, it keeps a search candidate's fit running to the next candidate
+    boundary; `PreemptionHandler` adds the checkpoint-and-stop at batch ends."""
 
     def __init__(self) -> None:
         self._scope: Any = None
@@ -163,6 +159,24 @@ class PreemptionHandler(pl.Callback):
     ) -> None:
         self._restore()
 
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        if self._scope is not None:
+            self._scope.__exit__(None, None, None)
+            self._scope = None
+
+
+class PreemptionHandler(SignalRecorder):
+    """Checkpoints and stops training at the first safe point after SIGUSR1 or SIGTERM.
+
+    A signal recorded before the fit (between phases, under `job_signals`) stops it at its first
+    batch end. Put it after callbacks whose state changes at batch end
+    (dynlab.data.sampling.ResumableLoaderCallback): Lightning calls them in list order and this
+    one saves the state they leave.
+    """
+
     def on_train_batch_end(
         self,
         trainer: pl.Trainer,
@@ -176,11 +190,6 @@ class PreemptionHandler(pl.Callback):
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
             self._stop_if_signalled(trainer)
-
-    def _restore(self) -> None:
-        if self._scope is not None:
-            self._scope.__exit__(None, None, None)
-            self._scope = None
 
     def _stop_if_signalled(self, trainer: pl.Trainer) -> None:
         # Any rank's signal stops all ranks at the same step (the checkpoint save is collective).

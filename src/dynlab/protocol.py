@@ -1,10 +1,10 @@
-"""The dynamic-model protocol every technique answers (see DESIGN.md, "The dynamic-model protocol").
+"""The dynamic-model protocol every technique answers (docs/ARCHITECTURE.md, same heading).
 
-`forward_exits` gives logits at every exit, cheapest first; `exit_macs` gives the measured cumulative
-MACs per sample to reach each exit; `exit_session` runs exits one at a time so that samples which
-have exited leave the batch and later exits compute only on the rest (real early exit); `deploy`
-gives the inference network with the same exits and outputs, which evaluation runs on.
-`DynamicNet` is the base of the techniques' models: it gives `forward` and the shared `deploy`.
+`forward_exits` gives logits at every exit, cheapest first; `exit_macs` gives the measured
+cumulative MACs per sample to reach each exit; `exit_session` runs exits one at a time so that
+samples which have exited leave the batch and later exits compute only on the rest (real early
+exit); `deploy` gives the inference network with the same exits and outputs, which evaluation
+runs on. `DynamicNet`, the base of the techniques' models, gives `forward` and the shared `deploy`.
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ class SingleExitSession:
 
 
 class StaticExits(DynamicNet):
-    """Wraps any classifier as a one-exit dynamic model, so static baselines land on the same charts."""
+    """Any classifier as a one-exit dynamic model, so static baselines land on the same charts."""
 
     def __init__(self, net: nn.Module) -> None:
         super().__init__()

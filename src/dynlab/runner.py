@@ -12,6 +12,7 @@ import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -264,16 +265,7 @@ def phase_streams(
     from dynlab.data.base import StreamSpec
 
     specs = {
-        name: StreamSpec(
-            name=s.key or name,
-            fraction=s.fraction,
-            size=s.size,
-            complement=s.complement,
-            augment=s.augment,
-            shuffle=s.shuffle,
-            sharded=s.sharded,
-            batch_size=s.batch_size,
-        )
+        name: StreamSpec(name=s.key or name, **{k: v for k, v in asdict(s).items() if k != "key"})
         for name, s in streams.items()
     }
     datamodule.set_train_streams(specs)
@@ -369,8 +361,7 @@ def run_job(cfg: DictConfig) -> float | None:
             status="completed",
             phase=None,
             metrics=metrics,
-            params=sum(p.numel() for p in module.model.parameters()),
-            exit_macs=module.exit_macs(datamodule.info.input_size),
+            **module.deployed_cost(datamodule.info.input_size),
         )
         print_summary(results, cfg.run_dir)
     return metrics.get("test/top1")

@@ -68,8 +68,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> float | None:
             status="completed",
             checkpoint=str(ckpt_path.resolve()),
             metrics=metrics,
-            params=sum(p.numel() for p in module.model.parameters()),
-            exit_macs=module.exit_macs(datamodule.info.input_size),
+            **module.deployed_cost(datamodule.info.input_size),
         )
         print_summary(results, cfg.run_dir)
         return metrics.get("test/top1")

@@ -2,11 +2,11 @@
 
 Both run at the end of fit and of test, and `evaluate(trainer, pl_module)` runs them directly (the
 evaluate app calls it after loading a checkpoint). They evaluate the model's deploy form (see
-dynlab.protocol): outputs and exit MACs of the inference network. Each split's softmax outputs are
-computed once per model and global step and shared by the two callbacks. Every rank takes part in the passes:
-the datamodule's val/test loaders must give each rank a contiguous shard (dynlab.data's
-EvalSampler does), which are all-gathered in rank order; rank zero then writes results.json,
-plots/*.png, the W&B tables and the console tables.
+dynlab.protocol): outputs and exit MACs of the inference network. Each split's softmax outputs
+are computed once per model and global step and shared by the two callbacks. Every rank takes
+part in the passes: the datamodule's val/test loaders must give each rank a contiguous shard
+(dynlab.data's EvalSampler does), which are all-gathered in rank order; rank zero then writes
+results.json, plots/*.png, the W&B tables and the console tables.
 """
 
 from __future__ import annotations
@@ -37,13 +37,11 @@ _DEPLOYED: weakref.WeakKeyDictionary[nn.Module, tuple[int, nn.Module]] = weakref
 
 
 class _EndOfRunEvaluation(pl.Callback, ABC):
-    """Runs `evaluate` at the end of fit and at the end of test, writing under `output_dir`."""
+    """Runs `evaluate` at the end of test (the runner's and dynlab-evaluate's `trainer.test`),
+    writing under `output_dir`. Never during fit: the test split never steers training."""
 
     def __init__(self, output_dir: str) -> None:
         self.output_dir = Path(output_dir)
-
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.evaluate(trainer, pl_module)
 
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.evaluate(trainer, pl_module)

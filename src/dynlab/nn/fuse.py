@@ -62,7 +62,7 @@ def _fuse_plain_conv(conv: nn.Module, norm: _BatchNorm) -> nn.Module:
 
 
 class _LeafTracer(fx.Tracer):
-    """fx tracer keeping foldable convs, every BatchNorm and timm's untraceable modules as leaves."""
+    """fx tracer keeping foldable convs, every BatchNorm and timm's untraceable modules whole."""
 
     def __init__(self) -> None:
         from timm.layers import get_notrace_functions, get_notrace_modules

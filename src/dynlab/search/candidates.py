@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 
 from dynlab.config import OptimConfig
 from dynlab.optim import build_optimizer, build_scheduler
-from dynlab.preemption import recording_signals
+from dynlab.preemption import SignalRecorder
 
 ExitLoss = Callable[[list[Tensor], Tensor], Tensor]
 
@@ -50,26 +50,6 @@ class CandidateModule(pl.LightningModule):
         per_epoch = total / max(1, self.trainer.max_epochs or 1)
         schedule = build_scheduler(optimizer, self.optim, total, per_epoch)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
-
-
-class _RecordSignals(pl.Callback):
-    """Keeps Slurm's signals recorded during a candidate's fit (Lightning would otherwise turn a
-    SIGTERM into an exception mid-candidate): the search acts at the next candidate boundary."""
-
-    def __init__(self) -> None:
-        self._scope: Any = None
-
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._scope = recording_signals()
-        self._scope.__enter__()
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.teardown(trainer, pl_module, "fit")
-
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self._scope is not None:
-            self._scope.__exit__(None, None, None)
-            self._scope = None
 
 
 @dataclass(frozen=True)
@@ -116,7 +96,7 @@ class CandidateTrainer:
             use_distributed_sampler=False,
             # Not Slurm's environment: under srun it would expect one process per task here.
             plugins=[LightningEnvironment()],
-            callbacks=[_RecordSignals()],
+            callbacks=[SignalRecorder()],  # a signal waits for the candidate boundary
         )
 
 

@@ -109,10 +109,18 @@ class DynlabModule(pl.LightningModule):
     def exit_macs(self, input_size: tuple[int, int, int]) -> list[float]:
         return self.model.exit_macs(input_size)
 
-    # --- deploy form: test metrics and evaluations run on the inference network (DESIGN.md) ---
+    # --- deploy form: test metrics and evaluations run on the inference network ---------------
     def deploy(self) -> nn.Module:
         """The technique's inference network (`self.model.deploy()`): same exits, eval mode."""
         return self.model.deploy()
+
+    def deployed_cost(self, input_size: tuple[int, int, int]) -> dict[str, Any]:
+        """What results.json records of a model: the deploy form's parameters and exit MACs."""
+        net = self.deploy()
+        return {
+            "params": sum(p.numel() for p in net.parameters()),
+            "exit_macs": net.exit_macs(input_size),
+        }
 
     def on_test_start(self) -> None:
         """Swap in the deploy form for the test loop and the evaluation callbacks."""
@@ -122,8 +130,6 @@ class DynlabModule(pl.LightningModule):
     def on_test_end(self) -> None:
         """Back to the training form; Lightning runs the callbacks' on_test_end before this."""
         self.model = self.__dict__.pop("_training_form", self.model)
-
-    # --- end of deploy form ----------------------------------------------------------------------
 
     # --- phases -------------------------------------------------------------------------------
     def phases(self, mode: str) -> list[Phase]:
