@@ -269,6 +269,33 @@ def test_ema_averages_weights_and_copies_masks(compose_cfg, tmp_path):
     assert module.model.mask.item() == 1.0  # the last step's mask (batch 3 of 4), not a blend
 
 
+def _fit_ema(compose_cfg, run_dir: Path, callbacks: list[pl.Callback]) -> DynlabModule:
+    cfg = compose_cfg([*TINY], run_dir=run_dir)
+    data = SyntheticDataModule(
+        num_train=80, num_test=16, val_size=16, batch_size=16, image_size=8, seed=0
+    )
+    module = DynlabModule(OptimConfig(lr=0.05))
+    torch.manual_seed(0)
+    module.model = StaticExits(nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 10)))
+    module.set_recipes({"train": PhaseRecipe(epochs=2, ema=EMAConfig(decay=0.7))})
+    phase = Phase("train")
+    module.start_phase(phase)
+    trainer = build_trainer(cfg, phase, False, callbacks, module)
+    resume = ckpt.resume_path(run_dir, "train")
+    trainer.fit(module, datamodule=data, ckpt_path=resume, weights_only=False)
+    return module
+
+
+def test_ema_resumes_exactly(compose_cfg, tmp_path):
+    straight = _fit_ema(compose_cfg, tmp_path / "straight", [])
+    _fit_ema(compose_cfg, tmp_path / "stopped", [StopAfterFirstEpoch()])
+    resumed = _fit_ema(compose_cfg, tmp_path / "stopped", [])
+    for (name, a), b in zip(
+        straight.state_dict().items(), resumed.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b), name
+
+
 # --- one source of defaults ---------------------------------------------------------------------
 @pytest.mark.parametrize("name", sorted(SCHEMAS["dataset"]))
 def test_dataset_schema_defaults_match_the_datamodule(name):
