@@ -25,8 +25,9 @@ class OptimizerName(StrEnum):
 class ScheduleName(StrEnum):
     cosine = "cosine"
     step = "step"
-    # Linear decay to zero per iteration, as SPOS's official supernet and retrain scripts
-    # (megvii-model/SinglePathOneShot, train.py: LambdaLR(1 - step / total_iters)).
+    # Linear decay to zero per iteration, as SPOS's official retraining script
+    # (megvii-model/SinglePathOneShot, src/Evaluation/template/train.py: LambdaLR with
+    # 1 - step / total_iters, then 0).
     linear = "linear"
     constant = "constant"
 
