@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -203,13 +204,13 @@ class StopAfterFirstEpoch(pl.Callback):
         trainer.should_stop = True
 
 
-def _fit_manual(compose_cfg, run_dir: Path, callbacks: list[pl.Callback]) -> TwoOptimisers:
+def _fit(compose_cfg, run_dir: Path, module: DynlabModule, callbacks: list[pl.Callback]):
+    """Fit `module` (its recipe for phase "train") on small synthetic data, resuming from the
+    run dir's last checkpoint when there is one."""
     cfg = compose_cfg([*TINY], run_dir=run_dir)
     data = SyntheticDataModule(
         num_train=96, num_test=16, val_size=16, batch_size=16, image_size=8, seed=0
     )
-    module = TwoOptimisers()
-    module.set_recipes({"train": RECIPE})
     phase = Phase("train")
     module.start_phase(phase)
     trainer = build_trainer(cfg, phase, False, callbacks, module)
@@ -218,18 +219,30 @@ def _fit_manual(compose_cfg, run_dir: Path, callbacks: list[pl.Callback]) -> Two
     return module
 
 
-def test_manual_optimisation_with_two_optimisers_resumes_exactly(compose_cfg, tmp_path):
-    straight = _fit_manual(compose_cfg, tmp_path / "straight", [])
-    _fit_manual(compose_cfg, tmp_path / "stopped", [StopAfterFirstEpoch()])
-    resumed = _fit_manual(compose_cfg, tmp_path / "stopped", [])
-    assert straight.manual_clip_val == 0.5
-    opts = straight.optimizers()
-    assert [type(o.optimizer).__name__ for o in opts] == ["Adam", "SGD"]
-    assert [sum(len(g["params"]) for g in o.param_groups) for o in opts] == [2, 2]
+def _straight_and_resumed(compose_cfg, tmp_path: Path, make: Callable[[], DynlabModule]):
+    """The same 2-epoch phase run straight, and stopped after epoch 1 then resumed."""
+    straight = _fit(compose_cfg, tmp_path / "straight", make(), [])
+    _fit(compose_cfg, tmp_path / "stopped", make(), [StopAfterFirstEpoch()])
+    resumed = _fit(compose_cfg, tmp_path / "stopped", make(), [])
     for (name, a), b in zip(
         straight.state_dict().items(), resumed.state_dict().values(), strict=True
     ):
         assert torch.equal(a, b), name
+    return straight
+
+
+def _two_optimisers() -> TwoOptimisers:
+    module = TwoOptimisers()
+    module.set_recipes({"train": RECIPE})
+    return module
+
+
+def test_manual_optimisation_with_two_optimisers_resumes_exactly(compose_cfg, tmp_path):
+    straight = _straight_and_resumed(compose_cfg, tmp_path, _two_optimisers)
+    assert straight.manual_clip_val == 0.5
+    opts = straight.optimizers()
+    assert [type(o.optimizer).__name__ for o in opts] == ["Adam", "SGD"]
+    assert [sum(len(g["params"]) for g in o.param_groups) for o in opts] == [2, 2]
 
 
 # --- EMA ---------------------------------------------------------------------------------------
@@ -269,31 +282,16 @@ def test_ema_averages_weights_and_copies_masks(compose_cfg, tmp_path):
     assert module.model.mask.item() == 1.0  # the last step's mask (batch 3 of 4), not a blend
 
 
-def _fit_ema(compose_cfg, run_dir: Path, callbacks: list[pl.Callback]) -> DynlabModule:
-    cfg = compose_cfg([*TINY], run_dir=run_dir)
-    data = SyntheticDataModule(
-        num_train=80, num_test=16, val_size=16, batch_size=16, image_size=8, seed=0
-    )
+def _with_ema() -> DynlabModule:
     module = DynlabModule(OptimConfig(lr=0.05))
     torch.manual_seed(0)
     module.model = StaticExits(nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 10)))
     module.set_recipes({"train": PhaseRecipe(epochs=2, ema=EMAConfig(decay=0.7))})
-    phase = Phase("train")
-    module.start_phase(phase)
-    trainer = build_trainer(cfg, phase, False, callbacks, module)
-    resume = ckpt.resume_path(run_dir, "train")
-    trainer.fit(module, datamodule=data, ckpt_path=resume, weights_only=False)
     return module
 
 
 def test_ema_resumes_exactly(compose_cfg, tmp_path):
-    straight = _fit_ema(compose_cfg, tmp_path / "straight", [])
-    _fit_ema(compose_cfg, tmp_path / "stopped", [StopAfterFirstEpoch()])
-    resumed = _fit_ema(compose_cfg, tmp_path / "stopped", [])
-    for (name, a), b in zip(
-        straight.state_dict().items(), resumed.state_dict().values(), strict=True
-    ):
-        assert torch.equal(a, b), name
+    _straight_and_resumed(compose_cfg, tmp_path, _with_ema)
 
 
 # --- one source of defaults ---------------------------------------------------------------------
