@@ -357,3 +357,13 @@ def test_a_recipe_for_a_phase_the_technique_lacks_is_refused():
     module.set_recipes({"train": RECIPE, "*": PhaseRecipe()})
     with pytest.raises(ValueError, match=r"technique.phases.trian: .* \(its phases: train\)"):
         module.set_recipes({"trian": RECIPE})
+
+
+def test_a_misspelt_recipe_phase_fails_the_cheap_validation(compose_cfg):
+    from dynlab.validation import ConfigError, validate_config
+
+    cfg = compose_cfg([*TINY, "++technique.phases={trian: {epochs: 1}}"])
+    with pytest.raises(ConfigError, match=r"technique.phases.trian: baseline has no such phase"):
+        validate_config(cfg)
+    s2dnas = [o.replace("technique=baseline", "technique=s2dnas") for o in TINY]
+    validate_config(compose_cfg([*s2dnas, "++technique.phases={retrain_*: {epochs: 1}}"]))

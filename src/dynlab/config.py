@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from fnmatch import fnmatchcase
+from typing import Any, ClassVar
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
@@ -130,12 +131,29 @@ class BackboneConfig:
 class TechniqueConfig:
     """Fields every technique has; each technique extends it with its own schema."""
 
+    # Every phase name the technique's schedules can hold (fnmatch patterns for numbered ones);
+    # its module's `phase_names`. A recipe for a misspelt phase is refused, not silently unused.
+    PHASES: ClassVar[tuple[str, ...]] = ("train",)
+
     _target_: str = MISSING
     name: str = MISSING
     optim: OptimConfig = field(default_factory=OptimConfig)
     # Per-phase recipes keyed by phase name or fnmatch pattern (`retrain_*`); handed to the
     # module by the runner, not a constructor argument.
     phases: dict[str, PhaseRecipe] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_recipe_phases(self.phases, self.PHASES, self.name)
+
+
+def check_recipe_phases(recipes: Any, phase_names: tuple[str, ...], technique: str) -> None:
+    """Every recipe key names (or matches) a phase the technique can have."""
+    for key in recipes:
+        if not any(fnmatchcase(n, key) or fnmatchcase(key, n) for n in phase_names):
+            raise ValueError(
+                f"technique.phases.{key}: {technique} has no such phase "
+                f"(its phases: {', '.join(phase_names)})"
+            )
 
 
 @dataclass

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric, Metric
 from torchmetrics.classification import MulticlassAccuracy
 
-from dynlab.config import OptimConfig, PhaseRecipe
+from dynlab.config import OptimConfig, PhaseRecipe, TechniqueConfig, check_recipe_phases
 from dynlab.optim import (
     NamedParams,
     build_optimizer,
@@ -81,9 +81,8 @@ class PercentAccuracy(MulticlassAccuracy):
 class DynlabModule(pl.LightningModule):
     """Base LightningModule: per-phase recipes, optimisers and schedules, exact top-k per exit."""
 
-    # Every phase name the technique's schedules can hold (fnmatch patterns for numbered ones),
-    # so a recipe for a misspelt phase is refused instead of silently never applied.
-    phase_names: tuple[str, ...] = ("train",)
+    # Every phase name the technique's schedules can hold: its config schema's PHASES.
+    phase_names: tuple[str, ...] = TechniqueConfig.PHASES
 
     def __init__(self, optim: OptimConfig | None = None) -> None:
         super().__init__()
@@ -143,12 +142,7 @@ class DynlabModule(pl.LightningModule):
 
     def set_recipes(self, recipes: dict[str, PhaseRecipe]) -> None:
         """The technique config's `phases` (the runner hands them over after building)."""
-        for key in recipes:
-            if not any(fnmatchcase(n, key) or fnmatchcase(key, n) for n in self.phase_names):
-                raise ValueError(
-                    f"technique.phases.{key}: {type(self).__name__} has no such phase "
-                    f"(its phases: {', '.join(self.phase_names)})"
-                )
+        check_recipe_phases(recipes, self.phase_names, type(self).__name__)
         self.recipes = dict(recipes)
 
     def recipe(self, phase: str | None = None) -> PhaseRecipe:

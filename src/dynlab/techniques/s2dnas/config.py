@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import ClassVar
 
 from dynlab.config import TechniqueConfig, register_schema
 
@@ -80,6 +81,8 @@ class S2DNASSearchConfig:
 
 @dataclass
 class S2DNASConfig(TechniqueConfig):
+    PHASES: ClassVar[tuple[str, ...]] = ("train", "search", "retrain_*", "select")
+
     _target_: str = "dynlab.techniques.s2dnas.module.S2DNASModule"
     name: str = "s2dnas"
     num_stages: int = 3

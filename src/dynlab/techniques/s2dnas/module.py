@@ -26,7 +26,7 @@ from dynlab.results import atomic_write_text
 from dynlab.search import CandidateTrainer, seeded, val_exit_probs
 from dynlab.techniques.base import DynlabModule, Phase, PhaseContext, PhaseKind
 from dynlab.techniques.s2dnas.analysis import analyse_backbone
-from dynlab.techniques.s2dnas.config import S2DNASSearchConfig, SelectBy
+from dynlab.techniques.s2dnas.config import S2DNASConfig, S2DNASSearchConfig, SelectBy
 from dynlab.techniques.s2dnas.controller import Controller, Reinforce
 from dynlab.techniques.s2dnas.model import S2DNet, multi_exit_loss
 from dynlab.techniques.s2dnas.reward import dynamic_score, reward
@@ -46,7 +46,7 @@ SEARCH, SELECT, RETRAIN = "search", "select", "retrain_"
 class S2DNASModule(DynlabModule):
     """The S2D network of a backbone, its multi-exit training, and the search over its settings."""
 
-    phase_names = ("train", SEARCH, f"{RETRAIN}*", SELECT)
+    phase_names = S2DNASConfig.PHASES  # train, search, retrain_*, select
 
     def __init__(
         self,
