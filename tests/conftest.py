@@ -37,6 +37,22 @@ TINY = [
     *TINY_RUN,
 ]
 
+# A tiny S2DNAS search (2 stages, 2 candidates an iteration) on synthetic images; each test adds
+# its iterations, candidate batches, top-k, batch size and logger.
+S2D_SEARCH = [
+    "technique=s2dnas",
+    "technique.num_stages=2",
+    "technique.groups=4",
+    "technique.search.candidates_per_iteration=2",
+    "dataset=synthetic",
+    "dataset.num_train=96",
+    "dataset.num_test=32",
+    "dataset.val_size=32",
+    "backbone=cifar_resnet20",
+    "trainer.enable_progress_bar=false",
+    "evaluation.budgeted=false",
+]
+
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 torch.set_num_threads(1)

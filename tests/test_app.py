@@ -17,7 +17,8 @@ from dynlab import runner
 from dynlab.backbones import UnknownBackboneError
 from dynlab.data.base import DataRootError
 from dynlab.preemption import Preempted, PreemptionHandler
-from dynlab.runner import build_datamodule, build_module, run_job, validate_config
+from dynlab.runner import build_datamodule, build_module, run_job
+from dynlab.validation import validate_config
 
 from .conftest import REPO, TINY
 

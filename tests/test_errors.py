@@ -58,17 +58,21 @@ class _Tiny(pl.LightningModule):
 
 
 def _fit(module: pl.LightningModule, tmp_path: Path) -> pl.Trainer:
-    trainer = pl.Trainer(
+    trainer = _trainer(tmp_path, DivergenceGuard())
+    trainer.fit(module)
+    return trainer
+
+
+def _trainer(tmp_path: Path, guard: DivergenceGuard) -> pl.Trainer:
+    return pl.Trainer(
         max_epochs=1,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[DivergenceGuard()],
+        callbacks=[guard],
         default_root_dir=tmp_path,
     )
-    trainer.fit(module)
-    return trainer
 
 
 @pytest.mark.parametrize("manual", [False, True], ids=["automatic", "manual"])
@@ -91,15 +95,7 @@ class _EveryFourSteps(DivergenceGuard):
 
 
 def test_a_late_check_still_names_the_first_non_finite_step(tmp_path):
-    trainer = pl.Trainer(
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[_EveryFourSteps()],
-        default_root_dir=tmp_path,
-    )
+    trainer = _trainer(tmp_path, _EveryFourSteps())
     with pytest.raises(TrainingDiverged, match="epoch 0, step 6: the loss is nan"):
         trainer.fit(_Tiny(nan_at=5))
     assert trainer.global_step == 8  # read at step 8, the first NaN was at step 6

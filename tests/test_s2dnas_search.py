@@ -28,6 +28,8 @@ from dynlab.techniques.s2dnas.reward import dynamic_score, reward
 from dynlab.techniques.s2dnas.search import CANDIDATES, SEARCH_STATE, run_search
 from dynlab.techniques.s2dnas.settings import S2DSettings
 
+from .conftest import S2D_SEARCH
+
 SEARCH_PHASES = ("search", "retrain_1")
 TINY_SEARCH = S2DNASSearchConfig(
     iterations=2, candidates_per_iteration=2, candidate_batches=1, top_k=2
@@ -170,22 +172,12 @@ def test_search_killed_in_retrain_2_resumes_there_and_ends_as_an_uninterrupted_o
     compose_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     overrides = [
-        "technique=s2dnas",
-        "technique.num_stages=2",
-        "technique.groups=4",
+        *S2D_SEARCH,
         "technique.search.iterations=1",
-        "technique.search.candidates_per_iteration=2",
         "technique.search.candidate_batches=1",
         "technique.search.top_k=2",
-        "dataset=synthetic",
-        "dataset.num_train=96",
-        "dataset.num_test=32",
-        "dataset.val_size=32",
         "dataset.batch_size=16",
-        "backbone=cifar_resnet20",
         "trainer.max_epochs=1",
-        "trainer.enable_progress_bar=false",
-        "evaluation.budgeted=false",
         "evaluation.anytime=false",
         "logger=none",
     ]

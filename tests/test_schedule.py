@@ -8,13 +8,13 @@ import torch
 
 from dynlab import checkpointing as ckpt
 from dynlab.runner import (
-    ConfigError,
     build_datamodule,
     build_module,
     restore_finished_phases,
     run_job,
     schedule,
 )
+from dynlab.validation import ConfigError
 
 from .conftest import TINY
 

@@ -33,7 +33,7 @@ from dynlab.search import (
 )
 from dynlab.search import ledger as ledger_module
 
-from .conftest import run_cli
+from .conftest import S2D_SEARCH, run_cli
 
 
 class TwoExits(nn.Module):
@@ -132,23 +132,13 @@ def test_a_signal_is_honoured_at_the_next_candidate_boundary(tmp_path: Path) -> 
 
 
 TINY_SEARCH = [
-    "technique=s2dnas",
-    "technique.num_stages=2",
-    "technique.groups=4",
+    *S2D_SEARCH,
     "technique.search.iterations=2",
-    "technique.search.candidates_per_iteration=2",
     "technique.search.candidate_batches=1",
     "technique.search.top_k=1",
     "technique.search.retrain_epochs=1",
-    "dataset=synthetic",
-    "dataset.num_train=96",
-    "dataset.num_test=32",
-    "dataset.val_size=32",
     "dataset.batch_size=32",
-    "backbone=cifar_resnet20",
     "trainer.max_epochs=1",
-    "trainer.enable_progress_bar=false",
-    "evaluation.budgeted=false",
     "logger=csv",
 ]
 

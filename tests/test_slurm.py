@@ -27,7 +27,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from dynlab.apps.sweep_file import expand, sweep_line
 from dynlab.apps.sweep_file import main as sweep_file_main
 
-from .conftest import run_cli
+from .conftest import S2D_SEARCH, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "slurm" / "local-cluster.sh"
@@ -466,22 +466,12 @@ def test_preempted_multirun_job_finishes_before_the_sweep_returns(
 
 # An S2DNAS search of 6 candidates (3 controller updates of 2), then one short retrain.
 SEARCH = [
-    "technique=s2dnas",
-    "technique.num_stages=2",
-    "technique.groups=4",
+    *S2D_SEARCH,
     "technique.search.iterations=3",
-    "technique.search.candidates_per_iteration=2",
     "technique.search.candidate_batches=2",
     "technique.search.top_k=1",
     "technique.search.retrain_epochs=1",
-    "dataset=synthetic",
-    "dataset.num_train=96",
-    "dataset.num_test=32",
-    "dataset.val_size=32",
     "dataset.batch_size=16",
-    "backbone=cifar_resnet20",
-    "trainer.enable_progress_bar=false",
-    "evaluation.budgeted=false",
     "logger=csv",
     "seed=0",
 ]

@@ -40,14 +40,12 @@ from dynlab.preemption import Preempted, PreemptionHandler, job_signals
 from dynlab.results import update_results
 from dynlab.summary import print_summary
 from dynlab.techniques.base import DynlabModule, Phase, PhaseContext, PhaseKind
-
-# ConfigError and validate_config live in dynlab.validation; imported here for older callers.
-from dynlab.validation import ConfigError, build_run, validate_config  # noqa: F401
+from dynlab.validation import ConfigError, build_run, validate_config
 
 
 def build_datamodule(cfg: DictConfig) -> DynlabDataModule:
     """The dataset's DataModule; a missing data root fails here with where to put the data."""
-    return _instantiate(_without_name(cfg, "dataset"))
+    return _instantiate(_constructor_node(cfg, "dataset"))
 
 
 def build_module(cfg: DictConfig, datamodule: DynlabDataModule) -> DynlabModule:
@@ -55,7 +53,7 @@ def build_module(cfg: DictConfig, datamodule: DynlabDataModule) -> DynlabModule:
     technique's phase recipes."""
     backbone = OmegaConf.to_object(cfg.backbone)
     assert isinstance(backbone, BackboneConfig)
-    technique = _without_name(cfg, "technique", "phases")
+    technique = _constructor_node(cfg, "technique", "phases")
     module = _instantiate(
         technique, backbone=backbone, data_info=datamodule.info, _convert_="object"
     )
@@ -75,7 +73,7 @@ def _instantiate(node: DictConfig, **kwargs: Any) -> Any:
         raise
 
 
-def _without_name(cfg: DictConfig, group: str, *spine_keys: str) -> DictConfig:
+def _constructor_node(cfg: DictConfig, group: str, *spine_keys: str) -> DictConfig:
     """A group's node minus its `name` (which identifies the choice) and the `spine_keys` the
     runner consumes itself: none of them is a constructor argument.
 
