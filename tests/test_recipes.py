@@ -46,6 +46,14 @@ def test_warmup_then_cosine_at_known_steps():
     assert f(35) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.25)))
 
 
+def test_per_epoch_cosine_as_gfnet_holds_each_epochs_start_value():
+    # GFNet's utils.py: lr = 0.5 * base * (1 + cos(pi * epoch / epochs)) at each epoch's start.
+    f = lr_lambda(_cfg(schedule="cosine", per_epoch=True), total_steps=40, steps_per_epoch=10)
+    for epoch in range(4):
+        expected = 0.5 * (1 + math.cos(math.pi * epoch / 4))
+        assert [f(epoch * 10 + i) for i in (0, 5, 9)] == pytest.approx([expected] * 3)
+
+
 def test_step_schedule_decays_at_milestones():
     f = lr_lambda(_cfg(schedule="step", milestones=[0.5, 0.75], gamma=0.1), 100, 10)
     assert [f(s) for s in (0, 49, 50, 74, 75, 99)] == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])

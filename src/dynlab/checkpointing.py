@@ -167,3 +167,18 @@ def load_module_state(module: pl.LightningModule, path: str | Path) -> None:
             f"{path} does not fit this model (another technique, backbone or dataset?): "
             f"{str(err).splitlines()[0]}"
         ) from err
+
+
+def load_static_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """A static backbone's weights from a `technique=baseline` checkpoint or a plain state dict
+    (what S2DNAS transforms and GFNet's encoders start from)."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    state = checkpoint.get("state_dict", checkpoint)
+    prefix = "model.net."  # BaselineModule keeps the backbone in StaticExits.net
+    if any(key.startswith(prefix) for key in state):
+        state = {
+            key.removeprefix(prefix): value
+            for key, value in state.items()
+            if key.startswith(prefix)
+        }
+    return state

@@ -64,6 +64,9 @@ class OptimConfig:
     warmup_epochs: float = 0.0
     # Step schedule: decay by `gamma` at these fractions of the phase's steps (He et al.: 0.5, 0.75).
     milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])
+    # The schedule advances once per epoch (GFNet's `adjust_learning_rate` in the official
+    # utils.py sets the cosine lr at each epoch's start), not at every step.
+    per_epoch: bool = False
     gamma: float = 0.1
     label_smoothing: float = 0.0
 
@@ -192,6 +195,48 @@ class DigitsConfig(DatasetConfig):
 
 
 @dataclass
+class ClutteredDigitsConfig(DatasetConfig):
+    """Digits placed at random on a larger canvas among fragments of other digits (RAM-style)."""
+
+    _target_: str = "dynlab.data.cluttered_digits.ClutteredDigitsDataModule"
+    name: str = "cluttered_digits"
+    canvas_size: int = 64
+    digit_size: int = 24
+    clutter: int = 4
+    fragment_size: int = 8
+    channels: int = 3
+    val_size: int = 200
+
+    def __post_init__(self) -> None:
+        problem = self.range_problem(
+            self.canvas_size, self.digit_size, self.fragment_size, self.clutter, self.channels
+        )
+        if problem:
+            raise ValueError(problem)
+
+    @staticmethod
+    def range_problem(
+        canvas_size: int, digit_size: int, fragment_size: int, clutter: int, channels: int
+    ) -> str | None:
+        """What is wrong with these sizes, or None (the datamodule runs the same check)."""
+        if channels not in (1, 3):
+            return f"cluttered_digits: channels must be 1 or 3, got {channels}"
+        if not 8 <= digit_size <= canvas_size:
+            return (
+                f"cluttered_digits: digit_size must be in [8, canvas_size={canvas_size}], "
+                f"got digit_size={digit_size}"
+            )
+        if not 1 <= fragment_size <= digit_size:
+            return (
+                f"cluttered_digits: fragment_size must be in [1, digit_size={digit_size}], "
+                f"got fragment_size={fragment_size}"
+            )
+        if clutter < 0:
+            return f"cluttered_digits: clutter must be >= 0 fragments, got clutter={clutter}"
+        return None
+
+
+@dataclass
 class CIFAR10Config(DatasetConfig):
     _target_: str = "dynlab.data.cifar.CIFAR10DataModule"
     name: str = "cifar10"
@@ -296,6 +341,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "dataset": {
         "synthetic": SyntheticConfig,
         "digits": DigitsConfig,
+        "cluttered_digits": ClutteredDigitsConfig,
         "cifar10": CIFAR10Config,
         "cifar100": CIFAR100Config,
         "imagenet": ImageNetConfig,

@@ -50,6 +50,13 @@ def log_records(
         )
 
 
+def log_images(loggers: Iterable[Logger], images: Mapping[str, str | Path]) -> None:
+    """Log PNG files as W&B images under their keys (a W&B image panel); no-op without W&B."""
+    for logger in loggers:
+        if isinstance(logger, WandbLogger) and images:
+            logger.experiment.log({k: wandb.Image(str(p)) for k, p in images.items()})
+
+
 # Seconds to wait for the W&B server before logging offline (wandb's own init_timeout is 90 s).
 WANDB_PROBE_TIMEOUT = 5.0
 DEFAULT_WANDB_URL = "https://api.wandb.ai"

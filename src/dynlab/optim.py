@@ -106,7 +106,7 @@ def lr_lambda(
 ) -> Callable[[int], float]:
     """Multiplier of each group's base lr at optimiser step `step` (0-based): linear warm-up over
     `warmup_epochs`, then the schedule over the remaining steps (step milestones are fractions of
-    all `total_steps`)."""
+    all `total_steps`); with `per_epoch`, held at its value at each epoch's first step."""
     warmup = int(optim.warmup_epochs * steps_per_epoch)
     milestones = [int(m * total_steps) for m in optim.milestones]
     after_warmup = SCHEDULES[ScheduleName(optim.schedule)]
@@ -114,6 +114,8 @@ def lr_lambda(
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
+        if optim.per_epoch:  # the value at the start of the step's epoch
+            step = max(warmup, int(step // steps_per_epoch * steps_per_epoch))
         progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
         return after_warmup(progress, sum(step >= m for m in milestones), optim)
 

@@ -34,7 +34,7 @@ from dynlab.data.sampling import ResumableLoaderCallback
 from dynlab.distributed import start_job_processes
 from dynlab.divergence import DivergenceGuard
 from dynlab.ema import EMA
-from dynlab.evaluation.callbacks import AnytimeEvaluation, BudgetedEvaluation
+from dynlab.evaluation.callbacks import AnytimeEvaluation, BudgetedEvaluation, TechniqueFigures
 from dynlab.logging import announce_phase, quiet_console, wandb_mode
 from dynlab.preemption import Preempted, PreemptionHandler, job_signals
 from dynlab.results import update_results
@@ -194,8 +194,8 @@ def build_trainer(
 
 
 def evaluation_callbacks(cfg: DictConfig) -> list[Callback]:
-    """The anytime and budgeted evaluations the config switches on."""
-    callbacks: list[Callback] = []
+    """The anytime and budgeted evaluations the config switches on, and the technique's figures."""
+    callbacks: list[Callback] = [TechniqueFigures(output_dir=cfg.run_dir)]
     if cfg.evaluation.anytime:
         callbacks.append(AnytimeEvaluation(output_dir=cfg.run_dir))
     if cfg.evaluation.budgeted:

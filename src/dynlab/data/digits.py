@@ -19,17 +19,27 @@ _TEST_SPLIT_SEED = (
 _DIGITS_MAX = 16.0  # load_digits pixels are counts in 0..16
 
 
-def digits_images(channels: int) -> TensorImages:
-    """All 1797 digits as uint8 [N,channels,32,32] (bilinear upsampling, grey replicated)."""
+def digits_images(channels: int, size: int = IMAGE_SIZE) -> TensorImages:
+    """All 1797 digits as uint8 [N,channels,size,size] (bilinear upsampling, grey replicated)."""
     digits = load_digits()
     small = torch.from_numpy(digits.images).float().unsqueeze(1) / _DIGITS_MAX
-    large = F.interpolate(
-        small, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False
-    )
+    large = F.interpolate(small, size=(size, size), mode="bilinear", align_corners=False)
     pixels = (large.clamp(0, 1) * 255).round().to(torch.uint8)
     return TensorImages(
         pixels.expand(-1, channels, -1, -1).contiguous(), torch.from_numpy(digits.target)
     )
+
+
+def split_train_test(everything: TensorImages) -> tuple[TensorImages, TensorImages]:
+    """The fixed (train, test) split of all digits: the same for every run and derived dataset."""
+    order = torch.randperm(
+        len(everything), generator=torch.Generator().manual_seed(_TEST_SPLIT_SEED)
+    )
+    num_test = round(TEST_FRACTION * len(everything))
+    train_idx, test_idx = order[num_test:], order[:num_test]
+    train = TensorImages(everything.images[train_idx], everything.labels[train_idx])
+    test = TensorImages(everything.images[test_idx], everything.labels[test_idx])
+    return train, test
 
 
 class DigitsDataModule(DynlabDataModule):
@@ -54,14 +64,7 @@ class DigitsDataModule(DynlabDataModule):
         return DataInfo("digits", 10, (self.channels, IMAGE_SIZE, IMAGE_SIZE))
 
     def load_train_test(self) -> tuple[TensorImages, TensorImages]:
-        everything = digits_images(self.channels)
-        order = torch.randperm(
-            len(everything), generator=torch.Generator().manual_seed(_TEST_SPLIT_SEED)
-        )
-        num_test = round(TEST_FRACTION * len(everything))
-        train_idx, test_idx = order[num_test:], order[:num_test]
-        train = TensorImages(everything.images[train_idx], everything.labels[train_idx])
-        test = TensorImages(everything.images[test_idx], everything.labels[test_idx])
+        train, test = split_train_test(digits_images(self.channels))
         self._normalize = Normalize(*channel_stats(train.images))
         return train, test
 

@@ -26,7 +26,7 @@ from dynlab.evaluation.anytime import anytime_records
 from dynlab.evaluation.budgeted import DEFAULT_QS, budgeted_curve
 from dynlab.evaluation.outputs import collect_exit_probs
 from dynlab.evaluation.plots import format_macs, plot_anytime, plot_budgeted
-from dynlab.logging import log_records
+from dynlab.logging import log_images, log_records
 from dynlab.results import update_results
 
 # model -> (global_step, datamodule, {split: (probs [K,N,C], targets [N])}); only the latest kept.
@@ -120,6 +120,31 @@ class BudgetedEvaluation(_EndOfRunEvaluation):
             ]
             _print_table("budgeted batch (test)", ["q", "avg MACs", "top-1 %"], rows)
         return curve
+
+
+class TechniqueFigures(_EndOfRunEvaluation):
+    """Pictures a technique draws of its deploy form at the end of a run (GFNet's patch sequences):
+    `pl_module.evaluation_figures(model, datamodule)` gives {name: Figure}, written to
+    plots/<name>.png and logged as W&B images. Rank zero only; a module without it draws nothing."""
+
+    def evaluate(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        datamodule: pl.LightningDataModule | None = None,
+    ) -> list[dict[str, Any]]:
+        draw = getattr(pl_module, "evaluation_figures", None)
+        if draw is None or not trainer.is_global_zero:
+            return []
+        figures = draw(dynamic_model(trainer, pl_module), _datamodule(trainer, datamodule))
+        records = []
+        for name, figure in figures.items():
+            path = self.output_dir / "plots" / f"{name}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            figure.savefig(path)
+            records.append({"figure": name, "path": str(path)})
+        log_images(trainer.loggers, {f"figures/{r['figure']}": r["path"] for r in records})
+        return records
 
 
 def dynamic_model(trainer: pl.Trainer, pl_module: pl.LightningModule) -> nn.Module:

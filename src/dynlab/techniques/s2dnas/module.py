@@ -11,14 +11,13 @@ the retrain phases appear once the search has found its candidates.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from dynlab.backbones import create_backbone
-from dynlab.checkpointing import FINAL, phase_dir
+from dynlab.checkpointing import FINAL, load_static_weights, phase_dir
 from dynlab.config import BackboneConfig, OptimConfig
 from dynlab.data.base import DataInfo, DynlabDataModule
 from dynlab.evaluation.macs import count_macs
@@ -238,17 +237,3 @@ class S2DNASModule(DynlabModule):
         self.selected = best
         summary = {"selected": best, "by": key, "retrained": self.retrained}
         atomic_write_text(ctx.phase_dir / "selection.json", json.dumps(summary, indent=2))
-
-
-def load_static_weights(path: str | Path) -> dict[str, Tensor]:
-    """A static backbone's weights from a `technique=baseline` checkpoint or a plain state dict."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    state = checkpoint.get("state_dict", checkpoint)
-    prefix = "model.net."  # BaselineModule keeps the backbone in StaticExits.net
-    if any(key.startswith(prefix) for key in state):
-        state = {
-            key.removeprefix(prefix): value
-            for key, value in state.items()
-            if key.startswith(prefix)
-        }
-    return state

@@ -1,0 +1,253 @@
+"""GFNet: the network's pieces against the official definitions, the protocol, the three stages
+resumed from kills mid-stage, and bad settings refused before training."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from dynlab import checkpointing as ckpt
+from dynlab import runner
+from dynlab.backbones import create_backbone
+from dynlab.evaluation.macs import count_macs
+from dynlab.preemption import Preempted, PreemptionHandler
+from dynlab.runner import run_job
+from dynlab.techniques.gfnet.config import ClassifierKind, PPOConfig
+from dynlab.techniques.gfnet.model import GFNet, GRUCell, Locate, PatchPolicy, crop_patches
+from dynlab.techniques.gfnet.ppo import Episode, discounted_returns, ppo_loss
+from dynlab.validation import ConfigError, build_run, validate_config
+
+from .conftest import TINY
+
+# Three stages of 2 epochs on 96 synthetic 32x32 images: 16x16 patches, glance + 2 focus steps.
+GF_TINY = [
+    *TINY,
+    "technique=gfnet",
+    "technique.patch_size=16",
+    "technique.T=3",
+    "technique.classifier_hidden=32",
+    "technique.policy_hidden=32",
+    "technique.policy_width=64",
+    "trainer.max_epochs=2",
+    "++technique.phases.stage_2.epochs=2",
+    "evaluation.budgeted=false",
+]
+
+
+def _net(steps: int = 3, classifier: ClassifierKind = ClassifierKind.gru, size: int = 48) -> GFNet:
+    torch.manual_seed(0)
+    nets = [create_backbone("cifar_resnet20", num_classes=10) for _ in range(2)]
+    return GFNet(
+        *nets,
+        num_classes=10,
+        input_size=(3, size, size),
+        patch_size=24,
+        steps=steps,
+        classifier=classifier,
+        classifier_hidden=32,
+        policy_hidden=32,
+        policy_width=64,
+    )
+
+
+# --- the pieces -------------------------------------------------------------------------------
+def test_batched_crops_equal_the_official_per_sample_slices():
+    images = torch.randn(6, 2, 20, 30)
+    location = torch.tensor([[0, 0], [1, 1], [0.5, 0.5], [0.999, 0.01], [0.3, 0.7], [1, 0]])
+    patches = crop_patches(images, location, 8)
+    for i, (a0, a1) in enumerate(location.tolist()):
+        top, left = int(a0 * (20 - 8)), int(a1 * (30 - 8))  # floor(a * (size - P)), utils.py
+        assert torch.equal(patches[i], images[i, :, top : top + 8, left : left + 8])
+
+
+def test_gru_cell_is_torchs_gru_cell():
+    ours, theirs = GRUCell(5, 7), nn.GRUCell(5, 7)
+    with torch.no_grad():
+        theirs.weight_ih.copy_(ours.input.weight)
+        theirs.bias_ih.copy_(ours.input.bias)
+        theirs.weight_hh.copy_(ours.hidden.weight)
+        theirs.bias_hh.copy_(ours.hidden.bias)
+    x, h = torch.randn(4, 5), torch.randn(4, 7)
+    torch.testing.assert_close(ours(x, h), theirs(x, h))
+    torch.testing.assert_close(ours(x, None), theirs(x, torch.zeros(4, 7)))
+
+
+def test_discounted_returns_with_gamma():
+    rewards = torch.tensor([[1.0, 0.0], [0.0, 2.0], [4.0, 1.0]])
+    expected = torch.tensor([[1 + 0.5**2 * 4, 0.5 * 2 + 0.25], [0.5 * 4, 2 + 0.5], [4.0, 1.0]])
+    torch.testing.assert_close(discounted_returns(rewards, 0.5), expected)
+
+
+def test_ppo_moves_the_actor_toward_rewarded_locations():
+    """Locations near (0.8, 0.2) are rewarded: a few PPO updates move the mean there."""
+    torch.manual_seed(0)
+    policy = PatchPolicy((4, 2, 2), "linear", hidden=16, width=16, conv_channels=4, action_std=0.1)
+    opt = torch.optim.Adam(policy.parameters(), lr=3e-3)
+    states = torch.randn(1, 64, 4, 2, 2)
+    target = torch.tensor([0.8, 0.2])
+    for _ in range(150):
+        with torch.no_grad():
+            action, logp, _ = policy.act(states[0], None, sample=True, generator=None)
+        reward = -(action - target).square().sum(-1)
+        loss, _ = ppo_loss(
+            policy, Episode(states, action[None], logp[None], reward[None]), PPOConfig()
+        )
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    mean, _ = policy.step(states[0], None)
+    assert (mean - target).abs().max() < 0.1
+
+
+def test_exits_sessions_and_deploy_form_agree():
+    net = _net().eval()
+    x = torch.randn(5, 3, 48, 48)
+    with torch.no_grad():
+        exits = net.forward_exits(x)
+        deployed = net.deploy()
+        assert not any(isinstance(m, nn.BatchNorm2d) for m in deployed.glance.modules())
+        for a, b in zip(exits, deployed.forward_exits(x), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        session = deployed.exit_session(x)
+        torch.testing.assert_close(session.next_exit(), exits[0], rtol=1e-4, atol=1e-4)
+        keep = torch.tensor([True, False, True, True, False])
+        session.keep(keep)
+        for k in (1, 2):
+            torch.testing.assert_close(session.next_exit(), exits[k][keep], rtol=1e-4, atol=1e-4)
+
+
+def test_exit_macs_add_one_focus_step_at_a_time_and_undercut_the_full_image():
+    net = _net(steps=4)
+    macs = net.exit_macs((3, 48, 48))
+    steps = [b - a for a, b in zip(macs, macs[1:], strict=False)]
+    assert len(macs) == 4 and min(steps) > 0
+    assert max(steps) - min(steps) < 1e-3 * steps[0]  # every focus step costs the same
+    full = create_backbone("cifar_resnet20", num_classes=10)
+    # A 24x24 glance costs about a quarter of the backbone on the 48x48 image.
+    assert macs[0] < 0.3 * count_macs(full, (3, 48, 48))
+
+
+def test_cascade_classifier_answers_with_the_glance_head_first():
+    net = _net(classifier=ClassifierKind.cascade).eval()
+    x = torch.randn(3, 3, 48, 48)
+    with torch.no_grad():
+        steps = net.rollout(x, own_head=True)
+        glance_logits = net.glance.own_logits(net.glance(net.glimpse(x))[0])
+    torch.testing.assert_close(steps[0].logits, glance_logits)
+    assert [s.logits.shape for s in steps] == [(3, 10)] * 3
+    fcs = net.classifier.fcs  # step t reads the features of steps 1..t
+    assert 2 * fcs[1].in_features == 3 * fcs[0].in_features
+
+
+def test_random_and_sampled_locations_and_the_mean():
+    net = _net().eval()
+    x = torch.randn(4, 3, 48, 48)
+    with torch.no_grad():
+        mean = net.rollout(x, Locate.mean)
+        again = net.rollout(x, Locate.mean)
+        sampled = net.rollout(x, Locate.sample, generator=torch.Generator().manual_seed(1))
+    assert all(s.logprob is None for s in mean) and sampled[1].logprob.shape == (4,)
+    torch.testing.assert_close(mean[1].location, again[1].location)
+    spread = (sampled[1].location - mean[1].location).std()
+    assert 0.03 < float(spread) < 0.2  # std 0.1 around the mean (clipped to [0, 1])
+
+
+# --- the three stages as phases of one run ----------------------------------------------------
+class _SignalInPhase(PreemptionHandler):
+    """The real handler, plus SIGUSR1 to this process at global step 3 of phase `PHASE`."""
+
+    PHASE = "stage_1"
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if pl_module.current_phase == self.PHASE and trainer.global_step == 3:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+
+def _final_state(run: Path, phase: str) -> dict[str, torch.Tensor]:
+    return torch.load(ckpt.phase_dir(run, phase) / ckpt.FINAL, weights_only=False)["state_dict"]
+
+
+def test_each_stage_resumes_from_a_kill_mid_stage_to_the_same_weights(
+    compose_cfg, tmp_path, monkeypatch
+):
+    top1 = run_job(compose_cfg(GF_TINY, run_dir=tmp_path / "straight"))
+    for phase in ("stage_1", "stage_2", "stage_3"):
+        with monkeypatch.context() as patch:
+            patch.setattr(_SignalInPhase, "PHASE", phase)
+            patch.setattr(runner, "PreemptionHandler", _SignalInPhase)
+            with pytest.raises(Preempted):
+                run_job(compose_cfg(GF_TINY, run_dir=tmp_path / "cut"))
+        stopped = torch.load(
+            ckpt.phase_dir(tmp_path / "cut", phase) / ckpt.LAST, weights_only=False
+        )
+        assert stopped["global_step"] == 3 and not ckpt.is_done(tmp_path / "cut", phase)
+    assert run_job(compose_cfg(GF_TINY, run_dir=tmp_path / "cut")) == pytest.approx(top1)
+    for phase in ("stage_1", "stage_2", "stage_3"):
+        straight, cut = (_final_state(tmp_path / r, phase) for r in ("straight", "cut"))
+        for name, value in straight.items():
+            assert torch.equal(value, cut[name]), f"{phase}: {name}"
+
+    # Stage 2 trains the policy alone: encoders (BatchNorm statistics too) and classifier stay.
+    before, after = (_final_state(tmp_path / "straight", p) for p in ("stage_1", "stage_2"))
+    policy = [n for n in after if n.startswith("model.policy.")]
+    assert policy and any(not torch.equal(before[n], after[n]) for n in policy)
+    for name in set(after) - set(policy):
+        assert torch.equal(before[name], after[name]), name
+    # Stage 3 fine-tunes the encoders and classifier on the frozen policy's locations.
+    final = _final_state(tmp_path / "straight", "stage_3")
+    assert all(torch.equal(after[n], final[n]) for n in policy)
+    assert not torch.equal(
+        after["model.local.net.head.fc.weight"], final["model.local.net.head.fc.weight"]
+    )
+
+    results = json.loads((tmp_path / "straight/results.json").read_text())
+    assert len(results["exit_macs"]) == 3 and len(results["anytime"]) == 3
+    assert (tmp_path / "straight/plots/patches.png").stat().st_size > 10_000
+
+
+def test_a_frozen_glance_encoder_is_fine_tuned_first_then_left_alone(compose_cfg, tmp_path):
+    overrides = [*GF_TINY, "technique.train_glance=false", "trainer.max_epochs=1"]
+    overrides += ["++technique.phases.stage_2.epochs=1", "evaluation.anytime=false"]
+    run_job(compose_cfg(overrides, run_dir=tmp_path))
+    phases = ["glance", "stage_1", "stage_2", "stage_3"]
+    assert all(ckpt.is_done(tmp_path, p) for p in phases)
+    start = _final_state(tmp_path, "glance")
+    for phase in phases[1:]:
+        state = _final_state(tmp_path, phase)
+        glance = [n for n in state if n.startswith("model.glance.")]
+        assert all(torch.equal(start[n], state[n]) for n in glance), phase
+
+
+# --- bad settings, refused before training ----------------------------------------------------
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["technique.patch_size=32"], "patch_size=32 is not smaller than synthetic's 32x32"),
+        (["technique.patch_size=48"], "set technique.patch_size below 32"),
+        (
+            [
+                "backbone=timm",
+                "backbone.name=vit_tiny_patch16_224",
+                "+backbone.kwargs.dynamic_img_size=true",
+            ],
+            "spatial feature map",
+        ),
+    ],
+)
+def test_settings_gfnet_cannot_use_fail_in_validation(compose_cfg, overrides, message):
+    cfg = compose_cfg([*GF_TINY, *overrides])
+    validate_config(cfg)
+    with pytest.raises(ConfigError, match=message):
+        build_run(cfg)
+
+
+def test_t_below_one_fails_the_cheap_validation(compose_cfg):
+    with pytest.raises(ConfigError, match="T >= 1"):
+        validate_config(compose_cfg([*GF_TINY, "technique.T=0"]))
