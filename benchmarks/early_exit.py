@@ -10,8 +10,10 @@ machinery's own cost, and
 shows how well MACs predict time for the model (a full-resolution first stage costs more per MAC),
 and `seconds_to_each_exit` the per-stage timings behind it. The model is timed in its deploy form
 (`deploy()`: BatchNorm folded, what evaluation runs on); `--form train` times the training form.
+With a `make_reference` (a static network, e.g. the plain backbone at full resolution), it is
+timed alongside and each level also reports the speed-up over it next to the MACs ratio.
 Run: `.venv/bin/python benchmarks/early_exit.py [--threads N] [--repeats R] [--form deploy|train]`.
-Swap the model in `make_model`.
+Swap the model in `make_model` (and `make_reference`, `BATCHES` for slow models).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from dynlab.evaluation.budgeted import budgeted_curve
 from dynlab.evaluation.early_exit import early_exit_predict
 from dynlab.evaluation.macs import count_macs
 from dynlab.evaluation.outputs import collect_exit_probs
-from dynlab.protocol import DynamicNet
+from dynlab.protocol import DynamicNet, StaticExits
 
 LEVELS = (0.25, 0.5, 1.0, 2.0)  # budget levels q (MSDNet's exit law p_k ∝ q^k)
 TARGET = 0.8  # measured speed-up / MACs speed-up wanted at every level (issue 8)
@@ -109,6 +111,10 @@ def make_model() -> tuple[nn.Module, tuple[int, int, int]]:
     return MultiExitCNN(), (3, 32, 32)
 
 
+# A static network to compare with (its deploy form is timed), or None.
+make_reference: Callable[[], nn.Module] | None = None
+
+
 def best_seconds(
     runs: Mapping[str, Callable[[Tensor], object]], batches: Sequence[Tensor], repeats: int
 ) -> dict[str, float]:
@@ -162,8 +168,10 @@ def measure(
     curve: list[dict],
     batches: Sequence[Tensor],
     repeats: int,
+    reference: tuple[nn.Module, float] | None = None,
 ) -> dict[str, object]:
-    """Time every exit vs early exit at each level, next to the MACs of the exits actually taken."""
+    """Time every exit vs early exit at each level, next to the MACs of the exits actually taken;
+    `reference` is a static network and its MACs, timed alongside."""
 
     def every_exit(x: Tensor) -> list[Tensor]:
         with torch.no_grad():
@@ -178,6 +186,8 @@ def measure(
     runs |= {
         f"q={r['q']}": partial(early_exit_predict, model, thresholds=r["thresholds"]) for r in curve
     }
+    if reference is not None:
+        runs["reference"] = partial(_no_grad_call, reference[0])
     seconds = best_seconds(runs, batches, repeats)
     to_exit = seconds_to_each_exit(model, batches, repeats).double()
     macs = torch.tensor(exit_macs, dtype=torch.float64)
@@ -199,13 +209,25 @@ def measure(
                 "meets_target": speedup / macs_speedup >= TARGET,
             }
         )
+        if reference is not None:
+            avg_macs = float(macs[exits].mean())
+            levels[-1] |= {
+                "macs_ratio_over_reference": round(reference[1] / avg_macs, 3),
+                "speedup_over_reference": round(seconds["reference"] / seconds[name], 3),
+            }
     return {
         "samples": sum(len(b) for b in batches),
         "every_exit_s": round(seconds["every_exit"], 4),
+        **({"reference_s": round(seconds["reference"], 4)} if reference is not None else {}),
         "overhead_when_nobody_leaves": round(seconds["nobody_leaves"] / seconds["every_exit"], 3),
         "seconds_to_each_exit": [round(float(t), 5) for t in to_exit],
         "levels": levels,
     }
+
+
+def _no_grad_call(model: nn.Module, x: Tensor) -> Tensor:
+    with torch.no_grad():
+        return model(x)
 
 
 def main() -> None:
@@ -225,16 +247,23 @@ def main() -> None:
     val_x = torch.randn(NUM_CALIBRATION, *input_size, generator=generator)
     test_x = torch.randn(max(b * n for b, n in BATCHES.items()), *input_size, generator=generator)
     curve = calibrated_levels(model, exit_macs, val_x, test_x)
+    reference = None
+    if make_reference is not None:
+        static = StaticExits(make_reference()).eval().deploy()
+        reference = (static.net, static.exit_macs(input_size)[0])
     report: dict[str, object] = {
         "form": args.form,
         "target_measured_over_macs": TARGET,
         "torch_threads": torch.get_num_threads(),
         "repeats": args.repeats,
         "exit_macs": exit_macs,
+        **({"reference_macs": reference[1]} if reference is not None else {}),
     }
     for batch_size, num_batches in BATCHES.items():
         batches = test_x[: batch_size * num_batches].split(batch_size)
-        report[f"batch_{batch_size}"] = measure(model, exit_macs, curve, batches, args.repeats)
+        report[f"batch_{batch_size}"] = measure(
+            model, exit_macs, curve, batches, args.repeats, reference
+        )
     print(json.dumps(report, indent=2))
 
 
