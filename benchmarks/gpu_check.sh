@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared GPU check (under 8 minutes on one H200): trainer=gpu with bf16, DDP over NCCL with
+# One prepared GPU check (about 10 minutes on one H200): trainer=gpu with bf16, DDP over NCCL with
 # one process, and the throughput benchmark on the GPU. Prints one JSON object per line and
 # writes them to ${OUT:-.}/gpu_check.jsonl. Never a test dependency (CI has no GPU).
 #
@@ -38,14 +38,18 @@ done
 
 # 3. Lightning path vs plain loop on the GPU, where per-step overhead shows.
 bench() {
-    local name=$1; shift
-    if ! timeout 180 $PY benchmarks/throughput.py --trainer gpu "$@" > "$OUT/runs/$name.log" 2>&1; then
+    local name=$1 script=$2; shift 2
+    if ! timeout 240 $PY "benchmarks/$script" --trainer gpu "$@" > "$OUT/runs/$name.log" 2>&1; then
         tail -20 "$OUT/runs/$name.log" >&2
         emit "{\"benchmark\": \"$name\", \"status\": \"failed (see runs/$name.log)\"}"
         return
     fi
     emit "$(tail -1 "$OUT/runs/$name.log")"
 }
-bench throughput_resnet20 --batch-size 256 --steps 80 --num-workers 4
-bench throughput_resnet50 --backbone timm --backbone-name resnet50 --image-size 224 \
+bench throughput_resnet20 throughput.py --batch-size 256 --steps 80 --num-workers 4
+bench throughput_resnet50 throughput.py --backbone timm --backbone-name resnet50 --image-size 224 \
     --batch-size 128 --steps 40 --num-workers 8
+
+# 4. One stage-1 epoch of GFNet (ResNet-50 encoders, P = 96) on 4,000 generated ImageNet-format
+# images, bf16: img/s and peak memory (issue 9; figures go to experiments/gfnet/README.md).
+bench gfnet_stage1 gfnet_stage1.py --batch-size 64 --per-class 4 --num-workers 8

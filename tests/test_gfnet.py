@@ -10,16 +10,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from torch import nn
 
 from dynlab import checkpointing as ckpt
 from dynlab import runner
 from dynlab.backbones import create_backbone
+from dynlab.data.base import DataInfo
 from dynlab.evaluation.macs import count_macs
 from dynlab.preemption import Preempted, PreemptionHandler
 from dynlab.runner import run_job
 from dynlab.techniques.gfnet.config import ClassifierKind, PPOConfig
 from dynlab.techniques.gfnet.model import GFNet, GRUCell, Locate, PatchPolicy, crop_patches
+from dynlab.techniques.gfnet.module import GFNetModule
 from dynlab.techniques.gfnet.ppo import Episode, discounted_returns, ppo_loss
 from dynlab.validation import ConfigError, build_run, validate_config
 
@@ -309,3 +313,55 @@ def test_stage_2_policy_beats_random_locations_on_cluttered_digits(compose_cfg, 
     assert not _beats_random(scores["stage_1"]), scores
     # ... the PPO-trained one finds the digit: a larger confidence gain and a better last exit.
     assert _beats_random(scores["stage_2"]), scores
+
+
+# --- presets --------------------------------------------------------------------------------
+IMAGENET = DataInfo("imagenet", 1000, (3, 224, 224))
+
+
+@pytest.mark.parametrize(
+    "preset", ["digits", "resnet32_cifar10", "resnet50_p96_imagenet", "mobilenetv3_p96_imagenet"]
+)
+def test_presets_compose_and_validate(compose_cfg, preset):
+    cfg = compose_cfg([f"+experiment=gfnet/{preset}"])
+    validate_config(cfg)
+    assert cfg.technique.name == "gfnet" and cfg.expected.paper and cfg.expected.dynlab
+
+
+def _imagenet_module(compose_cfg, preset: str) -> GFNetModule:
+    cfg = compose_cfg([f"+experiment=gfnet/{preset}"])
+    node = runner._constructor_node(cfg, "technique", "phases")
+    backbone = OmegaConf.to_object(cfg.backbone)
+    module = instantiate(node, backbone=backbone, data_info=IMAGENET, _convert_="object")
+    module.set_recipes(OmegaConf.to_object(cfg.technique.phases))
+    return module
+
+
+def test_resnet50_preset_matches_the_official_sizes_and_costs(compose_cfg):
+    module = _imagenet_module(compose_cfg, "resnet50_p96_imagenet")
+    net = module.model
+    # Official train.py: state_dim = 2048 * ceil(96 / 32)^2, a 2048-wide first policy layer.
+    assert (
+        net.policy.encoder[1].in_features == 2048 * 3 * 3
+        and net.policy.encoder[1].out_features == 2048
+    )
+    assert net.classifier.gru.input.in_features == 2048 and net.classifier.fc.in_features == 1024
+    assert [p.name for p in module.phases("train")] == ["stage_1", "stage_2", "stage_3"]
+    macs = net.exit_macs((3, 224, 224))
+    plain = count_macs(create_backbone("resnet50", num_classes=1000), (3, 224, 224))
+    at_96 = count_macs(create_backbone("resnet50", num_classes=1000), (3, 96, 96))
+    # Each step: the encoder at 96x96 plus the GRU (3 x (2048 + 1024) x 1024) and its head; each
+    # focus step adds the policy (2048 x 3 x 3 x 2048 + ...): measured, not assumed.
+    assert at_96 < macs[0] < at_96 + 15e6
+    assert at_96 + 38e6 < macs[1] - macs[0] < at_96 + 60e6
+    assert macs[-1] < plain  # all five steps still cost less than one 224x224 pass
+
+
+def test_mobilenet_preset_fine_tunes_the_glance_first_and_cascades(compose_cfg):
+    module = _imagenet_module(compose_cfg, "mobilenetv3_p96_imagenet")
+    net = module.model
+    assert [p.name for p in module.phases("train")] == ["glance", "stage_1", "stage_2", "stage_3"]
+    assert module.recipe("glance").epochs == 30 and module.dsn_weight == 5.0
+    # configs.py: 1280 pooled features, a 960-channel 3x3 map read through a 1x1 conv to 32.
+    assert [fc.in_features for fc in net.classifier.fcs] == [1280 * 2, 1280 * 3]
+    assert net.policy.encoder[0].in_channels == 960 and net.policy.encoder[3].in_features == 32 * 9
