@@ -4,8 +4,8 @@ training images/s (after a warm-up) and peak GPU memory, through dynlab's own tr
 Writes random 256x256 PNGs in the ImageNet layout (1000 class folders), composes
 `+experiment=gfnet/resnet50_p96_imagenet phase=stage_1` on them and fits one epoch with the
 given trainer (gpu: bf16-mixed). Prints one JSON object. Run (benchmarks/gpu_check.sh does):
-  python3 benchmarks/gfnet_stage1.py --trainer gpu --batch-size 64 --per-class 6
-A CPU smoke run: --trainer cpu --batch-size 4 --per-class 1 --size 64 --steps 3
+  python3 benchmarks/gfnet_stage1.py --trainer gpu --batch-size 64 --per-class 4
+Without a GPU the defaults are a CPU smoke run (batch 4, 1 image a class at 64x64, 8 steps).
 """
 
 from __future__ import annotations
@@ -46,12 +46,13 @@ class Timer(pl.Callback):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--trainer", default="gpu", help="a conf/trainer choice")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--per-class", type=int, default=6, help="train images per class")
-    parser.add_argument("--size", type=int, default=256, help="side of the generated images")
-    parser.add_argument("--steps", type=int, default=None, help="limit_train_batches")
-    parser.add_argument("--num-workers", type=int, default=8)
+    gpu = torch.cuda.is_available()
+    parser.add_argument("--trainer", default="gpu" if gpu else "cpu", help="conf/trainer choice")
+    parser.add_argument("--batch-size", type=int, default=64 if gpu else 4)
+    parser.add_argument("--per-class", type=int, default=4 if gpu else 1, help="images a class")
+    parser.add_argument("--size", type=int, default=256 if gpu else 64, help="generated side")
+    parser.add_argument("--steps", type=int, default=None if gpu else 8, help="train batches")
+    parser.add_argument("--num-workers", type=int, default=8 if gpu else 0)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = write_fake_imagenet(Path(tmp) / "imagenet", 1000, args.per_class, 1, size=args.size)

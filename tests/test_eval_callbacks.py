@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from dynlab.evaluation.anytime import anytime_records
 from dynlab.evaluation.budgeted import budgeted_curve
-from dynlab.evaluation.callbacks import AnytimeEvaluation, BudgetedEvaluation
+from dynlab.evaluation.callbacks import AnytimeEvaluation, BudgetedEvaluation, TechniqueFigures
 from dynlab.evaluation.outputs import collect_exit_probs
 from dynlab.evaluation.plots import plot_overlay
 from dynlab.logging import log_records
@@ -95,9 +95,9 @@ class TinyModule(pl.LightningModule):
 
 
 def trainer(**kwargs) -> pl.Trainer:
+    kwargs.setdefault("logger", False)
     return pl.Trainer(
         accelerator="cpu",
-        logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -182,3 +182,29 @@ def test_overlay_draws_curves_and_points_and_rejects_ambiguous_runs(tmp_path: Pa
     assert path.stat().st_size > 0
     with pytest.raises(ValueError, match="exactly one of"):
         plot_overlay([{"label": "both", "budgeted": curve, "point": (1.0, 2.0)}], path)
+
+
+class _Drawing(TinyModule):
+    """A module drawing one figure of its deploy form: the model it is handed must be that."""
+
+    def evaluation_figures(self, model: nn.Module, datamodule) -> dict:
+        from matplotlib.figure import Figure
+
+        assert getattr(model, "deployed", False)
+        x, _ = next(iter(datamodule.test_dataloader()))
+        fig = Figure()
+        fig.add_subplot().imshow(x[0, 0].numpy())
+        return {"first_image": fig}
+
+
+def test_technique_figures_are_written_and_logged_as_wandb_images(tmp_path: Path) -> None:
+    run = FakeRun()
+    module, data = _Drawing(TwoExitNet()), TinyData()
+    figures = TechniqueFigures(str(tmp_path))
+    tester = trainer(logger=WandbLogger(experiment=run), callbacks=[figures])
+    tester.test(module, datamodule=data, verbose=False)
+    assert (tmp_path / "plots/first_image.png").stat().st_size > 1000
+    images = [d["figures/first_image"] for d in run.logged if "figures/first_image" in d]
+    assert len(images) == 1 and type(images[0]).__name__ == "Image"
+    # A module without figures draws nothing.
+    assert TechniqueFigures(str(tmp_path)).evaluate(tester, TinyModule(TwoExitNet()), data) == []
