@@ -39,7 +39,8 @@ class Locate(StrEnum):
 
 class GRUCell(nn.Module):
     """torch.nn.GRUCell's equations (Cho et al. 2014) on two Linear layers, so that the MAC counter
-    sees them; `h=None` is the zero state, whose matmul is skipped."""
+    sees them; `h=None` is the zero state (still multiplied, so every weight takes part in every
+    step and DDP never finds an unused parameter)."""
 
     def __init__(self, input_size: int, hidden_size: int) -> None:
         super().__init__()
@@ -51,13 +52,13 @@ class GRUCell(nn.Module):
             nn.init.uniform_(p, -bound, bound)
 
     def forward(self, x: Tensor, h: Tensor | None) -> Tensor:
-        gi = self.input(x)
-        gh = self.hidden.bias.expand_as(gi) if h is None else self.hidden(h)
-        i_r, i_z, i_n = gi.chunk(3, dim=1)
-        h_r, h_z, h_n = gh.chunk(3, dim=1)
+        if h is None:
+            h = x.new_zeros(x.shape[0], self.hidden_size)
+        i_r, i_z, i_n = self.input(x).chunk(3, dim=1)
+        h_r, h_z, h_n = self.hidden(h).chunk(3, dim=1)
         r, z = torch.sigmoid(i_r + h_r), torch.sigmoid(i_z + h_z)
         n = torch.tanh(i_n + r * h_n)
-        return (1 - z) * n if h is None else (1 - z) * n + z * h
+        return (1 - z) * n + z * h
 
 
 class Encoder(nn.Module):
