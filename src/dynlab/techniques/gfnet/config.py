@@ -67,8 +67,9 @@ class GFNetConfig(TechniqueConfig):
     # official train.py dsn_ratio, 1 for ResNet/DenseNet/RegNet and 5 for MobileNet/EfficientNet.
     dsn_weight: float = 1.0
     # Train the glance encoder in stages 1 and 3 (ResNet, DenseNet, RegNet). False: a first phase
-    # `glance` fine-tunes it alone on PxP glances, then it stays frozen (MobileNet, EfficientNet;
-    # official train.py train_model_prime and issue #4).
+    # `glance` fine-tunes it alone on PxP glances (skipped when glance_init_from gives one already
+    # fine-tuned), then it stays frozen (MobileNet, EfficientNet; official train.py
+    # train_model_prime and issue #4).
     train_glance: bool = True
     # A `technique=baseline` checkpoint both encoders start from (the official code starts from
     # ImageNet-pretrained encoders); glance_init_from overrides it for the glance encoder.

@@ -114,18 +114,14 @@ class GFNetModule(DynlabModule):
         """Freeze what the stage does not train; frozen encoders and classifier stay in eval mode."""
         super().start_phase(phase)
         m = self.model
-        trained: dict[str, list[nn.Module]] = {
-            GLANCE: [m.glance],
-            STAGE_1: [m.local, m.classifier, *([m.glance] if self.train_glance else [])],
-            STAGE_2: [m.policy] if m.policy is not None else [],
-            STAGE_3: [m.local, m.classifier, *([m.glance] if self.train_glance else [])],
-        }
-        trains = trained[phase.name]
+        fine_tuned = [m.local, m.classifier, *([m.glance] if self.train_glance else [])]
+        trains = {GLANCE: [m.glance], STAGE_1: fine_tuned, STAGE_2: [m.policy], STAGE_3: fine_tuned}
+        trained = trains[phase.name]
         parts = [m.glance, m.local, m.classifier, *([m.policy] if m.policy is not None else [])]
         for part in parts:
-            part.requires_grad_(any(part is t for t in trains))
+            part.requires_grad_(any(part is t for t in trained))
         # The policy has no BatchNorm or dropout; the encoders and the classifier do.
-        self._idle = [p for p in parts[:3] if not any(p is t for t in trains)]
+        self._idle = [p for p in parts[:3] if not any(p is t for t in trained)]
         self.train(self.training)
 
     def train(self, mode: bool = True) -> Self:
