@@ -5,8 +5,9 @@ Hydra's structured configs already reject a misspelt key or a wrong type at comp
    rules, then that the backbone name exists (imports timm);
 2. `build_run` builds the datamodule, runs one zero image of the dataset's size through the bare
    backbone (a model that cannot take it fails here, saying what to set), then builds the
-   technique's module, turning a constructor's `ValueError` (a setting or backbone the technique
-   cannot use) into a `ConfigError`.
+   technique's module and asks it to check the rest of the run (`check_run`: e.g. enough epochs for
+   its schedule), turning a `ValueError` (a setting or backbone the technique cannot use) into a
+   `ConfigError`.
 `checkpoint_problem` tells a readable checkpoint from a missing, truncated or foreign file
 without torch.
 """
@@ -103,6 +104,7 @@ def build_run(cfg: DictConfig) -> tuple[DynlabDataModule, DynlabModule]:
     combo = f"technique={cfg.technique.name} on backbone={cfg.backbone.name}"
     with constructor_errors(combo):
         module = build_module(cfg, datamodule)
+        module.check_run(cfg)
     return datamodule, module
 
 

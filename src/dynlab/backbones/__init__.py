@@ -3,7 +3,13 @@
 `import dynlab.backbones` makes `timm.create_model("cifar_resnet56", num_classes=10)` work.
 """
 
-from dynlab.backbones import cifar_mobilenetv2, cifar_resnet, cifar_vgg  # noqa: F401  (registers)
+from dynlab.backbones import (  # noqa: F401  (registers)
+    cifar_mobilenetv2,
+    cifar_resnet,
+    cifar_vgg,
+    condensenetv2,
+    sfr_shufflenetv2,
+)
 from dynlab.backbones.factory import (
     UnknownBackboneError,
     create_backbone,

@@ -161,6 +161,10 @@ class DynlabModule(pl.LightningModule):
         """Epochs of a fit phase: the recipe's, else the phase's own, else the trainer's."""
         return self.recipe(phase.name).epochs or phase.max_epochs
 
+    def check_run(self, cfg: Any) -> None:
+        """Check the technique against the rest of the run's config (epochs, trainer) before
+        anything trains; a ValueError is reported as one line. Nothing to check by default."""
+
     def start_phase(self, phase: Phase) -> None:
         """Called before a phase runs (also when it resumes): freeze parts, switch losses, ..."""
         self.current_phase = phase.name

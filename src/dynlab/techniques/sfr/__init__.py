@@ -1,0 +1,1 @@
+"""SFR / CondenseNetV2: learned sparse connections pruned during training, then condensed."""

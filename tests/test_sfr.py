@@ -1,0 +1,130 @@
+"""technique=sfr: the drop schedule, a short digits run to a condensed model, exact resume between
+drops, and settings that cannot work refused before training."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from dynlab import checkpointing as ckpt
+from dynlab import runner
+from dynlab.preemption import Preempted, PreemptionHandler
+from dynlab.runner import run_job
+from dynlab.techniques.sfr.module import SparsificationIncomplete, drops_due, sparse_layers
+from dynlab.validation import ConfigError, build_run
+
+from .conftest import TINY_RUN
+
+# The tiny CondenseNetV2 on digits: 10 epochs (3 drops in the first half) of 16 batches.
+SFR_DIGITS = [
+    *TINY_RUN,
+    "technique=sfr",
+    "backbone=cifar_condensenetv2_tiny",
+    "dataset=digits",
+    "dataset.batch_size=32",
+    "trainer.max_epochs=10",
+    "trainer.limit_train_batches=16",
+    "evaluation.budgeted=false",
+]
+
+
+def test_drops_follow_the_official_stage_boundaries():
+    # Official LGC._check_drop with C = 8 over 350 epochs: drops at epochs 25, 50, ..., 175.
+    steps_per_epoch, epochs = 10, 350
+    total = steps_per_epoch * epochs
+    first_due = [
+        next(s for s in range(total) if drops_due(s, total, 7, 0.5) >= k) // steps_per_epoch
+        for k in range(1, 8)
+    ]
+    assert first_due == [25, 50, 75, 100, 125, 150, 175]
+    assert drops_due(total - 1, total, 7, 0.5) == 7 and drops_due(0, total, 7, 0.5) == 0
+    # A run resumed far ahead owes every drop in between, not one.
+    assert drops_due(total // 2, total, 7, 0.5) - drops_due(total // 8, total, 7, 0.5) == 6
+
+
+def _final(run: Path) -> dict[str, torch.Tensor]:
+    return torch.load(ckpt.phase_dir(run, "train") / ckpt.FINAL, weights_only=False)
+
+
+def test_a_digits_run_makes_every_drop_and_its_condensed_model_scores_the_same(
+    compose_cfg, tmp_path
+):
+    overrides = [*SFR_DIGITS, "++technique.phases={train: {ema: {decay: 0.9}}}"]
+    cfg = compose_cfg(overrides, run_dir=tmp_path)
+    top1 = run_job(cfg)
+    results = json.loads((tmp_path / "results.json").read_text())
+    drops = results["sparsification"]
+    assert [d["stage"] for d in drops] == [1, 2, 3] and drops[-1]["lgc_density"] < drops[0][
+        "lgc_density"
+    ]
+
+    # The masked model of the final checkpoint: binary masks (EMA copied them), every drop made.
+    data, module = build_run(cfg)
+    ckpt.load_module_state(module, ckpt.phase_dir(tmp_path, "train") / ckpt.FINAL)
+    for name, layer in sparse_layers(module.model.net):
+        assert int(layer.drop_stage) == layer.stages, name
+        assert set(layer.mask.unique().tolist()) <= {0.0, 1.0}, name
+    # Its test accuracy, masked, equals the condensed model's (what run_job reported).
+    data.setup("test")
+    masked = module.model.eval()
+    correct = count = 0
+    with torch.no_grad():
+        for x, y in data.test_dataloader():
+            correct += int((masked(x).argmax(1) == y).sum())
+            count += len(y)
+    assert 100 * correct / count == pytest.approx(top1, abs=1e-4)
+    assert top1 > 40.0  # learning (chance: 10 %), so the agreement above means something
+    masked_params = sum(p.numel() for p in module.model.parameters())
+    assert results["params"] < masked_params and results["exit_macs"][0] < results["masked_macs"][0]
+
+
+class _SignalAfterFirstDrop(PreemptionHandler):
+    """The real handler, plus SIGUSR1 at the first step after the module's first drop."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if len(pl_module.drop_history) == 1 and not getattr(self, "_sent", False):
+            self._sent = True
+            os.kill(os.getpid(), signal.SIGUSR1)
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+
+def test_a_run_killed_between_drops_resumes_with_the_same_masks(compose_cfg, tmp_path, monkeypatch):
+    run_job(compose_cfg(SFR_DIGITS, run_dir=tmp_path / "straight"))
+    with monkeypatch.context() as patch:
+        patch.setattr(runner, "PreemptionHandler", _SignalAfterFirstDrop)
+        with pytest.raises(Preempted):
+            run_job(compose_cfg(SFR_DIGITS, run_dir=tmp_path / "cut"))
+    # Between drops the checkpoint is not convertible, and says why.
+    cfg = compose_cfg(SFR_DIGITS, run_dir=tmp_path / "cut")
+    _, module = build_run(cfg)
+    ckpt.load_module_state(module, ckpt.phase_dir(tmp_path / "cut", "train") / ckpt.LAST)
+    assert [int(m.drop_stage) for _, m in sparse_layers(module.model.net)][0] == 1
+    with pytest.raises(SparsificationIncomplete, match=r"incomplete .* \(1 of 3 drops\)"):
+        module.deploy()
+    run_job(cfg)
+    straight, cut = _final(tmp_path / "straight"), _final(tmp_path / "cut")
+    for name, value in straight["state_dict"].items():
+        assert torch.equal(value, cut["state_dict"][name]), name
+    assert straight["dynlab"]["technique"] == cut["dynlab"]["technique"]  # the drop history
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["trainer.max_epochs=5"], "5 training epochs are fewer than the 6 .*trainer.max_epochs=6"),
+        (
+            ["backbone=cifar_resnet20"],
+            "cifar_resnet20 has none; backbones that carry them: .*cifar_condensenetv2_110",
+        ),
+    ],
+)
+def test_settings_the_schedule_cannot_use_are_refused_before_training(
+    compose_cfg, overrides, message
+):
+    with pytest.raises(ConfigError, match=message):
+        build_run(compose_cfg([*SFR_DIGITS, *overrides]))
