@@ -13,10 +13,18 @@ import torch
 
 from dynlab import checkpointing as ckpt
 from dynlab import runner
+from dynlab.backbones import create_backbone
+from dynlab.evaluation.macs import count_macs
 from dynlab.preemption import Preempted, PreemptionHandler
 from dynlab.runner import run_job
-from dynlab.techniques.sfr.module import SparsificationIncomplete, drops_due, sparse_layers
-from dynlab.validation import ConfigError, build_run
+from dynlab.techniques.sfr.module import (
+    SparseNet,
+    SparsificationIncomplete,
+    drops_due,
+    sparse_backbones,
+    sparse_layers,
+)
+from dynlab.validation import ConfigError, build_run, validate_config
 
 from .conftest import TINY_RUN
 
@@ -128,3 +136,35 @@ def test_settings_the_schedule_cannot_use_are_refused_before_training(
 ):
     with pytest.raises(ConfigError, match=message):
         build_run(compose_cfg([*SFR_DIGITS, *overrides]))
+
+
+@pytest.mark.parametrize("name", sparse_backbones())
+def test_every_sparse_backbone_converts_to_the_same_outputs_at_lower_cost(name):
+    """Issue 10: converted outputs equal the masked model's (eval mode) to 1e-5, for every
+    architecture; parameters and MACs drop."""
+    torch.manual_seed(0)
+    cifar = name.startswith("cifar_")
+    size = (3, 32, 32) if cifar else (3, 224, 224)
+    net = SparseNet(create_backbone(name, num_classes=10 if cifar else 1000)).eval()
+    for _, layer in sparse_layers(net.net):
+        for _ in range(layer.stages):
+            layer.drop()
+    x = torch.randn(2 if cifar else 1, *size)
+    deployed = net.deploy()
+    assert not sparse_layers(deployed.net)
+    with torch.no_grad():
+        masked, condensed = net(x), deployed(x)
+    scale = float(masked.abs().max().clamp(min=1.0))
+    torch.testing.assert_close(condensed, masked, rtol=0, atol=1e-5 * scale)
+    assert sum(p.numel() for p in deployed.parameters()) < sum(p.numel() for p in net.parameters())
+    assert count_macs(deployed, size) < count_macs(net, size)
+
+
+@pytest.mark.parametrize(
+    "preset",
+    ["digits", "cifar_110_cifar10", "cifar_146_cifar100", "imagenet_a", "imagenet_b", "imagenet_c"],
+)
+def test_presets_compose_and_validate(compose_cfg, preset):
+    cfg = compose_cfg([f"+experiment=condensenetv2/{preset}"])
+    validate_config(cfg)
+    assert cfg.technique.name == "sfr" and cfg.expected.paper and cfg.expected.dynlab

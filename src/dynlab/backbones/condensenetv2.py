@@ -86,7 +86,7 @@ class DenseLayer(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         new = self.se(self.conv_2(self.conv_1(x)))
-        return torch.cat([x + self.sfr(new), new], dim=1)
+        return torch.cat([self.sfr.reactivate(x, new), new], dim=1)
 
 
 class CondenseNetV2(nn.Module):

@@ -80,7 +80,7 @@ class ShuffleUnit(nn.Module):
             x1, x2 = x.chunk(2, dim=1)
             new = self.branch2(x2)
             if self.sfr is not None:
-                x1 = x1 + self.sfr(new)
+                x1 = self.sfr.reactivate(x1, new)
             out = torch.cat([x1, new], dim=1)
         return channel_shuffle(out, 2)
 

@@ -249,6 +249,10 @@ class SparseFeatureReactivation(_MaskedGroupConv1x1):
     def sparse_factor(self) -> int:
         return self.factor
 
+    def reactivate(self, x: Tensor, new: Tensor) -> Tensor:
+        """x + SFR(new): the earlier features updated by the new ones (what a network adds)."""
+        return x + self(new)
+
     def condensed(self) -> CondensedSFR:
         """The deploy form: group conv + integer scatter-add (official `CondensingSFR`, minus its
         dense O x O float matrix)."""
@@ -393,10 +397,18 @@ class CondensedSFR(nn.Module):
         return out
 
     def forward(self, x: Tensor) -> Tensor:
+        y = self._rows(x)
+        n, _, h, w = y.shape
+        return y.new_zeros(n, self.out_channels, h, w).index_add_(1, self.index, y)
+
+    def reactivate(self, x: Tensor, new: Tensor) -> Tensor:
+        """x + SFR(new) in one scatter-add into a copy of x (no zero map, no second pass)."""
+        return x.index_add(1, self.index, self._rows(new))
+
+    def _rows(self, x: Tensor) -> Tensor:
+        """The kept (group, output) rows: BN -> act -> regroup -> group conv."""
         x = self.act(self.norm(x))
         n, c, h, w = x.shape
         # strided groups -> contiguous blocks (official `ShuffleLayerTrans`)
         x = x.view(n, c // self.groups, self.groups, h, w).transpose(1, 2).reshape(n, c, h, w)
-        y = self.conv(x)
-        out = y.new_zeros(n, self.out_channels, h, w)
-        return out.index_add_(1, self.index, y)
+        return self.conv(x)
