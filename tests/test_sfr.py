@@ -125,6 +125,8 @@ def test_a_run_killed_between_drops_resumes_with_the_same_masks(compose_cfg, tmp
     ("overrides", "message"),
     [
         (["trainer.max_epochs=5"], "5 training epochs are fewer than the 6 .*trainer.max_epochs=6"),
+        (["+backbone.kwargs.condense_factor=3"], "in_channels=16 is not divisible by condense"),
+        (["+backbone.kwargs.sparse_factor=5"], "out_channels=16 is not divisible by sparse_factor"),
         (
             ["backbone=cifar_resnet20"],
             "cifar_resnet20 has none; backbones that carry them: .*cifar_condensenetv2_110",

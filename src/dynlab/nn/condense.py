@@ -73,12 +73,17 @@ class _MaskedGroupConv1x1(nn.Module):
         # official asserts: both in and out divisible by G, the drop axis by the factor
         for name, value in (("in_channels", in_channels), ("out_channels", out_channels)):
             if value % groups:
-                raise ValueError(f"{name}={value} is not divisible by groups={groups}")
+                raise ValueError(
+                    f"{type(self).__name__}: {name}={value} is not divisible by groups={groups}; "
+                    f"use groups dividing {value}"
+                )
         drop_len = in_channels if self._group_axis == 0 else out_channels
         drop_name = "in_channels" if self._group_axis == 0 else "out_channels"
         if drop_len % factor:
             raise ValueError(
-                f"{drop_name}={drop_len} is not divisible by {self._factor_name}={factor}"
+                f"{type(self).__name__}: {drop_name}={drop_len} is not divisible by "
+                f"{self._factor_name}={factor} (each group keeps {drop_name} / "
+                f"{self._factor_name} of them); use a {self._factor_name} dividing {drop_len}"
             )
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
         self.factor, self.activation_name = factor, activation
