@@ -170,3 +170,19 @@ def test_presets_compose_and_validate(compose_cfg, preset):
     cfg = compose_cfg([f"+experiment=condensenetv2/{preset}"])
     validate_config(cfg)
     assert cfg.technique.name == "sfr" and cfg.expected.paper and cfg.expected.dynlab
+
+
+def test_a_run_that_skipped_stages_catches_up_on_every_missed_drop(compose_cfg, monkeypatch):
+    """The official `_check_drop` drops once however many stages progress skipped; here a step
+    far into the schedule owes, and makes, every drop due by then, recorded as one event."""
+    _, module = build_run(compose_cfg(SFR_DIGITS))
+    monkeypatch.setattr(type(module), "_total_steps", lambda self: 100)
+    monkeypatch.setattr(type(module), "log", lambda self, *args, **kwargs: None)
+    module.sparsify(10)  # nothing due before step 100 * 0.5 / 3
+    assert module.drop_history == []
+    module.sparsify(34)  # two drops due (at 16.7 and 33.3): both made now
+    assert [int(m.drop_stage) for _, m in module.layers] == [2] * len(module.layers)
+    module.sparsify(99)
+    assert all(int(m.drop_stage) == m.stages == 3 for _, m in module.layers)
+    assert [r["stage"] for r in module.drop_history] == [2, 3]
+    assert module.drop_history[-1]["lgc_density"] == pytest.approx(0.25)
