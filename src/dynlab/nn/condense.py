@@ -264,6 +264,11 @@ class SparseFeatureReactivation(_MaskedGroupConv1x1):
         return CondensedSFR.from_masked(self)
 
 
+def _strided_groups(groups: int, members: int) -> Tensor:
+    """[G, members] channel indices of the strided groups: row g is g, g + G, g + 2G, ..."""
+    return torch.arange(groups)[:, None] + torch.arange(members)[None, :] * groups
+
+
 def _copy_norm(dst: nn.BatchNorm2d, src: nn.BatchNorm2d, index: Tensor | None = None) -> None:
     """Copy BN parameters and running stats, selecting (and possibly duplicating) `index`."""
     for name in ("weight", "bias", "running_mean", "running_var"):
@@ -326,7 +331,7 @@ class CondensedLGC(nn.Module):
         members = layer.out_channels // groups
         weight = layer.conv.weight.flatten(1)  # [O, I]
         # conv output row g*members + j is original output g + j*G, reading group g's inputs
-        rows = (torch.arange(groups)[:, None] + torch.arange(members)[None, :] * groups).flatten()
+        rows = _strided_groups(groups, members).flatten()
         cols = index.view(groups, 1, per_group).expand(groups, members, per_group)
         cols = cols.reshape(groups * members, per_group)
         new_weight = weight[rows.to(weight.device)[:, None], cols]
@@ -393,9 +398,7 @@ class CondensedSFR(nn.Module):
         per_group = index.numel() // groups
         weight = layer.conv.weight.flatten(1)  # [O, I]
         # row g*per_group + r is output index[...] reading group g's inputs g + m*G, m = 0..members-1
-        cols = (torch.arange(groups)[:, None] + torch.arange(members)[None, :] * groups).to(
-            weight.device
-        )
+        cols = _strided_groups(groups, members).to(weight.device)
         cols = cols[:, None, :].expand(groups, per_group, members).reshape(-1, members)
         new_weight = weight[index.to(weight.device)[:, None], cols]
         out.conv.weight.copy_(new_weight[:, :, None, None])
