@@ -37,10 +37,18 @@ REFUSED |= {
 }
 
 
-@pytest.mark.parametrize("technique", TECHNIQUES)
-@pytest.mark.parametrize("backbone", BACKBONES)
-@pytest.mark.parametrize("dataset", DATASETS)
-def test_every_combination_composes_and_validates(compose_cfg, technique, backbone, dataset):
+# Every pair of choices composes and validates: backbones bring technique defaults (their
+# optimiser), datasets and techniques meet in the schemas' checks. All pairs, not the full product
+# (420 runs of about 0.15 s), so the 2-core CI keeps room for the techniques to come.
+PAIRS = sorted(
+    {(t, b, "digits") for t in TECHNIQUES for b in BACKBONES}
+    | {(t, "cifar_resnet20", d) for t in TECHNIQUES for d in DATASETS}
+    | {("s2dnas", b, d) for b in BACKBONES for d in DATASETS}
+)
+
+
+@pytest.mark.parametrize(("technique", "backbone", "dataset"), PAIRS)
+def test_every_pair_of_choices_composes_and_validates(compose_cfg, technique, backbone, dataset):
     cfg = compose_cfg([f"technique={technique}", f"backbone={backbone}", f"dataset={dataset}"])
     validate_config(cfg)
     assert cfg.technique.name == technique and cfg.dataset.name == dataset
