@@ -59,3 +59,19 @@ def cifar_cfg(pool_size: tuple[int, int], first_conv: str) -> dict[str, Any]:
         "first_conv": first_conv,
         "classifier": "head.fc",
     }
+
+
+def imagenet_cfg(first_conv: str, classifier: str, interpolation: str) -> dict[str, Any]:
+    """timm's model config: 1000 ImageNet classes at 3x224x224 (7x7 final map), ImageNet channel
+    statistics, crop 0.875, no weights."""
+    return {
+        "num_classes": 1000,
+        "input_size": (3, 224, 224),
+        "pool_size": (7, 7),
+        "crop_pct": 0.875,
+        "interpolation": interpolation,
+        "mean": (0.485, 0.456, 0.406),
+        "std": (0.229, 0.224, 0.225),
+        "first_conv": first_conv,
+        "classifier": classifier,
+    }

@@ -28,7 +28,7 @@ import torch
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import Tensor, nn
 
-from dynlab.backbones._base import cifar_cfg
+from dynlab.backbones._base import cifar_cfg, imagenet_cfg
 from dynlab.nn.condense import ACTIVATIONS, LearnedGroupConv, SparseFeatureReactivation
 
 __all__ = ["CondenseNetV2", "DenseLayer", "SELayer"]
@@ -238,26 +238,12 @@ for _cfg in CIFAR_CONFIGS.values():
     _cfg.update(stem_stride=1, hs_start_block=99, se_start_block=99)
 
 
-def _imagenet_cfg() -> dict[str, Any]:
-    return {
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": (7, 7),
-        "crop_pct": 0.875,
-        "interpolation": "bicubic",
-        "mean": (0.485, 0.456, 0.406),
-        "std": (0.229, 0.224, 0.225),
-        "first_conv": "stem",
-        "classifier": "classifier",
-    }
-
-
 def _cifar_cfg() -> dict[str, Any]:
     return cifar_cfg((8, 8), "stem") | {"classifier": "classifier"}
 
 
 default_cfgs = generate_default_cfgs(
-    {name: _imagenet_cfg() for name in IMAGENET_CONFIGS}
+    {name: imagenet_cfg("stem", "classifier", "bicubic") for name in IMAGENET_CONFIGS}
     | {name: _cifar_cfg() for name in CIFAR_CONFIGS}
 )
 

@@ -19,7 +19,7 @@ import torch
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import Tensor, nn
 
-from dynlab.backbones._base import CifarClassifier, cifar_cfg, init_weights
+from dynlab.backbones._base import CifarClassifier, cifar_cfg, imagenet_cfg, init_weights
 from dynlab.nn.condense import SparseFeatureReactivation
 
 __all__ = ["SFRShuffleNetV2", "ShuffleUnit"]
@@ -123,17 +123,7 @@ class SFRShuffleNetV2(CifarClassifier):
 
 default_cfgs = generate_default_cfgs(
     {
-        "sfr_shufflenetv2_x1_0": {
-            "num_classes": 1000,
-            "input_size": (3, 224, 224),
-            "pool_size": (7, 7),
-            "crop_pct": 0.875,
-            "interpolation": "bilinear",
-            "mean": (0.485, 0.456, 0.406),
-            "std": (0.229, 0.224, 0.225),
-            "first_conv": "stem.0",
-            "classifier": "head.fc",
-        },
+        "sfr_shufflenetv2_x1_0": imagenet_cfg("stem.0", "head.fc", "bilinear"),
         "cifar_sfr_shufflenetv2": cifar_cfg((4, 4), "stem.0"),
     }
 )
