@@ -26,7 +26,15 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric, Metric
 from torchmetrics.classification import MulticlassAccuracy
 
-from dynlab.config import OptimConfig, PhaseRecipe, TechniqueConfig, check_recipe_phases
+from dynlab.backbones import create_backbone
+from dynlab.config import (
+    BackboneConfig,
+    OptimConfig,
+    PhaseRecipe,
+    TechniqueConfig,
+    check_recipe_phases,
+)
+from dynlab.data.base import DataInfo
 from dynlab.optim import (
     NamedParams,
     build_optimizer,
@@ -42,6 +50,7 @@ __all__ = [
     "PhaseContext",
     "PhaseKind",
     "build_optimizer",
+    "dataset_backbone",
     "lr_lambda",
     "optimizer_steps_per_epoch",
 ]
@@ -314,6 +323,16 @@ class DynlabModule(pl.LightningModule):
             self.clip_gradients(opt, gradient_clip_val=self.manual_clip_val)
         opt.step()
         schedulers[index].step()  # type: ignore[union-attr]
+
+
+def dataset_backbone(backbone: BackboneConfig, data_info: DataInfo) -> nn.Module:
+    """An untrained `backbone` sized for the dataset: its classes and input channels."""
+    return create_backbone(
+        backbone.name,
+        num_classes=data_info.num_classes,
+        in_chans=data_info.input_size[0],
+        **dict(backbone.kwargs),
+    )
 
 
 def _metric_key(name: str) -> str:

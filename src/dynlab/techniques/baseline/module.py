@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from dynlab.backbones import create_backbone
 from dynlab.config import BackboneConfig, OptimConfig
 from dynlab.data.base import DataInfo
 from dynlab.protocol import StaticExits
-from dynlab.techniques.base import DynlabModule
+from dynlab.techniques.base import DynlabModule, dataset_backbone
 
 
 class BaselineModule(DynlabModule):
@@ -18,10 +17,4 @@ class BaselineModule(DynlabModule):
     ) -> None:
         super().__init__(optim)
         self.save_hyperparameters(ignore=["data_info"])
-        net = create_backbone(
-            backbone.name,
-            num_classes=data_info.num_classes,
-            in_chans=data_info.input_size[0],
-            **dict(backbone.kwargs),
-        )
-        self.model = StaticExits(net)
+        self.model = StaticExits(dataset_backbone(backbone, data_info))

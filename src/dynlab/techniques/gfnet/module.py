@@ -22,11 +22,10 @@ from matplotlib.figure import Figure
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
-from dynlab.backbones import create_backbone
 from dynlab.checkpointing import load_static_weights
 from dynlab.config import BackboneConfig, OptimConfig
 from dynlab.data.base import DataInfo
-from dynlab.techniques.base import DynlabModule, Phase
+from dynlab.techniques.base import DynlabModule, Phase, dataset_backbone
 from dynlab.techniques.gfnet.config import ClassifierKind, GFNetConfig, PolicyEncoder, PPOConfig
 from dynlab.techniques.gfnet.model import GFNet, Locate, StepOutput
 from dynlab.techniques.gfnet.plots import patch_sequences
@@ -67,19 +66,14 @@ class GFNetModule(DynlabModule):
         self.save_hyperparameters(ignore=["data_info"])
         self.dsn_weight, self.train_glance = dsn_weight, train_glance
         self.ppo = ppo or PPOConfig()
-        c, h, w = data_info.input_size
+        _, h, w = data_info.input_size
         if patch_size >= min(h, w):
             raise ValueError(
                 f"technique.patch_size={patch_size} is not smaller than {data_info.name}'s "
                 f"{h}x{w} images: the glance sees the whole image at PxP and a focus patch is a "
                 f"part of it; set technique.patch_size below {min(h, w)} (e.g. {min(h, w) // 2})"
             )
-        nets = [
-            create_backbone(
-                backbone.name, num_classes=data_info.num_classes, in_chans=c, **backbone.kwargs
-            )
-            for _ in range(2)
-        ]
+        nets = [dataset_backbone(backbone, data_info) for _ in range(2)]
         for net, path in zip(nets, (glance_init_from or init_from, init_from), strict=True):
             if path:
                 net.load_state_dict(load_static_weights(path))

@@ -16,14 +16,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dynlab.backbones import create_backbone
 from dynlab.checkpointing import FINAL, load_static_weights, phase_dir
 from dynlab.config import BackboneConfig, OptimConfig
 from dynlab.data.base import DataInfo, DynlabDataModule
 from dynlab.evaluation.macs import count_macs
 from dynlab.results import atomic_write_text
 from dynlab.search import CandidateTrainer, seeded, val_exit_probs
-from dynlab.techniques.base import DynlabModule, Phase, PhaseContext, PhaseKind
+from dynlab.techniques.base import DynlabModule, Phase, PhaseContext, PhaseKind, dataset_backbone
 from dynlab.techniques.s2dnas.analysis import analyse_backbone
 from dynlab.techniques.s2dnas.config import S2DNASConfig, S2DNASSearchConfig, SelectBy
 from dynlab.techniques.s2dnas.controller import Controller, Reinforce
@@ -152,19 +151,13 @@ class S2DNASModule(DynlabModule):
     # --- building -----------------------------------------------------------------------------
     def _new_backbone(self) -> torch.nn.Module:
         """The static backbone, with the `init_from` weights when given."""
-        cfg = self.backbone_cfg
-        net = create_backbone(
-            cfg.name,
-            num_classes=self.data_info.num_classes,
-            in_chans=self.data_info.input_size[0],
-            **dict(cfg.kwargs),
-        )
+        net = dataset_backbone(self.backbone_cfg, self.data_info)
         if self.static_weights is not None:
             try:
                 net.load_state_dict(self.static_weights)
             except RuntimeError as err:
                 raise ValueError(
-                    f"s2dnas init_from: the weights do not fit backbone {cfg.name}: {err}"
+                    f"s2dnas init_from: the weights do not fit backbone {self.backbone_cfg.name}: {err}"
                 ) from err
         return net
 

@@ -24,14 +24,14 @@ from typing import Any, Self
 import timm.models
 from torch import Tensor, nn
 
-from dynlab.backbones import create_backbone, list_backbones
+from dynlab.backbones import list_backbones
 from dynlab.config import BackboneConfig, OptimConfig
 from dynlab.data.base import DataInfo
 from dynlab.logging import log_records
 from dynlab.nn.condense import LearnedGroupConv, SparseFeatureReactivation
 from dynlab.nn.fuse import fold_batchnorm
 from dynlab.protocol import StaticExits
-from dynlab.techniques.base import DynlabModule, Phase, optimizer_steps_per_epoch
+from dynlab.techniques.base import DynlabModule, Phase, dataset_backbone, optimizer_steps_per_epoch
 from dynlab.techniques.sfr.config import SFRConfig
 
 SPARSE_LAYERS = (LearnedGroupConv, SparseFeatureReactivation)
@@ -108,12 +108,7 @@ class SFRModule(DynlabModule):
     ) -> None:
         super().__init__(optim)
         self.save_hyperparameters(ignore=["data_info"])
-        net = create_backbone(
-            backbone.name,
-            num_classes=data_info.num_classes,
-            in_chans=data_info.input_size[0],
-            **dict(backbone.kwargs),
-        )
+        net = dataset_backbone(backbone, data_info)
         if not sparse_layers(net):
             raise ValueError(
                 f"technique=sfr prunes LGC/SFR layers and backbone {backbone.name} has none; "
