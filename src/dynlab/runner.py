@@ -285,7 +285,11 @@ def run_schedule(
         announce_phase(cfg, module, phase)
         pdir = ckpt.phase_dir(cfg.run_dir, phase.name)
         if phase.kind == PhaseKind.custom:
-            module.run_custom_phase(phase, PhaseContext(Path(cfg.run_dir), pdir, datamodule, cfg))
+            logger = build_logger(cfg, phase.name)  # lazy: a W&B run only if the phase logs
+            with finishing_logger(logger):
+                loggers = [logger] if isinstance(logger, Logger) else []
+                ctx = PhaseContext(Path(cfg.run_dir), pdir, datamodule, cfg, loggers)
+                module.run_custom_phase(phase, ctx)
             if _is_global_zero():
                 ckpt.save_module_state(module, pdir / ckpt.FINAL)
         else:

@@ -9,6 +9,7 @@ from dynlab.backbones import (  # noqa: F401  (registers)
     cifar_vgg,
     condensenetv2,
     sfr_shufflenetv2,
+    spos_shufflenetv2,
 )
 from dynlab.backbones.factory import (
     UnknownBackboneError,

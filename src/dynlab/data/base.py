@@ -271,10 +271,12 @@ class DynlabDataModule(pl.LightningDataModule, ABC):
         """The held-out split of train with the test-time transform, in dataset order."""
         return self._eval_loader(self._splits().val)
 
-    def whole_val_loader(self) -> DataLoader:
-        """The whole held-out split in order on every rank (a search scores its own candidate
-        per rank; `val_dataloader` shards it)."""
+    def whole_val_loader(self, limit: int | None = None) -> DataLoader:
+        """The whole held-out split (its first `limit` samples) in order on every rank (a search
+        scores its own candidate per rank; `val_dataloader` shards it)."""
         val = self._splits().val
+        if limit is not None and limit < len(val):  # type: ignore[arg-type]
+            val = Subset(val, range(limit))
         return DataLoader(
             SeededDataset(val, self.eval_transform()),
             batch_size=self.eval_batch_size,

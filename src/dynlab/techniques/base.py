@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -22,6 +22,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch.nn.functional as F
+from pytorch_lightning.loggers import Logger
 from torch import Tensor, nn
 from torchmetrics import MeanMetric, Metric
 from torchmetrics.classification import MulticlassAccuracy
@@ -72,12 +73,14 @@ class Phase:
 
 @dataclass
 class PhaseContext:
-    """What a custom phase may use: where to write, the data, and how to build a trainer."""
+    """What a custom phase may use: where to write, the data, the run's config, and the phase's
+    loggers (a W&B run of job type <phase> when the run logs to W&B; tables go there)."""
 
     run_dir: Path
     phase_dir: Path
     datamodule: pl.LightningDataModule
     cfg: Any
+    loggers: list[Logger] = field(default_factory=list)
 
 
 class PercentAccuracy(MulticlassAccuracy):

@@ -1,0 +1,118 @@
+"""Schema of `technique=spos` (Guo et al., "Single Path One-Shot Neural Architecture Search with
+Uniform Sampling", ECCV 2020; official code megvii-model/SinglePathOneShot). The search space is
+the backbone (`backbone=spos_supernet`, `cifar_spos_supernet`, ...); the technique trains it one
+path at a time, searches it by evolution under a MACs window and retrains the winner."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import ClassVar
+
+from dynlab.config import TechniqueConfig, register_schema
+
+
+class PathSampler(StrEnum):
+    # Every layer's choice drawn uniformly and independently (the paper, Sec. 3.2).
+    uniform = "uniform"
+    # A MACs bin drawn uniformly, then uniform paths until one falls in it (official
+    # Supernet/train.py get_uniform_sample_cand: bins of 10 M between 290 M and 360 M, 500 tries,
+    # else any uniform path).
+    macs_bins = "macs_bins"
+
+
+@dataclass
+class SamplerConfig:
+    """How the supernet phase draws its one path per step."""
+
+    kind: PathSampler = PathSampler.uniform
+    bins_low_mmacs: float = 290.0
+    bins_high_mmacs: float = 360.0
+    bin_width_mmacs: float = 10.0
+    tries: int = 500
+
+    def __post_init__(self) -> None:
+        if self.bin_width_mmacs <= 0 or self.tries < 1:
+            raise ValueError("spos sampler: bin_width_mmacs must be > 0 and tries >= 1")
+        if self.bins_low_mmacs >= self.bins_high_mmacs:
+            raise ValueError(
+                f"spos sampler: bins_low_mmacs={self.bins_low_mmacs} must be below "
+                f"bins_high_mmacs={self.bins_high_mmacs}"
+            )
+
+
+@dataclass
+class EvolutionConfig:
+    """The evolutionary search (official Search/search.py defaults) and how a candidate is scored
+    (official Search/tester.py: BN recalibrated on 200 training batches, then 8,000 val images)."""
+
+    population: int = 50
+    generations: int = 20
+    parents: int = 10  # select_num: the best candidates seen so far breed the next generation
+    mutations: int = 25
+    crossovers: int = 25
+    mutation_prob: float = 0.1  # m_prob: each gene resampled with this probability
+    # Candidates outside [min, max] MACs (millions, per image at the dataset's input size) are
+    # never evaluated; null: no bound. Official: at most 330 M at 224; a minimum was asked for in
+    # the official issue #10.
+    min_mmacs: float | None = None
+    max_mmacs: float | None = None
+    # Tries per wanted candidate before a generation gives up filling a slot (official: x10).
+    tries_factor: int = 10
+    recalibration_batches: int = 200
+    recalibration_batch_size: int = 128
+    # Val images a candidate is scored on: the first N of the fixed held-out val split (never
+    # test); null: all of it.
+    val_images: int | None = 8000
+
+    def __post_init__(self) -> None:
+        for name in ("population", "generations", "parents", "tries_factor"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"spos evolution.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("mutations", "crossovers"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"spos evolution.{name} must be >= 0, got {getattr(self, name)}")
+        if self.mutations + self.crossovers > self.population:
+            raise ValueError(
+                f"spos evolution: mutations + crossovers = {self.mutations + self.crossovers} "
+                f"exceed the population {self.population}"
+            )
+        if not 0 <= self.mutation_prob <= 1:
+            raise ValueError(
+                f"spos evolution.mutation_prob must be in [0, 1], got {self.mutation_prob}"
+            )
+        if self.recalibration_batches < 1 or self.recalibration_batch_size < 1:
+            raise ValueError("spos evolution.recalibration_batches and _batch_size must be >= 1")
+        if self.val_images is not None and self.val_images < 1:
+            raise ValueError(
+                f"spos evolution.val_images must be >= 1 or null, got {self.val_images}"
+            )
+        lo, hi = self.min_mmacs, self.max_mmacs
+        if lo is not None and hi is not None and lo > hi:
+            raise ValueError(f"spos evolution: min_mmacs={lo} is above max_mmacs={hi}")
+
+
+@dataclass
+class SPOSConfig(TechniqueConfig):
+    PHASES: ClassVar[tuple[str, ...]] = ("supernet", "evolution", "retrain")
+
+    _target_: str = "dynlab.techniques.spos.module.SPOSModule"
+    name: str = "spos"
+    # Channel search: each layer's mid width also searched over 0.2..2.0 of its base (the official
+    # code never released it, official issue #1). Passed to the supernet backbone.
+    channel_search: bool = False
+    # A given architecture (block ids, then scale ids with channel search): the schedule is then
+    # `retrain` alone. arch_file: a search's `search_result.json` to take the architecture from.
+    arch: list[int] | None = None
+    arch_file: str | None = None
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    evolution: EvolutionConfig = field(default_factory=EvolutionConfig)
+    seed: int = "${seed}"  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.arch is not None and self.arch_file is not None:
+            raise ValueError("spos: give technique.arch or technique.arch_file, not both")
+
+
+register_schema("technique", "spos", SPOSConfig)

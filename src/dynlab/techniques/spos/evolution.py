@@ -1,0 +1,303 @@
+"""SPOS's evolutionary architecture search (Guo et al., ECCV 2020, Sec. 3.4 and Algorithm 1;
+official megvii-model/SinglePathOneShot src/Search/search.py, `EvolutionSearcher`).
+
+A candidate is a flat tuple of ints (genes), gene i in range(gene_choices[i]). The first generation
+is `population` random legal candidates; after each generation is scored, the best `parents`
+candidates seen so far breed the next one: `mutations` mutants, `crossovers` children, then random
+candidates up to `population`. A candidate is legal when its MACs lie in the configured window and
+it was never seen before; illegal ones are never scored.
+
+Pure search logic: the technique passes the MACs of a candidate and its score. Which candidates a
+generation holds, and in what order, does not depend on any score of that generation, so the whole
+list is drawn first (one numpy Generator for the search) and then scored spread over the job's
+ranks (`dynlab.search.evaluate_spread`). The `Ledger` holds every scored candidate and the state
+(generation, its pending list, the Generator's state, the parents), saved after every round and at
+every generation boundary: a killed search resumes with the same candidates in the same order,
+scores each index once overall and ends as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dynlab.search import Ledger, derived_seed, evaluate_spread
+from dynlab.techniques.spos.config import EvolutionConfig
+
+__all__ = [
+    "EVOLUTION_STREAM",
+    "best_candidate",
+    "pareto_front",
+    "run_evolution",
+    "space_range_problem",
+    "stop_reason",
+]
+
+log = logging.getLogger(__name__)
+
+# The seed stream of the search's Generator: derived_seed(seed, EVOLUTION_STREAM).
+EVOLUTION_STREAM = 1
+# Fields the search writes into every record; `evaluate` must not return them.
+RESERVED = frozenset({"index", "rank", "genes", "macs", "generation", "origin", "parents"})
+
+Genes = tuple[int, ...]
+Record = dict[str, Any]
+
+
+def run_evolution(
+    gene_choices: Sequence[int],
+    macs_of: Callable[[tuple[int, ...]], float],
+    evaluate: Callable[[tuple[int, ...]], dict[str, Any]],
+    cfg: EvolutionConfig,
+    phase_dir: Path,
+    seed: int,
+    on_generation: Callable[[int, list[dict[str, Any]]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Run (or resume) the search in `phase_dir`; every scored candidate's record, by index.
+
+    A record is {"index", "rank", "genes", "macs", "generation", "origin" ("random", "mutation"
+    or "crossover"), "parents" (indices of the records it was bred from), "top1", and the rest of
+    what `evaluate` returned}. `on_generation(generation, its records)` runs on every rank after
+    each generation finished in this call. Why a search stopped early: `stop_reason(phase_dir)`.
+    """
+    choices = [int(c) for c in gene_choices]
+    if not choices or min(choices) < 1:
+        raise ValueError(f"spos evolution: every gene needs >= 1 choice, got {choices}")
+    identity = {"gene_choices": choices, "seed": int(seed), "window": _window(cfg)}
+    rng = np.random.default_rng(derived_seed(seed, EVOLUTION_STREAM))
+    ledger = Ledger(phase_dir)
+    if ledger.load():
+        if ledger.state["identity"] != identity:
+            raise ValueError(
+                f"spos evolution: the ledger in {phase_dir} belongs to another search "
+                f"({ledger.state['identity']}, not {identity}); use a new run directory"
+            )
+        rng.bit_generator.state = ledger.state["rng"]
+    else:
+        ledger.state = {
+            "identity": identity,
+            "generation": 0,
+            "first": 0,  # index of the pending generation's first candidate
+            "pending": None,
+            "parents": [],
+            "rng": rng.bit_generator.state,
+            "stopped": None,
+            "history": [],  # per generation: its size by origin and the draws it took
+        }
+    state = ledger.state
+
+    # Exactly `generations` generations are scored and all count (the official loop scores a
+    # further population after its last top-k update, which never enters the top-k).
+    while state["generation"] < cfg.generations and state["stopped"] is None:
+        generation = state["generation"]
+        if state["pending"] is None:
+            by_index = {r["index"]: r for r in ledger.records}
+            parents = [(i, tuple(by_index[i]["genes"])) for i in state["parents"]]
+            seen = {tuple(r["genes"]) for r in ledger.records}
+            pending, stats = _breed(rng, choices, macs_of, cfg, parents, seen)
+            state["rng"] = rng.bit_generator.state
+            if not pending:
+                state["stopped"] = (
+                    f"generation {generation}: no new legal candidate in {stats['draws']} draws "
+                    f"({stats['outside']} outside the MACs window {_window_text(cfg)}, "
+                    f"{stats['seen']} seen before)"
+                )
+                log.warning("spos evolution stopped early: %s", state["stopped"])
+                ledger.save()
+                break
+            state["pending"], state["first"] = pending, len(ledger.records)
+            state["history"].append({"generation": generation, **stats})
+            ledger.save()
+        first, pending, done = state["first"], state["pending"], ledger.done()
+        todo = [first + j for j in range(len(pending)) if first + j not in done]
+        scored = partial(_evaluate_pending, evaluate, pending, first, generation)
+        evaluate_spread(todo, scored, ledger)
+        records = ledger.records[first : first + len(pending)]
+        if [r["index"] for r in records] != list(range(first, first + len(pending))):
+            raise RuntimeError(f"spos evolution: ledger in {phase_dir} misses candidates")
+        # Official `update_top_k`: the old top-k plus the new candidates, stably sorted by error,
+        # cut to select_num; that is the best `parents` of all scored so far, earlier index first.
+        state["parents"] = [r["index"] for r in _ranked(ledger.records)[: cfg.parents]]
+        state["generation"], state["pending"] = generation + 1, None
+        ledger.save()
+        if on_generation is not None:
+            on_generation(generation, records)
+    return ledger.records
+
+
+def stop_reason(phase_dir: Path) -> str | None:
+    """Why the search saved in `phase_dir` stopped before its last generation; None if it did not."""
+    ledger = Ledger(phase_dir)
+    return ledger.state.get("stopped") if ledger.load() else None
+
+
+def best_candidate(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The record with the highest top-1 (the earlier index wins a tie)."""
+    if not records:
+        raise ValueError("spos evolution: no candidate was scored")
+    return dict(_ranked(records)[0])
+
+
+def pareto_front(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The records no other dominates in (higher top-1, lower MACs), by increasing MACs.
+
+    Records with the same MACs and top-1 as one on the front are on it too (none dominates another).
+    """
+    front: list[dict[str, Any]] = []
+    best_below = -math.inf  # the best top-1 among strictly smaller MACs
+    ordered = sorted(records, key=lambda r: (r["macs"], -r["top1"], r["index"]))
+    start = 0
+    while start < len(ordered):
+        end = start
+        while end < len(ordered) and ordered[end]["macs"] == ordered[start]["macs"]:
+            end += 1
+        top = ordered[start]["top1"]  # the best of this MACs value (sorted first)
+        if top > best_below:
+            front += [dict(r) for r in ordered[start:end] if r["top1"] == top]
+            best_below = top
+        start = end
+    return front
+
+
+def space_range_problem(minimum: float, maximum: float, cfg: EvolutionConfig) -> str | None:
+    """One line when the MACs window holds no architecture of a space whose MACs span
+    [`minimum`, `maximum`] (MACs, not millions); None when the window meets that span."""
+    low, high = cfg.min_mmacs, cfg.max_mmacs
+    span = f"the space spans {minimum / 1e6:g} M to {maximum / 1e6:g} M MACs"
+    if low is not None and low * 1e6 > maximum:
+        # Rounded down to a value that does admit the largest architecture.
+        at_most = math.floor(maximum / 1e3) / 1e3
+        return (
+            f"spos evolution: the MACs window {_window_text(cfg)} holds no architecture: {span}; "
+            f"lower evolution.min_mmacs to at most {at_most:g}"
+        )
+    if high is not None and high * 1e6 < minimum:
+        at_least = math.ceil(minimum / 1e3) / 1e3
+        return (
+            f"spos evolution: the MACs window {_window_text(cfg)} holds no architecture: {span}; "
+            f"raise evolution.max_mmacs to at least {at_least:g}"
+        )
+    return None
+
+
+def _breed(
+    rng: np.random.Generator,
+    choices: list[int],
+    macs_of: Callable[[Genes], float],
+    cfg: EvolutionConfig,
+    parents: list[tuple[int, Genes]],
+    seen: set[Genes],
+) -> tuple[list[Record], dict[str, int]]:
+    """The next generation's candidates (pending records without scores) and how many draws it
+    took: mutants, then crossover children, then random ones (official `search`: `mutation +
+    crossover`, then `get_random(population_num)`)."""
+    high = np.asarray(choices)
+    low_macs = None if cfg.min_mmacs is None else cfg.min_mmacs * 1e6
+    high_macs = None if cfg.max_mmacs is None else cfg.max_mmacs * 1e6
+    members: list[Record] = []
+    stats = {"draws": 0, "outside": 0, "seen": 0, "mutation": 0, "crossover": 0, "random": 0}
+
+    def fill(wanted: int, origin: str, draw: Callable[[], tuple[Genes, list[int]]]) -> None:
+        """Add up to `wanted` legal candidates, giving up after tries_factor x wanted draws
+        (official get_mutation/get_crossover: max_iters = num * 10)."""
+        added = 0
+        for _ in range(cfg.tries_factor * wanted):
+            if added == wanted:
+                return
+            genes, bred_from = draw()
+            stats["draws"] += 1
+            # Official `is_legal`: a candidate seen before (scored, or already drawn) is refused,
+            # and one over the FLOPs limit is refused before it is scored.
+            if genes in seen:
+                stats["seen"] += 1
+                continue
+            macs = float(macs_of(genes))
+            if (low_macs is not None and macs < low_macs) or (
+                high_macs is not None and macs > high_macs
+            ):
+                stats["outside"] += 1
+                continue
+            seen.add(genes)
+            members.append(
+                {"genes": list(genes), "macs": macs, "origin": origin, "parents": bred_from}
+            )
+            stats[origin] += 1
+            added += 1
+
+    def uniform() -> tuple[Genes, list[int]]:
+        # Official get_random_cand: every gene uniform over its choices.
+        return tuple(int(g) for g in rng.integers(0, high)), []
+
+    def mutant() -> tuple[Genes, list[int]]:
+        # Official get_mutation: a random parent of the top-k, each gene resampled uniformly (it
+        # may draw its old value) with probability m_prob.
+        index, genes = parents[int(rng.integers(len(parents)))]
+        resample = rng.random(len(choices)) < cfg.mutation_prob
+        fresh = rng.integers(0, high)
+        return tuple(int(g) for g in np.where(resample, fresh, genes)), [index]
+
+    def child() -> tuple[Genes, list[int]]:
+        # Official get_crossover: two random parents of the top-k (possibly the same one), each
+        # gene taken from either with probability 1/2.
+        (i, a), (j, b) = (parents[int(k)] for k in rng.integers(len(parents), size=2))
+        take_a = rng.random(len(choices)) < 0.5
+        return tuple(int(g) for g in np.where(take_a, a, b)), [i, j]
+
+    if parents:
+        fill(cfg.mutations, "mutation", mutant)
+        fill(cfg.crossovers, "crossover", child)
+    # The official get_random loops until the population is full, forever in a space with too
+    # few legal candidates; here it too gives up after tries_factor x (the number wanted) draws.
+    fill(cfg.population - len(members), "random", uniform)
+    return members, stats
+
+
+def _evaluate_pending(
+    evaluate: Callable[[Genes], dict[str, Any]],
+    pending: list[Record],
+    first: int,
+    generation: int,
+    index: int,
+) -> Record:
+    """Score candidate `index` of the generation whose pending list starts at index `first`."""
+    candidate = pending[index - first]
+    result = dict(evaluate(tuple(candidate["genes"])))
+    clash = RESERVED & result.keys()
+    if clash:
+        raise ValueError(f"spos evolution: evaluate returned reserved fields {sorted(clash)}")
+    if "top1" not in result:
+        raise KeyError("spos evolution: evaluate must return 'top1' (val top-1, %)")
+    top1 = float(result["top1"])
+    if not math.isfinite(top1):
+        raise ValueError(f"spos evolution: candidate {index} scored top1={result['top1']}")
+    return {
+        "genes": list(candidate["genes"]),
+        "macs": candidate["macs"],
+        "generation": generation,
+        "origin": candidate["origin"],
+        "parents": list(candidate["parents"]),
+        **result,
+        "top1": top1,
+    }
+
+
+def _ranked(records: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """Records by decreasing top-1, the earlier index first among equals."""
+    return sorted(records, key=lambda r: (-r["top1"], r["index"]))
+
+
+def _window(cfg: EvolutionConfig) -> list[float | None]:
+    """The MACs window in millions, [min_mmacs, max_mmacs] (None: no bound)."""
+    return [cfg.min_mmacs, cfg.max_mmacs]
+
+
+def _window_text(cfg: EvolutionConfig) -> str:
+    """The window as the config spells it, e.g. [min_mmacs=none, max_mmacs=330]."""
+    low, high = (("none" if b is None else f"{b:g}") for b in _window(cfg))
+    return f"[min_mmacs={low}, max_mmacs={high}]"

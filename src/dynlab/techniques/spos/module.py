@@ -1,0 +1,397 @@
+"""`technique=spos`: Single Path One-Shot NAS as one schedule of phases.
+
+Guo et al., "Single Path One-Shot Neural Architecture Search with Uniform Sampling", ECCV 2020;
+official code megvii-model/SinglePathOneShot. The search space is the backbone (`spos_supernet`,
+`cifar_spos_supernet`: `dynlab.backbones.spos_shufflenetv2`). The schedule:
+- `supernet` (fit): every step trains one path for the whole global batch; every rank draws the
+  same path from (seed, global step), and the choices off the path have no gradient, so SGD gives
+  them no momentum and no weight decay (their grads are cleared after DDP's all-reduce);
+- `evolution` (custom): the official evolutionary search under a MACs window; each candidate has
+  its BN statistics recalibrated on a fixed training subset and is scored on the fixed held-out
+  val split (`dynlab.search`), candidates spread over the ranks, checkpointed every round;
+- `retrain` (fit): the winner built standalone with affine BN and trained from scratch.
+`dynlab-search` runs the first two; `technique.arch=[...]` (or `technique.arch_file`) retrains a
+given architecture alone. The deploy form is always a standalone net: the retrained one, or the
+supernet's path cut out with its weights (`SPOSSupernet.child`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Self
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from dynlab.backbones.spos_shufflenetv2 import MacsTable, SPOSSupernet
+from dynlab.config import BackboneConfig, OptimConfig
+from dynlab.data.base import DataInfo, DynlabDataModule, StreamSpec
+from dynlab.logging import log_records
+from dynlab.protocol import DynamicNet, ExitSession, SingleExitSession, StaticExits
+from dynlab.results import atomic_write_text
+from dynlab.search import (
+    derived_seed,
+    exit_accuracies,
+    recalibrate_bn,
+    seeded,
+    val_exit_probs,
+)
+from dynlab.techniques.base import DynlabModule, Phase, PhaseContext, PhaseKind, dataset_backbone
+from dynlab.techniques.spos.config import EvolutionConfig, SamplerConfig, SPOSConfig
+from dynlab.techniques.spos.evolution import (
+    EVOLUTION_STREAM,  # noqa: F401  (named in the comment on the streams)
+    best_candidate,
+    pareto_front,
+    run_evolution,
+    space_range_problem,
+    stop_reason,
+)
+from dynlab.techniques.spos.plots import plot_pareto
+from dynlab.techniques.spos.sampling import PathSampler
+
+SUPERNET, EVOLUTION, RETRAIN = "supernet", "evolution", "retrain"
+RESULT = "search_result.json"
+# Independent seed streams derived from the technique's seed (`dynlab.search.derived_seed`); the
+# evolution's own is EVOLUTION_STREAM (1).
+PATH_STREAM, VAL_PATH_STREAM, RETRAIN_STREAM = 0, 2, 3
+
+
+class SupernetPath(DynamicNet):
+    """The supernet running its current path, as a one-exit model; deploys to that path's
+    standalone net with the supernet's weights and BN statistics."""
+
+    def __init__(self, net: SPOSSupernet) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward_exits(self, x: Tensor) -> list[Tensor]:
+        return [self.net(x)]
+
+    def exit_macs(self, input_size: tuple[int, int, int]) -> list[float]:
+        return self.deploy().exit_macs(input_size)
+
+    def exit_session(self, x: Tensor) -> ExitSession:
+        return SingleExitSession(self.net, x)
+
+    def deploy(self) -> Self:
+        child = StaticExits(self.net.child(self.net.path)).to(_device(self.net)).eval()
+        return child.deploy()  # type: ignore[return-value]
+
+
+class SPOSModule(DynlabModule):
+    """A one-shot supernet, its evolutionary search and the retraining of the winner."""
+
+    phase_names = SPOSConfig.PHASES
+
+    def __init__(
+        self,
+        backbone: BackboneConfig,
+        data_info: DataInfo,
+        optim: OptimConfig | None = None,
+        channel_search: bool = False,
+        arch: list[int] | None = None,
+        arch_file: str | None = None,
+        sampler: SamplerConfig | None = None,
+        evolution: EvolutionConfig | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(optim)
+        self.save_hyperparameters(ignore=["data_info"])
+        self.data_info, self.seed = data_info, seed
+        self.evolution_cfg = evolution or EvolutionConfig()
+        kwargs = {**dict(backbone.kwargs), "channel_search": channel_search}
+        try:
+            net = dataset_backbone(replace(backbone, kwargs=kwargs), data_info)
+        except TypeError as err:
+            raise ValueError(_not_a_supernet(backbone.name)) from err
+        if not isinstance(net, SPOSSupernet):
+            raise ValueError(_not_a_supernet(backbone.name))
+        self.space = net.space
+        self.signature = net.signature()
+        self.table = MacsTable.measure(net, data_info.input_size)
+        lo, hi = self.table.minimum(), self.table.maximum()
+        problem = space_range_problem(lo, hi, self.evolution_cfg)
+        if problem:
+            raise ValueError(problem)
+        self.sampler = PathSampler(self.space, self.table, sampler or SamplerConfig())
+        given = _given_arch(arch, arch_file)
+        if given is not None:
+            problem = self.space.problem(given)
+            if problem:
+                raise ValueError(f"spos technique.arch: {problem}")
+        self.given = given is not None
+        self.arch: tuple[int, ...] | None = given  # the search's winner, or the given one
+        self.search_summary: dict[str, Any] = {}
+        self.__dict__["_supernet"] = net  # its builders (child, standalone); not a submodule
+        if given is not None:
+            self.model = self._standalone(given)
+        else:
+            self.val_path = self.sampler.uniform(
+                np.random.default_rng(derived_seed(seed, VAL_PATH_STREAM))
+            )
+            net.set_path(self.val_path)
+            self.model = SupernetPath(net)
+
+    # --- phases -------------------------------------------------------------------------------
+    def phases(self, mode: str) -> list[Phase]:
+        if self.given:
+            if mode == "search":
+                raise ValueError(
+                    "spos: technique.arch is given, so there is nothing to search; retrain it "
+                    "with dynlab-train"
+                )
+            return [Phase(RETRAIN)]
+        if mode == "search":
+            return [Phase(SUPERNET), Phase(EVOLUTION, PhaseKind.custom)]
+        if mode == "train":
+            return [Phase(SUPERNET), Phase(EVOLUTION, PhaseKind.custom), Phase(RETRAIN)]
+        return super().phases(mode)
+
+    def start_phase(self, phase: Phase) -> None:
+        """The retrain phase starts from a fresh standalone net of the architecture (a resumed
+        one already has it, with its weights)."""
+        super().start_phase(phase)
+        if phase.name == RETRAIN and not isinstance(self.model, StaticExits):
+            if self.arch is None:
+                raise RuntimeError("spos retrain: no architecture (the evolution phase sets one)")
+            self.model = self._standalone(self.arch).to(self.device)
+
+    def run_custom_phase(self, phase: Phase, ctx: PhaseContext) -> None:
+        if phase.name == EVOLUTION:
+            self._evolution(ctx)
+        else:
+            super().run_custom_phase(phase, ctx)
+
+    def check_run(self, cfg: Any) -> None:
+        """A `ckpt_path` holding a supernet of another space is refused before anything runs."""
+        path = cfg.get("ckpt_path") if cfg is not None else None
+        if not path or not Path(path).is_file():
+            return
+        state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        saved = state.get("dynlab", {}).get("technique", {}).get("space")
+        if saved is not None:
+            self._check_space(saved, f"ckpt_path {path}")
+
+    # --- the supernet phase: one path per step ------------------------------------------------
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        if self.current_phase == SUPERNET:
+            # Same path on every rank and after a resume: drawn from (seed, global step).
+            rng = np.random.default_rng(derived_seed(self.seed, PATH_STREAM, self.global_step))
+            self._supernet.set_path(self.sampler.sample(rng))
+        return super().training_step(batch, batch_idx)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Choices off the path get no update: their grads are None (DDP's all-reduce may have
+        filled them with zeros), which SGD skips, momentum and weight decay included."""
+        if self.current_phase != SUPERNET:
+            return
+        net = self._supernet
+        arch, _ = self.space.split(net.path)
+        for layer, chosen in enumerate(arch):
+            for block in range(self.space.num_blocks):
+                if block != chosen:
+                    for p in net.layer_params(layer, block):
+                        p.grad = None
+
+    def on_validation_start(self) -> None:
+        """The supernet is validated on one fixed path (the same every epoch)."""
+        if self.current_phase == SUPERNET and isinstance(self.model, SupernetPath):
+            self._supernet.set_path(self.val_path)
+
+    # --- the evolution phase ------------------------------------------------------------------
+    def _evolution(self, ctx: PhaseContext) -> None:
+        cfg, datamodule = self.evolution_cfg, ctx.datamodule
+        assert isinstance(datamodule, DynlabDataModule)
+        net = self._supernet
+        recalibration = datamodule.stream_loader(self._recalibration_stream(datamodule))
+        val = datamodule.whole_val_loader(cfg.val_images)
+
+        def evaluate(genes: tuple[int, ...]) -> dict[str, Any]:
+            start = time.perf_counter()
+            net.set_path(genes)
+            recalibrate_bn(self.model, recalibration, cfg.recalibration_batches)
+            probs, targets = val_exit_probs(self.model, val)
+            return {
+                "top1": exit_accuracies(probs, targets)[0],
+                "seconds": time.perf_counter() - start,
+            }
+
+        def on_generation(generation: int, records: list[dict[str, Any]]) -> None:
+            if records:
+                best = max(r["top1"] for r in records)
+                print(
+                    f"[dynlab] spos evolution: generation {generation}: {len(records)} candidates, best val top-1 {best:.2f}"
+                )
+
+        records = run_evolution(
+            self.space.gene_choices(),
+            self.table.macs,
+            evaluate,
+            cfg,
+            ctx.phase_dir,
+            self.seed,
+            on_generation,
+        )
+        if not records:
+            raise RuntimeError(f"spos evolution scored no candidate: {stop_reason(ctx.phase_dir)}")
+        best, front = best_candidate(records), pareto_front(records)
+        self.arch = tuple(best["genes"])
+        # Leave the supernet on the winner with its recalibrated statistics: a search-only run's
+        # test evaluation and deploy form are that child.
+        net.set_path(self.arch)
+        recalibrate_bn(self.model, recalibration, cfg.recalibration_batches)
+        self.search_summary = self._write_search_result(ctx, records, best, front)
+
+    def _recalibration_stream(self, datamodule: DynlabDataModule) -> StreamSpec:
+        """The fixed training subset every candidate's BN statistics come from: the same images in
+        the same order on every rank, without augmentation (official tester.py uses the train
+        loader, augmented, for 200 batches of 128; fixing the images makes scores comparable)."""
+        cfg = self.evolution_cfg
+        available = len(datamodule.stream_indices(StreamSpec("spos/recalibration")))
+        size = min(available, cfg.recalibration_batches * cfg.recalibration_batch_size)
+        return StreamSpec(
+            "spos/recalibration",
+            size=size,
+            augment=False,
+            shuffle=False,
+            sharded=False,
+            batch_size=cfg.recalibration_batch_size,
+        )
+
+    def _write_search_result(
+        self,
+        ctx: PhaseContext,
+        records: list[dict[str, Any]],
+        best: dict[str, Any],
+        front: list[dict[str, Any]],
+    ) -> dict[str, Any]:
+        """search_result.json (phase dir), plots/pareto.png and the W&B table of the front."""
+        arch, scales = self.space.split(tuple(best["genes"]))
+        summary = {
+            "genes": list(best["genes"]),
+            "arch": list(arch),
+            "scales": list(scales) if scales is not None else None,
+            "mmacs": best["macs"] / 1e6,
+            "supernet_val_top1": best["top1"],
+            "evaluated": len(records),
+            "space": {
+                "minimum_mmacs": self.table.minimum() / 1e6,
+                "maximum_mmacs": self.table.maximum() / 1e6,
+            },
+            "pareto": [
+                {"genes": list(r["genes"]), "mmacs": r["macs"] / 1e6, "top1": r["top1"]}
+                for r in front
+            ],
+        }
+        if _is_global_zero():
+            atomic_write_text(ctx.phase_dir / RESULT, json.dumps(summary, indent=2))
+            plot_pareto(records, front, ctx.run_dir / "plots" / "pareto.png")
+            table = [
+                {"mmacs": r["mmacs"], "top1": r["top1"], "genes": str(r["genes"])}
+                for r in summary["pareto"]
+            ]
+            log_records(
+                ctx.loggers,
+                "spos/pareto",
+                table,
+                "mmacs",
+                "top1",
+                "SPOS Pareto front (supernet val top-1)",
+            )
+        print(
+            f"[dynlab] spos search: best {summary['genes']} at {summary['mmacs']:.2f} M MACs, "
+            f"supernet val top-1 {best['top1']:.2f} ({len(records)} candidates); "
+            f"{ctx.phase_dir / RESULT}"
+        )
+        return summary
+
+    # --- technique state ----------------------------------------------------------------------
+    def technique_state(self) -> dict[str, Any]:
+        return {
+            "space": self.signature,
+            "arch": list(self.arch) if self.arch is not None else None,
+            "standalone": isinstance(self.model, StaticExits),
+            "path": list(self._supernet.path),
+            "search": self.search_summary,
+        }
+
+    def load_technique_state(self, state: dict[str, Any]) -> None:
+        """Check the space, then rebuild the standalone net when the saved model is one."""
+        if not state:
+            return
+        self._check_space(state["space"], "the checkpoint")
+        self.search_summary = state.get("search", {})
+        if not self.given and state.get("arch") is not None:
+            self.arch = tuple(state["arch"])
+        self._supernet.set_path(tuple(state["path"]))
+        if state.get("standalone") and not isinstance(self.model, StaticExits):
+            self.model = self._standalone(self.arch).to(self.device)  # type: ignore[arg-type]
+
+    def _check_space(self, saved: dict[str, Any], where: str) -> None:
+        if saved == self.signature:
+            return
+        diff = ", ".join(
+            f"{k}: {saved.get(k)!r} there, {self.signature.get(k)!r} here"
+            for k in sorted(set(saved) | set(self.signature))
+            if saved.get(k) != self.signature.get(k)
+        )
+        raise ValueError(
+            f"spos: {where} holds a supernet of another search space ({diff}); run with the "
+            "backbone, its kwargs, technique.channel_search and dataset it was trained with"
+        )
+
+    # --- building -----------------------------------------------------------------------------
+    @property
+    def _supernet(self) -> SPOSSupernet:
+        return self.__dict__["_supernet"]
+
+    def _standalone(self, genes: tuple[int, ...]) -> StaticExits:
+        """A fresh standalone net of `genes` (affine BN), initialised from its own seed stream."""
+        with seeded(derived_seed(self.seed, RETRAIN_STREAM)):
+            return StaticExits(self._supernet.standalone(genes))
+
+
+def _given_arch(arch: list[int] | None, arch_file: str | None) -> tuple[int, ...] | None:
+    """The architecture given in the config, or read from a search's search_result.json."""
+    if arch is not None:
+        return tuple(int(g) for g in arch)
+    if arch_file is None:
+        return None
+    path = Path(arch_file)
+    if not path.is_file():
+        raise ValueError(
+            f"spos technique.arch_file={arch_file}: no such file (a search writes checkpoints/evolution/{RESULT})"
+        )
+    try:
+        return tuple(int(g) for g in json.loads(path.read_text())["genes"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(
+            f"spos technique.arch_file={arch_file}: not a search result ({err})"
+        ) from err
+
+
+def _not_a_supernet(name: str) -> str:
+    from dynlab.backbones import list_backbones
+
+    supernets = [n for n in list_backbones() if n.endswith("spos_supernet")]
+    return (
+        f"technique=spos trains a one-shot supernet and backbone {name} is none; "
+        f"use backbone={' or backbone='.join(supernets)}"
+    )
+
+
+def _device(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+def _is_global_zero() -> bool:
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+__all__ = ["SPOSModule", "SupernetPath"]

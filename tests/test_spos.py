@@ -1,0 +1,236 @@
+"""SPOS end to end on digits: supernet -> evolution under a tight MACs limit -> retrain of the
+winner; the evolution alone from a supernet checkpoint, killed and resumed; one path per step with
+no update off the path; bad input refused before anything runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from dynlab.preemption import Preempted
+from dynlab.results import read_results
+from dynlab.runner import run_job
+from dynlab.search.ledger import RECORDS
+from dynlab.techniques.base import Phase
+from dynlab.techniques.spos import module as spos_module
+from dynlab.techniques.spos.module import PATH_STREAM, RESULT, SupernetPath
+from dynlab.validation import ConfigError, build_run, validate_config
+
+# The 5-layer space on digits (32x32): a short supernet phase and a small evolution whose MACs
+# limit (MAX_MMACS) keeps out the dearest architectures.
+MAX_MMACS = 0.85
+SPOS = [
+    "technique=spos",
+    "backbone=cifar_spos_supernet_tiny",
+    "dataset=digits",
+    "dataset.batch_size=64",
+    "technique.optim.lr=0.1",
+    "technique.evolution.population=6",
+    "technique.evolution.generations=2",
+    "technique.evolution.parents=3",
+    "technique.evolution.mutations=2",
+    "technique.evolution.crossovers=2",
+    "technique.evolution.recalibration_batches=4",
+    "technique.evolution.recalibration_batch_size=64",
+    "technique.evolution.val_images=200",
+    f"technique.evolution.max_mmacs={MAX_MMACS}",
+    "trainer.max_epochs=20",
+    "trainer.enable_progress_bar=false",
+    "evaluation.budgeted=false",
+    "logger=csv",
+]
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One dynlab-search run (supernet, evolution) shared by the tests below."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from dynlab.apps._hydra import CONFIG_DIR
+
+    run = tmp_path_factory.mktemp("spos") / "search"
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("search", overrides=SPOS, return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(run)
+        cfg.hydra.job.num = 0
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg.hydra
+    run_job(cfg)
+    return run
+
+
+def _result(run: Path) -> dict[str, Any]:
+    return json.loads((run / "checkpoints" / "evolution" / RESULT).read_text())
+
+
+def test_search_finds_a_legal_architecture_within_the_limit(searched: Path) -> None:
+    result = _result(searched)
+    records = json.loads((searched / "checkpoints" / "evolution" / RECORDS).read_text())
+    assert len(result["arch"]) == 5 and all(0 <= b < 4 for b in result["arch"])
+    assert result["mmacs"] <= MAX_MMACS
+    assert all(r["macs"] <= MAX_MMACS * 1e6 for r in records)
+    # The limit really binds: the space's dearest architecture lies above it.
+    assert result["space"]["maximum_mmacs"] > MAX_MMACS
+    genes = [tuple(r["genes"]) for r in records]
+    assert len(genes) == len(set(genes))  # no candidate evaluated twice
+    assert result["supernet_val_top1"] == max(r["top1"] for r in records)
+    # The supernet already separates the digits on its best path (chance: 10 %).
+    assert result["supernet_val_top1"] > 40.0
+    front = result["pareto"]
+    assert [p["mmacs"] for p in front] == sorted(p["mmacs"] for p in front)
+    assert [p["top1"] for p in front] == sorted(p["top1"] for p in front)
+    assert (searched / "plots" / "pareto.png").stat().st_size > 0
+    results = read_results(searched)
+    assert results["status"] == "completed"
+    # A search-only run is evaluated on the winner cut out of the supernet.
+    assert results["exit_macs"][0] == pytest.approx(result["mmacs"] * 1e6)
+
+
+def test_the_winner_retrained_from_the_search_output_learns_and_costs_what_was_recorded(
+    compose_cfg, searched: Path
+) -> None:
+    arch_file = searched / "checkpoints" / "evolution" / RESULT
+    cfg = compose_cfg([*SPOS, f"technique.arch_file={arch_file}", "trainer.max_epochs=6"])
+    run_job(cfg)
+    results = read_results(Path(cfg.run_dir))
+    assert results["status"] == "completed"
+    assert results["metrics"]["test/top1"] > 80.0  # chance: 10 %
+    # The MACs the search recorded are those measured on the standalone net.
+    assert results["exit_macs"][0] == pytest.approx(
+        _result(searched)["mmacs"] * 1e6, rel=0, abs=0.5
+    )
+    state = torch.load(
+        Path(cfg.run_dir) / "checkpoints" / "retrain" / "final.ckpt", weights_only=False
+    )
+    assert state["dynlab"]["technique"]["arch"] == _result(searched)["genes"]
+    assert not (Path(cfg.run_dir) / "checkpoints" / "supernet").exists()
+
+
+def test_evolution_alone_from_the_supernet_checkpoint_resumes_exactly_after_a_kill(
+    compose_cfg, searched: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    supernet = searched / "checkpoints" / "supernet" / "final.ckpt"
+    overrides = [*SPOS, f"ckpt_path={supernet}", "phase=evolution"]
+    killed = tmp_path / "killed"
+    recalibrate = spos_module.recalibrate_bn
+    calls = {"n": 0}
+
+    def signalled_at_the_fourth(*args: Any, **kwargs: Any) -> int:
+        calls["n"] += 1
+        if calls["n"] == 4:
+            os.kill(os.getpid(), signal.SIGUSR1)  # Slurm's warning: stop at the next boundary
+        return recalibrate(*args, **kwargs)
+
+    monkeypatch.setattr(spos_module, "recalibrate_bn", signalled_at_the_fourth)
+    with pytest.raises(Preempted):
+        run_job(compose_cfg(overrides, config_name="search", run_dir=killed))
+    phase = killed / "checkpoints" / "evolution"
+    partial = json.loads((phase / RECORDS).read_text())
+    assert [r["index"] for r in partial] == [0, 1, 2, 3]
+    monkeypatch.setattr(spos_module, "recalibrate_bn", recalibrate)
+    run_job(compose_cfg(overrides, config_name="search", run_dir=killed))
+    whole = json.loads((searched / "checkpoints" / "evolution" / RECORDS).read_text())
+    resumed = json.loads((phase / RECORDS).read_text())
+    assert [(r["genes"], r["generation"]) for r in resumed] == [
+        (r["genes"], r["generation"]) for r in whole
+    ]
+    assert [r["top1"] for r in resumed] == pytest.approx([r["top1"] for r in whole], abs=1e-9)
+    assert _result(killed)["genes"] == _result(searched)["genes"]
+
+
+def test_deploy_form_of_the_searched_supernet_equals_its_path(compose_cfg, searched: Path) -> None:
+    cfg = compose_cfg([*SPOS, f"ckpt_path={searched / 'checkpoints' / 'evolution' / 'final.ckpt'}"])
+    datamodule, module = build_run(cfg)
+    from dynlab.checkpointing import load_module_state
+
+    load_module_state(module, cfg.ckpt_path)
+    assert isinstance(module.model, SupernetPath)
+    assert list(module.model.net.path) == _result(searched)["genes"]
+    x = torch.randn(4, 3, 32, 32)
+    deployed = module.deploy()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            deployed.forward_exits(x)[0], module.model.eval()(x), atol=1e-4, rtol=1e-4
+        )
+    assert deployed.exit_macs((3, 32, 32))[0] == pytest.approx(_result(searched)["mmacs"] * 1e6)
+
+
+def test_one_path_per_step_and_no_update_off_the_path(compose_cfg) -> None:
+    """SGD with momentum and weight decay leaves every choice off the step's path untouched."""
+    cfg = compose_cfg([*SPOS, "technique.optim.weight_decay=0.01"])
+    datamodule, module = build_run(cfg)
+    module.set_recipes({})
+    module.start_phase(Phase("supernet"))
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    trainer = pl.Trainer(
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        use_distributed_sampler=False,
+    )
+    from dynlab.data.sampling import ResumableLoaderCallback
+
+    trainer.callbacks.append(ResumableLoaderCallback())
+    trainer.fit(module, datamodule=datamodule)
+    rng = np.random.default_rng(spos_module.derived_seed(module.seed, PATH_STREAM, 0))
+    path = module.sampler.sample(rng)
+    net = module.model.net
+    changed = {n for n, p in module.named_parameters() if not torch.equal(p, before[n])}
+    for layer, chosen in enumerate(path):
+        for block in range(4):
+            names = {
+                n
+                for n, p in module.named_parameters()
+                if any(p is q for q in net.layer_params(layer, block))
+            }
+            assert names, (layer, block)
+            if block == chosen:
+                assert names <= changed, (layer, block)
+            else:
+                assert not names & changed, (layer, block)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("technique.arch=[0,1,2]", "expected 5 genes"),
+        ("technique.arch=[0,1,2,3,4]", "expected an int in 0..3"),
+        ("technique.evolution.max_mmacs=0.01", "the space"),
+        ("technique.evolution.min_mmacs=1000 technique.evolution.max_mmacs=null", "the space"),
+        ("backbone=cifar_resnet20", "cifar_spos_supernet"),
+    ],
+)
+def test_bad_input_is_refused_before_anything_runs(
+    compose_cfg, override: str, message: str
+) -> None:
+    cfg = compose_cfg([*SPOS, *override.split()])
+    validate_config(cfg)
+    with pytest.raises(ConfigError, match=message):
+        build_run(cfg)
+
+
+def test_a_supernet_checkpoint_of_another_space_is_refused(compose_cfg, searched: Path) -> None:
+    supernet = searched / "checkpoints" / "supernet" / "final.ckpt"
+    cfg = compose_cfg(
+        [*SPOS, "technique.channel_search=true", f"ckpt_path={supernet}", "phase=evolution"],
+        config_name="search",
+    )
+    with pytest.raises(ConfigError, match="channel_search"):
+        build_run(cfg)
