@@ -35,6 +35,11 @@ REFUSED |= {
     ("sfr", b): "has none; backbones that carry them"
     for b in ("cifar_resnet20", "cifar_mobilenetv2", "cifar_vgg16_bn", "timm")
 }
+# SPOS trains a one-shot supernet (tests/test_spos.py runs it on cifar_spos_supernet_tiny).
+REFUSED |= {
+    ("spos", b): "trains a one-shot supernet"
+    for b in ("cifar_resnet20", "cifar_mobilenetv2", "cifar_vgg16_bn", "timm")
+}
 
 
 # Every pair of choices composes and validates: backbones bring technique defaults (their

@@ -94,8 +94,11 @@ def test_search_finds_a_legal_architecture_within_the_limit(searched: Path) -> N
     assert [p["mmacs"] for p in front] == sorted(p["mmacs"] for p in front)
     assert [p["top1"] for p in front] == sorted(p["top1"] for p in front)
     assert (searched / "plots" / "pareto.png").stat().st_size > 0
+    table = (searched / "checkpoints" / "evolution" / "pareto.md").read_text().splitlines()
+    assert len(table) == 2 + len(front)
     results = read_results(searched)
     assert results["status"] == "completed"
+    assert results["search"]["genes"] == result["genes"]
     # A search-only run is evaluated on the winner cut out of the supernet.
     assert results["exit_macs"][0] == pytest.approx(result["mmacs"] * 1e6)
 

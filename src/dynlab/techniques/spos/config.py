@@ -105,6 +105,10 @@ class SPOSConfig(TechniqueConfig):
     # `retrain` alone. arch_file: a search's `search_result.json` to take the architecture from.
     arch: list[int] | None = None
     arch_file: str | None = None
+    # After the retrain phase, BN statistics recomputed as an exact average over one pass of the
+    # (augmented) train split: the official Evaluation/template/train.py ends with one more epoch at
+    # lr 0 with BN momentum 1/iters ("bn_process").
+    retrain_bn_recalibration: bool = True
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     evolution: EvolutionConfig = field(default_factory=EvolutionConfig)
     seed: int = "${seed}"  # type: ignore[assignment]

@@ -32,7 +32,7 @@ from dynlab.config import BackboneConfig, OptimConfig
 from dynlab.data.base import DataInfo, DynlabDataModule, StreamSpec
 from dynlab.logging import log_records
 from dynlab.protocol import DynamicNet, ExitSession, SingleExitSession, StaticExits
-from dynlab.results import atomic_write_text
+from dynlab.results import atomic_write_text, update_results
 from dynlab.search import (
     derived_seed,
     exit_accuracies,
@@ -95,6 +95,7 @@ class SPOSModule(DynlabModule):
         channel_search: bool = False,
         arch: list[int] | None = None,
         arch_file: str | None = None,
+        retrain_bn_recalibration: bool = True,
         sampler: SamplerConfig | None = None,
         evolution: EvolutionConfig | None = None,
         seed: int = 0,
@@ -103,6 +104,7 @@ class SPOSModule(DynlabModule):
         self.save_hyperparameters(ignore=["data_info"])
         self.data_info, self.seed = data_info, seed
         self.evolution_cfg = evolution or EvolutionConfig()
+        self.retrain_bn_recalibration = retrain_bn_recalibration
         kwargs = {**dict(backbone.kwargs), "channel_search": channel_search}
         try:
             net = dataset_backbone(replace(backbone, kwargs=kwargs), data_info)
@@ -202,6 +204,16 @@ class SPOSModule(DynlabModule):
         if self.current_phase == SUPERNET and isinstance(self.model, SupernetPath):
             self._supernet.set_path(self.val_path)
 
+    def on_fit_end(self) -> None:
+        """After retraining, BN statistics as an exact average over one pass of the augmented
+        train split, the same on every rank (official Evaluation train.py's final `bn_process`
+        epoch at lr 0); deterministic, so a resumed run that repeats it gets the same."""
+        if self.current_phase != RETRAIN or not self.retrain_bn_recalibration:
+            return
+        datamodule = self.trainer.datamodule  # type: ignore[attr-defined]
+        stream = StreamSpec("spos/retrain_bn", sharded=False)
+        recalibrate_bn(self.model, datamodule.stream_loader(stream))
+
     # --- the evolution phase ------------------------------------------------------------------
     def _evolution(self, ctx: PhaseContext) -> None:
         cfg, datamodule = self.evolution_cfg, ctx.datamodule
@@ -221,7 +233,7 @@ class SPOSModule(DynlabModule):
             }
 
         def on_generation(generation: int, records: list[dict[str, Any]]) -> None:
-            if records:
+            if records and _is_global_zero():
                 best = max(r["top1"] for r in records)
                 print(
                     f"[dynlab] spos evolution: generation {generation}: {len(records)} candidates, best val top-1 {best:.2f}"
@@ -269,7 +281,8 @@ class SPOSModule(DynlabModule):
         best: dict[str, Any],
         front: list[dict[str, Any]],
     ) -> dict[str, Any]:
-        """search_result.json (phase dir), plots/pareto.png and the W&B table of the front."""
+        """search_result.json and pareto.md (phase dir), the search in results.json,
+        plots/pareto.png and the W&B table of the front."""
         arch, scales = self.space.split(tuple(best["genes"]))
         summary = {
             "genes": list(best["genes"]),
@@ -289,6 +302,8 @@ class SPOSModule(DynlabModule):
         }
         if _is_global_zero():
             atomic_write_text(ctx.phase_dir / RESULT, json.dumps(summary, indent=2))
+            atomic_write_text(ctx.phase_dir / "pareto.md", _pareto_markdown(summary["pareto"]))
+            update_results(ctx.run_dir, search={k: v for k, v in summary.items() if k != "pareto"})
             plot_pareto(records, front, ctx.run_dir / "plots" / "pareto.png")
             table = [
                 {"mmacs": r["mmacs"], "top1": r["top1"], "genes": str(r["genes"])}
@@ -302,11 +317,12 @@ class SPOSModule(DynlabModule):
                 "top1",
                 "SPOS Pareto front (supernet val top-1)",
             )
-        print(
-            f"[dynlab] spos search: best {summary['genes']} at {summary['mmacs']:.2f} M MACs, "
-            f"supernet val top-1 {best['top1']:.2f} ({len(records)} candidates); "
-            f"{ctx.phase_dir / RESULT}"
-        )
+            print(_pareto_markdown(summary["pareto"]), end="")
+            print(
+                f"[dynlab] spos search: best {summary['genes']} at {summary['mmacs']:.2f} M MACs, "
+                f"supernet val top-1 {best['top1']:.2f} ({len(records)} candidates); "
+                f"{ctx.phase_dir / RESULT}"
+            )
         return summary
 
     # --- technique state ----------------------------------------------------------------------
@@ -353,6 +369,13 @@ class SPOSModule(DynlabModule):
         """A fresh standalone net of `genes` (affine BN), initialised from its own seed stream."""
         with seeded(derived_seed(self.seed, RETRAIN_STREAM)):
             return StaticExits(self._supernet.standalone(genes))
+
+
+def _pareto_markdown(front: list[dict[str, Any]]) -> str:
+    """The Pareto front as a markdown table, cheapest first."""
+    lines = ["| M MACs | supernet val top-1 | genes |", "| ---: | ---: | --- |"]
+    lines += [f"| {r['mmacs']:.2f} | {r['top1']:.2f} | {r['genes']} |" for r in front]
+    return "\n".join(lines) + "\n"
 
 
 def _given_arch(arch: list[int] | None, arch_file: str | None) -> tuple[int, ...] | None:
