@@ -53,3 +53,8 @@ bench throughput_resnet50 throughput.py --backbone timm --backbone-name resnet50
 # 4. One stage-1 epoch of GFNet (ResNet-50 encoders, P = 96) on 4,000 generated ImageNet-format
 # images, bf16: img/s and peak memory (issue 9; figures go to experiments/gfnet/README.md).
 bench gfnet_stage1 gfnet_stage1.py --batch-size 64 --per-class 4 --num-workers 8
+
+# 5. SPOS (issue 11): supernet step vs the same path standalone on the ImageNet space at 224, batch
+# 256, bf16 (target <= 1.15x), and the supernet's img/s with a new uniform path every step, with
+# peak memory (figures go to benchmarks/README.md). About 1-3 minutes.
+bench spos_supernet spos_supernet.py --device cuda --steps 10 --repeats 2

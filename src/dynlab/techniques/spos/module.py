@@ -17,6 +17,7 @@ supernet's path cut out with its weights (`SPOSSupernet.child`).
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from dataclasses import replace
@@ -191,13 +192,21 @@ class SPOSModule(DynlabModule):
         filled them with zeros), which SGD skips, momentum and weight decay included."""
         if self.current_phase != SUPERNET:
             return
-        net = self._supernet
-        arch, _ = self.space.split(net.path)
+        arch, _ = self.space.split(self._supernet.path)
         for layer, chosen in enumerate(arch):
-            for block in range(self.space.num_blocks):
+            for block, params in enumerate(self._choice_params[layer]):
                 if block != chosen:
-                    for p in net.layer_params(layer, block):
+                    for p in params:
                         p.grad = None
+
+    @functools.cached_property
+    def _choice_params(self) -> list[list[list[nn.Parameter]]]:
+        """The parameters of every choice of every layer, listed once (not per step)."""
+        net = self._supernet
+        return [
+            [net.layer_params(layer, block) for block in range(self.space.num_blocks)]
+            for layer in range(self.space.num_layers)
+        ]
 
     def on_validation_start(self) -> None:
         """The supernet is validated on one fixed path (the same every epoch)."""
