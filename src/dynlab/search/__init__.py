@@ -8,6 +8,7 @@
 - `scoring`: exit probabilities and accuracies on the whole held-out val split;
 - `ledger`: every evaluated candidate with its score and the search's own state, saved atomically
   after every round, so a killed or preempted search resumes at the next candidate;
+- `result`: the search's outcome as search_result.json, which a later run retrains from;
 - `ranks`: candidates spread over the ranks of a job (rank r takes every W-th), results
   all-gathered, only rank 0 writes, and a Slurm signal honoured at the next candidate boundary.
 
@@ -18,6 +19,7 @@ from dynlab.search.bn import recalibrate_bn
 from dynlab.search.candidates import CandidateModule, CandidateTrainer, train_candidate
 from dynlab.search.ledger import Ledger
 from dynlab.search.ranks import all_gather_objects, evaluate_spread
+from dynlab.search.result import RESULT, read_result, write_result
 from dynlab.search.scoring import exit_accuracies, val_exit_probs
 from dynlab.search.seeds import derived_seed, seeded
 
@@ -25,12 +27,15 @@ __all__ = [
     "CandidateModule",
     "CandidateTrainer",
     "Ledger",
+    "RESULT",
     "all_gather_objects",
     "derived_seed",
     "evaluate_spread",
     "exit_accuracies",
+    "read_result",
     "recalibrate_bn",
     "seeded",
     "train_candidate",
     "val_exit_probs",
+    "write_result",
 ]

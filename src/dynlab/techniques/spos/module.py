@@ -18,7 +18,6 @@ supernet's path cut out with its weights (`SPOSSupernet.child`).
 from __future__ import annotations
 
 import functools
-import json
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -31,15 +30,19 @@ from torch import Tensor, nn
 from dynlab.backbones.spos_shufflenetv2 import MacsTable, SPOSSupernet
 from dynlab.config import BackboneConfig, OptimConfig
 from dynlab.data.base import DataInfo, DynlabDataModule, StreamSpec
+from dynlab.data.sampling import rank_and_world_size
 from dynlab.logging import log_records
 from dynlab.protocol import DynamicNet, ExitSession, SingleExitSession, StaticExits
 from dynlab.results import atomic_write_text, update_results
 from dynlab.search import (
+    RESULT,
     derived_seed,
     exit_accuracies,
+    read_result,
     recalibrate_bn,
     seeded,
     val_exit_probs,
+    write_result,
 )
 from dynlab.techniques.base import DynlabModule, Phase, PhaseContext, PhaseKind, dataset_backbone
 from dynlab.techniques.spos.config import EvolutionConfig, SamplerConfig, SPOSConfig
@@ -54,8 +57,9 @@ from dynlab.techniques.spos.evolution import (
 from dynlab.techniques.spos.plots import plot_pareto
 from dynlab.techniques.spos.sampling import PathSampler
 
+__all__ = ["SPOSModule", "SupernetPath"]
+
 SUPERNET, EVOLUTION, RETRAIN = "supernet", "evolution", "retrain"
-RESULT = "search_result.json"
 # Independent seed streams derived from the technique's seed (`dynlab.search.derived_seed`); the
 # evolution's own is EVOLUTION_STREAM (1).
 PATH_STREAM, VAL_PATH_STREAM, RETRAIN_STREAM = 0, 2, 3
@@ -242,7 +246,7 @@ class SPOSModule(DynlabModule):
             }
 
         def on_generation(generation: int, records: list[dict[str, Any]]) -> None:
-            if records and _is_global_zero():
+            if records and _rank_zero():
                 best = max(r["top1"] for r in records)
                 print(
                     f"[dynlab] spos evolution: generation {generation}: {len(records)} candidates, best val top-1 {best:.2f}"
@@ -309,8 +313,8 @@ class SPOSModule(DynlabModule):
                 for r in front
             ],
         }
-        if _is_global_zero():
-            atomic_write_text(ctx.phase_dir / RESULT, json.dumps(summary, indent=2))
+        if _rank_zero():
+            write_result(ctx.phase_dir, summary)
             atomic_write_text(ctx.phase_dir / "pareto.md", _pareto_markdown(summary["pareto"]))
             update_results(ctx.run_dir, search={k: v for k, v in summary.items() if k != "pareto"})
             plot_pareto(records, front, ctx.run_dir / "plots" / "pareto.png")
@@ -389,21 +393,9 @@ def _pareto_markdown(front: list[dict[str, Any]]) -> str:
 
 def _given_arch(arch: list[int] | None, arch_file: str | None) -> tuple[int, ...] | None:
     """The architecture given in the config, or read from a search's search_result.json."""
-    if arch is not None:
-        return tuple(int(g) for g in arch)
-    if arch_file is None:
-        return None
-    path = Path(arch_file)
-    if not path.is_file():
-        raise ValueError(
-            f"spos technique.arch_file={arch_file}: no such file (a search writes checkpoints/evolution/{RESULT})"
-        )
-    try:
-        return tuple(int(g) for g in json.loads(path.read_text())["genes"])
-    except (KeyError, TypeError, ValueError) as err:
-        raise ValueError(
-            f"spos technique.arch_file={arch_file}: not a search result ({err})"
-        ) from err
+    if arch is None and arch_file is not None:
+        arch = read_result(arch_file, "genes", "spos technique.arch_file")
+    return tuple(int(g) for g in arch) if arch is not None else None
 
 
 def _not_a_supernet(name: str) -> str:
@@ -420,10 +412,5 @@ def _device(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
 
 
-def _is_global_zero() -> bool:
-    import torch.distributed as dist
-
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
-__all__ = ["SPOSModule", "SupernetPath"]
+def _rank_zero() -> bool:
+    return rank_and_world_size()[0] == 0
