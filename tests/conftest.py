@@ -58,6 +58,21 @@ os.environ.setdefault("WANDB_SILENT", "true")
 torch.set_num_threads(1)
 
 
+def compose_in(overrides: list[str], config_name: str, run_dir: Path) -> DictConfig:
+    """Compose a config as `dynlab-train` (config) or `dynlab-search` (search) would, with its run
+    dir at `run_dir` (module-scoped fixtures use it directly)."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(run_dir)
+        cfg.hydra.job.num = 0
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg.hydra
+    return cfg
+
+
 @pytest.fixture
 def compose_cfg(tmp_path: Path) -> Iterator:
     """Compose a config as `dynlab-train` would, with its run dir under tmp_path."""
@@ -65,17 +80,7 @@ def compose_cfg(tmp_path: Path) -> Iterator:
     def _compose(
         overrides: list[str], config_name: str = "config", run_dir: Path | None = None
     ) -> DictConfig:
-        GlobalHydra.instance().clear()
-        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-            cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
-        run = run_dir or tmp_path / "run"
-        with open_dict(cfg):
-            cfg.hydra.runtime.output_dir = str(run)
-            cfg.hydra.job.num = 0
-        HydraConfig.instance().set_config(cfg)
-        with open_dict(cfg):
-            del cfg.hydra
-        return cfg
+        return compose_in(overrides, config_name, run_dir or tmp_path / "run")
 
     yield _compose
     GlobalHydra.instance().clear()

@@ -24,6 +24,8 @@ from dynlab.techniques.spos import module as spos_module
 from dynlab.techniques.spos.module import PATH_STREAM, RESULT, SupernetPath
 from dynlab.validation import ConfigError, build_run, validate_config
 
+from .conftest import compose_in
+
 # The 5-layer space on digits (32x32): a short supernet phase and a small evolution whose MACs
 # limit (MAX_MMACS) keeps out the dearest architectures.
 MAX_MMACS = 0.85
@@ -52,24 +54,8 @@ SPOS = [
 @pytest.fixture(scope="module")
 def searched(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One dynlab-search run (supernet, evolution) shared by the tests below."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import open_dict
-
-    from dynlab.apps._hydra import CONFIG_DIR
-
     run = tmp_path_factory.mktemp("spos") / "search"
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("search", overrides=SPOS, return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = str(run)
-        cfg.hydra.job.num = 0
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        del cfg.hydra
-    run_job(cfg)
+    run_job(compose_in(SPOS, "search", run))
     return run
 
 

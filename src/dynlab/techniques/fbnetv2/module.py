@@ -1,0 +1,281 @@
+"""`technique=fbnetv2`: DMaskingNAS search over widths, kernels, SE and input resolution, then the
+searched network retrained (Wan et al., "FBNetV2", CVPR 2020).
+
+The search space is the backbone (`dynlab.backbones.fbnetv2`: one supernet whose blocks run once at
+their widest, channel options as Gumbel-weighted masks, resolution options as subsampled passes
+placed back by interspersed zeros). The schedule:
+- `search` (fit, two optimisers under manual optimisation): each step trains the weights on the
+  `weights` stream (80 % of the train split) and, after `warmup_epochs`, the architecture logits on
+  the `arch` stream (the other 20 %), both with loss CE * alpha * log(cost)^beta, the cost being the
+  expected MACs (or parameters) of the Gumbel-weighted network, differentiable through the expected
+  widths. The temperature starts at `temperature` and is multiplied by `temperature_decay` every
+  epoch. Gumbel noise is drawn from (seed, step, stream), so every DDP rank samples the same
+  architecture and a resumed search the same noise;
+- `retrain` (fit): the argmax architecture exported as a standalone network (`FBNetV2Net`, its MACs
+  measured) and trained from scratch.
+`dynlab-search` runs the search alone; `technique.choices` (or `choices_file`) retrains a given
+architecture alone. The deploy form is always the standalone network.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Self
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from dynlab.backbones.fbnetv2 import FBNetV2Supernet
+from dynlab.config import BackboneConfig, OptimConfig
+from dynlab.data.base import DataInfo
+from dynlab.data.sampling import rank_and_world_size
+from dynlab.evaluation.macs import count_macs
+from dynlab.protocol import DynamicNet, ExitSession, SingleExitSession, StaticExits
+from dynlab.results import update_results
+from dynlab.search import derived_seed, read_result, seeded, write_result
+from dynlab.techniques.base import DynlabModule, Phase, dataset_backbone
+from dynlab.techniques.fbnetv2.config import CostKind, FBNetV2Config
+
+__all__ = ["FBNetV2Module", "SearchNet", "search_loss"]
+
+SEARCH, RETRAIN = "search", "retrain"
+WEIGHTS, ARCH = "weights", "arch"  # the search phase's optimisers and train streams
+# Independent seed streams derived from the technique's seed.
+GUMBEL_STREAM, RETRAIN_STREAM = 0, 1
+
+
+def search_loss(ce: Tensor, cost: Tensor, alpha: float, beta: float) -> Tensor:
+    """FBNet's multiplicative loss CE * alpha * log(cost)^beta (FBNet Sec. 3.3)."""
+    return ce * alpha * torch.log(cost).pow(beta)
+
+
+class SearchNet(DynamicNet):
+    """The supernet as a one-exit model; its deploy form is the argmax architecture cut out with the
+    supernet's weights (`FBNetV2Supernet.child`)."""
+
+    def __init__(self, net: FBNetV2Supernet) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward_exits(self, x: Tensor) -> list[Tensor]:
+        return [self.net(x)]
+
+    def exit_macs(self, input_size: tuple[int, int, int]) -> list[float]:
+        return self.deploy().exit_macs(input_size)
+
+    def exit_session(self, x: Tensor) -> ExitSession:
+        return SingleExitSession(self.net, x)
+
+    def deploy(self) -> Self:
+        device = next(self.net.parameters()).device
+        child = StaticExits(self.net.child(self.net.choices())).to(device).eval()
+        return child.deploy()  # type: ignore[return-value]
+
+
+class FBNetV2Module(DynlabModule):
+    """The DMaskingNAS supernet, its search and the retraining of the searched network."""
+
+    phase_names = FBNetV2Config.PHASES
+
+    def __init__(
+        self,
+        backbone: BackboneConfig,
+        data_info: DataInfo,
+        optim: OptimConfig | None = None,
+        cost: CostKind = CostKind.macs,
+        alpha: float = 0.2,
+        beta: float = 0.6,
+        temperature: float = 5.0,
+        temperature_decay: float = math.exp(-0.045),
+        warmup_epochs: int = 10,
+        choices: dict[str, Any] | None = None,
+        choices_file: str | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(optim)
+        self.save_hyperparameters(ignore=["data_info"])
+        self.data_info, self.seed = data_info, seed
+        self.cost_kind, self.alpha, self.beta = CostKind(cost), alpha, beta
+        self.temperature, self.temperature_decay = temperature, temperature_decay
+        self.warmup_epochs = warmup_epochs
+        net = dataset_backbone(backbone, data_info)
+        if not isinstance(net, FBNetV2Supernet):
+            raise ValueError(_not_a_supernet(backbone.name))
+        problem = net.space_problem(data_info.input_size)
+        if problem:
+            raise ValueError(f"fbnetv2 on backbone={backbone.name}: {problem}")
+        self.signature = net.signature()
+        if choices is None and choices_file is not None:
+            choices = read_result(choices_file, "choices", "fbnetv2 technique.choices_file")
+        if choices is not None:
+            choices = dict(choices)
+            problem = net.choice_problem(choices)
+            if problem:
+                raise ValueError(f"fbnetv2 technique.choices: {problem}")
+        self.given = choices is not None
+        self.choices: dict[str, Any] | None = choices  # the search's result, or the given one
+        self.history: list[dict[str, Any]] = []  # the argmax architecture after every epoch
+        self.__dict__["_supernet"] = net  # its builders (child, standalone); not a submodule
+        self.model = self._standalone(choices) if choices is not None else SearchNet(net)
+
+    # --- phases -------------------------------------------------------------------------------
+    def phases(self, mode: str) -> list[Phase]:
+        if self.given:
+            if mode == "search":
+                raise ValueError(
+                    "fbnetv2: technique.choices is given, so there is nothing to search; "
+                    "retrain it with dynlab-train"
+                )
+            return [Phase(RETRAIN)]
+        if mode == "search":
+            return [Phase(SEARCH)]
+        if mode == "train":
+            return [Phase(SEARCH), Phase(RETRAIN)]
+        return super().phases(mode)
+
+    def check_run(self, cfg: Any) -> None:
+        """The search must be longer than its weights-only warm-up, and needs its two optimisers
+        and streams (conf/technique/fbnetv2.yaml)."""
+        if self.given or cfg is None:
+            return
+        recipe = self.recipe(SEARCH)
+        epochs = recipe.epochs or cfg.trainer.max_epochs
+        if epochs <= self.warmup_epochs:
+            raise ValueError(
+                f"fbnetv2: the search runs {epochs} epochs, not more than its warm-up of "
+                f"{self.warmup_epochs}, so the architecture would never train; set "
+                f"technique.phases.search.epochs above technique.warmup_epochs (or lower it)"
+            )
+        missing = {WEIGHTS, ARCH} - set(recipe.optimizers)
+        missing |= {WEIGHTS, ARCH} - set(recipe.streams)
+        if missing:
+            raise ValueError(
+                f"fbnetv2: the search phase's recipe lacks the optimiser(s)/stream(s) "
+                f"{sorted(missing)}: technique.phases.search needs optimizers and streams named "
+                f"'{WEIGHTS}' and '{ARCH}' (see conf/technique/fbnetv2.yaml)"
+            )
+
+    def start_phase(self, phase: Phase) -> None:
+        """The search steps two optimisers itself; the retrain phase starts from a fresh
+        standalone net of the searched architecture (a resumed one already has it)."""
+        super().start_phase(phase)
+        self.automatic_optimization = phase.name != SEARCH
+        if phase.name == RETRAIN and not isinstance(self.model, StaticExits):
+            if self.choices is None:
+                raise RuntimeError("fbnetv2 retrain: no architecture (the search phase sets one)")
+            self.model = self._standalone(self.choices).to(self.device)
+
+    # --- the search phase ---------------------------------------------------------------------
+    @property
+    def tau(self) -> float:
+        """This epoch's Gumbel-softmax temperature."""
+        return self.temperature * self.temperature_decay**self.current_epoch
+
+    def on_train_epoch_start(self) -> None:
+        if self.current_phase == SEARCH:
+            self._supernet.tau = self.tau
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
+        if self.current_phase != SEARCH:
+            return super().training_step(batch, batch_idx)
+        loss, ce, cost = self._search_loss(batch[WEIGHTS], 0)
+        self.manual_step(WEIGHTS, loss)
+        logs = {"search/loss": loss, "search/ce": ce, "search/tau": self.tau}
+        if self.current_epoch >= self.warmup_epochs:
+            arch_loss, arch_ce, cost = self._search_loss(batch[ARCH], 1)
+            self.manual_step(ARCH, arch_loss)
+            logs |= {"search/arch_loss": arch_loss, "search/arch_ce": arch_ce}
+        logs[f"search/expected_m{self.cost_kind.value}"] = cost.detach() / 1e6
+        self.log_dict(logs, prog_bar=False)
+        return None
+
+    def _search_loss(self, batch: tuple[Tensor, Tensor], stream: int) -> tuple[Tensor, ...]:
+        """The loss on one stream's batch, with Gumbel noise from (seed, step, stream)."""
+        x, y = batch
+        with seeded(derived_seed(self.seed, GUMBEL_STREAM, self.global_step, stream)):
+            logits = self.model.forward_exits(x)[-1]
+        ce = F.cross_entropy(logits, y, label_smoothing=self.optim.label_smoothing)
+        cost = self._expected_cost()
+        return search_loss(ce, cost, self.alpha, self.beta), ce.detach(), cost
+
+    def _expected_cost(self) -> Tensor:
+        net = self._supernet
+        return net.expected_macs() if self.cost_kind == CostKind.macs else net.expected_params()
+
+    def on_train_epoch_end(self) -> None:
+        """Record the argmax architecture and its measured cost after every search epoch."""
+        if self.current_phase != SEARCH:
+            return
+        choices = self._supernet.choices()
+        child = self._supernet.child(choices)
+        entry = {
+            "epoch": self.current_epoch,
+            "tau": self.tau,
+            "choices": choices,
+            "mmacs": count_macs(child, self.data_info.input_size) / 1e6,
+            "mparams": sum(p.numel() for p in child.parameters()) / 1e6,
+        }
+        self.history = [h for h in self.history if h["epoch"] < entry["epoch"]] + [entry]
+        self.log_dict({"search/argmax_mmacs": entry["mmacs"]})
+
+    def on_fit_end(self) -> None:
+        """At the end of the search: the argmax architecture becomes the result."""
+        if self.current_phase != SEARCH or not self.history:
+            return
+        last = self.history[-1]
+        self.choices = last["choices"]
+        summary = {**last, "history": self.history, "cost": self.cost_kind.value}
+        phase_dir = Path(self.trainer.default_root_dir)  # <run dir>/checkpoints/search
+        if rank_and_world_size()[0] == 0:
+            path = write_result(phase_dir, summary)
+            update_results(phase_dir.parents[1], search=last)
+            print(
+                f"[dynlab] fbnetv2 search: {last['mmacs']:.2f} M MACs, "
+                f"{last['mparams']:.3f} M parameters: {last['choices']}; {path}"
+            )
+
+    # --- technique state ----------------------------------------------------------------------
+    def technique_state(self) -> dict[str, Any]:
+        return {
+            "space": self.signature,
+            "choices": self.choices,
+            "standalone": isinstance(self.model, StaticExits),
+            "history": self.history,
+        }
+
+    def load_technique_state(self, state: dict[str, Any]) -> None:
+        """Check the space, then rebuild the standalone net when the saved model is one."""
+        if not state:
+            return
+        if state["space"] != self.signature:
+            raise ValueError(
+                "fbnetv2: the checkpoint holds a supernet of another search space; run with the "
+                "backbone, its kwargs and dataset it was searched with"
+            )
+        if not self.given:
+            self.choices = state.get("choices")
+        self.history = state.get("history", [])
+        if state.get("standalone") and not isinstance(self.model, StaticExits):
+            self.model = self._standalone(self.choices).to(self.device)  # type: ignore[arg-type]
+
+    # --- building -----------------------------------------------------------------------------
+    @property
+    def _supernet(self) -> FBNetV2Supernet:
+        return self.__dict__["_supernet"]
+
+    def _standalone(self, choices: dict[str, Any]) -> StaticExits:
+        """A fresh standalone net of `choices`, initialised from its own seed stream."""
+        with seeded(derived_seed(self.seed, RETRAIN_STREAM)):
+            return StaticExits(self._supernet.standalone(choices))
+
+
+def _not_a_supernet(name: str) -> str:
+    from dynlab.backbones import list_backbones
+
+    supernets = [n for n in list_backbones() if "fbnetv2" in n and n.endswith("supernet")]
+    return (
+        f"technique=fbnetv2 searches a DMaskingNAS supernet and backbone {name} is none; "
+        f"use backbone={' or backbone='.join(supernets)}"
+    )
