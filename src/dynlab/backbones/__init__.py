@@ -8,6 +8,7 @@ from dynlab.backbones import (  # noqa: F401  (registers)
     cifar_resnet,
     cifar_vgg,
     condensenetv2,
+    fbnetv2,
     sfr_shufflenetv2,
     spos_shufflenetv2,
 )

@@ -37,6 +37,11 @@ class FBNetV2Config(TechniqueConfig):
     temperature_decay: float = math.exp(-0.045)
     # Epochs at the start of the search that train the weights only (FBNet: 10 of 90).
     warmup_epochs: int = 10
+    # Before every validation and at the end of the search, the BN statistics of the argmax
+    # network are recomputed over this many batches of the `weights` stream: the supernet's running
+    # statistics mix every resolution and width the Gumbel samples passed through. The paper does
+    # not say how it evaluates during the search; this is dynlab's choice.
+    recalibration_batches: int = 20
     # A given architecture (the `choices` dict a search writes): the schedule is `retrain` alone.
     choices: dict[str, Any] | None = None
     choices_file: str | None = None
@@ -53,6 +58,10 @@ class FBNetV2Config(TechniqueConfig):
             raise ValueError(
                 f"fbnetv2: temperature={self.temperature} must be > 0 and temperature_decay="
                 f"{self.temperature_decay} in (0, 1]"
+            )
+        if self.recalibration_batches < 1:
+            raise ValueError(
+                f"fbnetv2 recalibration_batches must be >= 1, got {self.recalibration_batches}"
             )
         if self.warmup_epochs < 0:
             raise ValueError(f"fbnetv2 warmup_epochs must be >= 0, got {self.warmup_epochs}")

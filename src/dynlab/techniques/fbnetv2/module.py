@@ -5,10 +5,10 @@ The search space is the backbone (`dynlab.backbones.fbnetv2`: one supernet whose
 their widest, channel options as Gumbel-weighted masks, resolution options as subsampled passes
 placed back by interspersed zeros). The schedule:
 - `search` (fit, two optimisers under manual optimisation): each step trains the weights on the
-  `weights` stream (80 % of the train split) and, after `warmup_epochs`, the architecture logits on
-  the `arch` stream (the other 20 %), both with loss CE * alpha * log(cost)^beta, the cost being the
-  expected MACs (or parameters) of the Gumbel-weighted network, differentiable through the expected
-  widths. The temperature starts at `temperature` and is multiplied by `temperature_decay` every
+  `weights` stream (80 % of the train split) with the cross-entropy and, after `warmup_epochs`, the
+  architecture logits on the `arch` stream (the other 20 %) with CE * alpha * log(cost)^beta, the
+  cost being the expected MACs (or parameters) of the Gumbel-weighted network, differentiable
+  through the expected widths. The temperature starts at `temperature` and is multiplied by `temperature_decay` every
   epoch. Gumbel noise is drawn from (seed, step, stream), so every DDP rank samples the same
   architecture and a resumed search the same noise;
 - `retrain` (fit): the argmax architecture exported as a standalone network (`FBNetV2Net`, its MACs
@@ -29,12 +29,12 @@ from torch import Tensor
 
 from dynlab.backbones.fbnetv2 import FBNetV2Supernet
 from dynlab.config import BackboneConfig, OptimConfig
-from dynlab.data.base import DataInfo
+from dynlab.data.base import DataInfo, DynlabDataModule, StreamSpec
 from dynlab.data.sampling import rank_and_world_size
 from dynlab.evaluation.macs import count_macs
 from dynlab.protocol import DynamicNet, ExitSession, SingleExitSession, StaticExits
 from dynlab.results import update_results
-from dynlab.search import derived_seed, read_result, seeded, write_result
+from dynlab.search import derived_seed, read_result, recalibrate_bn, seeded, write_result
 from dynlab.techniques.base import DynlabModule, Phase, dataset_backbone
 from dynlab.techniques.fbnetv2.config import CostKind, FBNetV2Config
 
@@ -90,6 +90,7 @@ class FBNetV2Module(DynlabModule):
         temperature: float = 5.0,
         temperature_decay: float = math.exp(-0.045),
         warmup_epochs: int = 10,
+        recalibration_batches: int = 20,
         choices: dict[str, Any] | None = None,
         choices_file: str | None = None,
         seed: int = 0,
@@ -99,7 +100,7 @@ class FBNetV2Module(DynlabModule):
         self.data_info, self.seed = data_info, seed
         self.cost_kind, self.alpha, self.beta = CostKind(cost), alpha, beta
         self.temperature, self.temperature_decay = temperature, temperature_decay
-        self.warmup_epochs = warmup_epochs
+        self.warmup_epochs, self.recalibration_batches = warmup_epochs, recalibration_batches
         net = dataset_backbone(backbone, data_info)
         if not isinstance(net, FBNetV2Supernet):
             raise ValueError(_not_a_supernet(backbone.name))
@@ -173,43 +174,71 @@ class FBNetV2Module(DynlabModule):
         """This epoch's Gumbel-softmax temperature."""
         return self.temperature * self.temperature_decay**self.current_epoch
 
-    def on_train_epoch_start(self) -> None:
-        if self.current_phase == SEARCH:
-            self._supernet.tau = self.tau
-
     def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
         if self.current_phase != SEARCH:
             return super().training_step(batch, batch_idx)
-        loss, ce, cost = self._search_loss(batch[WEIGHTS], 0)
-        self.manual_step(WEIGHTS, loss)
-        logs = {"search/loss": loss, "search/ce": ce, "search/tau": self.tau}
+        # The weights step minimises the cross-entropy: the cost factor alpha * log(cost)^beta does
+        # not depend on the weights and would only rescale their step size with the cost weights
+        # (FBNet's alpha, beta make it about 1; a strong beta would blow the weights up).
+        ce, cost = self._ce_and_cost(batch[WEIGHTS], 0)
+        self.manual_step(WEIGHTS, ce)
+        logs = {"search/ce": ce.detach(), "search/tau": self.tau}
         if self.current_epoch >= self.warmup_epochs:
-            arch_loss, arch_ce, cost = self._search_loss(batch[ARCH], 1)
+            arch_ce, cost = self._ce_and_cost(batch[ARCH], 1)
+            arch_loss = search_loss(arch_ce, cost, self.alpha, self.beta)
             self.manual_step(ARCH, arch_loss)
-            logs |= {"search/arch_loss": arch_loss, "search/arch_ce": arch_ce}
+            logs |= {"search/arch_loss": arch_loss.detach(), "search/arch_ce": arch_ce.detach()}
         logs[f"search/expected_m{self.cost_kind.value}"] = cost.detach() / 1e6
         self.log_dict(logs, prog_bar=False)
         return None
 
-    def _search_loss(self, batch: tuple[Tensor, Tensor], stream: int) -> tuple[Tensor, ...]:
-        """The loss on one stream's batch, with Gumbel noise from (seed, step, stream)."""
+    def _ce_and_cost(self, batch: tuple[Tensor, Tensor], stream: int) -> tuple[Tensor, Tensor]:
+        """Cross-entropy on one stream's batch, with Gumbel noise from (seed, step, stream), and
+        the expected cost of the architecture that forward sampled."""
         x, y = batch
+        self._supernet.tau = self.tau  # every step: a resumed epoch has no epoch start
         with seeded(derived_seed(self.seed, GUMBEL_STREAM, self.global_step, stream)):
             logits = self.model.forward_exits(x)[-1]
         ce = F.cross_entropy(logits, y, label_smoothing=self.optim.label_smoothing)
-        cost = self._expected_cost()
-        return search_loss(ce, cost, self.alpha, self.beta), ce.detach(), cost
+        return ce, self._expected_cost().to(ce.dtype)
 
     def _expected_cost(self) -> Tensor:
         net = self._supernet
         return net.expected_macs() if self.cost_kind == CostKind.macs else net.expected_params()
+
+    def on_validation_start(self) -> None:
+        """The search is validated on its argmax network, with that network's BN statistics."""
+        if self.current_phase == SEARCH and self.trainer.state.fn == "fit":
+            self._recalibrate(self.trainer.datamodule)  # type: ignore[attr-defined]
+
+    def _recalibrate(self, datamodule: DynlabDataModule) -> None:
+        """Recompute the BN statistics of the supernet fixed at its argmax architecture over the
+        first `recalibration_batches` of the weights stream's images (unaugmented, in order, the
+        same on every rank), as SPOS does for its candidates."""
+        net = self._supernet
+        weights = self.recipe(SEARCH).streams[WEIGHTS]
+        stream = StreamSpec(
+            weights.key or WEIGHTS,
+            fraction=weights.fraction,
+            size=weights.size,
+            complement=weights.complement,
+            augment=False,
+            shuffle=False,
+            sharded=False,
+        )
+        net.fix(net.choices())
+        try:
+            recalibrate_bn(self.model, datamodule.stream_loader(stream), self.recalibration_batches)
+        finally:
+            net.unfix()
 
     def on_train_epoch_end(self) -> None:
         """Record the argmax architecture and its measured cost after every search epoch."""
         if self.current_phase != SEARCH:
             return
         choices = self._supernet.choices()
-        child = self._supernet.child(choices)
+        with seeded(self.seed):  # a throwaway network: the run's RNG must not move
+            child = self._supernet.child(choices)
         entry = {
             "epoch": self.current_epoch,
             "tau": self.tau,
@@ -226,6 +255,7 @@ class FBNetV2Module(DynlabModule):
             return
         last = self.history[-1]
         self.choices = last["choices"]
+        self._recalibrate(self.trainer.datamodule)  # type: ignore[attr-defined]
         summary = {**last, "history": self.history, "cost": self.cost_kind.value}
         phase_dir = Path(self.trainer.default_root_dir)  # <run dir>/checkpoints/search
         if rank_and_world_size()[0] == 0:
