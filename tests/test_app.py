@@ -35,9 +35,13 @@ REFUSED |= {
     ("sfr", b): "has none; backbones that carry them"
     for b in ("cifar_resnet20", "cifar_mobilenetv2", "cifar_vgg16_bn", "timm")
 }
-# SPOS trains a one-shot supernet (tests/test_spos.py runs it on cifar_spos_supernet_tiny).
+# SPOS and FBNetV2 search their own supernets (tests/test_spos.py, tests/test_fbnetv2.py).
 REFUSED |= {
-    ("spos", b): "trains a one-shot supernet"
+    (t, b): message
+    for t, message in (
+        ("spos", "trains a one-shot supernet"),
+        ("fbnetv2", "searches a DMaskingNAS supernet"),
+    )
     for b in ("cifar_resnet20", "cifar_mobilenetv2", "cifar_vgg16_bn", "timm")
 }
 

@@ -158,3 +158,13 @@ def test_a_cost_weight_not_above_zero_fails_at_validation(compose_cfg, override:
     cfg = compose_cfg([*FBNET, override])
     with pytest.raises(ConfigError, match="must be > 0"):
         validate_config(cfg)
+
+
+@pytest.mark.parametrize("preset", ["digits", "cifar10", "imagenet_f"])
+def test_presets_compose_and_validate(compose_cfg, preset: str) -> None:
+    cfg = compose_cfg([f"+experiment=fbnetv2/{preset}"])
+    validate_config(cfg)
+    assert cfg.technique.name == "fbnetv2" and cfg.expected.paper and cfg.expected.dynlab
+    search = cfg.technique.phases.search
+    assert search.epochs > cfg.technique.warmup_epochs
+    assert set(search.optimizers) == set(search.streams) == {"weights", "arch"}

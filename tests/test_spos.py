@@ -15,12 +15,16 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
+from dynlab.backbones import create_backbone
+from dynlab.backbones.spos_shufflenetv2 import MacsTable
 from dynlab.preemption import Preempted
 from dynlab.results import read_results
 from dynlab.runner import run_job
 from dynlab.search.ledger import RECORDS
 from dynlab.techniques.base import Phase
 from dynlab.techniques.spos import module as spos_module
+from dynlab.techniques.spos.config import EvolutionConfig
+from dynlab.techniques.spos.evolution import space_range_problem
 from dynlab.techniques.spos.module import PATH_STREAM, RESULT, SupernetPath
 from dynlab.validation import ConfigError, build_run, validate_config
 
@@ -223,3 +227,17 @@ def test_a_supernet_checkpoint_of_another_space_is_refused(compose_cfg, searched
     )
     with pytest.raises(ConfigError, match="channel_search"):
         build_run(cfg)
+
+
+@pytest.mark.parametrize("preset", ["digits", "imagenet"])
+def test_presets_compose_validate_and_their_macs_window_fits_the_space(compose_cfg, preset) -> None:
+    cfg = compose_cfg([f"+experiment=spos/{preset}"])
+    validate_config(cfg)
+    assert cfg.technique.name == "spos" and cfg.expected.paper and cfg.expected.dynlab
+    size = (3, 224, 224) if preset == "imagenet" else (3, 32, 32)
+    net = create_backbone(cfg.backbone.name, num_classes=10, **cfg.backbone.kwargs)
+    table = MacsTable.measure(net, size)
+    evolution = EvolutionConfig(**cfg.technique.evolution)
+    assert space_range_problem(table.minimum(), table.maximum(), evolution) is None
+    # The limit binds: some architectures of the space lie above it.
+    assert table.maximum() > evolution.max_mmacs * 1e6

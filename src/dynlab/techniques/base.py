@@ -148,7 +148,7 @@ class DynlabModule(pl.LightningModule):
         if mode != "train":
             raise ValueError(
                 f"technique {type(self).__name__} has no '{mode}' schedule; it only trains "
-                "(use dynlab-train). Techniques with a search: s2dnas, spos."
+                "(use dynlab-train). Techniques with a search: s2dnas, spos, fbnetv2."
             )
         return [Phase("train")]
 
