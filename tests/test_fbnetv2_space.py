@@ -1,10 +1,12 @@
 """dynlab.backbones.fbnetv2: the DMaskingNAS supernet (FBNetV2, Wan et al. 2020) against its
-exported children, its expected MACs against count_macs, its Gumbel choices and checks, and the
-published FBNetV2-F models against mobile-vision's model_info figures."""
+exported children, its expected MACs and parameters against count_macs and the children's
+parameter counts, its Gumbel choices and checks, and the published FBNetV2-F models against
+mobile-vision's model_info figures."""
 
 from __future__ import annotations
 
 import fnmatch
+import itertools
 import json
 import random
 from typing import Any
@@ -136,22 +138,59 @@ def test_expected_macs_equals_count_macs_of_the_child_at_one_hot_choices() -> No
     assert net.expected_macs().item() == count_macs(net.child(net.choices()), SIZE)
 
 
+def _params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_expected_params_equals_the_childs_parameter_count_at_one_hot_choices() -> None:
+    net = _tiny()
+    rng = random.Random(3)
+    cases = [_extreme(net, True), _extreme(net, False)] + [
+        _random_choices(net, rng) for _ in range(6)
+    ]
+    counts = set()
+    for choices in cases:
+        net.fix(choices)
+        count = _params(net.child(choices))
+        assert net.expected_params().item() == count, net.decode(choices)
+        counts.add(count)
+        net.eval()(torch.zeros(1, *SIZE))  # after a forward too (fixed weights, eval)
+        assert net.expected_params().item() == count
+        # the resolution changes MACs, not parameters
+        other = {**choices, "resolution": (choices["resolution"] + 1) % len(net.resolutions)}
+        net.fix(other)
+        assert net.expected_params().item() == count
+    assert len(counts) == len(cases)  # the choices do change the count
+    # the classifier is counted: removing it removes its weights and biases
+    net.reset_classifier(0)
+    net.fix(cases[2])
+    assert net.expected_params().item() == _params(net.child(cases[2]))
+    assert net.expected_params().item() == _params(net.standalone(cases[2]))
+
+
 @pytest.mark.parametrize("name", ["fbnetv2_f_supernet", "cifar_fbnetv2_supernet"])
-def test_expected_macs_is_exact_on_the_full_spaces(name: str) -> None:
+def test_expected_costs_are_exact_on_the_full_spaces(name: str) -> None:
     """The full spaces, built on meta and given storage without init (only shapes matter);
-    the children are measured on meta."""
+    the children are built and measured on meta."""
     with torch.device("meta"):
         net = timm.create_model(name)
     net = net.to_empty(device="cpu")
     size = IMAGENET if name.startswith("fbnetv2") else (3, 32, 32)
     rng = random.Random(2)
-    for choices in [_extreme(net, True), _extreme(net, False)] + [
+    cases = [_extreme(net, True), _extreme(net, False)] + [
         _random_choices(net, rng) for _ in range(3)
-    ]:
+    ]
+    for choices in cases:
         net.fix(choices)
         with torch.device("meta"):
             child = net.standalone(choices)
         assert net.expected_macs().item() == count_macs(child, size), net.decode(choices)
+        assert net.expected_params().item() == _params(child), net.decode(choices)
+    for choices in [_random_choices(net, rng) for _ in range(5)]:  # parameters are cheap
+        net.fix(choices)
+        with torch.device("meta"):
+            child = net.standalone(choices)
+        assert net.expected_params().item() == _params(child), net.decode(choices)
 
 
 def test_expected_macs_is_differentiable_bounded_and_follows_the_logits() -> None:
@@ -179,6 +218,74 @@ def test_expected_macs_is_differentiable_bounded_and_follows_the_logits() -> Non
     torch.manual_seed(5)
     net(x)
     assert net.expected_macs().item() < cost.item()
+
+
+def test_expected_params_is_differentiable_bounded_and_ignores_the_resolution() -> None:
+    net = _tiny().train()
+    x = torch.randn(2, *SIZE)
+    net.fix(_extreme(net, True))
+    cheapest = net.expected_params().item()
+    net.fix(_extreme(net, False))
+    dearest = net.expected_params().item()
+    net.unfix()
+    torch.manual_seed(5)
+    net(x)
+    cost = net.expected_params()
+    macs = net.expected_macs().item()
+    assert cost.dtype == torch.float64 and cheapest < cost.item() < dearest
+    cost.backward()
+    for name, p in net.named_parameters():
+        if name == "alpha_resolution":
+            assert p.grad is None or not p.grad.any()
+        elif "alpha" in name:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+    # the same Gumbel noise with other resolution logits: the same parameters, other MACs
+    with torch.no_grad():
+        net.alpha_resolution.copy_(torch.tensor([-3.0, 0.0, 3.0]))
+    torch.manual_seed(5)
+    net(x)
+    assert net.expected_params().item() == cost.item()
+    assert net.expected_macs().item() < macs
+    # ... and logits favouring smaller expansions: fewer parameters
+    with torch.no_grad():
+        for i in range(len(net.search_blocks)):
+            getattr(net, f"alpha_expansion_{i}")[0] += 2.0
+    torch.manual_seed(5)
+    net(x)
+    assert net.expected_params().item() < cost.item()
+    with pytest.raises(ValueError, match="cost kind"):
+        net.expected_cost("flops")
+
+
+def test_expected_costs_are_the_exact_expectation_over_independent_choices() -> None:
+    """Soft Gumbel weights of a 256-child space (x 2 resolutions): expected_params and
+    expected_macs equal the probability-weighted sum of their one-hot values (the children's
+    exact costs, tested above) over every child: products of independent widths and SE's
+    rounded bottleneck are exact expectations (float64, so the weights sum to 1 to 1e-16)."""
+    torch.manual_seed(0)
+    net = FBNetV2Supernet(
+        **{**TINY, "stage_widths": [[8, 16], [16, 24]], "repeats": [1, 1], "resolutions": [16, 8]}
+    ).double()
+    net.tau = 4.0  # clearly soft weights
+    net.train()(torch.randn(1, *SIZE, dtype=torch.float64))
+    w = net.last_weights()
+    soft = {k: net.expected_cost(k).item() for k in ("params", "macs")}
+    groups = [(k, i, t.detach()) for k in CHOICE_KEYS[1:] for i, t in enumerate(w[k])]
+    assert all(0.05 < float(t.max()) < 0.95 for _, _, t in groups)  # every group is soft
+    g_res = w["resolution"].detach()
+    want = {"params": 0.0, "macs": 0.0}
+    for picks in itertools.product(*[range(t.numel()) for _, _, t in groups]):
+        choices: dict[str, Any] = {k: [0] * len(w[k]) for k in CHOICE_KEYS[1:]}
+        prob = 1.0
+        for (k, i, t), j in zip(groups, picks, strict=True):
+            choices[k][i] = j
+            prob *= float(t[j])
+        for r in range(len(net.resolutions)):
+            net.fix({**choices, "resolution": r})  # one-hot: the child's exact costs (above)
+            want["macs"] += prob * float(g_res[r]) * net.expected_macs().item()
+            want["params"] += prob * float(g_res[r]) * net.expected_params().item()
+    for k in want:
+        assert soft[k] == pytest.approx(want[k], rel=1e-12, abs=0), k
 
 
 def test_gumbel_choices_train_samples_eval_argmax_fix_and_unfix() -> None:

@@ -20,10 +20,13 @@ mobile-vision's code; [reimpl]: a third-party port; [inferred]: our own choice):
   output grid by interspersed zeros, then the maps are mixed and pooled normalised by the mixed
   occupancy (`dynlab.nn.dmasking`). Cost: one body pass per resolution option (the F space's
   224/192/160/128 costs ~2.6x one 224 pass).
-- Expected cost [paper-tr eqs. 5-10]: every conv/linear layer's MACs are its coefficient,
-  measured once with `count_macs` on a one-channel copy of the layer at its input size under each
-  resolution, times the expected widths `sum_i g_i c_i` propagated layer to layer. At a one-hot
-  choice `expected_macs()` equals `count_macs` of the exported child, exactly.
+- Expected cost [paper-tr eqs. 5-10; params: `k^2 C_in C_out / groups`, Sec. 3]: one routine,
+  `expected_cost(kind)`, for MACs and parameters. Every searched layer's cost is its
+  coefficients, measured once on one-channel copies of the layer (`count_macs` at its input size
+  under each resolution, or the parameter count: weight, and per output channel BN affine /
+  bias), times the expected widths `sum_i g_i c_i` propagated layer to layer; the fixed layers
+  are measured whole. At a one-hot choice `expected_macs()` / `expected_params()` equal the
+  exported child's `count_macs` / parameter count, exactly.
 - Blocks [code: mobile-vision irf_block.IRFBlock]: pw 1x1 + BN + act, dw kxk + BN + act,
   SE (pool, 1x1 with bias to round8(int(mid / 4)), act, 1x1 with bias, hard sigmoid),
   pwl 1x1 + BN, residual when stride 1 and in == out. Head [code: IRPoolBlock `ir_pool_hs` +
@@ -67,6 +70,7 @@ from dynlab.nn.dmasking import (
 
 __all__ = [
     "CHOICE_KEYS",
+    "COST_KINDS",
     "PUBLISHED",
     "SPACES",
     "BlockSpec",
@@ -82,6 +86,7 @@ torch.fx.wrap("subsample_nearest")  # a leaf for torch.fx (fold_batchnorm traces
 
 ACTS = ("relu", "hswish")
 CHOICE_KEYS = ("resolution", "widths", "expansions", "kernels", "se")
+COST_KINDS = ("macs", "params")  # what expected_cost can take
 
 
 def divisible_width(num: float, divisor: int = 8) -> int:
@@ -652,39 +657,57 @@ def _out_hw(kernel: int, stride: int, h: int, w: int) -> tuple[int, int]:
     return int(y.shape[-2]), int(y.shape[-1])
 
 
+def _measure(kind: str, module: nn.Module, size: tuple[int, int, int]) -> int:
+    """The `kind` cost of `module` (built on meta) on one (C, H, W) input: its count_macs for
+    "macs", its parameter count (weights, biases, BN affines) for "params"."""
+    if kind == "macs":
+        return count_macs(module, size)
+    return sum(p.numel() for p in module.parameters())
+
+
 @functools.lru_cache(maxsize=4096)
-def _unit_macs(kernel: int, stride: int, h: int, w: int) -> int:
-    """count_macs of a one-channel `kernel` x `kernel` conv at `stride` on h x w: a layer's MACs
-    are this times C_in x C_out / groups."""
+def _unit_layer(kind: str, layer: str, kernel: int, stride: int, h: int, w: int) -> tuple[int, int]:
+    """A layer's `kind` cost per C_in x C_out / groups (its weight) and per output channel (BN
+    affine, bias), measured on one-channel copies on h x w inputs: `layer` "conv_bn" is ConvBNAct,
+    "conv_bias" a biased Conv2d (SE). A depthwise layer costs their sum per channel."""
     with torch.device("meta"):
-        conv = nn.Conv2d(1, 1, kernel, stride, kernel // 2, bias=False)
-    return count_macs(conv, (1, h, w))
+        weight = nn.Conv2d(1, 1, kernel, stride, kernel // 2, bias=False)
+        if layer == "conv_bn":
+            whole: nn.Module = ConvBNAct(1, 1, kernel, stride)
+        elif layer == "conv_bias":
+            whole = nn.Conv2d(1, 1, kernel, stride, kernel // 2)
+        else:
+            raise ValueError(f"unknown unit layer {layer!r}")
+    unit = _measure(kind, weight, (1, h, w))
+    return unit, _measure(kind, whole, (1, h, w)) - unit
 
 
-@functools.lru_cache(maxsize=1)
-def _unit_linear_macs() -> int:
+@functools.lru_cache(maxsize=64)
+def _head_cost(kind: str, in_channels: int, width: int, num_classes: int) -> int:
+    """The `kind` cost of the post-pool FBNetHead (1x1 conv, classifier), measured on meta."""
     with torch.device("meta"):
-        fc = nn.Linear(1, 1)
-    return count_macs(fc, (1, 1, 1))
+        head = FBNetHead(in_channels, width, num_classes, 0.0)
+    return _measure(kind, head, (in_channels, 1, 1))
 
 
 class _CostTable(NamedTuple):
-    """Measured unit coefficients, indexed [resolution option] (dw: [block][kernel][res])."""
+    """One cost kind's measured coefficients. Rows run over geometries: every resolution option
+    for MACs, one for parameters (no input size changes them). Pairs are (per C_in x C_out, per
+    C_out) of a ConvBNAct (see `_unit_layer`)."""
 
-    stem: list[int]
-    first: list[list[int]]  # fixed block's layers: [layer][res] with its width product
-    pw: list[list[int]]
-    dw: list[list[list[int]]]
-    pwl: list[list[int]]
-    head: list[int]
-    pooled: int  # a 1x1 conv on a 1x1 map (SE, post-pool conv)
-    linear: int
+    fixed: list[int]  # [geo] the stem and the fixed first block at their widths
+    pw: list[list[tuple[int, int]]]  # [block][geo]
+    dw: list[list[list[int]]]  # [block][kernel][geo] per hidden channel
+    se: list[list[int]]  # [block][expansion] the SE of that hidden width and its bottleneck
+    pwl: list[list[tuple[int, int]]]  # [block][geo]
+    head: list[tuple[int, int]]  # [geo] the pre-pool head conv
 
 
 class FBNetV2Supernet(_Classifier):
     """The DMaskingNAS supernet: masked widest blocks, Gumbel-softmax choices (train), argmax
-    (eval) or fixed one-hot weights; `expected_macs()` is the differentiable cost of the last
-    forward's weights. Space kwargs override the `space` preset (see `space_config`)."""
+    (eval) or fixed one-hot weights; `expected_macs()` / `expected_params()` are the
+    differentiable costs of the last forward's weights. Space kwargs override the `space`
+    preset (see `space_config`)."""
 
     def __init__(
         self,
@@ -810,8 +833,8 @@ class FBNetV2Supernet(_Classifier):
         self._geometry()
         self._fixed: dict[str, Any] | None = None
         self._last: dict[str, Any] | None = None
-        self._costs: _CostTable | None = None
-        self._cost_cache: dict[str, dict[str, Tensor]] = {}
+        self._costs: dict[str, _CostTable] = {}
+        self._cost_cache: dict[tuple[str, str], dict[str, Tensor]] = {}
 
     # --- geometry: sizes per resolution option, placement on the full grid -------------------
     def _geometry(self) -> None:
@@ -923,8 +946,8 @@ class FBNetV2Supernet(_Classifier):
         }
 
     def fix(self, choices: Mapping[str, Any]) -> None:
-        """Force one-hot weights at `choices` (train and eval) until `unfix()`; expected_macs
-        then reads them until the next forward."""
+        """Force one-hot weights at `choices` (train and eval) until `unfix()`; the expected
+        costs then read them until the next forward."""
         self._fixed = self._checked(choices)
         self._last = None
 
@@ -956,7 +979,7 @@ class FBNetV2Supernet(_Classifier):
         return w, None
 
     def last_weights(self) -> dict[str, Any]:
-        """The choice weights of the last forward (what expected_macs uses)."""
+        """The choice weights of the last forward (what the expected costs use)."""
         if self._last is None:
             self._last, _ = self._draw()
         return {k: (list(v) if isinstance(v, list) else v) for k, v in self._last.items()}
@@ -991,83 +1014,87 @@ class FBNetV2Supernet(_Classifier):
         return mix_placed(maps, weights, self.grid, positions)
 
     # --- expected cost ------------------------------------------------------------------------
-    def _cost_table(self) -> _CostTable:
-        """Unit MACs of every layer under every resolution option, measured once (meta)."""
-        if self._costs is not None:
-            return self._costs
+    def _cost_table(self, kind: str) -> _CostTable:
+        """The `kind` coefficients of every layer (every resolution option for MACs), measured
+        once on meta: the fixed layers whole, the searched ones at unit widths."""
+        if kind in self._costs:
+            return self._costs[kind]
         c = self.config
-        res = range(len(self.resolutions))
-        sz = self._sizes
-        first: list[list[int]] = []
-        if self.first_spec is not None:
-            f = self.first_spec
-            at = [sz[i]["stem_out"] for i in res]
-            if f.pw:
-                first.append([_unit_macs(1, 1, *at[i]) * f.cin * f.mid for i in res])
-            first.append([_unit_macs(f.kernel, 1, *at[i]) * f.mid for i in res])
-            first.append([_unit_macs(1, 1, *at[i]) * f.mid * f.cout for i in res])
-        self._costs = _CostTable(
-            stem=[_unit_macs(3, c["stem_stride"], *sz[i]["input"]) for i in res],
-            first=first,
-            pw=[
-                [_unit_macs(1, 1, *sz[i]["in"][j]) for i in res]
-                for j in range(len(self.search_blocks))
-            ],
+        geos = self._sizes if kind == "macs" else self._sizes[:1]
+        with torch.device("meta"):
+            stem = ConvBNAct(self.in_chans, c["stem_width"], 3, c["stem_stride"], act="hswish")
+            first = None if self.first_spec is None else IRBlock(self.first_spec)
+        fixed = []
+        for sz in geos:
+            cost = _measure(kind, stem, (self.in_chans, *sz["input"]))
+            if first is not None:
+                cost += _measure(kind, first, (c["stem_width"], *sz["stem_out"]))
+            fixed.append(cost)
+        blocks = range(len(self.search_blocks))
+        se_w, se_out = _unit_layer(kind, "conv_bias", 1, 1, 1, 1)  # on the pooled 1x1 map
+
+        def conv_bn(j: int, key: str, kernel: int = 1, stride: int = 1) -> list[tuple[int, int]]:
+            return [_unit_layer(kind, "conv_bn", kernel, stride, *sz[key][j]) for sz in geos]
+
+        self._costs[kind] = _CostTable(
+            fixed=fixed,
+            pw=[conv_bn(j, "in") for j in blocks],
             dw=[
-                [[_unit_macs(k, b.stride, *sz[i]["in"][j]) for i in res] for k in self.kernels]
+                [[sum(u) for u in conv_bn(j, "in", k, b.stride)] for k in self.kernels]
                 for j, b in enumerate(self.search_blocks)
             ],
-            pwl=[
-                [_unit_macs(1, 1, *sz[i]["out"][j]) for i in res]
-                for j in range(len(self.search_blocks))
+            # reduce mid -> s and expand s -> mid, both biased: exact per hidden option, as the
+            # bottleneck s = se_width(mid) is a rounded function of mid
+            se=[
+                [
+                    2 * se_w * m * s + se_out * (m + s)
+                    for m, s in zip(b.mids, b.se_mids, strict=True)
+                ]
+                for b in self.search_blocks
             ],
-            head=[_unit_macs(1, 1, *sz[i]["final"]) for i in res],
-            pooled=_unit_macs(1, 1, 1, 1),
-            linear=_unit_linear_macs(),
+            pwl=[conv_bn(j, "out") for j in blocks],
+            head=[_unit_layer(kind, "conv_bn", 1, 1, *sz["final"]) for sz in geos],
         )
-        return self._costs
+        return self._costs[kind]
 
-    def _cost_tensors(self, device: torch.device) -> dict[str, Tensor]:
-        """The cost table as float64 tensors on `device` (built once per device): per-resolution
-        rows of the fixed layers, [block, res] pw/pwl, [block, kernel, res] dw, the width
-        options, and each block's SE MACs per hidden option."""
-        key = str(device)
+    def _cost_tensors(self, kind: str, device: torch.device) -> dict[str, Tensor]:
+        """The `kind` cost table as float64 tensors on `device` (built once per kind and device):
+        [geo] fixed, [block, geo, 2] pw/pwl, [block, kernel, geo] dw, [block, expansion] SE,
+        [geo, 2] head conv (times its width), with the width options."""
+        key = (kind, str(device))
         if key not in self._cost_cache:
-            t = self._cost_table()
+            t = self._cost_table(kind)
             kw: dict[str, Any] = {"dtype": torch.float64, "device": device}
-            fixed = [v * self.in_chans * self.config["stem_width"] for v in t.stem]
-            for layer in t.first:
-                fixed = [a + b for a, b in zip(fixed, layer, strict=True)]
-            blocks = self.search_blocks
             self._cost_cache[key] = {
-                "fixed": torch.tensor(fixed, **kw),
+                "fixed": torch.tensor(t.fixed, **kw),
                 "pw": torch.tensor(t.pw, **kw),
                 "dw": torch.tensor(t.dw, **kw),
+                "se": torch.tensor(t.se, **kw),
                 "pwl": torch.tensor(t.pwl, **kw),
                 "head": torch.tensor(t.head, **kw) * float(self.head_pre),
-                "mids": torch.tensor([b.mids for b in blocks], **kw),
-                "se": torch.tensor(
-                    [
-                        [2 * t.pooled * m * s for m, s in zip(b.mids, b.se_mids, strict=True)]
-                        for b in blocks
-                    ],
-                    **kw,
-                ),
+                "mids": torch.tensor([b.mids for b in self.search_blocks], **kw),
                 "se_on": torch.tensor([float(on) for on in self.se_options], **kw),
-                "stage_of": torch.tensor([b.stage for b in blocks], device=device),
+                "stage_of": torch.tensor([b.stage for b in self.search_blocks], device=device),
                 **{f"widths_{i}": torch.tensor(w, **kw) for i, w in enumerate(self.stage_widths)},
             }
         return self._cost_cache[key]
 
-    def expected_macs(self) -> Tensor:
-        """Expected MACs per sample of the last forward's weights (float64 scalar,
-        differentiable in the logits; paper eqs. 5-10): each layer's measured coefficient,
-        mixed over resolutions, times the expected input and output widths (depthwise: one width,
-        times the kernel mix; SE: g_on times its exact expectation over the hidden options).
-        At one-hot weights: exactly count_macs of the child."""
+    def expected_cost(self, kind: str = "macs") -> Tensor:
+        """Expected cost of the exported child under the last forward's weights (float64 scalar,
+        differentiable in the logits; paper eqs. 5-10): `kind` "macs" (per sample) or "params"
+        (the count). Effective widths `sum_i g_i c_i` propagate layer to layer; each layer costs its
+        measured coefficients times its expected input and output widths (plus a per-output-
+        channel term: BN affines, biases), mixed over the resolution options for MACs (parameters
+        do not depend on them: the resolution gets no gradient); depthwise: one width times the
+        kernel mix; SE: g_on times its exact expectation over the hidden options. The choices are
+        independent, so this is the exact expectation, and at one-hot weights exactly the
+        child's count_macs / parameter count."""
+        if kind not in COST_KINDS:
+            raise ValueError(f"unknown cost kind {kind!r}; expected one of {COST_KINDS}")
         w = self.last_weights()
         res = w["resolution"].double()
-        t = self._cost_tensors(res.device)
+        t = self._cost_tensors(kind, res.device)
+        geo = res if kind == "macs" else res.new_ones(1)  # the geometries' weights
         stage_w = torch.stack(
             [(g.double() * t[f"widths_{i}"]).sum() for i, g in enumerate(w["widths"])]
         )
@@ -1076,18 +1103,30 @@ class FBNetV2Supernet(_Classifier):
         g_mid = torch.stack(w["expansions"]).double()
         e_mid = (g_mid * t["mids"]).sum(-1)
         g_k = torch.stack(w["kernels"]).double()
-        dw = (g_k * (t["dw"] @ res)).sum(-1)
+        dw = (g_k * (t["dw"] @ geo)).sum(-1)
         g_on = torch.stack(w["se"]).double() @ t["se_on"]
+        pw = (t["pw"] * geo[:, None]).sum(-2)  # [block, (per in x out, per out)]
+        pwl = (t["pwl"] * geo[:, None]).sum(-2)
+        head = (t["head"] * geo[:, None]).sum(-2)
         per_block = (
-            (t["pw"] @ res) * e_in * e_mid
+            (pw[:, 0] * e_in + pw[:, 1]) * e_mid
             + dw * e_mid
             + g_on * (g_mid * t["se"]).sum(-1)
-            + (t["pwl"] @ res) * e_mid * e_out
+            + (pwl[:, 0] * e_mid + pwl[:, 1]) * e_out
         )
-        c, table = self.config, self._cost_table()
-        const = table.pooled * self.head_pre * c["head_width"]
-        const += table.linear * c["head_width"] * self.num_classes
-        return t["fixed"] @ res + per_block.sum() + (t["head"] @ res) * e_out[-1] + float(const)
+        post_pool = _head_cost(kind, self.head_pre, self.config["head_width"], self.num_classes)
+        return t["fixed"] @ geo + per_block.sum() + head[0] * e_out[-1] + head[1] + float(post_pool)
+
+    def expected_macs(self) -> Tensor:
+        """Expected MACs per sample of the last forward's weights (see `expected_cost`); at
+        one-hot weights exactly count_macs of the child."""
+        return self.expected_cost("macs")
+
+    def expected_params(self) -> Tensor:
+        """Expected parameter count of the child of the last forward's weights (FBNetV2-P's
+        cost, see `expected_cost`): differentiable in the width, expansion, kernel and SE logits;
+        at one-hot weights exactly `sum(p.numel() for p in child(choices).parameters())`."""
+        return self.expected_cost("params")
 
     # --- children -----------------------------------------------------------------------------
     def _child_specs(self, c: Mapping[str, Any]) -> list[BlockSpec]:

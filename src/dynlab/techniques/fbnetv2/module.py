@@ -203,8 +203,7 @@ class FBNetV2Module(DynlabModule):
         return ce, self._expected_cost().to(ce.dtype)
 
     def _expected_cost(self) -> Tensor:
-        net = self._supernet
-        return net.expected_macs() if self.cost_kind == CostKind.macs else net.expected_params()
+        return self._supernet.expected_cost(self.cost_kind.value)
 
     def on_validation_start(self) -> None:
         """The search is validated on its argmax network, with that network's BN statistics."""
