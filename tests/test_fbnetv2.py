@@ -16,8 +16,8 @@ import torch
 from dynlab.preemption import Preempted
 from dynlab.results import read_results
 from dynlab.runner import run_job
-from dynlab.search import RESULT
-from dynlab.techniques.fbnetv2.module import FBNetV2Module, SearchNet
+from dynlab.search import RESULT, SupernetExits
+from dynlab.techniques.fbnetv2.module import FBNetV2Module
 from dynlab.validation import ConfigError, build_run, validate_config
 
 from .conftest import compose_in
@@ -128,7 +128,7 @@ def test_deploy_form_of_the_search_equals_the_supernet_at_its_argmax(
     from dynlab.checkpointing import load_module_state
 
     load_module_state(module, final)
-    assert isinstance(module.model, SearchNet)
+    assert isinstance(module.model, SupernetExits)
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(

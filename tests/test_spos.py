@@ -20,12 +20,13 @@ from dynlab.backbones.spos_shufflenetv2 import MacsTable
 from dynlab.preemption import Preempted
 from dynlab.results import read_results
 from dynlab.runner import run_job
+from dynlab.search import SupernetExits
 from dynlab.search.ledger import RECORDS
 from dynlab.techniques.base import Phase
 from dynlab.techniques.spos import module as spos_module
 from dynlab.techniques.spos.config import EvolutionConfig
 from dynlab.techniques.spos.evolution import space_range_problem
-from dynlab.techniques.spos.module import PATH_STREAM, RESULT, SupernetPath
+from dynlab.techniques.spos.module import PATH_STREAM, RESULT
 from dynlab.validation import ConfigError, build_run, validate_config
 
 from .conftest import compose_in
@@ -151,7 +152,7 @@ def test_deploy_form_of_the_searched_supernet_equals_its_path(compose_cfg, searc
     from dynlab.checkpointing import load_module_state
 
     load_module_state(module, cfg.ckpt_path)
-    assert isinstance(module.model, SupernetPath)
+    assert isinstance(module.model, SupernetExits)
     assert list(module.model.net.path) == _result(searched)["genes"]
     x = torch.randn(4, 3, 32, 32)
     deployed = module.deploy()

@@ -8,7 +8,35 @@ from timm.layers import ClassifierHead
 from torch import Tensor, nn
 
 
-class CifarClassifier(nn.Module):
+class ClassifierAPI(nn.Module):
+    """timm's classifier API over `forward_features` (defined by subclasses) and a `head` module
+    with an `fc` and `reset(num_classes)` (timm's ClassifierHead, or a network's own head)."""
+
+    head: nn.Module
+    num_classes: int
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """The head on the features: pooling, ..., the linear classifier (skipped when
+        `pre_logits`)."""
+        return self.head(x, pre_logits=pre_logits)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def get_classifier(self) -> nn.Module:
+        """The final linear layer (nn.Identity when there are no classes)."""
+        return self.head.fc  # type: ignore[return-value]
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the classifier with a fresh one for `num_classes` (0 removes it)."""
+        self.num_classes = int(num_classes)
+        self.head.reset(num_classes)  # type: ignore[operator]
+
+
+class CifarClassifier(ClassifierAPI):
     """A feature extractor (`forward_features`, defined by subclasses) plus timm's classifier head:
     global average pooling, dropout and one linear layer."""
 
@@ -17,25 +45,6 @@ class CifarClassifier(nn.Module):
         self.num_classes = num_classes
         self.num_features = num_features
         self.head = ClassifierHead(num_features, num_classes, drop_rate=drop_rate)
-
-    def forward_features(self, x: Tensor) -> Tensor:
-        raise NotImplementedError
-
-    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        """Global average pool, dropout and the linear classifier (skipped when `pre_logits`)."""
-        return self.head(x, pre_logits=pre_logits)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_head(self.forward_features(x))
-
-    def get_classifier(self) -> nn.Module:
-        """The final linear layer (nn.Identity when there are no classes)."""
-        return self.head.fc
-
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace the classifier with a fresh one for `num_classes` (0 removes it)."""
-        self.num_classes = num_classes
-        self.head.reset(num_classes)
 
 
 def init_weights(module: nn.Module) -> None:

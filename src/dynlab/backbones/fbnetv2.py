@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import Tensor, nn
 
-from dynlab.backbones._base import cifar_cfg, imagenet_cfg
+from dynlab.backbones._base import ClassifierAPI, cifar_cfg, imagenet_cfg
 from dynlab.evaluation.macs import count_macs
 from dynlab.nn.dmasking import (
     ChannelMask,
@@ -285,32 +285,16 @@ def _init_weights(model: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-class _Classifier(nn.Module):
+class _Classifier(ClassifierAPI):
     """timm's classifier API over `forward_features` and an FBNetHead (`head`)."""
 
     head: FBNetHead
-    num_classes: int
     num_features: int  # channels of forward_features' map (pre-pool), as timm's MobileNetV3
     head_hidden_size: int  # width of pre_logits
 
-    def forward_features(self, x: Tensor) -> Tensor:
-        raise NotImplementedError
-
-    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        """Pool, head conv + hswish, dropout, classifier (skipped when `pre_logits`)."""
-        return self.head(x, pre_logits=pre_logits)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_head(self.forward_features(x))
-
-    def get_classifier(self) -> nn.Module:
-        """The final linear layer (nn.Identity without classes)."""
-        return self.head.fc
-
     def reset_classifier(self, num_classes: int) -> None:
         """Replace the classifier with a fresh one for `num_classes` (0 removes it)."""
-        self.num_classes = int(num_classes)
-        self.head.reset(num_classes)
+        super().reset_classifier(num_classes)
         if hasattr(self, "config"):
             self.config = {**self.config, "num_classes": int(num_classes)}
 
@@ -889,6 +873,11 @@ class FBNetV2Supernet(_Classifier):
 
     def _alphas(self, key: str) -> list[Tensor]:
         return [getattr(self, n) for n in self._alpha_names[key]]
+
+    def active(self) -> dict[str, Any]:
+        """The architecture `forward` runs in eval mode (the argmax, or the fixed choices), what
+        `child` of it cuts out."""
+        return self.fixed if self.fixed is not None else self.choices()
 
     def choices(self) -> dict[str, Any]:
         """The argmax of every logit group (indices into the options), JSON-able (one sync)."""

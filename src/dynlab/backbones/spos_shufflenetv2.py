@@ -474,6 +474,10 @@ class SPOSSupernet(_SPOSBase):
         """The genes `forward` runs (block ids, then scale indices with channel search)."""
         return self._path
 
+    def active(self) -> tuple[int, ...]:
+        """The candidate `forward` runs now (its path), what `child` of it cuts out."""
+        return self._path
+
     def set_path(self, genes: Sequence[int]) -> None:
         """Run the candidate `genes` from now on; ValueError if it is not one of the space."""
         problem = self.space.problem(genes)

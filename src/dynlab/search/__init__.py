@@ -9,6 +9,7 @@
 - `ledger`: every evaluated candidate with its score and the search's own state, saved atomically
   after every round, so a killed or preempted search resumes at the next candidate;
 - `result`: the search's outcome as search_result.json, which a later run retrains from;
+- `supernet`: a weight-sharing supernet as a one-exit dynamic model, deploying its active child;
 - `ranks`: candidates spread over the ranks of a job (rank r takes every W-th), results
   all-gathered, only rank 0 writes, and a Slurm signal honoured at the next candidate boundary.
 
@@ -22,12 +23,14 @@ from dynlab.search.ranks import all_gather_objects, evaluate_spread
 from dynlab.search.result import RESULT, read_result, write_result
 from dynlab.search.scoring import exit_accuracies, val_exit_probs
 from dynlab.search.seeds import derived_seed, seeded
+from dynlab.search.supernet import SupernetExits
 
 __all__ = [
     "CandidateModule",
     "CandidateTrainer",
     "Ledger",
     "RESULT",
+    "SupernetExits",
     "all_gather_objects",
     "derived_seed",
     "evaluate_spread",

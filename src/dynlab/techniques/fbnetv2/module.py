@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -32,13 +32,20 @@ from dynlab.config import BackboneConfig, OptimConfig
 from dynlab.data.base import DataInfo, DynlabDataModule, StreamSpec
 from dynlab.data.sampling import rank_and_world_size
 from dynlab.evaluation.macs import count_macs
-from dynlab.protocol import DynamicNet, ExitSession, SingleExitSession, StaticExits
+from dynlab.protocol import StaticExits
 from dynlab.results import update_results
-from dynlab.search import derived_seed, read_result, recalibrate_bn, seeded, write_result
+from dynlab.search import (
+    SupernetExits,
+    derived_seed,
+    read_result,
+    recalibrate_bn,
+    seeded,
+    write_result,
+)
 from dynlab.techniques.base import DynlabModule, Phase, dataset_backbone
 from dynlab.techniques.fbnetv2.config import CostKind, FBNetV2Config
 
-__all__ = ["FBNetV2Module", "SearchNet", "search_loss"]
+__all__ = ["FBNetV2Module", "search_loss"]
 
 SEARCH, RETRAIN = "search", "retrain"
 WEIGHTS, ARCH = "weights", "arch"  # the search phase's optimisers and train streams
@@ -49,29 +56,6 @@ GUMBEL_STREAM, RETRAIN_STREAM = 0, 1
 def search_loss(ce: Tensor, cost: Tensor, alpha: float, beta: float) -> Tensor:
     """FBNet's multiplicative loss CE * alpha * log(cost)^beta (FBNet Sec. 3.3)."""
     return ce * alpha * torch.log(cost).pow(beta)
-
-
-class SearchNet(DynamicNet):
-    """The supernet as a one-exit model; its deploy form is the argmax architecture cut out with the
-    supernet's weights (`FBNetV2Supernet.child`)."""
-
-    def __init__(self, net: FBNetV2Supernet) -> None:
-        super().__init__()
-        self.net = net
-
-    def forward_exits(self, x: Tensor) -> list[Tensor]:
-        return [self.net(x)]
-
-    def exit_macs(self, input_size: tuple[int, int, int]) -> list[float]:
-        return self.deploy().exit_macs(input_size)
-
-    def exit_session(self, x: Tensor) -> ExitSession:
-        return SingleExitSession(self.net, x)
-
-    def deploy(self) -> Self:
-        device = next(self.net.parameters()).device
-        child = StaticExits(self.net.child(self.net.choices())).to(device).eval()
-        return child.deploy()  # type: ignore[return-value]
 
 
 class FBNetV2Module(DynlabModule):
@@ -119,7 +103,7 @@ class FBNetV2Module(DynlabModule):
         self.choices: dict[str, Any] | None = choices  # the search's result, or the given one
         self.history: list[dict[str, Any]] = []  # the argmax architecture after every epoch
         self.__dict__["_supernet"] = net  # its builders (child, standalone); not a submodule
-        self.model = self._standalone(choices) if choices is not None else SearchNet(net)
+        self.model = self._standalone(choices) if choices is not None else SupernetExits(net)
 
     # --- phases -------------------------------------------------------------------------------
     def phases(self, mode: str) -> list[Phase]:

@@ -21,7 +21,7 @@ import functools
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,10 +32,11 @@ from dynlab.config import BackboneConfig, OptimConfig
 from dynlab.data.base import DataInfo, DynlabDataModule, StreamSpec
 from dynlab.data.sampling import rank_and_world_size
 from dynlab.logging import log_records
-from dynlab.protocol import DynamicNet, ExitSession, SingleExitSession, StaticExits
+from dynlab.protocol import StaticExits
 from dynlab.results import atomic_write_text, update_results
 from dynlab.search import (
     RESULT,
+    SupernetExits,
     derived_seed,
     exit_accuracies,
     read_result,
@@ -57,34 +58,12 @@ from dynlab.techniques.spos.evolution import (
 from dynlab.techniques.spos.plots import plot_pareto
 from dynlab.techniques.spos.sampling import PathSampler
 
-__all__ = ["SPOSModule", "SupernetPath"]
+__all__ = ["SPOSModule"]
 
 SUPERNET, EVOLUTION, RETRAIN = "supernet", "evolution", "retrain"
 # Independent seed streams derived from the technique's seed (`dynlab.search.derived_seed`); the
 # evolution's own is EVOLUTION_STREAM (1).
 PATH_STREAM, VAL_PATH_STREAM, RETRAIN_STREAM = 0, 2, 3
-
-
-class SupernetPath(DynamicNet):
-    """The supernet running its current path, as a one-exit model; deploys to that path's
-    standalone net with the supernet's weights and BN statistics."""
-
-    def __init__(self, net: SPOSSupernet) -> None:
-        super().__init__()
-        self.net = net
-
-    def forward_exits(self, x: Tensor) -> list[Tensor]:
-        return [self.net(x)]
-
-    def exit_macs(self, input_size: tuple[int, int, int]) -> list[float]:
-        return self.deploy().exit_macs(input_size)
-
-    def exit_session(self, x: Tensor) -> ExitSession:
-        return SingleExitSession(self.net, x)
-
-    def deploy(self) -> Self:
-        child = StaticExits(self.net.child(self.net.path)).to(_device(self.net)).eval()
-        return child.deploy()  # type: ignore[return-value]
 
 
 class SPOSModule(DynlabModule):
@@ -141,7 +120,7 @@ class SPOSModule(DynlabModule):
                 np.random.default_rng(derived_seed(seed, VAL_PATH_STREAM))
             )
             net.set_path(self.val_path)
-            self.model = SupernetPath(net)
+            self.model = SupernetExits(net)
 
     # --- phases -------------------------------------------------------------------------------
     def phases(self, mode: str) -> list[Phase]:
@@ -214,7 +193,7 @@ class SPOSModule(DynlabModule):
 
     def on_validation_start(self) -> None:
         """The supernet is validated on one fixed path (the same every epoch)."""
-        if self.current_phase == SUPERNET and isinstance(self.model, SupernetPath):
+        if self.current_phase == SUPERNET and isinstance(self.model, SupernetExits):
             self._supernet.set_path(self.val_path)
 
     def on_fit_end(self) -> None:
