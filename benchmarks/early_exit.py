@@ -24,6 +24,7 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -116,16 +117,24 @@ make_reference: Callable[[], nn.Module] | None = None
 
 
 def best_seconds(
-    runs: Mapping[str, Callable[[Tensor], object]], batches: Sequence[Tensor], repeats: int
+    runs: Mapping[str, Callable[[Any], object]],
+    batches: Sequence[Any],
+    repeats: int,
+    sync: Callable[[], None] | None = None,
 ) -> dict[str, float]:
     """Best wall-clock time of a pass over `batches` for each run, the runs taking turns so that
-    all of them see the same machine load (the first round is a warm-up and is not counted)."""
+    all of them see the same machine load (the first round is a warm-up and is not counted).
+    `sync` (a CUDA synchronise) runs before and after each timed pass."""
     best = dict.fromkeys(runs, math.inf)
     for round_ in range(repeats + 1):
         for name, run in runs.items():
+            if sync is not None:
+                sync()
             begin = time.perf_counter()
             for batch in batches:
                 run(batch)
+            if sync is not None:
+                sync()
             if round_ > 0:
                 best[name] = min(best[name], time.perf_counter() - begin)
     return best

@@ -1,12 +1,28 @@
 #!/usr/bin/env bash
-# One prepared GPU check (about 10 minutes on one H200): trainer=gpu with bf16, DDP over NCCL with
-# one process, and the throughput benchmark on the GPU. Prints one JSON object per line and
+# One prepared GPU check (about 10-13 minutes on one H200 in all): trainer=gpu with bf16, DDP over
+# NCCL with one process, and the benchmarks on the GPU. Prints one JSON object per line and
 # writes them to ${OUT:-.}/gpu_check.jsonl. Never a test dependency (CI has no GPU).
+#
+# Usage: bash benchmarks/gpu_check.sh [CHECK ...]   (default: every check of CHECKS, in order).
+# All of them run past the device tool's 600 s per command, so a session splits them over two
+# calls, e.g. `... gpu_check.sh train_gpu train_ddp throughput_resnet20 throughput_resnet50
+# gfnet_stage1` and `... gpu_check.sh spos_supernet fbnetv2_supernet` (each call writes its own
+# gpu_check.jsonl).
 #
 # On this project's device machine python3 has torch, Lightning, timm and torchmetrics but not
 # Hydra: carry its wheels in .whl/ (benchmarks/README.md says how); the package runs from src/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+CHECKS="train_gpu train_ddp throughput_resnet20 throughput_resnet50 gfnet_stage1"
+CHECKS+=" spos_supernet fbnetv2_supernet"
+selected=" ${*:-$CHECKS} "
+for name in $selected; do
+    if [[ " $CHECKS " != *" $name "* ]]; then
+        echo "gpu_check.sh: unknown check '$name'; choose from: $CHECKS" >&2
+        exit 2
+    fi
+done
+wanted() { [[ "$selected" == *" $1 "* ]]; }
 OUT=${OUT:-.}
 PY=${PYTHON:-python3}
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} WANDB_MODE=offline DYNLAB_OUTPUTS=$OUT/runs
@@ -22,6 +38,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 
 # 1. The embedded default on one GPU in bf16, and 2. the same through DDP/NCCL with one process.
 for trainer in gpu "ddp trainer.devices=1"; do
+    wanted "train_${trainer%% *}" || continue
     dir=$OUT/runs/${trainer%% *}
     start=$SECONDS
     if timeout 150 $PY -m dynlab.apps.train trainer=$trainer logger=csv \
@@ -39,6 +56,7 @@ done
 # 3. Lightning path vs plain loop on the GPU, where per-step overhead shows.
 bench() {
     local name=$1 script=$2; shift 2
+    wanted "$name" || return 0
     if ! timeout 240 $PY "benchmarks/$script" --trainer gpu "$@" > "$OUT/runs/$name.log" 2>&1; then
         tail -20 "$OUT/runs/$name.log" >&2
         emit "{\"benchmark\": \"$name\", \"status\": \"failed (see runs/$name.log)\"}"
@@ -58,3 +76,7 @@ bench gfnet_stage1 gfnet_stage1.py --batch-size 64 --per-class 4 --num-workers 8
 # 256, bf16 (target <= 1.15x), and the supernet's img/s with a new uniform path every step, with
 # peak memory (figures go to benchmarks/README.md). About 1-3 minutes.
 bench spos_supernet spos_supernet.py --device cuda --steps 10 --repeats 2
+
+# 6. FBNetV2 (issue 12): the DMaskingNAS supernet step and search step vs the widest standalone net,
+# time and peak memory, F space at 224, batch 128, bf16 (target <= 1.3x). About 1-2 minutes.
+bench fbnetv2_supernet fbnetv2_supernet.py --device cuda --steps 10 --repeats 2

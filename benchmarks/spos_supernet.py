@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -39,6 +38,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 import torch.nn.functional as F
+from early_exit import best_seconds as interleaved
 from torch import Tensor, nn
 
 from dynlab.backbones.spos_shufflenetv2 import (
@@ -100,18 +100,10 @@ def best_seconds(
     runs: Mapping[str, Callable[[], None]], steps: int, repeats: int, device: torch.device
 ) -> dict[str, float]:
     """Best wall-clock seconds per step of each run over `repeats` rounds of `steps` steps, the
-    runs taking turns within each round (the first round is a warm-up and is not counted)."""
-    best = dict.fromkeys(runs, math.inf)
-    for round_ in range(repeats + 1):
-        for name, run in runs.items():
-            synchronize(device)
-            begin = time.perf_counter()
-            for _ in range(steps):
-                run()
-            synchronize(device)
-            if round_ > 0:
-                best[name] = min(best[name], (time.perf_counter() - begin) / steps)
-    return best
+    runs taking turns within each round (`early_exit.best_seconds`; the first round is a warm-up)."""
+    steps_of = {name: (lambda _, run=run: run()) for name, run in runs.items()}
+    passes = interleaved(steps_of, [None] * steps, repeats, sync=lambda: synchronize(device))
+    return {name: seconds / steps for name, seconds in passes.items()}
 
 
 def build_supernet(
@@ -178,6 +170,7 @@ def random_path_training(
     # `SPOSModule.on_before_optimizer_step` itself, on a stand-in for the module: only the
     # attributes it reads.
     module = SimpleNamespace(current_phase="supernet", _supernet=supernet, space=supernet.space)
+    module._choice_params = SPOSModule._choice_params.func(module)  # type: ignore[attr-defined]
 
     def hooks(global_step: int) -> None:
         # SPOSModule.training_step's draw: the same path on every rank, from (seed, step).
