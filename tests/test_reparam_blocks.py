@@ -14,8 +14,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from dynlab.evaluation.macs import count_macs
 from dynlab.nn.dynamic import FReLU, WeightNetConv
-from dynlab.nn.fuse import fold_batchnorm
-from dynlab.nn.reparam import ACBlock, RepVGGBlock, fold_bn_into_kernel
+from dynlab.nn.fuse import fold_batchnorm, fold_bn_into_kernel
+from dynlab.nn.reparam import ACBlock, RepVGGBlock
 
 TOL = 1e-5
 

@@ -1207,7 +1207,10 @@ class FBNetV2Supernet(_Classifier):
             return f"input size must be (C, H, W), got {tuple(input_size)}"
         ch, h, w = (int(v) for v in input_size)
         if ch != self.in_chans:
-            return f"the supernet takes {self.in_chans} input channels, the data has {ch}: set in_chans={ch}"
+            return (
+                f"the supernet takes {self.in_chans} input channels, the data has {ch}: "
+                f"set in_chans={ch}"
+            )
         too_big = [r for r in self.resolutions if r > min(h, w)]
         if too_big:
             return (

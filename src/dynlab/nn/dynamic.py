@@ -21,8 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from dynlab.nn.fuse import register_conv_bn_fuser
-from dynlab.nn.reparam import fold_bn_into_kernel
+from dynlab.nn.fuse import fold_bn_into_kernel, register_conv_bn_fuser
 
 __all__ = ["FReLU", "WeightNetConv"]
 
@@ -80,8 +79,8 @@ class WeightNetConv(nn.Module):
         out_channels: int,
         kernel_size: int,
         stride: int = 1,
-        M: int = 2,  # noqa: N803 (the paper's names)
-        G: int = 2,  # noqa: N803
+        M: int = 2,
+        G: int = 2,
         bias: bool = False,
     ) -> None:
         super().__init__()

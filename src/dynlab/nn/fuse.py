@@ -19,7 +19,7 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.nn.utils.fusion import fuse_conv_bn_eval
+from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_conv_bn_weights
 
 Fuser = Callable[[nn.Module, _BatchNorm], nn.Module]
 FuserT = TypeVar("FuserT", bound=Fuser)
@@ -83,6 +83,26 @@ class _Method(nn.Module):
 
     def forward(self, x: Tensor) -> object:
         return getattr(self.module, self.method)(x)
+
+
+def fold_bn_into_kernel(
+    kernel: Tensor, bias: Tensor | None, norm: nn.Module
+) -> tuple[Tensor, Tensor]:
+    """(kernel, bias) of `norm(conv(x))` with `norm` in eval mode, for a conv of this kernel and
+    bias (None: no bias); `norm` must be a BatchNorm with running statistics, one per output."""
+    has_stats = isinstance(norm, _BatchNorm) and norm.running_mean is not None
+    if not has_stats or norm.running_var is None:
+        raise ValueError(
+            f"cannot fold {type(norm).__name__} into a kernel: re-parameterisation needs a "
+            "BatchNorm with running statistics (track_running_stats=True)"
+        )
+    if norm.num_features != kernel.shape[0]:
+        raise ValueError(f"{norm.num_features}-channel norm after a {kernel.shape[0]}-output conv")
+    with torch.no_grad():
+        weight, fused_bias = fuse_conv_bn_weights(
+            kernel, bias, norm.running_mean, norm.running_var, norm.eps, norm.weight, norm.bias
+        )
+    return weight.detach(), fused_bias.detach()
 
 
 def trace_with_leaves(module: nn.Module, method: str = "forward") -> fx.GraphModule:

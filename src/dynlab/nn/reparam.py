@@ -15,38 +15,18 @@ is, and returns a new conv on the block's device and dtype. It accepts a block w
 `dynlab.nn.fuse.fold_batchnorm` has already folded (`DynamicNet.deploy` does that first: the
 branch conv then carries a bias and its norm is nn.Identity), so folding and re-parameterising
 can come in either order. The folding itself is torch's `fuse_conv_bn_weights`, the function
-behind `fuse_conv_bn_eval` that `dynlab.nn.fuse` folds with; `fold_bn_into_kernel` exposes it on
-bare kernels (an identity branch has no conv module, WeightNet's kernels are generated).
+behind `fuse_conv_bn_eval` that `dynlab.nn.fuse` folds with; `fuse.fold_bn_into_kernel` exposes
+it on bare kernels (an identity branch has no conv module, WeightNet's kernels are generated).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
-from torch.nn.utils.fusion import fuse_conv_bn_weights
 
-__all__ = ["ACBlock", "RepVGGBlock", "fold_bn_into_kernel"]
+from dynlab.nn.fuse import fold_bn_into_kernel
 
-
-def fold_bn_into_kernel(
-    kernel: Tensor, bias: Tensor | None, norm: nn.Module
-) -> tuple[Tensor, Tensor]:
-    """(kernel, bias) of `norm(conv(x))` with `norm` in eval mode, for a conv of this kernel and
-    bias (None: no bias); `norm` must be a BatchNorm with running statistics, one per output."""
-    has_stats = isinstance(norm, _BatchNorm) and norm.running_mean is not None
-    if not has_stats or norm.running_var is None:
-        raise ValueError(
-            f"cannot fold {type(norm).__name__} into a kernel: re-parameterisation needs a "
-            "BatchNorm with running statistics (track_running_stats=True)"
-        )
-    if norm.num_features != kernel.shape[0]:
-        raise ValueError(f"{norm.num_features}-channel norm after a {kernel.shape[0]}-output conv")
-    with torch.no_grad():
-        weight, fused_bias = fuse_conv_bn_weights(
-            kernel, bias, norm.running_mean, norm.running_var, norm.eps, norm.weight, norm.bias
-        )
-    return weight.detach(), fused_bias.detach()
+__all__ = ["ACBlock", "RepVGGBlock"]
 
 
 def _branch(conv: nn.Conv2d, norm: nn.Module) -> tuple[Tensor, Tensor]:

@@ -30,5 +30,6 @@ class SupernetExits(DynamicNet):
 
     def deploy(self) -> Self:
         device = next(self.net.parameters()).device
-        child = StaticExits(self.net.child(self.net.active())).to(device).eval()  # type: ignore[operator]
+        active = self.net.active()  # type: ignore[operator]
+        child = StaticExits(self.net.child(active)).to(device).eval()  # type: ignore[operator]
         return child.deploy()  # type: ignore[return-value]

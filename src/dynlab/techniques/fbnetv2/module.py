@@ -8,9 +8,9 @@ placed back by interspersed zeros). The schedule:
   `weights` stream (80 % of the train split) with the cross-entropy and, after `warmup_epochs`, the
   architecture logits on the `arch` stream (the other 20 %) with CE * alpha * log(cost)^beta, the
   cost being the expected MACs (or parameters) of the Gumbel-weighted network, differentiable
-  through the expected widths. The temperature starts at `temperature` and is multiplied by `temperature_decay` every
-  epoch. Gumbel noise is drawn from (seed, step, stream), so every DDP rank samples the same
-  architecture and a resumed search the same noise;
+  through the expected widths. The temperature starts at `temperature` and is multiplied by
+  `temperature_decay` every epoch. Gumbel noise is drawn from (seed, step, stream), so every DDP
+  rank samples the same architecture and a resumed search the same noise;
 - `retrain` (fit): the argmax architecture exported as a standalone network (`FBNetV2Net`, its MACs
   measured) and trained from scratch.
 `dynlab-search` runs the search alone; `technique.choices` (or `choices_file`) retrains a given

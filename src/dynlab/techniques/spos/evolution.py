@@ -132,7 +132,7 @@ def run_evolution(
 
 
 def stop_reason(phase_dir: Path) -> str | None:
-    """Why the search saved in `phase_dir` stopped before its last generation; None if it did not."""
+    """Why the search saved in `phase_dir` stopped before its last generation, else None."""
     ledger = Ledger(phase_dir)
     return ledger.state.get("stopped") if ledger.load() else None
 

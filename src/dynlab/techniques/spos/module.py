@@ -228,7 +228,8 @@ class SPOSModule(DynlabModule):
             if records and _rank_zero():
                 best = max(r["top1"] for r in records)
                 print(
-                    f"[dynlab] spos evolution: generation {generation}: {len(records)} candidates, best val top-1 {best:.2f}"
+                    f"[dynlab] spos evolution: generation {generation}: {len(records)} "
+                    f"candidates, best val top-1 {best:.2f}"
                 )
 
         records = run_evolution(
