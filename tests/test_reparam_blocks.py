@@ -274,3 +274,54 @@ def test_batchnorm_after_weightnet_folds_into_it() -> None:
         assert fold_batchnorm(folded) == [("0", "1")]
         assert isinstance(folded[1], nn.Identity) and folded[0].bias is not None
         assert max_diff(folded(x), y) <= TOL
+
+
+def test_deploy_form_of_a_net_with_reparam_blocks_is_plain_convs_with_equal_outputs() -> None:
+    """DynamicNet.deploy folds BN, then converts every ACNet/RepVGG block and FReLU."""
+    from dynlab.evaluation.macs import count_macs
+    from dynlab.protocol import StaticExits
+
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False),
+        nn.BatchNorm2d(8),
+        FReLU(8),
+        ACBlock(8, 16, stride=2),
+        nn.ReLU(),
+        RepVGGBlock(16, 16),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 10),
+    )
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.5, 0.5)
+    model = StaticExits(net).eval()
+    deployed = model.deploy()
+    kinds = {type(m) for m in deployed.modules()}
+    assert not kinds & {ACBlock, RepVGGBlock, nn.BatchNorm2d}
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(deployed(x), model(x), rtol=1e-4, atol=1e-5)
+    assert count_macs(deployed, (3, 16, 16)) < count_macs(model, (3, 16, 16))
+    assert sum(p.numel() for p in deployed.parameters()) < sum(p.numel() for p in net.parameters())
+
+
+def test_deploy_reparameterizes_timm_repvgg_in_place_with_equal_outputs() -> None:
+    """timm's RepVGG blocks convert themselves (their reparameterize() returns None)."""
+    from dynlab.backbones import create_backbone
+    from dynlab.protocol import StaticExits
+
+    torch.manual_seed(0)
+    model = StaticExits(create_backbone("repvgg_a0", num_classes=10)).eval()
+    deployed = model.deploy()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(deployed(x), model(x), rtol=1e-3, atol=1e-4)
+    assert sum(p.numel() for p in deployed.parameters()) < sum(
+        p.numel() for p in model.parameters()
+    )

@@ -15,6 +15,7 @@ from typing import Protocol, Self, runtime_checkable
 from torch import Tensor, nn
 
 from dynlab.nn.fuse import fold_batchnorm
+from dynlab.nn.reparam import reparameterize_modules
 
 
 class ExitSession(Protocol):
@@ -66,11 +67,13 @@ class DynamicNet(nn.Module):
 
     def deploy(self) -> Self:
         """The inference form: an eval-mode copy with every BatchNorm that follows a conv (on any
-        exit's path) folded into it; same exits, same outputs. A deploy form returns itself."""
+        exit's path) folded into it and every re-parameterisable block (ACNet, RepVGG, FReLU)
+        converted; same exits, same outputs. A deploy form returns itself."""
         if self.deployed:
             return self
         net = copy.deepcopy(self)
         fold_batchnorm(net, method="forward_exits")
+        reparameterize_modules(net)  # ACNet/RepVGG branches into one conv, FReLU's BN folded
         net.deployed = True
         return net.requires_grad_(False)
 

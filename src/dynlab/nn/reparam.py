@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from dynlab.nn.fuse import fold_bn_into_kernel
 
-__all__ = ["ACBlock", "RepVGGBlock"]
+__all__ = ["ACBlock", "RepVGGBlock", "reparameterize_modules"]
 
 
 def _branch(conv: nn.Conv2d, norm: nn.Module) -> tuple[Tensor, Tensor]:
@@ -200,3 +200,25 @@ class RepVGGBlock(nn.Module):
             kernel[:, :, 1:2, 1:2] += identity_kernel
             bias = bias + identity_bias
         return _plain_conv(kernel, bias, self.stride, 1, self.groups)
+
+
+def reparameterize_modules(root: nn.Module) -> list[str]:
+    """Replace every submodule of `root` that has a `reparameterize()` (ACBlock, RepVGGBlock,
+    FReLU, ...) by what it returns, outermost first (one returning None converted itself in
+    place, as timm's re-parameterisable blocks do); the names converted. A deploy form calls it
+    after folding BatchNorm (either order gives the same network)."""
+    replaced: list[str] = []
+    for name, module in list(root.named_modules()):
+        if not name or any(name.startswith(done + ".") for done in replaced):
+            continue
+        convert = getattr(module, "reparameterize", None)
+        if convert is None:
+            continue
+        new = convert()
+        if new is None:  # converted itself in place (timm's RepVGG / MobileOne blocks)
+            replaced.append(name)
+        elif new is not module:
+            parent, _, child = name.rpartition(".")
+            setattr(root.get_submodule(parent) if parent else root, child, new)
+            replaced.append(name)
+    return replaced
