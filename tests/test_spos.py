@@ -220,6 +220,12 @@ def test_bad_input_is_refused_before_anything_runs(
         build_run(cfg)
 
 
+def test_a_search_of_a_given_architecture_is_refused_before_anything_runs(compose_cfg) -> None:
+    cfg = compose_cfg([*SPOS, "technique.arch=[0,1,2,3,0]"], config_name="search")
+    with pytest.raises(ConfigError, match="nothing to search"):
+        build_run(cfg)
+
+
 def test_a_supernet_checkpoint_of_another_space_is_refused(compose_cfg, searched: Path) -> None:
     supernet = searched / "checkpoints" / "supernet" / "final.ckpt"
     cfg = compose_cfg(

@@ -35,19 +35,19 @@ from dynlab.evaluation.macs import count_macs
 from dynlab.protocol import StaticExits
 from dynlab.results import update_results
 from dynlab.search import (
-    SupernetExits,
     derived_seed,
     read_result,
     recalibrate_bn,
     seeded,
     write_result,
 )
-from dynlab.techniques.base import DynlabModule, Phase, dataset_backbone
+from dynlab.techniques.base import Phase, dataset_backbone
 from dynlab.techniques.fbnetv2.config import CostKind, FBNetV2Config
+from dynlab.techniques.supernet import SupernetTechnique, not_a_supernet
 
 __all__ = ["FBNetV2Module", "search_loss"]
 
-SEARCH, RETRAIN = "search", "retrain"
+SEARCH = "search"
 WEIGHTS, ARCH = "weights", "arch"  # the search phase's optimisers and train streams
 # Independent seed streams derived from the technique's seed.
 GUMBEL_STREAM, RETRAIN_STREAM = 0, 1
@@ -58,10 +58,11 @@ def search_loss(ce: Tensor, cost: Tensor, alpha: float, beta: float) -> Tensor:
     return ce * alpha * torch.log(cost).pow(beta)
 
 
-class FBNetV2Module(DynlabModule):
+class FBNetV2Module(SupernetTechnique):
     """The DMaskingNAS supernet, its search and the retraining of the searched network."""
 
     phase_names = FBNetV2Config.PHASES
+    technique, given_option, retrain_stream = "fbnetv2", "technique.choices", RETRAIN_STREAM
 
     def __init__(
         self,
@@ -99,30 +100,19 @@ class FBNetV2Module(DynlabModule):
             problem = net.choice_problem(choices)
             if problem:
                 raise ValueError(f"fbnetv2 technique.choices: {problem}")
-        self.given = choices is not None
-        self.choices: dict[str, Any] | None = choices  # the search's result, or the given one
         self.history: list[dict[str, Any]] = []  # the argmax architecture after every epoch
-        self.__dict__["_supernet"] = net  # its builders (child, standalone); not a submodule
-        self.model = self._standalone(choices) if choices is not None else SupernetExits(net)
+        # The search's result or the given architecture (a `choices` dict).
+        self.architecture: dict[str, Any] | None
+        self.use_supernet(net, choices)
 
     # --- phases -------------------------------------------------------------------------------
-    def phases(self, mode: str) -> list[Phase]:
-        if self.given:
-            if mode == "search":
-                raise ValueError(
-                    "fbnetv2: technique.choices is given, so there is nothing to search; "
-                    "retrain it with dynlab-train"
-                )
-            return [Phase(RETRAIN)]
-        if mode == "search":
-            return [Phase(SEARCH)]
-        if mode == "train":
-            return [Phase(SEARCH), Phase(RETRAIN)]
-        return super().phases(mode)
+    def search_phases(self) -> list[Phase]:
+        return [Phase(SEARCH)]
 
     def check_run(self, cfg: Any) -> None:
         """The search must be longer than its weights-only warm-up, and needs its two optimisers
         and streams (conf/technique/fbnetv2.yaml)."""
+        super().check_run(cfg)
         if self.given or cfg is None:
             return
         recipe = self.recipe(SEARCH)
@@ -143,14 +133,9 @@ class FBNetV2Module(DynlabModule):
             )
 
     def start_phase(self, phase: Phase) -> None:
-        """The search steps two optimisers itself; the retrain phase starts from a fresh
-        standalone net of the searched architecture (a resumed one already has it)."""
+        """The search steps its two optimisers itself."""
         super().start_phase(phase)
         self.automatic_optimization = phase.name != SEARCH
-        if phase.name == RETRAIN and not isinstance(self.model, StaticExits):
-            if self.choices is None:
-                raise RuntimeError("fbnetv2 retrain: no architecture (the search phase sets one)")
-            self.model = self._standalone(self.choices).to(self.device)
 
     # --- the search phase ---------------------------------------------------------------------
     @property
@@ -237,7 +222,7 @@ class FBNetV2Module(DynlabModule):
         if self.current_phase != SEARCH or not self.history:
             return
         last = self.history[-1]
-        self.choices = last["choices"]
+        self.architecture = last["choices"]
         self._recalibrate(self.trainer.datamodule)  # type: ignore[attr-defined]
         summary = {**last, "history": self.history, "cost": self.cost_kind.value}
         phase_dir = Path(self.trainer.default_root_dir)  # <run dir>/checkpoints/search
@@ -253,7 +238,7 @@ class FBNetV2Module(DynlabModule):
     def technique_state(self) -> dict[str, Any]:
         return {
             "space": self.signature,
-            "choices": self.choices,
+            "choices": self.architecture,
             "standalone": isinstance(self.model, StaticExits),
             "history": self.history,
         }
@@ -268,27 +253,10 @@ class FBNetV2Module(DynlabModule):
                 "backbone, its kwargs and dataset it was searched with"
             )
         if not self.given:
-            self.choices = state.get("choices")
+            self.architecture = state.get("choices")
         self.history = state.get("history", [])
-        if state.get("standalone") and not isinstance(self.model, StaticExits):
-            self.model = self._standalone(self.choices).to(self.device)  # type: ignore[arg-type]
-
-    # --- building -----------------------------------------------------------------------------
-    @property
-    def _supernet(self) -> FBNetV2Supernet:
-        return self.__dict__["_supernet"]
-
-    def _standalone(self, choices: dict[str, Any]) -> StaticExits:
-        """A fresh standalone net of `choices`, initialised from its own seed stream."""
-        with seeded(derived_seed(self.seed, RETRAIN_STREAM)):
-            return StaticExits(self._supernet.standalone(choices))
+        self.restore_standalone(state)
 
 
 def _not_a_supernet(name: str) -> str:
-    from dynlab.backbones import list_backbones
-
-    supernets = [n for n in list_backbones() if "fbnetv2" in n and n.endswith("supernet")]
-    return (
-        f"technique=fbnetv2 searches a DMaskingNAS supernet and backbone {name} is none; "
-        f"use backbone={' or backbone='.join(supernets)}"
-    )
+    return not_a_supernet("fbnetv2", "searches a DMaskingNAS supernet", name, "fbnetv2")

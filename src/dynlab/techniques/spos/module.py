@@ -41,11 +41,10 @@ from dynlab.search import (
     exit_accuracies,
     read_result,
     recalibrate_bn,
-    seeded,
     val_exit_probs,
     write_result,
 )
-from dynlab.techniques.base import DynlabModule, Phase, PhaseContext, PhaseKind, dataset_backbone
+from dynlab.techniques.base import Phase, PhaseContext, PhaseKind, dataset_backbone
 from dynlab.techniques.spos.config import EvolutionConfig, SamplerConfig, SPOSConfig
 from dynlab.techniques.spos.evolution import (
     EVOLUTION_STREAM,  # noqa: F401  (named in the comment on the streams)
@@ -57,19 +56,21 @@ from dynlab.techniques.spos.evolution import (
 )
 from dynlab.techniques.spos.plots import plot_pareto
 from dynlab.techniques.spos.sampling import PathSampler
+from dynlab.techniques.supernet import RETRAIN, SupernetTechnique, not_a_supernet
 
 __all__ = ["SPOSModule"]
 
-SUPERNET, EVOLUTION, RETRAIN = "supernet", "evolution", "retrain"
+SUPERNET, EVOLUTION = "supernet", "evolution"
 # Independent seed streams derived from the technique's seed (`dynlab.search.derived_seed`); the
 # evolution's own is EVOLUTION_STREAM (1).
 PATH_STREAM, VAL_PATH_STREAM, RETRAIN_STREAM = 0, 2, 3
 
 
-class SPOSModule(DynlabModule):
+class SPOSModule(SupernetTechnique):
     """A one-shot supernet, its evolutionary search and the retraining of the winner."""
 
     phase_names = SPOSConfig.PHASES
+    technique, retrain_stream = "spos", RETRAIN_STREAM
 
     def __init__(
         self,
@@ -109,42 +110,19 @@ class SPOSModule(DynlabModule):
             problem = self.space.problem(given)
             if problem:
                 raise ValueError(f"spos technique.arch: {problem}")
-        self.given = given is not None
-        self.arch: tuple[int, ...] | None = given  # the search's winner, or the given one
         self.search_summary: dict[str, Any] = {}
-        self.__dict__["_supernet"] = net  # its builders (child, standalone); not a submodule
-        if given is not None:
-            self.model = self._standalone(given)
-        else:
+        # The search's winner or the given architecture (genes).
+        self.architecture: tuple[int, ...] | None
+        self.use_supernet(net, given)
+        if given is None:
             self.val_path = self.sampler.uniform(
                 np.random.default_rng(derived_seed(seed, VAL_PATH_STREAM))
             )
             net.set_path(self.val_path)
-            self.model = SupernetExits(net)
 
     # --- phases -------------------------------------------------------------------------------
-    def phases(self, mode: str) -> list[Phase]:
-        if self.given:
-            if mode == "search":
-                raise ValueError(
-                    "spos: technique.arch is given, so there is nothing to search; retrain it "
-                    "with dynlab-train"
-                )
-            return [Phase(RETRAIN)]
-        if mode == "search":
-            return [Phase(SUPERNET), Phase(EVOLUTION, PhaseKind.custom)]
-        if mode == "train":
-            return [Phase(SUPERNET), Phase(EVOLUTION, PhaseKind.custom), Phase(RETRAIN)]
-        return super().phases(mode)
-
-    def start_phase(self, phase: Phase) -> None:
-        """The retrain phase starts from a fresh standalone net of the architecture (a resumed
-        one already has it, with its weights)."""
-        super().start_phase(phase)
-        if phase.name == RETRAIN and not isinstance(self.model, StaticExits):
-            if self.arch is None:
-                raise RuntimeError("spos retrain: no architecture (the evolution phase sets one)")
-            self.model = self._standalone(self.arch).to(self.device)
+    def search_phases(self) -> list[Phase]:
+        return [Phase(SUPERNET), Phase(EVOLUTION, PhaseKind.custom)]
 
     def run_custom_phase(self, phase: Phase, ctx: PhaseContext) -> None:
         if phase.name == EVOLUTION:
@@ -154,6 +132,7 @@ class SPOSModule(DynlabModule):
 
     def check_run(self, cfg: Any) -> None:
         """A `ckpt_path` holding a supernet of another space is refused before anything runs."""
+        super().check_run(cfg)
         path = cfg.get("ckpt_path") if cfg is not None else None
         if not path or not Path(path).is_file():
             return
@@ -244,10 +223,10 @@ class SPOSModule(DynlabModule):
         if not records:
             raise RuntimeError(f"spos evolution scored no candidate: {stop_reason(ctx.phase_dir)}")
         best, front = best_candidate(records), pareto_front(records)
-        self.arch = tuple(best["genes"])
+        self.architecture = tuple(best["genes"])
         # Leave the supernet on the winner with its recalibrated statistics: a search-only run's
         # test evaluation and deploy form are that child.
-        net.set_path(self.arch)
+        net.set_path(self.architecture)
         recalibrate_bn(self.model, recalibration, cfg.recalibration_batches)
         self.search_summary = self._write_search_result(ctx, records, best, front)
 
@@ -322,7 +301,7 @@ class SPOSModule(DynlabModule):
     def technique_state(self) -> dict[str, Any]:
         return {
             "space": self.signature,
-            "arch": list(self.arch) if self.arch is not None else None,
+            "arch": list(self.architecture) if self.architecture is not None else None,
             "standalone": isinstance(self.model, StaticExits),
             "path": list(self._supernet.path),
             "search": self.search_summary,
@@ -335,10 +314,9 @@ class SPOSModule(DynlabModule):
         self._check_space(state["space"], "the checkpoint")
         self.search_summary = state.get("search", {})
         if not self.given and state.get("arch") is not None:
-            self.arch = tuple(state["arch"])
+            self.architecture = tuple(state["arch"])
         self._supernet.set_path(tuple(state["path"]))
-        if state.get("standalone") and not isinstance(self.model, StaticExits):
-            self.model = self._standalone(self.arch).to(self.device)  # type: ignore[arg-type]
+        self.restore_standalone(state)
 
     def _check_space(self, saved: dict[str, Any], where: str) -> None:
         if saved == self.signature:
@@ -354,14 +332,6 @@ class SPOSModule(DynlabModule):
         )
 
     # --- building -----------------------------------------------------------------------------
-    @property
-    def _supernet(self) -> SPOSSupernet:
-        return self.__dict__["_supernet"]
-
-    def _standalone(self, genes: tuple[int, ...]) -> StaticExits:
-        """A fresh standalone net of `genes` (affine BN), initialised from its own seed stream."""
-        with seeded(derived_seed(self.seed, RETRAIN_STREAM)):
-            return StaticExits(self._supernet.standalone(genes))
 
 
 def _pareto_markdown(front: list[dict[str, Any]]) -> str:
@@ -379,17 +349,7 @@ def _given_arch(arch: list[int] | None, arch_file: str | None) -> tuple[int, ...
 
 
 def _not_a_supernet(name: str) -> str:
-    from dynlab.backbones import list_backbones
-
-    supernets = [n for n in list_backbones() if n.endswith("spos_supernet")]
-    return (
-        f"technique=spos trains a one-shot supernet and backbone {name} is none; "
-        f"use backbone={' or backbone='.join(supernets)}"
-    )
-
-
-def _device(module: nn.Module) -> torch.device:
-    return next(module.parameters()).device
+    return not_a_supernet("spos", "trains a one-shot supernet", name, "spos")
 
 
 def _rank_zero() -> bool:
