@@ -19,6 +19,8 @@ from dynlab.evaluation.macs import count_macs
 
 CIFAR_NAMES = [
     "cifar_mobilenetv2",
+    "cifar_repvgg_a0",
+    "cifar_repvgg_b0",
     "cifar_resnet110",
     "cifar_resnet20",
     "cifar_resnet32",
@@ -34,11 +36,14 @@ EXPECTED_SIZE = {
     "cifar_resnet110": ((1.70, 1.75), (252.0, 255.0)),
     "cifar_vgg16_bn": ((14.6, 14.8), (310.0, 316.0)),
     "cifar_mobilenetv2": ((2.2, 2.3), (85.0, 100.0)),
+    # training form (3x3, 1x1 and identity branches); tests/test_blocks.py checks the deploy form
+    "cifar_repvgg_a0": ((7.8, 7.9), (123.0, 124.0)),
 }
 
 # name: spatial size of forward_features' output for a 32x32 input.
 FEATURE_SIZE = {name: 8 for name in CIFAR_NAMES if "resnet" in name}
-FEATURE_SIZE |= {"cifar_vgg16_bn": 1, "cifar_mobilenetv2": 4}
+FEATURE_SIZE |= {"cifar_vgg16_bn": 1, "cifar_mobilenetv2": 4, "cifar_repvgg_a0": 2}
+FEATURE_SIZE |= {"cifar_repvgg_b0": 2}
 
 
 def test_list_backbones_names_dynlab_nets_only() -> None:

@@ -5,6 +5,7 @@
 
 from dynlab.backbones import (  # noqa: F401  (registers)
     cifar_mobilenetv2,
+    cifar_repvgg,
     cifar_resnet,
     cifar_vgg,
     condensenetv2,

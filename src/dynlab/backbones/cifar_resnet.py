@@ -8,6 +8,9 @@ Deviation from the paper: where a stage halves the map and doubles the channels,
 every layer's channels into stages, which needs every operation in `forward_features` to be a conv
 or channel-local; zero-padding along channels is neither. The cost is two 1x1 convs: ResNet-56 has
 0.856 M parameters and 126 M MACs at 3x32x32 with 10 classes (option A: 0.853 M, 125 M).
+
+`conv` and `act` build the stem and every block's 3x3 convs and activations from the talk's blocks
+(`dynlab.nn.blocks`: ACNet, RepVGG, WeightNet; FReLU); shortcut projections stay plain conv + BN.
 """
 
 from __future__ import annotations
@@ -18,22 +21,31 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from torch import Tensor, nn
 
 from dynlab.backbones._base import CifarClassifier, cifar_cfg, init_weights
+from dynlab.nn.blocks import activation, check_block_options, conv_norm, init_block_parameters
 
 __all__ = ["BasicBlock", "CifarResNet"]
 
 STAGE_WIDTHS = (16, 32, 64)  # He et al. 2016, Sec. 4.2
+CONVS = ("plain", "acnet", "repvgg", "weightnet")
+ACTS = ("relu", "frelu")
 
 
 class BasicBlock(nn.Module):
     """Two 3x3 conv-BN layers plus a shortcut: identity, or a 1x1 conv-BN projection (option B)."""
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        stride: int,
+        conv: str = "plain",
+        act: str = "relu",
+    ) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(out_channels)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(out_channels)
-        self.relu = nn.ReLU(inplace=True)
+        self.conv1, self.bn1 = conv_norm(conv, in_channels, out_channels, 3, stride)
+        self.act1 = activation(act, out_channels)
+        self.conv2, self.bn2 = conv_norm(conv, out_channels, out_channels, 3)
+        self.act2 = activation(act, out_channels)
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or in_channels != out_channels:
             self.shortcut = nn.Sequential(
@@ -42,17 +54,23 @@ class BasicBlock(nn.Module):
             )
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self.relu(out + self.shortcut(x))
+        out = self.bn2(self.conv2(self.act1(self.bn1(self.conv1(x)))))
+        return self.act2(out + self.shortcut(x))
 
 
 class CifarResNet(CifarClassifier):
     """ResNet-(6n+2) for 32x32 inputs with timm's classifier API (`forward_features` etc.)."""
 
     def __init__(
-        self, depth: int, num_classes: int = 10, in_chans: int = 3, drop_rate: float = 0.0
+        self,
+        depth: int,
+        num_classes: int = 10,
+        in_chans: int = 3,
+        drop_rate: float = 0.0,
+        conv: str = "plain",
+        act: str = "relu",
     ) -> None:
+        check_block_options(f"cifar_resnet{depth}", conv, act, CONVS, ACTS)
         if depth < 8 or (depth - 2) % 6 != 0:
             raise ValueError(
                 f"CIFAR ResNet depth must be 6n+2 with n >= 1 (20, 32, 56...), got {depth}"
@@ -60,9 +78,8 @@ class CifarResNet(CifarClassifier):
         super().__init__(STAGE_WIDTHS[-1], num_classes, drop_rate)
         blocks_per_stage = (depth - 2) // 6
         self.stem = nn.Sequential(
-            nn.Conv2d(in_chans, STAGE_WIDTHS[0], 3, padding=1, bias=False),
-            nn.BatchNorm2d(STAGE_WIDTHS[0]),
-            nn.ReLU(inplace=True),
+            *conv_norm(conv, in_chans, STAGE_WIDTHS[0], 3, reads_image=True),
+            activation(act, STAGE_WIDTHS[0]),
         )
         stages = []
         in_channels = STAGE_WIDTHS[0]
@@ -70,11 +87,12 @@ class CifarResNet(CifarClassifier):
             strides = [1 if index == 0 else 2] + [1] * (blocks_per_stage - 1)
             stage = []
             for stride in strides:
-                stage.append(BasicBlock(in_channels, width, stride))
+                stage.append(BasicBlock(in_channels, width, stride, conv, act))
                 in_channels = width
             stages.append(nn.Sequential(*stage))
         self.stages = nn.Sequential(*stages)
         self.apply(init_weights)
+        init_block_parameters(self)
 
     def forward_features(self, x: Tensor) -> Tensor:
         """The last feature map, [B, 64, H/4, W/4]."""

@@ -5,6 +5,8 @@ The common CIFAR variant (as in kuangliu/pytorch-cifar and the network-slimming 
 closed by a 2x2 max-pool so 32x32 ends at 1x1, then global average pooling and a single
 Linear(512, num_classes) in place of the three 4096-wide FC layers. Convs have no bias (BN follows).
 At 3x32x32 with 10 classes: 14.72 M parameters, 313 M MACs.
+
+`conv` and `act` build every conv and activation from the talk's blocks (`dynlab.nn.blocks`).
 """
 
 from __future__ import annotations
@@ -16,8 +18,12 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from torch import Tensor, nn
 
 from dynlab.backbones._base import CifarClassifier, cifar_cfg, init_weights
+from dynlab.nn.blocks import activation, check_block_options, conv_norm, init_block_parameters
 
 __all__ = ["CifarVGG"]
+
+CONVS = ("plain", "acnet", "repvgg", "weightnet")
+ACTS = ("relu", "frelu")
 
 VGG16_STAGES = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))
 
@@ -31,21 +37,24 @@ class CifarVGG(CifarClassifier):
         num_classes: int = 10,
         in_chans: int = 3,
         drop_rate: float = 0.0,
+        conv: str = "plain",
+        act: str = "relu",
     ) -> None:
+        check_block_options("cifar_vgg", conv, act, CONVS, ACTS)
         super().__init__(stages[-1][-1], num_classes, drop_rate)
         layers: list[nn.Module] = []
         in_channels = in_chans
         for widths in stages:
             for width in widths:
                 layers += [
-                    nn.Conv2d(in_channels, width, 3, padding=1, bias=False),
-                    nn.BatchNorm2d(width),
-                    nn.ReLU(inplace=True),
+                    *conv_norm(conv, in_channels, width, 3, reads_image=not layers),
+                    activation(act, width),
                 ]
                 in_channels = width
             layers.append(nn.MaxPool2d(2))
         self.features = nn.Sequential(*layers)
         self.apply(init_weights)
+        init_block_parameters(self)
 
     def forward_features(self, x: Tensor) -> Tensor:
         """The last feature map, [B, 512, H/32, W/32]."""

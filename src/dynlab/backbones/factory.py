@@ -7,6 +7,7 @@ instead of timm's bare `Unknown model`.
 from __future__ import annotations
 
 import difflib
+import sys
 from typing import Any
 
 import timm
@@ -40,11 +41,23 @@ def is_known_backbone(name: str) -> bool:
     return is_model(name)
 
 
+def block_options(name: str) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
+    """The (conv, act) options backbone `name` takes (`dynlab.nn.blocks`: ACNet, RepVGG,
+    WeightNet, FReLU), as its module declares them in CONVS and ACTS; None if it takes none."""
+    if not is_known_backbone(name):
+        return None
+    module = sys.modules[model_entrypoint(name).__module__]
+    convs, acts = getattr(module, "CONVS", None), getattr(module, "ACTS", None)
+    return (tuple(convs), tuple(acts)) if convs and acts else None
+
+
 def create_backbone(name: str, num_classes: int, in_chans: int = 3, **kwargs: Any) -> nn.Module:
     """An untrained backbone `name` with a `num_classes`-way classifier (0: none).
 
     `kwargs` go to the model's constructor through `timm.create_model` (e.g. `drop_rate`).
-    Weights are never downloaded: the model is always built with `pretrained=False`.
+    Weights are never downloaded: the model is always built with `pretrained=False`. A keyword
+    the model does not take is a ValueError naming it (and, for `conv`/`act`, the backbones that
+    take them).
     """
     if not is_known_backbone(name):
         raise UnknownBackboneError(name)
@@ -54,9 +67,19 @@ def create_backbone(name: str, num_classes: int, in_chans: int = 3, **kwargs: An
         raise ValueError(f"in_chans must be >= 1, got {in_chans}")
     if "pretrained" in kwargs:
         raise ValueError("create_backbone always builds untrained models; drop 'pretrained'")
-    return timm.create_model(
-        name, pretrained=False, num_classes=num_classes, in_chans=in_chans, **kwargs
-    )
+    try:
+        return timm.create_model(
+            name, pretrained=False, num_classes=num_classes, in_chans=in_chans, **kwargs
+        )
+    except TypeError as err:
+        unknown = next((key for key in kwargs if f"argument '{key}'" in str(err)), None)
+        if unknown is None:
+            raise
+        hint = ""
+        if unknown in ("conv", "act"):
+            takes = [b for b in list_backbones() if block_options(b) is not None]
+            hint = f"; backbones with conv/act options: {', '.join(takes)}"
+        raise ValueError(f"{name} takes no argument {unknown!r}{hint}") from err
 
 
 def _unknown_backbone_message(name: str) -> str:

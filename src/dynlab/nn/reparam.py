@@ -10,6 +10,10 @@ convs over aligned windows add up to ONE conv: `reparameterize()` returns that p
   identity BN. The block returns the sum WITHOUT the ReLU the official block applies after it:
   the activation is the caller's own module, so the deploy form is exactly one conv.
 
+Both blocks describe themselves the same way (`branches()`: each conv + norm and where its kernel
+sits in the k x k window; `identity`: the norm of an identity branch, or None), and merging is
+looked up by the branches' conv type (`register_branch_merger`): plain nn.Conv2d here, S2DNAS
+registers its per-stage convs, so a block inside a staged network merges stage by stage too.
 `reparameterize()` reads the running statistics whatever the block's mode, leaves the block as it
 is, and returns a new conv on the block's device and dtype. It accepts a block whose branch norms
 `dynlab.nn.fuse.fold_batchnorm` has already folded (`DynamicNet.deploy` does that first: the
@@ -21,15 +25,121 @@ it on bare kernels (an identity branch has no conv module, WeightNet's kernels a
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
 import torch
 from torch import Tensor, nn
 
 from dynlab.nn.fuse import fold_bn_into_kernel
 
-__all__ = ["ACBlock", "RepVGGBlock", "reparameterize_modules"]
+__all__ = [
+    "ACBlock",
+    "Branch",
+    "RepVGGBlock",
+    "branch_kernel",
+    "identity_kernel",
+    "merged_kernel",
+    "place_kernels",
+    "register_branch_merger",
+    "reparameterize_modules",
+]
 
 
-def _branch(conv: nn.Conv2d, norm: nn.Module) -> tuple[Tensor, Tensor]:
+@dataclass(frozen=True)
+class Branch:
+    """One conv + norm branch of a multi-branch block; its kernel sits at `offset` (row, column)
+    of the block's k x k window."""
+
+    conv: nn.Module
+    norm: nn.Module
+    offset: tuple[int, int]
+
+
+class MultiBranch(Protocol):
+    """What a merger reads of a block (ACBlock, RepVGGBlock)."""
+
+    in_channels: int
+    out_channels: int
+    kernel_size: int
+    stride: int
+    padding: int
+    groups: int
+    identity: nn.Module | None  # the norm of an identity branch (output i reads input i)
+
+    def branches(self) -> list[Branch]: ...
+
+
+Merger = Callable[[MultiBranch], nn.Module]
+_MERGERS: dict[type[nn.Module], Merger] = {}
+
+
+def register_branch_merger(*conv_types: type[nn.Module]) -> Callable[[Merger], Merger]:
+    """Decorator: `merge(block)` returns the one conv equal to `block` in eval mode when all its
+    branch convs are of exactly one of `conv_types`."""
+
+    def register(merge: Merger) -> Merger:
+        for conv_type in conv_types:
+            _MERGERS[conv_type] = merge
+        return merge
+
+    return register
+
+
+def merge_block(block: MultiBranch) -> nn.Module:
+    """The block's merged conv, or the block itself when no merger knows its branch convs."""
+    kinds = {type(branch.conv) for branch in block.branches()}
+    merge = _MERGERS.get(kinds.pop()) if len(kinds) == 1 else None
+    return merge(block) if merge is not None else block  # type: ignore[return-value]
+
+
+def place_kernels(
+    shape: Sequence[int], parts: Iterable[tuple[Tensor, Tensor, tuple[int, int]]]
+) -> tuple[Tensor, Tensor]:
+    """The sum of (kernel, bias, offset) parts: each kernel added into a zero kernel of `shape`
+    at its (row, column) offset, the biases summed."""
+    kernel, bias = None, None
+    for part, part_bias, (row, col) in parts:
+        if kernel is None:
+            kernel = part.new_zeros(shape)
+            bias = part_bias.new_zeros(shape[0])
+        kernel[:, :, row : row + part.shape[2], col : col + part.shape[3]] += part
+        bias = bias + part_bias
+    assert kernel is not None and bias is not None, "a block has at least one branch"
+    return kernel, bias
+
+
+def identity_kernel(columns: Tensor, in_columns: int, like: Tensor) -> Tensor:
+    """A 1x1 kernel (len(columns), in_columns, 1, 1) where output i reads input `columns[i]`."""
+    eye = like.new_zeros(len(columns), in_columns, 1, 1)
+    eye[torch.arange(len(columns), device=eye.device), columns, 0, 0] = 1.0
+    return eye
+
+
+def merged_kernel(block: MultiBranch) -> tuple[Tensor, Tensor]:
+    """(kernel, bias) of the whole block in eval mode, for branch convs with a `weight` and `bias`
+    over the whole channel range (nn.Conv2d, a depthwise conv)."""
+    parts = [(*branch_kernel(b.conv, b.norm), b.offset) for b in block.branches()]
+    first = parts[0][0]
+    if block.identity is not None:
+        # official repvgg.py `_fuse_bn_tensor`: output i reads input i, which is channel
+        # i % (in / groups) of its group
+        in_per_group = block.in_channels // block.groups
+        columns = torch.arange(block.out_channels, device=first.device) % in_per_group
+        eye = identity_kernel(columns, in_per_group, first)
+        centre = block.kernel_size // 2
+        parts.append((*fold_bn_into_kernel(eye, None, block.identity), (centre, centre)))
+    shape = (block.out_channels, block.in_channels // block.groups, *(block.kernel_size,) * 2)
+    return place_kernels(shape, parts)
+
+
+@register_branch_merger(nn.Conv2d)
+def _merge_plain(block: MultiBranch) -> nn.Module:
+    return _plain_conv(*merged_kernel(block), block.stride, block.padding, block.groups)
+
+
+def branch_kernel(conv: nn.Module, norm: nn.Module) -> tuple[Tensor, Tensor]:
     """(kernel, bias) of one conv + norm branch; the norm may already be folded (nn.Identity)."""
     if isinstance(norm, nn.Identity):
         bias = conv.bias if conv.bias is not None else torch.zeros_like(conv.weight[:, 0, 0, 0])
@@ -82,6 +192,7 @@ class ACBlock(nn.Module):
         stride: int = 1,
         padding: int | None = None,
         groups: int = 1,
+        gamma_init: float = 1.0,
     ) -> None:
         super().__init__()
         _check_positive(
@@ -123,6 +234,14 @@ class ACBlock(nn.Module):
         self.hor_bn = nn.BatchNorm2d(out_channels)
         self.ver_conv = conv((k, 1), (padding, thin_pad))
         self.ver_bn = nn.BatchNorm2d(out_channels)
+        self.gamma_init = float(gamma_init)
+        self.reset_gamma()
+
+    def reset_gamma(self) -> None:
+        """Every branch BN's scale to `gamma_init` (official `acb.py` `init_gamma`; its CIFAR
+        recipes use 1/3, so the three branches start summing to one BN's scale)."""
+        for norm in (self.square_bn, self.hor_bn, self.ver_bn):
+            nn.init.constant_(norm.weight, self.gamma_init)
 
     def forward(self, x: Tensor) -> Tensor:
         hor_in = ver_in = x
@@ -136,18 +255,22 @@ class ACBlock(nn.Module):
             + self.ver_bn(self.ver_conv(ver_in))
         )
 
-    def reparameterize(self) -> nn.Conv2d:
-        """One k x k conv with bias equal to the block in eval mode: each BN folded into its
-        branch, the 1 x k and k x 1 kernels added to the centre row and column."""
-        kernel, bias = _branch(self.square_conv, self.square_bn)
-        hor_kernel, hor_bias = _branch(self.hor_conv, self.hor_bn)
-        ver_kernel, ver_bias = _branch(self.ver_conv, self.ver_bn)
+    identity = None  # no identity branch
+
+    def branches(self) -> list[Branch]:
+        """The square branch, then the 1 x k and k x 1 ones on its centre row and column."""
         centre = self.kernel_size // 2
-        kernel[:, :, centre : centre + 1, :] += hor_kernel
-        kernel[:, :, :, centre : centre + 1] += ver_kernel
-        return _plain_conv(
-            kernel, bias + hor_bias + ver_bias, self.stride, self.padding, self.groups
-        )
+        return [
+            Branch(self.square_conv, self.square_bn, (0, 0)),
+            Branch(self.hor_conv, self.hor_bn, (centre, 0)),
+            Branch(self.ver_conv, self.ver_bn, (0, centre)),
+        ]
+
+    def reparameterize(self) -> nn.Module:
+        """One k x k conv with bias equal to the block in eval mode: each BN folded into its
+        branch, the 1 x k and k x 1 kernels added to the centre row and column (the block itself
+        when no merger knows its branch convs)."""
+        return merge_block(self)
 
 
 class RepVGGBlock(nn.Module):
@@ -182,24 +305,24 @@ class RepVGGBlock(nn.Module):
             y = y + self.identity_bn(x)
         return y
 
-    def reparameterize(self) -> nn.Conv2d:
+    kernel_size, padding = 3, 1
+
+    @property
+    def identity(self) -> nn.Module | None:
+        return self.identity_bn
+
+    def branches(self) -> list[Branch]:
+        """The 3 x 3 branch, then the 1 x 1 one at the window's centre."""
+        return [
+            Branch(self.dense_conv, self.dense_bn, (0, 0)),
+            Branch(self.point_conv, self.point_bn, (1, 1)),
+        ]
+
+    def reparameterize(self) -> nn.Module:
         """One 3x3 conv with bias equal to the block in eval mode: the 1x1 kernel and the
-        identity (a 1x1 kernel picking each channel, within its group) added at the centre."""
-        kernel, bias = _branch(self.dense_conv, self.dense_bn)
-        point_kernel, point_bias = _branch(self.point_conv, self.point_bn)
-        kernel[:, :, 1:2, 1:2] += point_kernel
-        bias = bias + point_bias
-        if self.identity_bn is not None:
-            # official repvgg.py `_fuse_bn_tensor`: output i reads input i, which is channel
-            # i % (in / groups) of its group
-            in_per_group = self.in_channels // self.groups
-            eye = torch.zeros_like(point_kernel)
-            channels = torch.arange(self.out_channels, device=eye.device)
-            eye[channels, channels % in_per_group, 0, 0] = 1.0
-            identity_kernel, identity_bias = fold_bn_into_kernel(eye, None, self.identity_bn)
-            kernel[:, :, 1:2, 1:2] += identity_kernel
-            bias = bias + identity_bias
-        return _plain_conv(kernel, bias, self.stride, 1, self.groups)
+        identity (a 1x1 kernel picking each channel, within its group) added at the centre (the
+        block itself when no merger knows its branch convs)."""
+        return merge_block(self)
 
 
 def reparameterize_modules(root: nn.Module) -> list[str]:

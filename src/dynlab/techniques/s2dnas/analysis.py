@@ -17,10 +17,12 @@ import torch
 from torch import Tensor, nn
 
 from dynlab.evaluation.outputs import evaluating
+from dynlab.nn.dynamic import WeightNetConv
 
 SUPPORTED_BACKBONES = (
-    "cifar_resnet20/32/44/56/110, cifar_vgg16_bn, cifar_mobilenetv2, and plain timm ResNets "
-    "(resnet18, resnet34, resnet50)"
+    "cifar_resnet20/32/44/56/110, cifar_vgg16_bn, cifar_mobilenetv2, cifar_repvgg_a0/b0 (with "
+    "conv=plain|acnet|repvgg, act=relu|relu6|frelu), and plain timm ResNets (resnet18, resnet34, "
+    "resnet50)"
 )
 # Leaf modules that act on every channel separately: a stage's channel slice passes through as is.
 CHANNEL_LOCAL: tuple[type[nn.Module], ...] = (
@@ -40,6 +42,16 @@ CHANNEL_LOCAL: tuple[type[nn.Module], ...] = (
     nn.Dropout2d,
 )
 
+# Blocks refused by name, with the reason (the talk's other blocks split: ACNet's and RepVGG's
+# branches are convs and BNs, FReLU's funnel a depthwise conv + BN, all staged like any other).
+REFUSED_BLOCKS: dict[type[nn.Module], str] = {
+    WeightNetConv: (
+        "is WeightNet (conv=weightnet): its kernels are generated from the pooled input of ALL "
+        "channels, so a stage cannot compute its slice from its own and earlier stages' channels; "
+        "S2DNAS takes conv=plain|acnet|repvgg with act=relu|frelu"
+    ),
+}
+
 Size = tuple[int, int]
 
 
@@ -58,6 +70,9 @@ class ConvLayer:
     reads_image: bool  # its input is the network input, which every stage reads whole
     in_group: int
     out_group: int
+    # the multi-branch block (ACNet, RepVGG) whose branch this conv is, "" if none: its branches
+    # must get one plan, so that they still merge into one conv per stage at deploy
+    block: str = ""
 
 
 @dataclass(frozen=True)
@@ -110,6 +125,11 @@ def analyse_backbone(
             f"{backbone}: S2DNAS needs a timm-style model with forward_features and "
             f"get_classifier. Backbones that work: {SUPPORTED_BACKBONES}."
         )
+    for name, module in net.named_modules():
+        if type(module) in REFUSED_BLOCKS:
+            raise UnsupportedBackboneError(
+                f"{backbone}: module '{name}' {REFUSED_BLOCKS[type(module)]}."
+            )
     calls, out_shape = _trace(net, input_size)
     for call in calls:  # every layer's kind first: the clearest reason to reject a backbone
         _check_kind(call, backbone)
@@ -143,6 +163,7 @@ def analyse_backbone(
                     reads_image=call.reads_image,
                     in_group=-1 if call.reads_image else groups.index(_size(call.in_shape)),
                     out_group=groups.index(_size(call.out_shape)),
+                    block=_enclosing_block(net, call.name),
                 )
             )
         elif isinstance(call.module, nn.BatchNorm2d):
@@ -237,6 +258,12 @@ def _check_shape(call: _Call, backbone: str) -> None:
             f"to {call.out_shape}; S2DNAS needs [B,C,H,W] feature maps throughout forward_features. "
             f"Backbones that work: {SUPPORTED_BACKBONES}."
         )
+
+
+def _enclosing_block(net: nn.Module, name: str) -> str:
+    """The name of the multi-branch block (a module with `branches()`) holding conv `name`."""
+    parent = name.rpartition(".")[0]
+    return parent if parent and hasattr(net.get_submodule(parent), "branches") else ""
 
 
 def _is_depthwise(conv: nn.Conv2d) -> bool:

@@ -9,6 +9,7 @@ residual additions) is channel-local and works on the slices unchanged.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 import torch
@@ -18,6 +19,13 @@ from torch import Tensor, nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from dynlab.nn.fuse import register_conv_bn_fuser
+from dynlab.nn.reparam import (
+    MultiBranch,
+    identity_kernel,
+    merged_kernel,
+    place_kernels,
+    register_branch_merger,
+)
 
 Bounds = tuple[int, int]
 
@@ -217,6 +225,67 @@ def fold_into_staged_depthwise(conv: nn.Module, norm: nn.Module) -> nn.Module:
         conv.weight, conv.bias, *_norm_slice(norm, 0, norm.num_features)
     )
     return conv
+
+
+@register_branch_merger(StagedDepthwiseConv2d)
+def merge_staged_depthwise(block: MultiBranch) -> nn.Module:
+    """A depthwise ACNet/RepVGG block of a staged network as one staged depthwise conv: channel c
+    only reads channel c, so the whole kernel merges as in a plain block and each stage keeps
+    slicing its channels."""
+    kernel, bias = merged_kernel(block)
+    merged = _copy_staged(block.branches()[0].conv)
+    merged.weight, merged.bias = nn.Parameter(kernel), nn.Parameter(bias)
+    return merged
+
+
+@register_branch_merger(StagedConv2d)
+def merge_staged_dense(block: MultiBranch) -> nn.Module:
+    """A dense ACNet/RepVGG block of a staged network as one staged conv: stage k's weight blocks
+    of the branches read the same input slice (one plan per block, `plan_stages`), so they add up
+    block by block; the identity branch picks, for output channel c, input column c of the
+    stage's input (its own slice, or stages 1..k concatenated)."""
+    branches = block.branches()
+    first = branches[0].conv
+    assert isinstance(first, StagedConv2d)
+    centre = block.kernel_size // 2
+    weights, biases = [], []
+    for k, (lo, hi) in enumerate(first.out_bounds):
+        parts = [(*_stage_kernel(b.conv, b.norm, k, lo, hi), b.offset) for b in branches]
+        in_columns = first.weights[k].shape[1]
+        if block.identity is not None:
+            assert isinstance(block.identity, StagedBatchNorm2d)
+            start = hi - in_columns  # 0 when concatenating stages 1..k, else lo
+            columns = torch.arange(lo, hi, device=first.weights[k].device) - start
+            eye = identity_kernel(columns, in_columns, first.weights[k])
+            folded = fuse_conv_bn_weights(eye, None, *_norm_slice(block.identity, lo, hi))
+            parts.append((folded[0].detach(), folded[1].detach(), (centre, centre)))
+        kernel, bias = place_kernels((hi - lo, in_columns, *(block.kernel_size,) * 2), parts)
+        weights.append(nn.Parameter(kernel))
+        biases.append(nn.Parameter(bias))
+    merged = _copy_staged(first)
+    merged.weights, merged.biases = nn.ParameterList(weights), nn.ParameterList(biases)
+    return merged
+
+
+def _stage_kernel(
+    conv: nn.Module, norm: nn.Module, k: int, lo: int, hi: int
+) -> tuple[Tensor, Tensor]:
+    """(kernel, bias) of stage k's block of a staged branch conv and its norm (folded already:
+    nn.Identity, or a StagedBatchNorm2d whose slice [lo, hi) is folded here)."""
+    assert isinstance(conv, StagedConv2d)
+    weight = conv.weights[k].detach()
+    bias = conv.biases[k].detach() if conv.biases is not None else weight.new_zeros(hi - lo)
+    if isinstance(norm, nn.Identity):
+        return weight.clone(), bias.clone()
+    assert isinstance(norm, StagedBatchNorm2d)
+    folded = fuse_conv_bn_weights(weight, bias, *_norm_slice(norm, lo, hi))
+    return folded[0].detach(), folded[1].detach()
+
+
+def _copy_staged(conv: nn.Module) -> nn.Module:
+    """A deep copy of a staged conv that still shares the network's one cursor."""
+    cursor = conv.cursor
+    return copy.deepcopy(conv, memo={id(cursor): cursor})
 
 
 def _norm_slice(

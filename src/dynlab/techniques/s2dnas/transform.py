@@ -63,11 +63,17 @@ def plan_stages(layout: BackboneLayout, settings: S2DSettings, groups: int) -> S
             )
         return stage_bounds(channels, settings.split_points[layer_group], groups)
 
-    last_conv = layout.convs[-1].name
+    last = layout.convs[-1]
+    # the last conv, with every branch of its block when it is one (ACNet, RepVGG)
+    final = {
+        c.name
+        for c in layout.convs
+        if c.name == last.name or (last.block and c.block == last.block)
+    }
     convs = {}
     for conv in layout.convs:
         reads_earlier = tuple(
-            k > 0 and (conv.name == last_conv or settings.concat[k - 1][conv.out_group])
+            k > 0 and (conv.name in final or settings.concat[k - 1][conv.out_group])
             for k in range(settings.num_stages)
         )
         in_bounds = None if conv.reads_image else bounds(conv.name, conv.in_channels, conv.in_group)

@@ -1,0 +1,162 @@
+"""The conv and activation options a backbone offers (`conv=plain|acnet|repvgg|weightnet`,
+`act=relu|relu6|frelu`): one registry, so every backbone builds the talk's blocks the same way.
+
+A conv option builds what replaces one conv + BatchNorm pair of the plain network, as a (conv, norm)
+pair of modules with the plain pair's shapes, so the backbone's code and its plain network's
+parameter names do not change with the option (a block normalising its own branches comes with
+nn.Identity as its norm). Options differ in where they apply:
+
+- `acnet` (Ding et al., ICCV 2019): every k x k conv with k >= 3, stem included; 1 x 1 convs stay
+  plain (official `acnet/acnet_builder.py` does the same), branch BN scales start at 1/3 (the
+  official CIFAR recipes in `acnet/do_acnet.py`).
+- `repvgg` (Ding et al., CVPR 2021): every 3 x 3 conv, stem included, with the identity branch
+  where input and output shapes match; other convs stay plain.
+- `weightnet` (Ma et al., ECCV 2020): every dense k x k conv (k >= 3) except the stem reading the
+  image (the official ShuffleNetV2 keeps its first conv static too); grouped and depthwise convs
+  are refused, since `WeightNetConv` generates dense kernels.
+A backbone states which options it takes; `check_block_options` refuses any other with the list.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from torch import nn
+
+from dynlab.nn.dynamic import FReLU, WeightNetConv
+from dynlab.nn.reparam import ACBlock, RepVGGBlock
+
+__all__ = [
+    "ACTS",
+    "CONVS",
+    "ConvOption",
+    "activation",
+    "check_block_options",
+    "conv_norm",
+    "init_block_parameters",
+]
+
+
+ConvNorm = tuple[nn.Module, nn.Module]
+
+
+@dataclass(frozen=True)
+class ConvOption:
+    """How a conv option builds one (conv, norm) pair from (in, out, kernel, stride, groups,
+    reads_image)."""
+
+    build: Callable[[int, int, int, int, int, bool], ConvNorm]
+    summary: str
+
+
+CONVS: dict[str, ConvOption] = {}
+ACTS: dict[str, Callable[[int], nn.Module]] = {
+    "relu": lambda channels: nn.ReLU(inplace=True),
+    "relu6": lambda channels: nn.ReLU6(inplace=True),
+    # every activation of the net: as the official ShuffleNetV2 (FunnelAct `shufflenet_v2.py`);
+    # its ResNet-50 keeps ReLU in the stem and the last stage (`resnet/resnet.py`)
+    "frelu": FReLU,
+}
+
+
+def register_conv(name: str, summary: str):
+    """Decorator: register `build(in, out, kernel, stride, groups, reads_image)` as conv option
+    `name`."""
+
+    def register(build: Callable[[int, int, int, int, int, bool], ConvNorm]):
+        CONVS[name] = ConvOption(build, summary)
+        return build
+
+    return register
+
+
+def _plain(in_ch: int, out_ch: int, kernel: int, stride: int, groups: int) -> ConvNorm:
+    conv = nn.Conv2d(in_ch, out_ch, kernel, stride, kernel // 2, groups=groups, bias=False)
+    return conv, nn.BatchNorm2d(out_ch)
+
+
+@register_conv("plain", "conv + BN")
+def _plain_option(
+    in_ch: int, out_ch: int, kernel: int, stride: int, groups: int, reads_image: bool
+) -> ConvNorm:
+    return _plain(in_ch, out_ch, kernel, stride, groups)
+
+
+@register_conv("acnet", "ACNet: k x k, 1 x k and k x 1 conv + BN branches (k >= 3)")
+def _acnet(
+    in_ch: int, out_ch: int, kernel: int, stride: int, groups: int, reads_image: bool
+) -> ConvNorm:
+    if kernel < 3:
+        return _plain(in_ch, out_ch, kernel, stride, groups)
+    return ACBlock(in_ch, out_ch, kernel, stride, groups=groups, gamma_init=1 / 3), nn.Identity()
+
+
+@register_conv("repvgg", "RepVGG: 3 x 3, 1 x 1 and identity branches with BN (3 x 3 convs)")
+def _repvgg(
+    in_ch: int, out_ch: int, kernel: int, stride: int, groups: int, reads_image: bool
+) -> ConvNorm:
+    if kernel != 3:
+        return _plain(in_ch, out_ch, kernel, stride, groups)
+    return RepVGGBlock(in_ch, out_ch, stride, groups), nn.Identity()
+
+
+@register_conv("weightnet", "WeightNet: per-sample kernels (M = G = 2) + BN (dense k x k convs)")
+def _weightnet(
+    in_ch: int, out_ch: int, kernel: int, stride: int, groups: int, reads_image: bool
+) -> ConvNorm:
+    if reads_image or kernel == 1:
+        return _plain(in_ch, out_ch, kernel, stride, groups)
+    if groups != 1:
+        raise ValueError(
+            f"conv=weightnet generates dense kernels; this network has a {kernel}x{kernel} conv "
+            f"with groups={groups}"
+        )
+    return WeightNetConv(in_ch, out_ch, kernel, stride), nn.BatchNorm2d(out_ch)
+
+
+def conv_norm(
+    option: str,
+    in_ch: int,
+    out_ch: int,
+    kernel: int,
+    stride: int = 1,
+    groups: int = 1,
+    reads_image: bool = False,
+) -> ConvNorm:
+    """The (conv, norm) pair of one conv + BN of a backbone built as conv option `option`
+    (padding k // 2; the norm is nn.Identity when the conv module normalises its branches)."""
+    if option not in CONVS:
+        raise ValueError(f"unknown conv option {option!r}; options: {', '.join(CONVS)}")
+    return CONVS[option].build(in_ch, out_ch, kernel, stride, groups, reads_image)
+
+
+def activation(option: str, channels: int) -> nn.Module:
+    """The activation `option` on a `channels`-channel map."""
+    if option not in ACTS:
+        raise ValueError(f"unknown activation {option!r}; options: {', '.join(ACTS)}")
+    return ACTS[option](channels)
+
+
+def check_block_options(
+    backbone: str, conv: str, act: str, convs: Sequence[str], acts: Sequence[str]
+) -> None:
+    """ValueError, listing what works, unless `backbone` takes conv option `conv` and activation
+    `act` (a backbone takes every pairing of its `convs` and `acts`)."""
+    if conv in convs and act in acts:
+        return
+    bad = f"conv={conv}" if conv not in convs else f"act={act}"
+    raise ValueError(
+        f"{backbone} cannot be built with {bad}: it takes conv={'|'.join(convs)} "
+        f"with act={'|'.join(acts)} (any pairing)"
+    )
+
+
+def init_block_parameters(net: nn.Module) -> None:
+    """Re-run the own initialisation of blocks that have one (WeightNet's generator scale, ACNet's
+    branch BN scales), after a backbone's blanket conv and BN init has overwritten it."""
+    for module in net.modules():
+        if isinstance(module, WeightNetConv):
+            module.reset_parameters()
+        elif isinstance(module, ACBlock):
+            module.reset_gamma()
