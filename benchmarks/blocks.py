@@ -16,8 +16,8 @@ import argparse
 import json
 
 import torch
-from early_exit import best_seconds
-from torch import Tensor, nn
+from early_exit import best_seconds, inference
+from torch import nn
 
 from dynlab.backbones import create_backbone
 from dynlab.evaluation.macs import count_macs
@@ -58,13 +58,6 @@ def main() -> None:
     macs = {k: count_macs(m, SIZE) for k, m in nets.items()}
     params = {k: sum(p.numel() for p in m.parameters()) for k, m in nets.items()}
 
-    def run(net: nn.Module):
-        def call(batch: Tensor) -> Tensor:
-            with torch.no_grad():
-                return net(batch)
-
-        return call
-
     report: dict[str, object] = {
         "backbone": args.backbone,
         "torch_threads": torch.get_num_threads(),
@@ -75,7 +68,7 @@ def main() -> None:
     x = torch.randn(max(b * n for b, n in BATCHES.items()), *SIZE)
     for batch, count in BATCHES.items():
         batches = list(x[: batch * count].split(batch))
-        seconds = best_seconds({k: run(m) for k, m in nets.items()}, batches, args.repeats)
+        seconds = best_seconds({k: inference(m) for k, m in nets.items()}, batches, args.repeats)
         plain = seconds["plain/deploy"]
         per_variant = {}
         for name, _, _ in VARIANTS[1:]:

@@ -116,6 +116,16 @@ def make_model() -> tuple[nn.Module, tuple[int, int, int]]:
 make_reference: Callable[[], nn.Module] | None = None
 
 
+def inference(net: nn.Module) -> Callable[[Tensor], Tensor]:
+    """`net`'s forward on one batch without autograd, as a run for `best_seconds`."""
+
+    def call(batch: Tensor) -> Tensor:
+        with torch.no_grad():
+            return net(batch)
+
+    return call
+
+
 def best_seconds(
     runs: Mapping[str, Callable[[Any], object]],
     batches: Sequence[Any],

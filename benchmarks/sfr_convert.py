@@ -15,8 +15,8 @@ import copy
 import json
 
 import torch
-from early_exit import best_seconds
-from torch import Tensor, nn
+from early_exit import best_seconds, inference
+from torch import nn
 
 from dynlab.backbones import create_backbone
 from dynlab.evaluation.macs import count_macs
@@ -53,13 +53,6 @@ def main() -> None:
     with torch.no_grad():
         agree = float((nets["masked"](x[:8]) - nets["condensed"](x[:8])).abs().max())
 
-    def run(net: nn.Module):
-        def call(batch: Tensor) -> Tensor:
-            with torch.no_grad():
-                return net(batch)
-
-        return call
-
     report: dict[str, object] = {
         "model": args.model,
         "torch_threads": torch.get_num_threads(),
@@ -70,7 +63,7 @@ def main() -> None:
     }
     for batch, count in ((1, 32), (64, 2)):
         batches = list(x[: batch * count].split(batch)) if batch > 1 else list(x[:count, None])
-        seconds = best_seconds({k: run(m) for k, m in nets.items()}, batches, args.repeats)
+        seconds = best_seconds({k: inference(m) for k, m in nets.items()}, batches, args.repeats)
         measured = seconds["masked"] / seconds["condensed"]
         macs_ratio = macs["masked"] / macs["condensed"]
         report[f"batch_{batch}"] = {

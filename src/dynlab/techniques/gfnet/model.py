@@ -25,6 +25,7 @@ from torch.distributions import Normal
 from dynlab.evaluation.macs import count_macs
 from dynlab.evaluation.outputs import evaluating
 from dynlab.nn.fuse import fold_batchnorm
+from dynlab.nn.reparam import reparameterize_modules
 from dynlab.protocol import DynamicNet
 from dynlab.techniques.gfnet.config import ClassifierKind, PolicyEncoder
 
@@ -381,12 +382,14 @@ class GFNet(DynamicNet):
         ]
 
     def deploy(self) -> Self:
-        """An eval-mode copy with each encoder's BatchNorms folded into its convs."""
+        """An eval-mode copy with each encoder's BatchNorms folded into its convs and its
+        re-parameterisable blocks (ACNet, RepVGG, FReLU) merged."""
         if self.deployed:
             return self
         net = copy.deepcopy(self).eval()
         for encoder in (net.glance, net.local):
             fold_batchnorm(encoder.net, method="forward_features")
+            reparameterize_modules(encoder.net)
         net.deployed = True
         return net.requires_grad_(False)
 

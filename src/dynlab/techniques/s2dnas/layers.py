@@ -247,6 +247,8 @@ def merge_staged_dense(block: MultiBranch) -> nn.Module:
     branches = block.branches()
     first = branches[0].conv
     assert isinstance(first, StagedConv2d)
+    if any(b.conv.reads_earlier != first.reads_earlier for b in branches):
+        raise ValueError("the branches of one block were given different stage plans")
     centre = block.kernel_size // 2
     weights, biases = [], []
     for k, (lo, hi) in enumerate(first.out_bounds):
