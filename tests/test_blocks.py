@@ -205,10 +205,11 @@ def test_other_techniques_run_on_the_blocks_and_deploy_them(compose_cfg, techniq
     overrides = ["+backbone.kwargs.conv=repvgg", "+backbone.kwargs.act=frelu", *extra]
     cfg = compose_cfg([*TINY, f"technique={technique}", *overrides])
     module = build_module(cfg, build_datamodule(cfg)).eval()
-    net = randomize(module.model, seed=5)
+    net = randomize(module.model, seed=5).double()  # float64: random BN statistics blow up
     deployed = net.deploy()
     assert not [m for m in deployed.modules() if isinstance(m, RepVGGBlock | _BatchNorm)]
-    x = inputs((2, *SIZE), seed=6)
+    x = inputs((2, *SIZE), seed=6).double()
     with torch.no_grad():
         for expected, actual in zip(net.forward_exits(x), deployed.forward_exits(x), strict=True):
-            torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
+            scale = max(1.0, expected.abs().max().item())
+            assert (actual - expected).abs().max().item() < 1e-5 * scale
