@@ -40,7 +40,7 @@ def test_log_prob_of_a_sample_matches_its_probability_mass() -> None:
 def test_reinforce_converges_to_the_best_settings_of_a_known_reward() -> None:
     torch.manual_seed(0)
     controller = Controller(num_layer_groups=1, num_stages=3, groups=8, hidden_size=32)
-    target = [4, 6, 0, 1]  # split points 5 and 7, concat off for stage 2, on for stage 3
+    target = [4, 6, 0, 1, 0]  # split points 5 and 7; m21 = 0, m31 = 1, m32 = 0
     learner = Reinforce(controller, lr=0.01, baseline_decay=0.9, entropy_weight=0.0)
     generator = torch.Generator().manual_seed(0)
 
@@ -49,7 +49,7 @@ def test_reinforce_converges_to_the_best_settings_of_a_known_reward() -> None:
 
     initial = controller.log_prob_and_entropy(target)[0].exp().item()
     for _ in range(100):
-        samples = [controller.sample(generator) for _ in range(2)]
+        samples = [controller.sample(generator) for _ in range(4)]
         learner.update(samples, [reward(s) for s in samples])
     assert controller.greedy() == target
     assert controller.log_prob_and_entropy(target)[0].exp().item() > max(0.5, 10 * initial)

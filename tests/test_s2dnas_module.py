@@ -16,6 +16,7 @@ from dynlab.data.base import DataInfo
 from dynlab.results import read_results
 from dynlab.runner import build_datamodule, build_module, run_job
 from dynlab.techniques.s2dnas.config import S2DNASConfig, S2DNASSearchConfig
+from dynlab.techniques.s2dnas.layers import StageRun
 from dynlab.techniques.s2dnas.module import S2DNASModule
 from dynlab.techniques.s2dnas.settings import SettingsError
 from tests.conftest import TINY
@@ -111,3 +112,39 @@ def test_search_needs_more_than_one_stage() -> None:
     assert [p.name for p in module.phases("train")] == ["train"]
     with pytest.raises(ValueError, match="num_stages >= 2"):
         module.phases("search")
+
+
+def test_exits_read_their_own_stage_or_all_earlier_stages() -> None:
+    """`own` (the paper's per-stage classifiers): exit k reads stage k's pooled features only, so
+    its head is as wide as stage k's last map; `all`: stages 1..k. The last head starts from the
+    static classifier's columns in both."""
+    static = create_backbone("cifar_resnet20", num_classes=10, in_chans=3)
+    own = S2DNASModule(RESNET20, DIGITS, split_points=[[2, 5]]).model
+    every = S2DNASModule(RESNET20, DIGITS, split_points=[[2, 5]], exit_features="all").model
+    bounds = own.plan.out_bounds  # 64 channels cut at groups 2 and 5 of 8: 16, 24, 24
+    assert [h.in_features for h in own.heads] == [hi - lo for lo, hi in bounds] == [16, 24, 24]
+    assert [h.in_features for h in every.heads] == [16, 40, 64]
+    assert own.exit_macs((3, 32, 32))[0] < every.exit_macs((3, 32, 32))[-1]
+    one = S2DNASModule(RESNET20, DIGITS, num_stages=1, exit_features="own").model
+    assert one.heads[0].in_features == static.get_classifier().in_features
+    # exit 2 of `own` ignores stage 1's pooled features: perturbing them leaves it unchanged
+    run = StageRun(torch.randn(2, 3, 32, 32))
+    own.eval()
+    with torch.no_grad():
+        own._advance(run)
+        run.pooled[0] = run.pooled[0] + 100.0
+        _, logits = own._advance(run)
+        run2 = StageRun(run.image)
+        own._advance(run2)
+        torch.testing.assert_close(own._advance(run2)[1], logits)
+
+
+def test_checkpoints_from_before_per_stage_exits_load_as_all(tmp_path: Path) -> None:
+    old = S2DNASModule(RESNET20, DIGITS, split_points=[[2, 5]], exit_features="all").eval()
+    state = old.technique_state()
+    del state["exit_features"]  # what a checkpoint written before the option holds
+    fresh = S2DNASModule(RESNET20, DIGITS).eval()
+    fresh.load_technique_state(state)
+    fresh.load_state_dict(old.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(fresh.forward_exits(x), old.forward_exits(x))

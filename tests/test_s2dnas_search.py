@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import socket
@@ -10,12 +11,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from dynlab.config import BackboneConfig
+from dynlab.data.base import DataInfo
 from dynlab.data.digits import DigitsDataModule
+from dynlab.data.synthetic import SyntheticDataModule
 from dynlab.preemption import Preempted
 from dynlab.results import read_results
 from dynlab.runner import run_job
@@ -24,13 +28,20 @@ from dynlab.techniques.s2dnas import search as search_module
 from dynlab.techniques.s2dnas.config import ExitRule, RewardForm, S2DNASSearchConfig
 from dynlab.techniques.s2dnas.controller import Controller, Reinforce
 from dynlab.techniques.s2dnas.module import S2DNASModule
-from dynlab.techniques.s2dnas.reward import dynamic_score, reward
+from dynlab.techniques.s2dnas.reward import (
+    dynamic_score,
+    exit_thresholds,
+    inference_record,
+    reward,
+    score_at,
+)
 from dynlab.techniques.s2dnas.search import CANDIDATES, SEARCH_STATE, run_search
 from dynlab.techniques.s2dnas.settings import S2DSettings
 
 from .conftest import S2D_SEARCH
 
 SEARCH_PHASES = ("search", "retrain_1")
+DIGITS = DataInfo("digits", 10, (3, 32, 32))
 TINY_SEARCH = S2DNASSearchConfig(
     iterations=2, candidates_per_iteration=2, candidate_batches=1, top_k=2
 )
@@ -71,6 +82,138 @@ def test_dynamic_score_and_rewards_follow_the_exit_rule() -> None:
     for q, fractions in [(1e-6, [0.75, 0.25]), (1e6, [0.0, 1.0])]:  # p_k ~ q^k, floored quotas
         budget = S2DNASSearchConfig(exit_rule=ExitRule.budget, budget_q=q)
         assert dynamic_score(probs, targets, [10.0, 30.0], 40.0, budget).exit_fractions == fractions
+
+
+def three_exit_probs() -> tuple[torch.Tensor, torch.Tensor]:
+    """60 samples, 3 exits, 3 classes (target 0). A (40): confident enough (0.62) and right at
+    exit 1. B (20): unsure at exit 1 (0.4), confidently wrong at exit 2 (0.9), right at exit 3."""
+    a = torch.tensor([[0.62, 0.38, 0.0], [0.62, 0.38, 0.0], [0.9, 0.1, 0.0]])
+    b = torch.tensor([[0.3, 0.4, 0.3], [0.1, 0.9, 0.0], [0.8, 0.2, 0.0]])
+    probs = torch.cat([a[:, None].expand(3, 40, 3), b[:, None].expand(3, 20, 3)], dim=1)
+    return probs.contiguous(), torch.zeros(60, dtype=torch.long)
+
+
+MACS3, STATIC3 = [10.0, 20.0, 40.0], 40.0
+
+
+def test_per_stage_thresholds_change_which_exit_samples_take() -> None:
+    probs, targets = three_exit_probs()
+    shared = dynamic_score(probs, targets, MACS3, STATIC3, S2DNASSearchConfig(threshold=0.5))
+    assert shared.exit_fractions == pytest.approx([2 / 3, 1 / 3, 0.0])  # B leaves wrong at exit 2
+    assert shared.thresholds == [0.5, 0.5, None] and shared.accuracy == pytest.approx(200 / 3)
+    per_stage = dynamic_score(
+        probs, targets, MACS3, STATIC3, S2DNASSearchConfig(threshold=[0.5, 0.95])
+    )
+    assert per_stage.exit_fractions == pytest.approx([2 / 3, 0.0, 1 / 3])  # B goes on to exit 3
+    assert per_stage.thresholds == [0.5, 0.95, None] and per_stage.accuracy == 100.0
+
+
+def test_a_threshold_list_of_the_wrong_length_is_refused_before_training() -> None:
+    probs, targets = three_exit_probs()
+    two = S2DNASSearchConfig(threshold=[0.5, 0.95])
+    with pytest.raises(ValueError, match=r"has 2 values for 4 stages: give one per early exit"):
+        S2DNASModule(BackboneConfig(name="cifar_resnet20"), DIGITS, num_stages=4, search=two)
+    with pytest.raises(ValueError, match=r"search.threshold has 1 values for 3 stages"):
+        dynamic_score(probs, targets, MACS3, STATIC3, S2DNASSearchConfig(threshold=[0.9]))
+    with pytest.raises(ValueError, match=r"search.threshold must be in \(0, 1\]"):
+        S2DNASSearchConfig(threshold=[0.9, 1.5])
+    assert S2DNASSearchConfig(threshold=[1, 0.5]).threshold == [1.0, 0.5]  # ints are floats
+
+
+def test_the_reward_counts_the_macs_of_the_exit_each_sample_takes() -> None:
+    probs, targets = three_exit_probs()
+    cfg = S2DNASSearchConfig(threshold=[0.5, 0.95], cost_weight=0.5)
+    score = dynamic_score(probs, targets, MACS3, STATIC3, cfg)
+    # 40 samples leave at exit 1 (10 MACs), 20 at exit 3 (40): 20 on average, not the last 40
+    assert score.avg_macs == pytest.approx((40 * 10 + 20 * 40) / 60) == 20.0
+    assert score.macs_ratio == pytest.approx(0.5)
+    assert reward(score, cfg) == pytest.approx(1.0 - 0.5 * 20 / 40)
+
+
+def test_searched_thresholds_reach_more_than_any_shared_one_on_the_grid() -> None:
+    probs, targets = three_exit_probs()
+    cfg = S2DNASSearchConfig(exit_rule=ExitRule.searched, cost_weight=0.5)
+    shared = {
+        t: reward(
+            dynamic_score(probs, targets, MACS3, STATIC3, S2DNASSearchConfig(threshold=t)), cfg
+        )
+        for t in cfg.threshold_grid
+    }
+    assert max(shared.values()) == pytest.approx(0.5)  # no shared value serves both exits
+    searched = dynamic_score(probs, targets, MACS3, STATIC3, cfg)
+    # from the best shared value (0.5, the lowest of the ties), exit 2 alone moves up to 0.95
+    assert searched.thresholds == [0.5, 0.95, None]
+    assert reward(searched, cfg) == pytest.approx(0.75)
+
+
+@pytest.mark.parametrize("form", [RewardForm.difference, RewardForm.product])
+def test_searched_thresholds_are_deterministic_grid_values_never_below_the_best_shared(
+    form: RewardForm,
+) -> None:
+    generator = torch.Generator().manual_seed(0)
+    logits = (
+        torch.randn(4, 300, 5, generator=generator)
+        * torch.tensor([1.0, 2.0, 3.0, 4.0])[:, None, None]
+    )
+    probs, targets = logits.softmax(dim=2), torch.randint(0, 5, (300,), generator=generator)
+    targets[:150] = logits[-1, :150].argmax(dim=1)  # the last exits know half of the samples
+    macs, static = [10.0, 20.0, 30.0, 40.0], 40.0
+    cfg = S2DNASSearchConfig(exit_rule=ExitRule.searched, reward=form, cost_weight=0.2)
+    best_shared = max(
+        reward(score_at(probs, targets, torch.tensor([t] * 3 + [-math.inf]), macs, static), cfg)
+        for t in cfg.threshold_grid
+    )
+    searched = dynamic_score(probs, targets, macs, static, cfg)
+    assert reward(searched, cfg) >= best_shared
+    assert all(t in cfg.threshold_grid for t in searched.thresholds[:-1])
+    assert dynamic_score(probs, targets, macs, static, cfg) == searched
+
+
+def test_inference_record_sets_thresholds_on_val_and_reports_test() -> None:
+    val_probs, val_targets = three_exit_probs()
+    # on test, exit 1 is sure of itself: calibrating there would give other thresholds
+    test_probs = val_probs.clone()
+    test_probs[0, :] = torch.tensor([0.97, 0.03, 0.0])
+    test = (test_probs, val_targets.clone())
+    cfg = S2DNASSearchConfig(exit_rule=ExitRule.budget, budget_q=1.0)
+    on_val = exit_thresholds(val_probs, val_targets, MACS3, STATIC3, cfg)
+    assert not torch.equal(on_val, exit_thresholds(*test, MACS3, STATIC3, cfg))
+    record = inference_record((val_probs, val_targets), test, MACS3, STATIC3, cfg)
+    assert record["rule"] == "budget" and record["thresholds"] == on_val[:-1].tolist()
+    expected = score_at(*test, on_val, MACS3, STATIC3)
+    assert record["top1"] == expected.accuracy and record["avg_macs"] == expected.avg_macs
+    assert record["exit_fractions"] == expected.exit_fractions
+    assert record["val"]["reward"] == reward(
+        score_at(val_probs, val_targets, on_val, MACS3, STATIC3), cfg
+    )
+
+
+def test_the_test_loop_reports_early_exit_at_the_val_thresholds() -> None:
+    datamodule = SyntheticDataModule(
+        num_train=32, num_test=40, val_size=24, batch_size=16, eval_batch_size=64
+    )
+    cfg = S2DNASSearchConfig(exit_rule=ExitRule.searched, cost_weight=0.1)
+    module = S2DNASModule(
+        BackboneConfig(name="cifar_resnet20"), datamodule.info, num_stages=3, groups=4, search=cfg
+    )
+    trainer = pl.Trainer(
+        accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
+    )
+    trainer.test(module, datamodule=datamodule, verbose=False)
+    record = module.deployed_cost(datamodule.info.input_size)["s2dnas_thresholds"]
+    deployed = module.deploy()
+    exit_macs = deployed.exit_macs(datamodule.info.input_size)
+    assert record["rule"] == "searched" and len(record["thresholds"]) == 2
+    assert all(t in cfg.threshold_grid for t in record["thresholds"])
+    assert len(record["exit_fractions"]) == 3 and 0 <= record["top1"] <= 100
+    assert record["avg_macs"] == pytest.approx(
+        sum(f * m for f, m in zip(record["exit_fractions"], exit_macs, strict=True))
+    )
+    # the same searched thresholds as the val score the reward uses
+    datamodule.setup("fit")
+    val_score = module._val_score(datamodule)
+    assert val_score["thresholds"][:2] == pytest.approx(record["thresholds"])
+    assert val_score["reward"] == pytest.approx(record["val"]["reward"])
 
 
 def test_tiny_search_on_digits_records_every_candidate_and_grows_the_schedule(
@@ -218,3 +361,7 @@ def test_search_killed_in_retrain_2_resumes_there_and_ends_as_an_uninterrupted_o
             torch.testing.assert_close(ends[1]["state_dict"][name], value, rtol=0, atol=0)
     assert read_results(killed)["status"] == "completed"
     assert read_results(killed)["metrics"] == read_results(whole)["metrics"]
+    # results.json: early exit on test at the selected network's val thresholds (fixed: 0.9)
+    inference = read_results(killed)["s2dnas_thresholds"]
+    assert inference == read_results(whole)["s2dnas_thresholds"]
+    assert inference["rule"] == "threshold" and inference["thresholds"] == [0.9]

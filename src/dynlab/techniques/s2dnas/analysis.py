@@ -3,18 +3,35 @@
 The S2D transformation slices every feature map along channels into stages. That is exact only when
 everything in `forward_features` is a dense or depthwise Conv2d, a BatchNorm2d, or a channel-local
 op (activation, pooling, dropout, residual addition). Forward hooks on every module record each
-layer's input/output shapes in execution order; layers are grouped by feature-map size into the
-"layer groups" that share split points (S2DNAS, Yuan et al. ECCV 2020, the split transformation).
-A channel-local op that changes the map size (a max-pool, a strided depthwise conv) passes its
-input's channel partition through unchanged, so it ties the two sizes into one layer group.
+layer's input/output shapes in execution order, and the trace follows which channel partition every
+tensor carries. Layers that share a partition form a "layer group" with one set of split points
+(S2DNAS, Yuan et al. ECCV 2020, the split transformation: layers with the same feature-map size
+share them):
+
+- a dense conv's output takes the partition of its output size: every map size a dense conv
+  produces is its own layer group, numbered input to output;
+- a BatchNorm, a channel-local module or a depthwise conv passes its input's partition to its
+  output, even when it changes the map size (a max-pool, a strided depthwise conv): the channels
+  it outputs are still cut where the layer that produced its input cut them;
+- a conv's input partition (`in_group`) is the one of the tensor it actually reads, not of that
+  tensor's map size;
+- tensor functions outside modules (residual additions, FReLU's max, ACNet/RepVGG branch sums,
+  spatial crops) give their output the partition of their tensor inputs, and an addition of maps
+  with two different partitions ties them into one layer group (its stages must add matching
+  slices): timm's ResNets add the stem's max-pooled map to their first stage, so the stem's size
+  and the first stage's size are one group.
+A tensor with no traced origin falls back to the partition of its map size.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from dynlab.evaluation.outputs import evaluating
 from dynlab.nn.dynamic import WeightNetConv
@@ -91,7 +108,9 @@ class BackboneLayout:
     backbone: str
     convs: tuple[ConvLayer, ...]
     norms: tuple[NormLayer, ...]
-    group_sizes: tuple[tuple[Size, ...], ...]  # the feature-map sizes of each layer group
+    # per layer group, the map sizes its dense convs produce (more than one where a residual
+    # addition ties them); maps that only channel-local ops produce carry an inherited group
+    group_sizes: tuple[tuple[Size, ...], ...]
     out_channels: int  # of the last feature map (the input of the classifier)
     out_group: int
 
@@ -102,13 +121,15 @@ class BackboneLayout:
 
 @dataclass
 class _Call:
-    """One leaf module's forward during the trace."""
+    """One leaf module's forward during the trace, with the partition nodes of its input and
+    output (`_Partitions`; -1 where it has no feature map)."""
 
     name: str
     module: nn.Module
     in_shape: tuple[int, ...]
     out_shape: tuple[int, ...]
-    reads_image: bool
+    in_node: int
+    out_node: int
 
 
 def analyse_backbone(
@@ -130,7 +151,9 @@ def analyse_backbone(
             raise UnsupportedBackboneError(
                 f"{backbone}: module '{name}' {REFUSED_BLOCKS[type(module)]}."
             )
-    calls, out_shape = _trace(net, input_size)
+    works = f"Backbones that work: {SUPPORTED_BACKBONES}."
+    partitions = _Partitions()
+    calls, out_shape, out_node = _trace(net, input_size, partitions)
     for call in calls:  # every layer's kind first: the clearest reason to reject a backbone
         _check_kind(call, backbone)
     for call in calls:
@@ -142,83 +165,196 @@ def analyse_backbone(
         twice = next(name for name in conv_names if conv_names.count(name) > 1)
         raise UnsupportedBackboneError(
             f"{backbone}: conv '{twice}' is applied more than once in forward_features; S2DNAS "
-            f"keeps one input per stage for each conv. Backbones that work: {SUPPORTED_BACKBONES}."
+            f"keeps one input per stage for each conv. {works}"
         )
-    groups = _SizeGroups()
-    for call in calls:  # sizes in forward order, so layer groups are numbered input to output
-        if not call.reads_image:
-            groups.add(_size(call.in_shape))
-        groups.add(_size(call.out_shape))
-        if not isinstance(call.module, nn.Conv2d) or _is_depthwise(call.module):
-            groups.tie(_size(call.in_shape), _size(call.out_shape))  # one partition in and out
+    if partitions.image_tied():
+        raise UnsupportedBackboneError(
+            f"{backbone}: forward_features adds the network input (or a map computed from it "
+            "without a conv) to a feature map; every stage reads the input whole, so the sum "
+            f"cannot be split into stages. {works}"
+        )
     convs, norms = [], []
     for call in calls:
+        reads_image = partitions.is_image(call.in_node)
+        per_channel = isinstance(call.module, nn.BatchNorm2d) or (
+            isinstance(call.module, nn.Conv2d) and _is_depthwise(call.module)
+        )
+        if reads_image and per_channel:
+            raise UnsupportedBackboneError(
+                f"{backbone}: module '{call.name}' ({type(call.module).__name__}) works on the "
+                "network input channel by channel, but every stage reads the input whole; "
+                f"S2DNAS needs a dense conv to read it first. {works}"
+            )
         if isinstance(call.module, nn.Conv2d):
+            depthwise = _is_depthwise(call.module)
+            in_group = -1 if reads_image else partitions.index(call.in_node)
             convs.append(
                 ConvLayer(
                     name=call.name,
                     in_channels=call.module.in_channels,
                     out_channels=call.module.out_channels,
-                    depthwise=_is_depthwise(call.module),
-                    reads_image=call.reads_image,
-                    in_group=-1 if call.reads_image else groups.index(_size(call.in_shape)),
-                    out_group=groups.index(_size(call.out_shape)),
+                    depthwise=depthwise,
+                    reads_image=reads_image,
+                    in_group=in_group,
+                    out_group=in_group if depthwise else partitions.index(call.out_node),
                     block=_enclosing_block(net, call.name),
                 )
             )
         elif isinstance(call.module, nn.BatchNorm2d):
             norms.append(
-                NormLayer(call.name, call.module.num_features, groups.index(_size(call.out_shape)))
+                NormLayer(call.name, call.module.num_features, partitions.index(call.in_node))
             )
-    if not convs:
+    if not convs or partitions.is_image(out_node):
         raise UnsupportedBackboneError(f"{backbone}: forward_features has no Conv2d to split")
-    if not groups.known(_size(out_shape)):
-        raise UnsupportedBackboneError(
-            f"{backbone}: the last feature map ({out_shape[-2]}x{out_shape[-1]}) is not produced "
-            "by the module layers S2DNAS traces; size changes must go through nn modules"
-        )
     return BackboneLayout(
         backbone=backbone,
         convs=tuple(convs),
         norms=tuple(norms),
-        group_sizes=groups.members(),
+        group_sizes=partitions.group_sizes(),
         out_channels=out_shape[1],
-        out_group=groups.index(_size(out_shape)),
+        out_group=partitions.index(out_node),
     )
 
 
-def _trace(net: nn.Module, input_size: tuple[int, int, int]) -> tuple[list[_Call], tuple[int, ...]]:
+def _trace(
+    net: nn.Module, input_size: tuple[int, int, int], partitions: _Partitions
+) -> tuple[list[_Call], tuple[int, ...], int]:
     """Every leaf module call of one `forward_features`, in execution order (eval mode, no grad),
-    and the shape of its output."""
+    the shape of its output and that output's partition node; `partitions` records the nodes and
+    their ties on the way."""
     image = torch.zeros(1, *input_size)
+    carried = _Carried(partitions)
+    carried.set(image, _Partitions.IMAGE)
     calls: list[_Call] = []
     handles = []
 
     def hook(name: str):
         def record(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-            if not list(module.children()):
-                first = inputs[0] if inputs else None
-                calls.append(
-                    _Call(
-                        name=name,
-                        module=module,
-                        in_shape=tuple(first.shape) if isinstance(first, Tensor) else (),
-                        out_shape=tuple(output.shape) if isinstance(output, Tensor) else (),
-                        reads_image=first is image,
-                    )
+            if list(module.children()):
+                return
+            first = inputs[0] if inputs else None
+            in_node = carried.node(first)
+            out_node = in_node  # BN, channel-local, depthwise: the input's partition passes on
+            if isinstance(module, nn.Conv2d) and not _is_depthwise(module):
+                out_node = partitions.of_size(_size(output.shape)) if _is_map(output) else -1
+            if isinstance(output, Tensor) and out_node >= 0:
+                carried.set(output, out_node)
+            calls.append(
+                _Call(
+                    name=name,
+                    module=module,
+                    in_shape=tuple(first.shape) if isinstance(first, Tensor) else (),
+                    out_shape=tuple(output.shape) if isinstance(output, Tensor) else (),
+                    in_node=in_node,
+                    out_node=out_node,
                 )
+            )
 
         return record
 
     for name, module in net.named_modules():
         handles.append(module.register_forward_hook(hook(name)))
     try:
-        with evaluating(net):
+        with evaluating(net), carried:
             out = net.forward_features(image)
     finally:
         for handle in handles:
             handle.remove()
-    return calls, tuple(out.shape) if isinstance(out, Tensor) else ()
+    if not isinstance(out, Tensor):
+        return calls, (), -1
+    return calls, tuple(out.shape), carried.node(out)
+
+
+class _Partitions:
+    """Union-find over channel partitions. Node 0 is the network input, which every stage reads
+    whole; every other node is the partition of one map size produced by a dense conv (or of a
+    size whose tensor has no traced origin), numbered in forward order. The layer groups are the
+    classes of nodes other than the input's, numbered by their first node."""
+
+    IMAGE = 0
+
+    def __init__(self) -> None:
+        self._parent = [self.IMAGE]
+        self._by_size: dict[Size, int] = {}
+
+    def of_size(self, size: Size) -> int:
+        if size not in self._by_size:
+            self._by_size[size] = len(self._parent)
+            self._parent.append(len(self._parent))
+        return self._by_size[size]
+
+    def root(self, node: int) -> int:
+        while self._parent[node] != node:
+            node = self._parent[node]
+        return node
+
+    def tie(self, a: int, b: int) -> None:
+        root_a, root_b = sorted((self.root(a), self.root(b)))
+        self._parent[root_b] = root_a  # the earlier node stays the root: numbering is kept
+
+    def is_image(self, node: int) -> bool:
+        return node >= 0 and self.root(node) == self.IMAGE
+
+    def image_tied(self) -> bool:
+        return any(self.is_image(node) for node in range(1, len(self._parent)))
+
+    def _roots(self) -> list[int]:
+        roots = (self.root(node) for node in range(1, len(self._parent)))
+        return list(dict.fromkeys(roots))
+
+    def index(self, node: int) -> int:
+        return self._roots().index(self.root(node))
+
+    def group_sizes(self) -> tuple[tuple[Size, ...], ...]:
+        """The map sizes whose partitions make up each layer group."""
+        return tuple(
+            tuple(size for size, node in self._by_size.items() if self.root(node) == root)
+            for root in self._roots()
+        )
+
+
+class _Carried(TorchFunctionMode):
+    """The partition node each tensor carries, by tensor identity (the tensors are kept alive, so
+    an id is never reused). As a torch function mode it also follows the tensor functions called
+    outside the hooked modules: their output carries their tensor inputs' partition, and inputs
+    carrying different partitions (a residual addition of two layer groups' maps) tie them."""
+
+    def __init__(self, partitions: _Partitions) -> None:
+        super().__init__()
+        self.partitions = partitions
+        self._nodes: dict[int, tuple[Tensor, int]] = {}
+
+    def set(self, tensor: Tensor, node: int) -> None:
+        self._nodes[id(tensor)] = (tensor, node)
+
+    def node(self, tensor: object) -> int:
+        """The partition `tensor` carries; one without a traced origin takes its map size's."""
+        if not isinstance(tensor, Tensor):
+            return -1
+        kept = self._nodes.get(id(tensor))
+        if kept is not None and kept[0] is tensor:
+            return kept[1]
+        return self.partitions.of_size(_size(tensor.shape)) if _is_map(tensor) else -1
+
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Collection[type],
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        out = func(*args, **(kwargs or {}))
+        nodes = []
+        for tensor in _tensors((args, kwargs)):
+            kept = self._nodes.get(id(tensor))
+            if kept is not None and kept[0] is tensor:  # parameters and buffers carry none
+                nodes.append(kept[1])
+        if nodes:
+            for other in nodes[1:]:
+                self.partitions.tie(nodes[0], other)
+            for tensor in _tensors(out):
+                self.set(tensor, nodes[0])
+        return out
 
 
 def _check_kind(call: _Call, backbone: str) -> None:
@@ -274,37 +410,16 @@ def _size(shape: tuple[int, ...]) -> Size:
     return (shape[-2], shape[-1])
 
 
-class _SizeGroups:
-    """Union-find over feature-map sizes; groups are numbered by first appearance."""
+def _is_map(tensor: object) -> bool:
+    return isinstance(tensor, Tensor) and tensor.dim() == 4
 
-    def __init__(self) -> None:
-        self._parent: dict[Size, Size] = {}
-        self._order: list[Size] = []
 
-    def add(self, size: Size) -> None:
-        if size not in self._parent:
-            self._parent[size] = size
-            self._order.append(size)
-
-    def _root(self, size: Size) -> Size:
-        self.add(size)
-        while self._parent[size] != size:
-            size = self._parent[size]
-        return size
-
-    def tie(self, a: Size, b: Size) -> None:
-        root_a, root_b = self._root(a), self._root(b)
-        if root_a != root_b:
-            self._parent[root_b] = root_a
-
-    def known(self, size: Size) -> bool:
-        return size in self._parent
-
-    def _roots(self) -> list[Size]:
-        return list(dict.fromkeys(self._root(s) for s in self._order))
-
-    def index(self, size: Size) -> int:
-        return self._roots().index(self._root(size))
-
-    def members(self) -> tuple[tuple[Size, ...], ...]:
-        return tuple(tuple(s for s in self._order if self._root(s) == r) for r in self._roots())
+def _tensors(tree: object) -> list[Tensor]:
+    """The tensors in nested tuples, lists and dicts (a torch function's arguments or result)."""
+    if isinstance(tree, Tensor):
+        return [tree]
+    if isinstance(tree, tuple | list):
+        return [t for item in tree for t in _tensors(item)]
+    if isinstance(tree, dict):
+        return [t for item in tree.values() for t in _tensors(item)]
+    return []

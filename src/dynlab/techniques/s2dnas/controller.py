@@ -3,8 +3,9 @@
 S2DNAS (Yuan et al., ECCV 2020) searches the split/concat space with an RNN controller updated by
 policy gradients, in the manner of NAS (Zoph & Le 2017). Decisions are emitted one per LSTM step,
 layer group by layer group: its s-1 split points (categorical over 1..G-1, masked so they come out
-strictly increasing), then one concat bit for each stage 2..s. Each step's input embeds the previous
-decision, so later choices are conditioned on earlier ones.
+strictly increasing), then its indicator matrix, one bit m_ij per stage i = 2..s and earlier stage
+j < i. Each step's input embeds the previous decision, so later choices are conditioned on earlier
+ones.
 """
 
 from __future__ import annotations
@@ -22,11 +23,12 @@ SPLIT, CONCAT = "split", "concat"
 
 @dataclass(frozen=True)
 class Decision:
-    """One controller step: a split point (index within its group) or a concat bit (its stage)."""
+    """One controller step: a split point (index within its group) or an indicator bit m_ij."""
 
     kind: str
     layer_group: int
-    index: int  # split point number 0..s-2, or stage number 2..s for a concat bit
+    index: int  # split point number 0..s-2, or stage i = 2..s for an indicator bit
+    source: int = 0  # the earlier stage j = 1..i-1 of an indicator bit
 
 
 class Controller(nn.Module):
@@ -42,13 +44,12 @@ class Controller(nn.Module):
             raise ValueError(f"groups={groups} cannot be split into {num_stages} stages")
         self.num_layer_groups, self.num_stages, self.groups = num_layer_groups, num_stages, groups
         self.decisions = [
-            Decision(kind, g, i)
+            decision
             for g in range(num_layer_groups)
-            for kind, indices in (
-                (SPLIT, range(num_stages - 1)),
-                (CONCAT, range(2, num_stages + 1)),
+            for decision in (
+                *(Decision(SPLIT, g, k) for k in range(num_stages - 1)),
+                *(Decision(CONCAT, g, i, j) for i in range(2, num_stages + 1) for j in range(1, i)),
             )
-            for i in indices
         ]
         self.start = nn.Parameter(torch.zeros(1, hidden_size))
         self.lstm = nn.LSTMCell(hidden_size, hidden_size)
@@ -77,13 +78,20 @@ class Controller(nn.Module):
     def to_settings(self, tokens: list[int]) -> S2DSettings:
         """Decode tokens into settings."""
         points = [[0] * (self.num_stages - 1) for _ in range(self.num_layer_groups)]
-        concat = [[False] * self.num_layer_groups for _ in range(self.num_stages - 1)]
+        concat = [
+            [[False] * (i - 1) for i in range(2, self.num_stages + 1)]
+            for _ in range(self.num_layer_groups)
+        ]
         for decision, token in zip(self.decisions, tokens, strict=True):
             if decision.kind == SPLIT:
                 points[decision.layer_group][decision.index] = token + 1
             else:
-                concat[decision.index - 2][decision.layer_group] = bool(token)
-        return S2DSettings(tuple(map(tuple, points)), tuple(map(tuple, concat)))
+                row = concat[decision.layer_group][decision.index - 2]
+                row[decision.source - 1] = bool(token)
+        return S2DSettings(
+            tuple(map(tuple, points)),
+            tuple(tuple(map(tuple, matrix)) for matrix in concat),
+        )
 
     def _rollout(
         self, given: list[int] | None, generator: torch.Generator | None

@@ -36,13 +36,16 @@ class StageRun:
     def __init__(self, image: Tensor) -> None:
         self.image = image
         self.stage = 0
-        self.conv_inputs: dict[int, list[Tensor]] = {}  # conv index -> its input at stages 0..k-1
+        # conv index -> {earlier stage -> its input there}, kept where a later stage reads it
+        self.conv_inputs: dict[int, dict[int, Tensor]] = {}
         self.pooled: list[Tensor] = []  # pooled last feature map of every finished stage
 
     def keep(self, mask: Tensor) -> None:
         """Drop the samples where `mask` is False from the image and from every kept tensor."""
         self.image = self.image[mask]
-        self.conv_inputs = {i: [t[mask] for t in ts] for i, ts in self.conv_inputs.items()}
+        self.conv_inputs = {
+            i: {k: t[mask] for k, t in kept.items()} for i, kept in self.conv_inputs.items()
+        }
         self.pooled = [p[mask] for p in self.pooled]
 
 
@@ -61,14 +64,20 @@ class StageCursor:
 
 
 def stage_input(
-    conv_inputs: dict[int, list[Tensor]], index: int, x: Tensor, concat: bool, keep: bool
+    conv_inputs: dict[int, dict[int, Tensor]],
+    index: int,
+    x: Tensor,
+    reads: tuple[int, ...],
+    stage: int,
+    keep: bool,
 ) -> Tensor:
-    """What conv `index` reads at the running stage: its input `x`, or the inputs of the earlier
-    stages and `x` concatenated (`concat`); `keep` stores `x` for later stages that concatenate."""
-    kept = conv_inputs.setdefault(index, [])
-    inputs = torch.cat([*kept, x], dim=1) if concat else x
+    """What conv `index` reads at `stage`: the inputs it had at the earlier stages `reads` (the
+    indicator matrix's ones), then its input `x`, concatenated; `keep` stores `x` for the later
+    stages that read this one."""
+    kept = conv_inputs.setdefault(index, {})
+    inputs = torch.cat([*(kept[j] for j in reads), x], dim=1) if reads else x
     if keep:
-        kept.append(x)
+        kept[stage] = x
     return inputs
 
 
@@ -86,8 +95,9 @@ class StageAttributes:
 
 
 class StagedConv2d(nn.Module):
-    """A dense conv cut into per-stage weight blocks: stage k computes its output slice from its own
-    input slice, or from the inputs of stages 1..k when it concatenates (only live blocks are kept)."""
+    """A dense conv cut into per-stage weight blocks: stage k computes its output slice from the
+    input slices of the earlier stages it reads (`reads[k]`) and its own, concatenated in that
+    order (only live blocks are kept)."""
 
     def __init__(
         self,
@@ -96,24 +106,29 @@ class StagedConv2d(nn.Module):
         cursor: StageCursor,
         out_bounds: Sequence[Bounds],
         in_bounds: Sequence[Bounds] | None,
-        reads_earlier: Sequence[bool],
+        reads: Sequence[Sequence[int]],
     ) -> None:
         """`in_bounds` None: the conv reads the network input, whole, at every stage."""
         super().__init__()
         self.index, self.cursor, self.out_bounds = index, cursor, list(out_bounds)
         self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
-        self.reads_earlier = list(reads_earlier)
+        self.reads = [tuple(r) for r in reads]
         self.reads_image = in_bounds is None
-        # Stage k's input must be kept if a later stage concatenates it.
-        self.keep_for_later = [any(self.reads_earlier[k + 1 :]) for k in range(len(out_bounds))]
+        # Stage k's input must be kept if a later stage reads it.
+        stages = len(out_bounds)
+        self.keep_for_later = [
+            any(k in self.reads[i] for i in range(k + 1, stages)) for k in range(stages)
+        ]
         weight = conv.weight.detach()
         blocks, biases = [], []
         for k, (lo, hi) in enumerate(out_bounds):
-            if in_bounds is None:
-                start, stop = 0, conv.in_channels
-            else:
-                start, stop = (0 if self.reads_earlier[k] else in_bounds[k][0]), in_bounds[k][1]
-            blocks.append(nn.Parameter(weight[lo:hi, start:stop].clone()))
+            columns = (
+                [(0, conv.in_channels)]
+                if in_bounds is None
+                else [in_bounds[j] for j in self.reads[k]] + [in_bounds[k]]
+            )
+            block = torch.cat([weight[lo:hi, start:stop] for start, stop in columns], dim=1)
+            blocks.append(nn.Parameter(block.clone()))
             if conv.bias is not None:
                 biases.append(nn.Parameter(conv.bias.detach()[lo:hi].clone()))
         self.weights = nn.ParameterList(blocks)
@@ -125,7 +140,7 @@ class StagedConv2d(nn.Module):
         inputs = x
         if not self.reads_image:
             inputs = stage_input(
-                run.conv_inputs, self.index, x, self.reads_earlier[k], self.keep_for_later[k]
+                run.conv_inputs, self.index, x, self.reads[k], k, self.keep_for_later[k]
             )
         bias = self.biases[k] if self.biases is not None else None
         return F.conv2d(inputs, self.weights[k], bias, self.stride, self.padding, self.dilation)
@@ -133,11 +148,11 @@ class StagedConv2d(nn.Module):
     def stage_node(
         self, graph: fx.Graph, x: fx.Node, conv_inputs: fx.Node, k: int, attrs: StageAttributes
     ) -> fx.Node:
-        """Stage k of this conv as plain graph nodes: `stage_input` (if it concatenates or keeps
-        its input) and F.conv2d on stage k's weight block."""
+        """Stage k of this conv as plain graph nodes: `stage_input` (if it reads earlier stages or
+        keeps its input) and F.conv2d on stage k's weight block."""
         inputs: fx.Node = x
-        if not self.reads_image and (self.reads_earlier[k] or self.keep_for_later[k]):
-            args = (conv_inputs, self.index, x, self.reads_earlier[k], self.keep_for_later[k])
+        if not self.reads_image and (self.reads[k] or self.keep_for_later[k]):
+            args = (conv_inputs, self.index, x, self.reads[k], k, self.keep_for_later[k])
             inputs = graph.call_function(stage_input, args)
         weight = attrs.get(graph, "weight", self.weights[k])
         bias = attrs.get(graph, "bias", self.biases[k]) if self.biases is not None else None
@@ -242,12 +257,12 @@ def merge_staged_depthwise(block: MultiBranch) -> nn.Module:
 def merge_staged_dense(block: MultiBranch) -> nn.Module:
     """A dense ACNet/RepVGG block of a staged network as one staged conv: stage k's weight blocks
     of the branches read the same input slice (one plan per block, `plan_stages`), so they add up
-    block by block; the identity branch picks, for output channel c, input column c of the
-    stage's input (its own slice, or stages 1..k concatenated)."""
+    block by block; the identity branch picks, for output channel c, channel c of the stage's own
+    input slice, which comes last in its input."""
     branches = block.branches()
     first = branches[0].conv
     assert isinstance(first, StagedConv2d)
-    if any(b.conv.reads_earlier != first.reads_earlier for b in branches):
+    if any(b.conv.reads != first.reads for b in branches):
         raise ValueError("the branches of one block were given different stage plans")
     centre = block.kernel_size // 2
     weights, biases = [], []
@@ -256,8 +271,9 @@ def merge_staged_dense(block: MultiBranch) -> nn.Module:
         in_columns = first.weights[k].shape[1]
         if block.identity is not None:
             assert isinstance(block.identity, StagedBatchNorm2d)
-            start = hi - in_columns  # 0 when concatenating stages 1..k, else lo
-            columns = torch.arange(lo, hi, device=first.weights[k].device) - start
+            # the stage's own slice comes last in its input (after the earlier stages it reads)
+            own = in_columns - (hi - lo)
+            columns = torch.arange(hi - lo, device=first.weights[k].device) + own
             eye = identity_kernel(columns, in_columns, first.weights[k])
             folded = fuse_conv_bn_weights(eye, None, *_norm_slice(block.identity, lo, hi))
             parts.append((folded[0].detach(), folded[1].detach(), (centre, centre)))

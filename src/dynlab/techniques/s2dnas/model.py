@@ -1,8 +1,9 @@
 """The S2D network: a static CNN run as s thin full-depth stages, one exit after each.
 
 Stage k runs the backbone's own `forward_features` on its channel slice of every layer (see
-`layers.py`); its last feature map is average-pooled and, concatenated with the pooled maps of stages
-1..k-1, fed to exit k's linear classifier. Stages run in order and reuse earlier stages' features, so
+`layers.py`); its last feature map is average-pooled and fed to exit k's linear classifier (as the
+paper's per-stage classifiers), or, with `exit_features="all"`, concatenated with the pooled maps of
+stages 1..k-1 first. Stages run in order and reuse earlier stages' features, so
 the MACs to reach exit k are cumulative and measured, and an early-exit session really stops
 computing later stages for the samples that left.
 """
@@ -41,9 +42,10 @@ from dynlab.techniques.s2dnas.transform import mask_to_plan, plan_stages, stage_
 class S2DNet(DynamicNet):
     """A backbone transformed in place into `settings.num_stages` stages with one exit each.
 
-    The exit of stage k is a linear classifier over the pooled last feature maps of stages 1..k; the
-    last exit starts from the backbone's own classifier, so with one stage the network is the
-    original one. The transformation is checked when built: the stages' last feature maps,
+    The exit of stage k is a linear classifier over the pooled last feature map of stage k
+    (`exit_features="own"`) or of stages 1..k (`"all"`); the last exit starts from the backbone's
+    own classifier (its columns of stage s's channels, for "own"), so with one stage the network is
+    the original one. The transformation is checked when built: the stages' last feature maps,
     concatenated, must equal those of the original network with the unread weight blocks zeroed.
     """
 
@@ -54,8 +56,12 @@ class S2DNet(DynamicNet):
         settings: S2DSettings,
         groups: int,
         input_size: tuple[int, int, int],
+        exit_features: str = "own",
     ) -> None:
         super().__init__()
+        if exit_features not in ("own", "all"):
+            raise ValueError(f"exit_features must be 'own' or 'all', got {exit_features!r}")
+        self.exit_features = exit_features
         classifier = backbone.get_classifier()  # type: ignore[operator]
         if not isinstance(classifier, nn.Linear) or classifier.in_features != layout.out_channels:
             raise UnsupportedBackboneError(
@@ -69,10 +75,15 @@ class S2DNet(DynamicNet):
         stage_backbone(backbone, layout, self.plan, self.cursor)
         backbone.reset_classifier(0)  # type: ignore[operator]
         self.backbone = backbone
+        own = exit_features == "own"
         self.heads = nn.ModuleList(
-            nn.Linear(stop, classifier.out_features) for _, stop in self.plan.out_bounds
+            nn.Linear(stop - start if own else stop, classifier.out_features)
+            for start, stop in self.plan.out_bounds
         )
-        self.heads[-1].load_state_dict(classifier.state_dict())
+        start = self.plan.out_bounds[-1][0] if own else 0
+        with torch.no_grad():
+            self.heads[-1].weight.copy_(classifier.weight[:, start:])
+            self.heads[-1].bias.copy_(classifier.bias)
         # The deploy form's flat program of each stage (None: stages run through the cursor).
         self.programs: nn.ModuleList | None = None
         mask_to_plan(reference, layout, self.plan)
@@ -129,7 +140,8 @@ class S2DNet(DynamicNet):
             finally:
                 self.cursor.run = None
         run.pooled.append(features.mean(dim=(2, 3)))
-        logits = self.heads[run.stage](torch.cat(run.pooled, dim=1))
+        pooled = run.pooled[-1] if self.exit_features == "own" else torch.cat(run.pooled, dim=1)
+        logits = self.heads[run.stage](pooled)
         run.stage += 1
         return features, logits
 
@@ -154,7 +166,14 @@ class S2DNet(DynamicNet):
                     f"{backbone}: the stages do not reproduce forward_features; it mixes channels "
                     f"outside Conv2d layers or changes map sizes outside nn modules. {works}"
                 )
-            if not _close(stages[-1][1], reference.forward_head(expected)):  # type: ignore[operator]
+            head = reference.get_classifier()  # type: ignore[operator]
+            pooled = expected.mean(dim=(2, 3))
+            plain_head = F.linear(pooled, head.weight, head.bias)
+            # the last exit reads stage s's channels ("own") or all of them ("all")
+            start = self.plan.out_bounds[-1][0] if self.exit_features == "own" else 0
+            last_exit = F.linear(pooled[:, start:], head.weight[:, start:], head.bias)
+            head_ok = _close(plain_head, reference.forward_head(expected))  # type: ignore[operator]
+            if not head_ok or not _close(stages[-1][1], last_exit):
                 raise UnsupportedBackboneError(
                     f"{backbone}: forward_head is not global average pooling plus the linear "
                     f"classifier, which the S2D exits replace. {works}"

@@ -2,7 +2,7 @@
 
 Yuan et al., "S2DNAS: Transforming Static CNN Model for Dynamic Inference via Neural Architecture
 Search", ECCV 2020. `mode=train` (dynlab-train) trains the network given by the config's split
-points and concat bits with the multi-exit loss. `mode=search` (dynlab-search) runs the schedule
+points and indicator matrices with the multi-exit loss. `mode=search` (dynlab-search) runs the schedule
   search (custom) -> retrain_1 .. retrain_k (fit, the k best distinct candidates from scratch)
   -> select (custom: keep the retrained network with the best val score);
 the retrain phases appear once the search has found its candidates.
@@ -27,7 +27,7 @@ from dynlab.techniques.s2dnas.analysis import analyse_backbone
 from dynlab.techniques.s2dnas.config import S2DNASConfig, S2DNASSearchConfig, SelectBy
 from dynlab.techniques.s2dnas.controller import Controller, Reinforce
 from dynlab.techniques.s2dnas.model import S2DNet, multi_exit_loss
-from dynlab.techniques.s2dnas.reward import dynamic_score, reward
+from dynlab.techniques.s2dnas.reward import dynamic_score, inference_record, reward
 from dynlab.techniques.s2dnas.search import (
     CONTROLLER_STREAM,
     RETRAIN_STREAM,
@@ -55,8 +55,9 @@ class S2DNASModule(DynlabModule):
         num_stages: int = 3,
         groups: int = 8,
         split_points: list[list[int]] | None = None,
-        concat: list[list[bool]] | None = None,
+        concat: list[Any] | None = None,
         loss_weights: list[float] | None = None,
+        exit_features: str = "own",
         init_from: str | None = None,
         seed: int = 0,
         search: S2DNASSearchConfig | None = None,
@@ -64,23 +65,28 @@ class S2DNASModule(DynlabModule):
         super().__init__(optim)
         self.save_hyperparameters(ignore=["data_info"])
         self.backbone_cfg, self.data_info = backbone, data_info
-        self.groups, self.seed = groups, seed
+        self.groups, self.seed, self.exit_features = groups, seed, str(exit_features)
         self.search_cfg = search or S2DNASSearchConfig()
         self.loss_weights = [1.0] * num_stages if loss_weights is None else list(loss_weights)
         if len(self.loss_weights) != num_stages:
             raise ValueError(
                 f"s2dnas: {len(self.loss_weights)} loss_weights for {num_stages} stages"
             )
+        self.search_cfg.stage_thresholds(num_stages)  # a threshold list: one per early exit
         self.static_weights = load_static_weights(init_from) if init_from else None
         net = self._new_backbone()
         self.layout = analyse_backbone(net, data_info.input_size, backbone.name)
         settings = resolve_settings(
             split_points, concat, num_stages, self.layout.num_layer_groups, groups
         )
-        self.model = S2DNet(net, self.layout, settings, groups, data_info.input_size)
+        self.model = S2DNet(
+            net, self.layout, settings, groups, data_info.input_size, self.exit_features
+        )
         self.top_k: list[dict[str, Any]] = []  # the search's best candidates (settings, reward)
         self.retrained: dict[str, dict[str, Any]] = {}  # retrain phase -> its val score
         self.selected: str | None = None
+        # early exit on test at the thresholds set on val (on_test_end; results.json)
+        self.inference: dict[str, Any] | None = None
 
     # --- training -----------------------------------------------------------------------------
     def exit_losses(self, logits: list[Tensor], y: Tensor) -> Tensor:
@@ -132,6 +138,7 @@ class S2DNASModule(DynlabModule):
     def technique_state(self) -> dict[str, Any]:
         return {
             "settings": self.model.settings.to_dict(),
+            "exit_features": self.exit_features,
             "top_k": self.top_k,
             "retrained": self.retrained,
             "selected": self.selected,
@@ -142,7 +149,10 @@ class S2DNASModule(DynlabModule):
         if not state:
             return
         settings = S2DSettings.from_dict(state["settings"])
-        if settings != self.model.settings:
+        # checkpoints from before the per-stage exits read stages 1..k
+        exit_features = state.get("exit_features", "all")
+        if settings != self.model.settings or exit_features != self.exit_features:
+            self.exit_features = exit_features
             self._use(settings, self.seed)
         self.top_k = state.get("top_k", [])
         self.retrained = state.get("retrained", {})
@@ -163,7 +173,12 @@ class S2DNASModule(DynlabModule):
 
     def _build(self, settings: S2DSettings) -> S2DNet:
         return S2DNet(
-            self._new_backbone(), self.layout, settings, self.groups, self.data_info.input_size
+            self._new_backbone(),
+            self.layout,
+            settings,
+            self.groups,
+            self.data_info.input_size,
+            self.exit_features,
         )
 
     def _use(self, settings: S2DSettings, seed: int) -> None:
@@ -212,6 +227,7 @@ class S2DNASModule(DynlabModule):
         return {
             "settings": self.model.settings.to_dict(),
             "reward": reward(score, self.search_cfg),
+            "rule": str(self.search_cfg.exit_rule),
             **score.as_dict(),
         }
 
@@ -228,5 +244,51 @@ class S2DNASModule(DynlabModule):
         self._use(settings, self.seed)
         self.load_state_dict(checkpoint["state_dict"])
         self.selected = best
-        summary = {"selected": best, "by": key, "retrained": self.retrained}
+        summary = {
+            "selected": best,
+            "by": key,
+            "thresholds": self.retrained[best]["thresholds"],  # its val score's (None: +-inf)
+            "retrained": self.retrained,
+        }
         atomic_write_text(ctx.phase_dir / "selection.json", json.dumps(summary, indent=2))
+
+    # --- test-time report -----------------------------------------------------------------------
+    def on_test_end(self) -> None:
+        """After the test loop and the evaluation callbacks, while the deploy form is in place:
+        early exit on test at the thresholds `search.exit_rule` sets on val, as the reward used
+        them (the selected network's val score: same rule, same val split). Every rank takes part
+        (the outputs are all-gathered); `deployed_cost` puts it into results.json."""
+        try:
+            self.inference = self._inference_on_test()
+        finally:
+            super().on_test_end()
+
+    def _inference_on_test(self) -> dict[str, Any] | None:
+        from dynlab.evaluation.callbacks import dynamic_model, exit_outputs, input_size
+
+        trainer, datamodule = self.trainer, self.trainer.datamodule  # type: ignore[attr-defined]
+        if datamodule is None:  # a test on bare dataloaders: no val split to set thresholds on
+            return None
+        model = dynamic_model(trainer, self)  # the callbacks' model: their cached outputs
+        record = inference_record(
+            exit_outputs(trainer, model, datamodule, "val"),  # thresholds: val only
+            exit_outputs(trainer, model, datamodule, "test"),
+            model.exit_macs(input_size(datamodule)),
+            self._static_macs(),
+            self.search_cfg,
+        )
+        if trainer.is_global_zero:
+            shown = ", ".join(f"{t:.3g}" for t in record["thresholds"])
+            print(
+                f"[s2dnas] early exit on test at the val thresholds ({record['rule']}: {shown}): "
+                f"top-1 {record['top1']:.2f} % at {record['avg_macs'] / 1e6:.3g} M MACs on average"
+            )
+        return record
+
+    def deployed_cost(self, input_size: tuple[int, int, int]) -> dict[str, Any]:
+        """The deploy form's cost, plus the test-time early exit at the val thresholds under
+        `s2dnas_thresholds` once a test loop has run (results.json)."""
+        cost = super().deployed_cost(input_size)
+        if self.inference is not None:
+            cost["s2dnas_thresholds"] = self.inference
+        return cost

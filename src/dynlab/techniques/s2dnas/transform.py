@@ -3,8 +3,9 @@
 Channels of a C-channel layer are cut into G groups, group g being channels [g*C//G, (g+1)*C//G)
 (floor rounding, so every group has C//G or C//G + 1 channels and every stage is non-empty when
 C >= G). Stage k owns the groups between its layer group's split points k-1 and k. A dense conv of
-stage k reads its own input slice, or the slices of stages 1..k when its concat bit is on; the last
-conv of the network always concatenates (every exit sees features built from all earlier stages).
+stage k reads its own input slice and the slices of the earlier stages j its layer group's
+indicator matrix marks (m_kj = 1); the last conv of the network reads every earlier stage (S2DNAS,
+Sec. 3: every exit sees features built from all earlier stages).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ class ConvPlan:
 
     out_bounds: tuple[Bounds, ...]
     in_bounds: tuple[Bounds, ...] | None  # None: reads the network input whole
-    reads_earlier: tuple[bool, ...]  # stage k also reads stages 1..k-1 (False at stage 1)
+    reads: tuple[tuple[int, ...], ...]  # per stage k, the earlier stages (0-based) it also reads
     depthwise: bool
 
 
@@ -72,15 +73,15 @@ def plan_stages(layout: BackboneLayout, settings: S2DSettings, groups: int) -> S
     }
     convs = {}
     for conv in layout.convs:
-        reads_earlier = tuple(
-            k > 0 and (conv.name in final or settings.concat[k - 1][conv.out_group])
+        reads = tuple(
+            tuple(range(k)) if conv.name in final else settings.reads(conv.out_group, k)
             for k in range(settings.num_stages)
         )
         in_bounds = None if conv.reads_image else bounds(conv.name, conv.in_channels, conv.in_group)
         convs[conv.name] = ConvPlan(
             out_bounds=bounds(conv.name, conv.out_channels, conv.out_group),
             in_bounds=in_bounds,
-            reads_earlier=reads_earlier,
+            reads=reads,
             depthwise=conv.depthwise,
         )
     norms = {n.name: bounds(n.name, n.channels, n.group) for n in layout.norms}
@@ -105,9 +106,7 @@ def stage_backbone(
         if p.depthwise:
             staged = StagedDepthwiseConv2d(original, cursor, p.out_bounds)
         else:
-            staged = StagedConv2d(
-                original, index, cursor, p.out_bounds, p.in_bounds, p.reads_earlier
-            )
+            staged = StagedConv2d(original, index, cursor, p.out_bounds, p.in_bounds, p.reads)
         _replace(net, conv.name, staged)
     for name, bounds in plan.norms.items():
         original = modules[name]
@@ -129,8 +128,9 @@ def mask_to_plan(net: nn.Module, layout: BackboneLayout, plan: StagePlan) -> Non
             continue
         weight = modules[conv.name].weight
         mask = torch.zeros_like(weight)
-        for k, ((lo, hi), (start, stop)) in enumerate(zip(p.out_bounds, p.in_bounds, strict=True)):
-            mask[lo:hi, (0 if p.reads_earlier[k] else start) : stop] = 1
+        for k, (lo, hi) in enumerate(p.out_bounds):
+            for start, stop in [p.in_bounds[j] for j in p.reads[k]] + [p.in_bounds[k]]:
+                mask[lo:hi, start:stop] = 1
         weight.mul_(mask)
 
 
