@@ -151,3 +151,67 @@ def test_broken_and_diverged_runs_are_listed_with_their_reason(tmp_path: Path) -
     assert "`sweep/cut`: broken: " in incomplete and "not valid JSON" in incomplete
     assert f"`sweep/nan`: failed: {diverged}" in incomplete
     assert set(read_csv(tmp_path / "out" / "report.csv")) == {"sweep/ok"}
+
+
+def _dynamic(seed: int, shift: float, seconds: float) -> dict:
+    """A 3-exit run whose curve is DYNAMIC's moved up by `shift` points."""
+    curve = [{**p, "accuracy": p["accuracy"] + shift} for p in DYNAMIC["budgeted"]["curve"]]
+    return {
+        **DYNAMIC,
+        "overrides": ["technique=gfnet", f"seed={seed}"],
+        "budgeted": {"curve": curve},
+        "metrics": {"test/top1": 91.5 + shift},
+        "phase_seconds": {"stage1": seconds, "stage2": seconds},
+    }
+
+
+def test_seeds_group_into_mean_curves_measured_against_the_static_reference(
+    tmp_path: Path,
+) -> None:
+    """Two seeds of a dynamic run become one mean curve with its spread; the table gives the
+    MACs it needs to match the static reference (or 'not reached') and its accuracy at 25 % /
+    50 % of the reference's MACs."""
+    root = tmp_path / "sweep"
+    static = {**STATIC, "backbone": "cifar_resnet20", "exit_macs": [40e6], "overrides": []}
+    for name, results in [
+        ("0", _dynamic(0, 0.0, 30.0)),
+        ("1", _dynamic(1, 2.0, 90.0)),  # mean curve: DYNAMIC's + 1 point
+        ("2", {**static, "overrides": ["technique=baseline"], "metrics": {"test/top1": 89.5}}),
+        ("3", {**static, "technique": "sfr", "overrides": ["technique=sfr"], "exit_macs": [9e6]}),
+        (
+            "4",
+            {
+                **static,
+                "technique": "spos",
+                "overrides": ["technique=spos"],
+                "exit_macs": [9e6],
+                "metrics": {"test/top1": 80.0},
+            },
+        ),
+    ]:
+        (root / name / ".hydra").mkdir(parents=True)
+        update_results(root / name, **results)
+    markdown = write_report([root], tmp_path / "out")
+
+    with open(tmp_path / "out" / "comparison.csv", newline="") as f:
+        rows = {row["technique"]: row for row in csv.DictReader(f)}
+    gfnet, static_row, sfr, spos = (
+        rows["gfnet · cifar_resnet20"],
+        rows["baseline · cifar_resnet20"],
+        rows["sfr · cifar_resnet20"],
+        rows["spos · cifar_resnet20"],
+    )
+    assert int(gfnet["seeds"]) == 2 and float(gfnet["top1"]) == 92.5
+    assert float(gfnet["train_minutes"]) == 2.0  # (60 + 180) s / 2 seeds
+    # mean curve 80, 85, 90, 91 at 9, 10, 19, 21 M: 89.5 is first reached at 19 M
+    assert float(gfnet["macs_to_match_static"]) == 19e6
+    assert float(gfnet["top1_at_25pct_static_macs"]) == 85.0  # 10 M <= 25 % of 40 M
+    assert float(gfnet["top1_at_50pct_static_macs"]) == 90.0  # 19 M <= 20 M < 21 M
+    assert static_row["static_reference"] == "True" and gfnet["static_reference"] == "False"
+    # a point: matched at its own MACs if as accurate, else never; counted where it fits
+    assert (
+        float(sfr["macs_to_match_static"]) == 9e6
+        and float(sfr["top1_at_25pct_static_macs"]) == 93.0
+    )
+    assert spos["macs_to_match_static"] == "" and float(spos["top1_at_25pct_static_macs"]) == 80.0
+    assert "not reached" in markdown and "(static reference)" in markdown

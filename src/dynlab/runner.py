@@ -10,6 +10,7 @@ import copy
 import hashlib
 import os
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -37,7 +38,7 @@ from dynlab.ema import EMA
 from dynlab.evaluation.callbacks import AnytimeEvaluation, BudgetedEvaluation, TechniqueFigures
 from dynlab.logging import announce_phase, quiet_console, wandb_mode
 from dynlab.preemption import Preempted, PreemptionHandler, job_signals
-from dynlab.results import update_results
+from dynlab.results import read_results, update_results
 from dynlab.summary import print_summary
 from dynlab.techniques.base import DynlabModule, Phase, PhaseContext, PhaseKind
 from dynlab.validation import ConfigError, build_run, validate_config
@@ -281,31 +282,57 @@ def run_schedule(
     while (phase := next_phase(module, cfg)) is not None:
         if _is_global_zero():
             update_results(cfg.run_dir, status="running", phase=phase.name)
-        module.start_phase(phase)
-        announce_phase(cfg, module, phase)
-        pdir = ckpt.phase_dir(cfg.run_dir, phase.name)
-        if phase.kind == PhaseKind.custom:
-            logger = build_logger(cfg, phase.name)  # lazy: a W&B run only if the phase logs
-            with finishing_logger(logger):
-                loggers = [logger] if isinstance(logger, Logger) else []
-                ctx = PhaseContext(Path(cfg.run_dir), pdir, datamodule, cfg, loggers)
-                module.run_custom_phase(phase, ctx)
-            if _is_global_zero():
-                ckpt.save_module_state(module, pdir / ckpt.FINAL)
-        else:
-            logger = build_logger(cfg, phase.name)
-            with finishing_logger(logger), phase_streams(module, datamodule, phase):
-                trainer = build_trainer(cfg, phase, logger, callbacks, module)
-                resume = ckpt.resume_path(cfg.run_dir, phase.name)
-                # The run's own checkpoint (it holds RNG states and config dataclasses, which
-                # torch's weights-only unpickler refuses).
-                trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=False)
-                if trainer.interrupted:
-                    raise KeyboardInterrupt(f"phase '{phase.name}' was interrupted")
-                trainer.save_checkpoint(pdir / ckpt.FINAL)
+        with timed_phase(cfg.run_dir, phase.name):
+            run_phase(cfg, module, datamodule, callbacks, phase)
         if _is_global_zero():
             ckpt.mark_done(cfg.run_dir, phase.name)
         _barrier()
+
+
+@contextmanager
+def timed_phase(run_dir: str | Path, name: str) -> Iterator[None]:
+    """Add the wall-clock seconds spent in phase `name` to results.json's `phase_seconds`, also
+    when the phase is interrupted or preempted (a resumed phase's attempts add up)."""
+    begin = time.monotonic()
+    try:
+        yield
+    finally:
+        if _is_global_zero():
+            seconds = dict(read_results(run_dir).get("phase_seconds") or {})
+            seconds[name] = round(seconds.get(name, 0.0) + time.monotonic() - begin, 3)
+            update_results(run_dir, phase_seconds=seconds)
+
+
+def run_phase(
+    cfg: DictConfig,
+    module: DynlabModule,
+    datamodule: DynlabDataModule,
+    callbacks: list[Callback],
+    phase: Phase,
+) -> None:
+    """One phase: a custom phase's own loop, or a Lightning fit resuming its last checkpoint."""
+    module.start_phase(phase)
+    announce_phase(cfg, module, phase)
+    pdir = ckpt.phase_dir(cfg.run_dir, phase.name)
+    if phase.kind == PhaseKind.custom:
+        logger = build_logger(cfg, phase.name)  # lazy: a W&B run only if the phase logs
+        with finishing_logger(logger):
+            loggers = [logger] if isinstance(logger, Logger) else []
+            ctx = PhaseContext(Path(cfg.run_dir), pdir, datamodule, cfg, loggers)
+            module.run_custom_phase(phase, ctx)
+        if _is_global_zero():
+            ckpt.save_module_state(module, pdir / ckpt.FINAL)
+    else:
+        logger = build_logger(cfg, phase.name)
+        with finishing_logger(logger), phase_streams(module, datamodule, phase):
+            trainer = build_trainer(cfg, phase, logger, callbacks, module)
+            resume = ckpt.resume_path(cfg.run_dir, phase.name)
+            # The run's own checkpoint (it holds RNG states and config dataclasses, which
+            # torch's weights-only unpickler refuses).
+            trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=False)
+            if trainer.interrupted:
+                raise KeyboardInterrupt(f"phase '{phase.name}' was interrupted")
+            trainer.save_checkpoint(pdir / ckpt.FINAL)
 
 
 def evaluate(

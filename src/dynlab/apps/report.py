@@ -6,6 +6,11 @@ Every run dir under the given paths (a folder holding `.hydra/` or `results.json
 sweep, a Slurm array's run dirs) is read. Runs that did not complete (no results.json, status
 running or failed, a diverged run, a results.json that is not valid JSON) are listed in a section
 of their own with the reason, never dropped silently.
+
+Runs that differ only by their seed form one group (`dynlab.evaluation.comparison`): the figure
+draws each group once, labelled `technique · backbone`, a dynamic technique as its mean budgeted
+curve with the spread over seeds as a band, a static one as a point with its spread, the static
+reference (the plain `baseline` run) marked; a second table compares the groups with it.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from dynlab.errors import ResultsError
+from dynlab.evaluation.comparison import REFERENCE_LEVELS, Group, compare, group_runs
 from dynlab.evaluation.plots import format_macs, plot_overlay
 from dynlab.results import RESULTS_FILE, read_results
 
@@ -141,29 +147,59 @@ def best_accuracy_within(curve: Sequence[dict[str, Any]], budget: float) -> floa
     return max(fitting, default=None)
 
 
-def overlay_entry(run: Run, row: dict[str, Any]) -> dict[str, Any] | None:
-    """A run on the overlay figure: its budgeted curve as a line, else (MACs, top-1) as a point."""
-    label = row["varying_overrides"] or f"{row['technique']} · {row['backbone']} · {row['dataset']}"
-    curve = (run.results.get("budgeted") or {}).get("curve")
+COMPARE_COLUMNS = (
+    "technique",
+    "seeds",
+    "params",
+    "macs",
+    "top1",
+    "macs_to_match_static",
+    *(f"top1_at_{int(level * 100)}pct_static_macs" for level in REFERENCE_LEVELS),
+    "train_minutes",
+)
+
+
+def overlay_entry(group: Group, static: bool) -> dict[str, Any] | None:
+    """A group on the overlay figure: its mean budgeted curve (with the spread over seeds) as a
+    line, else (MACs, mean top-1) as a point; `static` marks the static reference."""
+    curve = group.curve()
     if curve:
-        return {"label": label, "budgeted": curve}
-    if row["macs"] is not None and row["top1"] is not None:
-        return {"label": label, "point": (row["macs"], row["top1"])}
+        return {"label": group.label, "budgeted": curve}
+    if group.macs is not None and group.top1 is not None:
+        point = (group.macs, group.top1)
+        return {
+            "label": group.label,
+            "point": point,
+            "spread": group.top1_spread,
+            "reference": static,
+        }
     return None
 
 
-def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
+def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] = COLUMNS) -> str:
     """The rows as a GitHub markdown table, numbers rounded for reading."""
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
+    lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
     for row in rows:
-        lines.append("| " + " | ".join(_cell(column, row[column]) for column in COLUMNS) + " |")
+        lines.append("| " + " | ".join(_cell(column, row[column]) for column in columns) + " |")
     return "\n".join(lines)
+
+
+def comparison_cells(row: dict[str, Any]) -> dict[str, Any]:
+    """A comparison row for reading: top-1 with its spread, 'not reached', the reference marked."""
+    cells = dict(row)
+    if row["top1"] is not None and row["top1_spread"] is not None:
+        cells["top1"] = f"{row['top1']:.2f} ± {row['top1_spread']:.2f}"
+    if row["static_reference"]:
+        cells["technique"] = f"**{row['technique']}** (static reference)"
+    elif row["macs_to_match_static"] is None and row["top1"] is not None:
+        cells["macs_to_match_static"] = "not reached"
+    return cells
 
 
 def _cell(column: str, value: Any) -> str:
     if value is None or value == "":
         return "–"
-    if column in ("params", "macs"):
+    if column in ("params", "macs", "macs_to_match_static") and not isinstance(value, str):
         return format_macs(value)
     if isinstance(value, float):
         return f"{value:.2f}"
@@ -180,19 +216,33 @@ def write_report(paths: Sequence[Path], outdir: Path) -> str:
     done = [run for run in runs if run.completed]
     varying = varying_overrides(done)
     rows = [summary_row(run, varying[run.path]) for run in done]
+    groups = group_runs([(varying[run.path].split(), run.results) for run in done])
+    comparison = compare(groups)
     outdir.mkdir(parents=True, exist_ok=True)
     with open(outdir / "report.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
 
+    with open(outdir / "comparison.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[*COMPARE_COLUMNS, "top1_spread", "static_reference"])
+        writer.writeheader()
+        writer.writerows(comparison)
+
     sections = [f"# dynlab report: {len(done)} of {len(runs)} runs completed", ""]
-    if rows:
-        sections += [markdown_table(rows), ""]
-    entries = [e for run, row in zip(done, rows, strict=True) if (e := overlay_entry(run, row))]
+    entries = [
+        e
+        for group, row in zip(groups, comparison, strict=True)
+        if (e := overlay_entry(group, row["static_reference"]))
+    ]
     if entries:
         plot_overlay(entries, outdir / "accuracy_vs_macs.png")
         sections += ["![accuracy vs MACs](accuracy_vs_macs.png)", ""]
+    if comparison:
+        readable = [comparison_cells(row) for row in comparison]
+        sections += ["## By technique", "", markdown_table(readable, COMPARE_COLUMNS), ""]
+    if rows:
+        sections += ["## Runs", "", markdown_table(rows), ""]
     incomplete = [run for run in runs if not run.completed]
     if incomplete:
         sections += ["## Incomplete runs", ""]

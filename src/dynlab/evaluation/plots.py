@@ -42,28 +42,45 @@ def plot_overlay(runs: Sequence[Mapping[str, Any]], path: str | Path) -> None:
     """Many runs on one accuracy-vs-MACs chart: a `budgeted` curve as a line, a `point` as a marker.
 
     Each run is {"label": str, "budgeted": [records]} or {"label": str, "point": (avg_macs, acc)}.
+    Optional keys: a curve's records may carry "low"/"high" (the spread over seeds, drawn as a
+    band), a point "spread" (an error bar); "reference": True marks the static reference. The
+    legend sits outside the data; MACs go on a log axis when they span more than 10x.
     """
     if not runs:
         raise ValueError("plot_overlay needs at least one run")
     for run in runs:
         if ("budgeted" in run) == ("point" in run):
             raise ValueError(f"run {run.get('label')!r} needs exactly one of 'budgeted' or 'point'")
-    scale, unit = _macs_unit([m for run in runs for m in _run_macs(run)])
-    fig, ax = _figure()
+    all_macs = [m for run in runs for m in _run_macs(run)]
+    scale, unit = _macs_unit(all_macs)
+    fig, ax = _figure(wide=len(runs) > 1)
     for run in runs:
         if "budgeted" in run:
             curve = sorted(run["budgeted"], key=lambda r: r["avg_macs"])
-            ax.plot(
-                [r["avg_macs"] / scale for r in curve],
-                [r["accuracy"] for r in curve],
-                "o-",
-                markersize=3,
-                label=run["label"],
+            macs = [r["avg_macs"] / scale for r in curve]
+            (line,) = ax.plot(
+                macs, [r["accuracy"] for r in curve], "o-", markersize=3, label=run["label"]
             )
+            if all("low" in r and "high" in r for r in curve):
+                low, high = [r["low"] for r in curve], [r["high"] for r in curve]
+                ax.fill_between(macs, low, high, color=line.get_color(), alpha=0.2, lw=0)
         else:
             macs, accuracy = run["point"]
-            ax.plot([macs / scale], [accuracy], "*", markersize=12, label=run["label"])
-    _finish(fig, ax, unit, "budgeted batch classification", "test top-1 accuracy (%)", path)
+            style = {"color": "black", "markersize": 16} if run.get("reference") else {}
+            ax.errorbar(
+                [macs / scale],
+                [accuracy],
+                yerr=None if run.get("spread") is None else [run["spread"]],
+                fmt="*",
+                capsize=3,
+                **{"markersize": 12, **style},
+                label=run["label"] + (" (static reference)" if run.get("reference") else ""),
+            )
+    positive = [m for m in all_macs if m > 0]
+    if positive and max(positive) > 10 * min(positive):
+        ax.set_xscale("log")
+    title, ylabel = "budgeted batch classification", "test top-1 accuracy (%)"
+    _finish(fig, ax, unit, title, ylabel, path, outside=len(runs) > 1)
 
 
 def format_macs(value: float) -> str:
@@ -83,19 +100,32 @@ def _macs_unit(values: Sequence[float]) -> tuple[float, str]:
     return next((scale, unit) for scale, unit in _UNITS if largest >= scale or scale == 1.0)
 
 
-def _figure() -> tuple[Figure, Axes]:
-    fig = Figure(figsize=(6, 4.5), dpi=120)
+def _figure(wide: bool = False) -> tuple[Figure, Axes]:
+    """A figure; `wide` leaves room on the right for a legend outside the axes."""
+    fig = Figure(figsize=(9.5 if wide else 6, 4.5), dpi=120)
     FigureCanvasAgg(fig)
     return fig, fig.add_subplot()
 
 
-def _finish(fig: Figure, ax: Axes, unit: str, title: str, ylabel: str, path: str | Path) -> None:
-    """Label the axes, add the legend and grid, and write the PNG (creating its folder)."""
+def _finish(
+    fig: Figure,
+    ax: Axes,
+    unit: str,
+    title: str,
+    ylabel: str,
+    path: str | Path,
+    outside: bool = False,
+) -> None:
+    """Label the axes, add the legend (`outside` the axes) and grid, and write the PNG (creating
+    its folder)."""
     ax.set_xlabel(f"MACs per sample ({unit}MACs)" if unit else "MACs per sample")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    if outside:  # on the right of the data (a figure made wide for it)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize="small", frameon=False)
+    else:
+        ax.legend()
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
