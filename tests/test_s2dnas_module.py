@@ -41,6 +41,8 @@ def test_presets_compose_into_valid_s2dnas_configs(compose_cfg, preset: str) -> 
     technique = OmegaConf.to_object(cfg.technique)  # runs the schema's own checks
     assert isinstance(technique, S2DNASConfig) and technique.num_stages >= 2
     assert cfg.expected.paper and cfg.expected.dynlab
+    # the paper's shape: the paper-scale searches start from a trained static model
+    assert technique.search.require_static is (preset != "digits")
 
 
 def test_exit_losses_weight_each_exit() -> None:
@@ -148,3 +150,17 @@ def test_checkpoints_from_before_per_stage_exits_load_as_all(tmp_path: Path) -> 
     fresh.load_state_dict(old.state_dict())
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(fresh.forward_exits(x), old.forward_exits(x))
+
+
+def test_a_search_that_needs_a_static_model_is_refused_without_one(tmp_path: Path) -> None:
+    search = S2DNASSearchConfig(require_static=True)
+    module = S2DNASModule(RESNET20, DIGITS, search=search)
+    with pytest.raises(ValueError, match="technique.init_from=<static run>"):
+        module.check_run(OmegaConf.create({"mode": "search"}))
+    module.check_run(OmegaConf.create({"mode": "train"}))  # training given settings: no search
+    static = create_backbone("cifar_resnet20", num_classes=10, in_chans=3)
+    torch.save(static.state_dict(), tmp_path / "static.pt")
+    with_static = S2DNASModule(
+        RESNET20, DIGITS, search=search, init_from=str(tmp_path / "static.pt")
+    )
+    with_static.check_run(OmegaConf.create({"mode": "search"}))

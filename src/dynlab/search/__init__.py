@@ -11,11 +11,14 @@
 - `result`: the search's outcome as search_result.json, which a later run retrains from;
 - `supernet`: a weight-sharing supernet as a one-exit dynamic model, deploying its active child;
 - `ranks`: candidates spread over the ranks of a job (rank r takes every W-th), results
-  all-gathered, only rank 0 writes, and a Slurm signal honoured at the next candidate boundary.
+  all-gathered, only rank 0 writes, and a Slurm signal honoured at the next candidate boundary;
+- `array`: or a step's candidates as one Slurm job array (submitit, settings from the run's
+  `hydra/launcher=slurm`), records back into the ledger, lost tasks resubmitted.
 
 Nothing here imports a technique: a technique passes its network builder, loss and score.
 """
 
+from dynlab.search.array import ArrayConfig, CandidateFailed, evaluate_array, map_array
 from dynlab.search.bn import recalibrate_bn
 from dynlab.search.candidates import CandidateModule, CandidateTrainer, train_candidate
 from dynlab.search.ledger import Ledger
@@ -26,6 +29,8 @@ from dynlab.search.seeds import derived_seed, seeded
 from dynlab.search.supernet import SupernetExits
 
 __all__ = [
+    "ArrayConfig",
+    "CandidateFailed",
     "CandidateModule",
     "CandidateTrainer",
     "Ledger",
@@ -33,8 +38,10 @@ __all__ = [
     "SupernetExits",
     "all_gather_objects",
     "derived_seed",
+    "evaluate_array",
     "evaluate_spread",
     "exit_accuracies",
+    "map_array",
     "read_result",
     "recalibrate_bn",
     "seeded",

@@ -36,6 +36,14 @@ class ExitFeatures(StrEnum):
     all = "all"
 
 
+class CandidatesOn(StrEnum):
+    """Where a controller step's candidates train."""
+
+    auto = "auto"  # one Slurm array under hydra/launcher=slurm with one rank, else the ranks
+    array = "array"  # one Slurm job array per step (dynlab.search.array)
+    ranks = "ranks"  # in this job, spread over its DDP ranks
+
+
 class SelectBy(StrEnum):
     reward = "reward"
     accuracy = "accuracy"
@@ -72,6 +80,10 @@ class S2DNASSearchConfig:
     top_k: int = 2
     retrain_epochs: int | None = None  # None: the trainer's max_epochs
     select_by: SelectBy = SelectBy.reward
+    # The paper's shape: a search transforms a trained static model, so the paper-scale presets
+    # refuse to search without technique.init_from (the digits preset may start from scratch).
+    require_static: bool = False
+    candidates_on: CandidatesOn = CandidatesOn.auto
 
     def __post_init__(self) -> None:
         for name in (

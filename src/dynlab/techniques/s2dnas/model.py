@@ -158,13 +158,13 @@ class S2DNet(DynamicNet):
                 raise UnsupportedBackboneError(
                     f"{backbone}: forward_features cannot run stage by stage ({err}); it mixes "
                     "channels outside Conv2d layers (a functional concatenation or channel "
-                    f"shuffle, or a map size change outside nn modules). {works}"
+                    f"shuffle). {works}"
                 ) from err
             features = torch.cat([f for f, _ in stages], dim=1)
             if not _close(features, expected):
                 raise UnsupportedBackboneError(
                     f"{backbone}: the stages do not reproduce forward_features; it mixes channels "
-                    f"outside Conv2d layers or changes map sizes outside nn modules. {works}"
+                    f"outside Conv2d layers (a concatenation, a shuffle, a gate). {works}"
                 )
             head = reference.get_classifier()  # type: ignore[operator]
             pooled = expected.mean(dim=(2, 3))

@@ -92,6 +92,19 @@ class S2DNASModule(DynlabModule):
     def exit_losses(self, logits: list[Tensor], y: Tensor) -> Tensor:
         return multi_exit_loss(logits, y, self.loss_weights, self.optim.label_smoothing)
 
+    def check_run(self, cfg: Any) -> None:
+        """A search that must start from a trained static model has one (`search.require_static`)."""
+        if (
+            cfg.get("mode") == "search"
+            and self.search_cfg.require_static
+            and not self.static_weights
+        ):
+            raise ValueError(
+                "s2dnas: this search transforms a trained static model, as the paper does: set "
+                "technique.init_from=<static run>/checkpoints/train/final.ckpt (train it first with "
+                "technique=baseline and the same backbone and dataset)"
+            )
+
     # --- phases -------------------------------------------------------------------------------
     def phases(self, mode: str) -> list[Phase]:
         if mode != "search":
@@ -213,7 +226,10 @@ class S2DNASModule(DynlabModule):
             ),
         )
         reinforce = Reinforce(controller, cfg.controller_lr, cfg.baseline_decay, cfg.entropy_weight)
-        candidates = run_search(controller, reinforce, evaluate, cfg, ctx.phase_dir, self.seed)
+        array = {"auto": None, "array": True, "ranks": False}[str(cfg.candidates_on)]
+        candidates = run_search(
+            controller, reinforce, evaluate, cfg, ctx.phase_dir, self.seed, array=array
+        )
         self.top_k = [
             {"index": c["index"], "settings": c["settings"], "reward": c["reward"]}
             for c in top_candidates(candidates, cfg.top_k)
