@@ -7,7 +7,9 @@ STAMP := $(VENV)/.synced
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install train test lint bench clean
+COMPARE_ARGS ?=
+
+.PHONY: install train test compare lint bench clean
 
 install: $(STAMP)
 
@@ -23,6 +25,14 @@ train: install
 
 test: install
 	WANDB_MODE=offline $(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+# Every technique on one chart (experiments/compare/digits.yaml): one multirun on digits, CPU, then
+# dynlab-report into docs/compare/ (the README's chart and table). Seeds: COMPARE_ARGS="seed=0,1,2".
+compare: install
+	@dir=multirun/compare/$$(date +%Y-%m-%d_%H-%M-%S); \
+	WANDB_MODE=$${WANDB_MODE:-offline} $(VENV)/bin/dynlab-train -m +experiment=compare/digits \
+		hydra.sweep.dir=$$dir $(COMPARE_ARGS) && \
+	$(VENV)/bin/dynlab-report $$dir -o docs/compare
 
 lint: install
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -362,10 +362,17 @@ def gpus_per_node(accelerator: str, devices: int) -> int | None:
     return devices if accelerator in ("gpu", "cuda") else None
 
 
+def share(epochs: int, fraction: float) -> int:
+    """`fraction` of an epoch budget, rounded, at least 1: a multi-phase technique's phase epochs
+    under a budget shared with single-phase ones (`${dynlab.share:${trainer.max_epochs},0.5}`)."""
+    return max(1, round(int(epochs) * float(fraction)))
+
+
 def register_configs() -> None:
     """Store every schema under `schema/<group>/<name>` and the root schema as `config_schema`,
     and the resolvers the config files use."""
     OmegaConf.register_new_resolver("dynlab.gpus_per_node", gpus_per_node, replace=True)
+    OmegaConf.register_new_resolver("dynlab.share", share, replace=True)
     _import_technique_schemas()
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)

@@ -149,6 +149,7 @@ def best_accuracy_within(curve: Sequence[dict[str, Any]], budget: float) -> floa
 
 COMPARE_COLUMNS = (
     "technique",
+    "chart",
     "seeds",
     "params",
     "macs",

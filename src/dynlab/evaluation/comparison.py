@@ -10,6 +10,7 @@ same budget levels), its spread the min and max over seeds.
 from __future__ import annotations
 
 import statistics
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -109,18 +110,24 @@ def group_runs(runs: Sequence[tuple[list[str], dict[str, Any]]]) -> list[Group]:
     for group in groups.values():
         by_base.setdefault(f"{group.technique} · {group.backbone}", []).append(group)
     for base, members in by_base.items():
+        shared = set.intersection(*(set(g.key.split()) for g in members))
         for group in members:
-            extra = _short_overrides(group.key) if len(members) > 1 else ""
+            own = " ".join(o for o in group.key.split() if o not in shared)
+            extra = _short_overrides(own) if len(members) > 1 else ""
             group.label = f"{base} · {extra}" if extra else base
     return list(groups.values())
 
 
 def static_reference(groups: Sequence[Group]) -> Group | None:
-    """The plain network the others are measured against: the first `baseline` group whose
-    overrides set no backbone options (else the first baseline group); None without one."""
+    """The plain network the others are measured against: among the `baseline` groups (those
+    setting no backbone options first), the one whose backbone most other groups use (the network
+    the techniques transform), the first on a tie; None without a baseline."""
     static = [g for g in groups if g.technique == STATIC_TECHNIQUE]
-    plain = [g for g in static if "backbone.kwargs" not in g.key]
-    return (plain or static or [None])[0]
+    candidates = [g for g in static if "backbone.kwargs" not in g.key] or static
+    if not candidates:
+        return None
+    uses = Counter(g.backbone for g in groups)
+    return max(candidates, key=lambda g: uses[g.backbone])  # max keeps the first on a tie
 
 
 def macs_to_reach(group: Group, accuracy: float) -> float | None:
@@ -153,6 +160,7 @@ def compare(groups: Sequence[Group]) -> list[dict[str, Any]]:
     for group in groups:
         row: dict[str, Any] = {
             "technique": group.label,
+            "chart": "curve" if group.curve() else "point",
             "seeds": group.seeds,
             "params": group.params,
             "macs": group.macs,

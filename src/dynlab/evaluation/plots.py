@@ -13,6 +13,7 @@ from typing import Any
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 _UNITS = ((1e9, "G"), (1e6, "M"), (1e3, "K"), (1.0, ""))
 
@@ -79,6 +80,9 @@ def plot_overlay(runs: Sequence[Mapping[str, Any]], path: str | Path) -> None:
     positive = [m for m in all_macs if m > 0]
     if positive and max(positive) > 10 * min(positive):
         ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
     title, ylabel = "budgeted batch classification", "test top-1 accuracy (%)"
     _finish(fig, ax, unit, title, ylabel, path, outside=len(runs) > 1)
 
