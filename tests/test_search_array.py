@@ -252,7 +252,9 @@ def test_lost_and_requeued_array_tasks_still_complete_every_step(
     submitit = run_dir / "search" / ARRAY_FOLDER
     search = s2dnas_module.run_search
 
-    def faulty_search(controller: Any, reinforce: Any, evaluate: Any, *args: Any) -> Any:
+    def faulty_search(
+        controller: Any, reinforce: Any, evaluate: Any, *args: Any, **_: Any
+    ) -> Any:  # the module's own `array` choice is replaced by this test's
         array = ArrayConfig.from_hydra(submitit, poll_s=1, grace_s=5)
         faulty = Faulty(evaluate, markers, lost=1, requeued=2)
         return search(controller, reinforce, faulty, *args, array=array)

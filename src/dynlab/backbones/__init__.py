@@ -14,10 +14,17 @@ from dynlab.backbones import (  # noqa: F401  (registers)
     spos_shufflenetv2,
 )
 from dynlab.backbones.factory import (
+    BackboneArgumentError,
     UnknownBackboneError,
     create_backbone,
     is_known_backbone,
     list_backbones,
 )
 
-__all__ = ["UnknownBackboneError", "create_backbone", "is_known_backbone", "list_backbones"]
+__all__ = [
+    "BackboneArgumentError",
+    "UnknownBackboneError",
+    "create_backbone",
+    "is_known_backbone",
+    "list_backbones",
+]

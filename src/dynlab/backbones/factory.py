@@ -27,6 +27,10 @@ class UnknownBackboneError(UserError, ValueError):
         self.name = name
 
 
+class BackboneArgumentError(ValueError):
+    """A keyword the backbone's constructor does not take (raised instead of its TypeError)."""
+
+
 def list_backbones() -> list[str]:
     """The backbones dynlab itself registers in timm (any module under dynlab.backbones), sorted."""
     return sorted(
@@ -79,7 +83,7 @@ def create_backbone(name: str, num_classes: int, in_chans: int = 3, **kwargs: An
         if unknown in ("conv", "act"):
             takes = [b for b in list_backbones() if block_options(b) is not None]
             hint = f"; backbones with conv/act options: {', '.join(takes)}"
-        raise ValueError(f"{name} takes no argument {unknown!r}{hint}") from err
+        raise BackboneArgumentError(f"{name} takes no argument {unknown!r}{hint}") from err
 
 
 def _unknown_backbone_message(name: str) -> str:

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from dynlab.backbones import BackboneArgumentError
 from dynlab.backbones.spos_shufflenetv2 import MacsTable, SPOSSupernet
 from dynlab.config import BackboneConfig, OptimConfig
 from dynlab.data.base import DataInfo, DynlabDataModule, StreamSpec
@@ -93,7 +94,7 @@ class SPOSModule(SupernetTechnique):
         kwargs = {**dict(backbone.kwargs), "channel_search": channel_search}
         try:
             net = dataset_backbone(replace(backbone, kwargs=kwargs), data_info)
-        except TypeError as err:
+        except (TypeError, BackboneArgumentError) as err:  # no `channel_search` argument
             raise ValueError(_not_a_supernet(backbone.name)) from err
         if not isinstance(net, SPOSSupernet):
             raise ValueError(_not_a_supernet(backbone.name))
