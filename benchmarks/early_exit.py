@@ -116,6 +116,45 @@ def make_model() -> tuple[nn.Module, tuple[int, int, int]]:
 make_reference: Callable[[], nn.Module] | None = None
 
 
+def add_supernet_arguments(
+    parser: argparse.ArgumentParser, spaces: Mapping[str, Any], imagenet_batch: int, cpu_steps: int
+) -> None:
+    """The options the supernet-step benchmarks share (device, space, size, precision, rounds)."""
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument(
+        "--trainer", choices=("cpu", "gpu"), help="as gpu_check.sh's bench passes: gpu = cuda"
+    )
+    parser.add_argument("--space", choices=tuple(spaces), help="default: imagenet on cuda")
+    parser.add_argument("--image-size", type=int, help="default: 224 imagenet, 32 cifar")
+    parser.add_argument(
+        "--batch-size", type=int, help=f"default: {imagenet_batch} imagenet, 64 cifar"
+    )
+    parser.add_argument("--precision", choices=("fp32", "bf16"), help="bf16: autocast")
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument(
+        "--steps", type=int, help=f"steps a round (default: 10 cuda, {cpu_steps} cpu)"
+    )
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds (best one is kept)")
+
+
+def resolve_supernet_arguments(
+    args: argparse.Namespace, spaces: Mapping[str, Sequence[Any]], cpu_steps: int
+) -> bool:
+    """Fill the shared options' defaults from the space's entry (its last three fields: image
+    size, batch size, precision); True when the run is on CUDA."""
+    if args.trainer == "gpu":
+        args.device = "cuda"
+    cuda = args.device.startswith("cuda")
+    args.space = args.space or ("imagenet" if cuda else "cifar")
+    *_, side, batch, precision = spaces[args.space]
+    args.image_size = args.image_size or side
+    args.batch_size = args.batch_size or batch
+    args.precision = args.precision or precision
+    args.steps = args.steps or (10 if cuda else cpu_steps)
+    return cuda
+
+
 def inference(net: nn.Module) -> Callable[[Tensor], Tensor]:
     """`net`'s forward on one batch without autograd, as a run for `best_seconds`."""
 

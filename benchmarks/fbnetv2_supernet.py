@@ -63,6 +63,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from early_exit import add_supernet_arguments, resolve_supernet_arguments
 from spos_supernet import Stepper, best_seconds, peak_memory, synchronize
 from torch import Tensor
 
@@ -327,31 +328,12 @@ def cost_and_adam_seconds(
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument(
-        "--trainer", choices=("cpu", "gpu"), help="as gpu_check.sh's bench passes: gpu = cuda"
-    )
-    parser.add_argument("--space", choices=tuple(SPACES), help="default: imagenet on cuda")
-    parser.add_argument("--image-size", type=int, help="default: 224 imagenet, 32 cifar")
-    parser.add_argument("--batch-size", type=int, help="default: 128 imagenet, 64 cifar")
+    add_supernet_arguments(parser, SPACES, imagenet_batch=128, cpu_steps=2)
     parser.add_argument(
         "--resolutions", type=int, nargs="+", help="default: the space's (see the docstring)"
     )
-    parser.add_argument("--precision", choices=("fp32", "bf16"), help="bf16: autocast")
-    parser.add_argument("--channels-last", action="store_true")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
-    parser.add_argument("--steps", type=int, help="steps a round (default: 10 cuda, 2 cpu)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed rounds (best one is kept)")
     args = parser.parse_args()
-    if args.trainer == "gpu":
-        args.device = "cuda"
-    cuda = args.device.startswith("cuda")
-    args.space = args.space or ("imagenet" if cuda else "cifar")
-    *_, side, batch, precision = SPACES[args.space]
-    args.image_size = args.image_size or side
-    args.batch_size = args.batch_size or batch
-    args.precision = args.precision or precision
-    args.steps = args.steps or (10 if cuda else 2)
+    resolve_supernet_arguments(args, SPACES, cpu_steps=2)
     args.resolutions = tuple(args.resolutions or default_resolutions(args.space, args.image_size))
     return args
 

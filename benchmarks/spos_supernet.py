@@ -38,6 +38,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 import torch.nn.functional as F
+from early_exit import add_supernet_arguments, resolve_supernet_arguments
 from early_exit import best_seconds as interleaved
 from torch import Tensor, nn
 
@@ -213,30 +214,11 @@ def random_path_training(
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument(
-        "--trainer", choices=("cpu", "gpu"), help="as gpu_check.sh's bench passes: gpu = cuda"
-    )
-    parser.add_argument("--space", choices=tuple(SPACES), help="default: imagenet on cuda")
-    parser.add_argument("--image-size", type=int, help="default: 224 imagenet, 32 cifar")
-    parser.add_argument("--batch-size", type=int, help="default: 256 imagenet, 64 cifar")
-    parser.add_argument("--precision", choices=("fp32", "bf16"), help="bf16: autocast")
-    parser.add_argument("--channels-last", action="store_true")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
-    parser.add_argument("--steps", type=int, help="steps a round (default: 10 cuda, 3 cpu)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed rounds (best one is kept)")
+    add_supernet_arguments(parser, SPACES, imagenet_batch=256, cpu_steps=3)
     parser.add_argument("--random-steps", type=int, help="timed random-path steps")
     parser.add_argument("--random-warmup", type=int, help="random-path warm-up steps")
     args = parser.parse_args()
-    if args.trainer == "gpu":
-        args.device = "cuda"
-    cuda = args.device.startswith("cuda")
-    args.space = args.space or ("imagenet" if cuda else "cifar")
-    _, _, side, batch, precision = SPACES[args.space]
-    args.image_size = args.image_size or side
-    args.batch_size = args.batch_size or batch
-    args.precision = args.precision or precision
-    args.steps = args.steps or (10 if cuda else 3)
+    cuda = resolve_supernet_arguments(args, SPACES, cpu_steps=3)
     args.random_steps = args.random_steps or (30 if cuda else 8)
     args.random_warmup = args.random_warmup if args.random_warmup is not None else 10 if cuda else 2
     return args

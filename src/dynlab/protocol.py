@@ -14,8 +14,7 @@ from typing import Protocol, Self, runtime_checkable
 
 from torch import Tensor, nn
 
-from dynlab.nn.fuse import fold_batchnorm
-from dynlab.nn.reparam import reparameterize_modules
+from dynlab.nn.reparam import fold_and_merge
 
 
 class ExitSession(Protocol):
@@ -72,8 +71,7 @@ class DynamicNet(nn.Module):
         if self.deployed:
             return self
         net = copy.deepcopy(self)
-        fold_batchnorm(net, method="forward_exits")
-        reparameterize_modules(net)  # ACNet/RepVGG branches into one conv, FReLU's BN folded
+        fold_and_merge(net, method="forward_exits")  # ACNet/RepVGG into one conv each
         net.deployed = True
         return net.requires_grad_(False)
 

@@ -20,7 +20,6 @@ A backbone states which options it takes; `check_block_options` refuses any othe
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 from torch import nn
 
@@ -30,7 +29,6 @@ from dynlab.nn.reparam import ACBlock, RepVGGBlock
 __all__ = [
     "ACTS",
     "CONVS",
-    "ConvOption",
     "activation",
     "check_block_options",
     "conv_norm",
@@ -41,16 +39,10 @@ __all__ = [
 ConvNorm = tuple[nn.Module, nn.Module]
 
 
-@dataclass(frozen=True)
-class ConvOption:
-    """How a conv option builds one (conv, norm) pair from (in, out, kernel, stride, groups,
-    reads_image)."""
+# (in, out, kernel, stride, groups, reads_image) -> the (conv, norm) pair of one conv + BN
+ConvBuilder = Callable[[int, int, int, int, int, bool], ConvNorm]
 
-    build: Callable[[int, int, int, int, int, bool], ConvNorm]
-    summary: str
-
-
-CONVS: dict[str, ConvOption] = {}
+CONVS: dict[str, ConvBuilder] = {}
 ACTS: dict[str, Callable[[int], nn.Module]] = {
     "relu": lambda channels: nn.ReLU(inplace=True),
     "relu6": lambda channels: nn.ReLU6(inplace=True),
@@ -60,12 +52,12 @@ ACTS: dict[str, Callable[[int], nn.Module]] = {
 }
 
 
-def register_conv(name: str, summary: str):
+def register_conv(name: str) -> Callable[[ConvBuilder], ConvBuilder]:
     """Decorator: register `build(in, out, kernel, stride, groups, reads_image)` as conv option
     `name`."""
 
-    def register(build: Callable[[int, int, int, int, int, bool], ConvNorm]):
-        CONVS[name] = ConvOption(build, summary)
+    def register(build: ConvBuilder) -> ConvBuilder:
+        CONVS[name] = build
         return build
 
     return register
@@ -76,14 +68,14 @@ def _plain(in_ch: int, out_ch: int, kernel: int, stride: int, groups: int) -> Co
     return conv, nn.BatchNorm2d(out_ch)
 
 
-@register_conv("plain", "conv + BN")
+@register_conv("plain")
 def _plain_option(
     in_ch: int, out_ch: int, kernel: int, stride: int, groups: int, reads_image: bool
 ) -> ConvNorm:
     return _plain(in_ch, out_ch, kernel, stride, groups)
 
 
-@register_conv("acnet", "ACNet: k x k, 1 x k and k x 1 conv + BN branches (k >= 3)")
+@register_conv("acnet")
 def _acnet(
     in_ch: int, out_ch: int, kernel: int, stride: int, groups: int, reads_image: bool
 ) -> ConvNorm:
@@ -92,7 +84,7 @@ def _acnet(
     return ACBlock(in_ch, out_ch, kernel, stride, groups=groups, gamma_init=1 / 3), nn.Identity()
 
 
-@register_conv("repvgg", "RepVGG: 3 x 3, 1 x 1 and identity branches with BN (3 x 3 convs)")
+@register_conv("repvgg")
 def _repvgg(
     in_ch: int, out_ch: int, kernel: int, stride: int, groups: int, reads_image: bool
 ) -> ConvNorm:
@@ -101,7 +93,7 @@ def _repvgg(
     return RepVGGBlock(in_ch, out_ch, stride, groups), nn.Identity()
 
 
-@register_conv("weightnet", "WeightNet: per-sample kernels (M = G = 2) + BN (dense k x k convs)")
+@register_conv("weightnet")
 def _weightnet(
     in_ch: int, out_ch: int, kernel: int, stride: int, groups: int, reads_image: bool
 ) -> ConvNorm:
@@ -128,7 +120,7 @@ def conv_norm(
     (padding k // 2; the norm is nn.Identity when the conv module normalises its branches)."""
     if option not in CONVS:
         raise ValueError(f"unknown conv option {option!r}; options: {', '.join(CONVS)}")
-    return CONVS[option].build(in_ch, out_ch, kernel, stride, groups, reads_image)
+    return CONVS[option](in_ch, out_ch, kernel, stride, groups, reads_image)
 
 
 def activation(option: str, channels: int) -> nn.Module:

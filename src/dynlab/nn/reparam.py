@@ -32,13 +32,14 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
-from dynlab.nn.fuse import fold_bn_into_kernel
+from dynlab.nn.fuse import fold_batchnorm, fold_bn_into_kernel
 
 __all__ = [
     "ACBlock",
     "Branch",
     "RepVGGBlock",
     "branch_kernel",
+    "fold_and_merge",
     "identity_kernel",
     "merged_kernel",
     "place_kernels",
@@ -345,3 +346,10 @@ def reparameterize_modules(root: nn.Module) -> list[str]:
             setattr(root.get_submodule(parent) if parent else root, child, new)
             replaced.append(name)
     return replaced
+
+
+def fold_and_merge(module: nn.Module, method: str = "forward") -> None:
+    """What every deploy form does to its convs, in place: fold each BatchNorm that follows a conv
+    in `module.<method>` (`fold_batchnorm`), then merge every re-parameterisable block."""
+    fold_batchnorm(module, method=method)
+    reparameterize_modules(module)

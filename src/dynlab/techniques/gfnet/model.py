@@ -24,8 +24,7 @@ from torch.distributions import Normal
 
 from dynlab.evaluation.macs import count_macs
 from dynlab.evaluation.outputs import evaluating
-from dynlab.nn.fuse import fold_batchnorm
-from dynlab.nn.reparam import reparameterize_modules
+from dynlab.nn.reparam import fold_and_merge
 from dynlab.protocol import DynamicNet
 from dynlab.techniques.gfnet.config import ClassifierKind, PolicyEncoder
 
@@ -388,8 +387,7 @@ class GFNet(DynamicNet):
             return self
         net = copy.deepcopy(self).eval()
         for encoder in (net.glance, net.local):
-            fold_batchnorm(encoder.net, method="forward_features")
-            reparameterize_modules(encoder.net)
+            fold_and_merge(encoder.net, method="forward_features")
         net.deployed = True
         return net.requires_grad_(False)
 

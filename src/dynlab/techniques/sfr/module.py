@@ -29,7 +29,7 @@ from dynlab.config import BackboneConfig, OptimConfig
 from dynlab.data.base import DataInfo
 from dynlab.logging import log_records
 from dynlab.nn.condense import LearnedGroupConv, SparseFeatureReactivation
-from dynlab.nn.fuse import fold_batchnorm
+from dynlab.nn.reparam import fold_and_merge
 from dynlab.protocol import StaticExits
 from dynlab.techniques.base import DynlabModule, Phase, dataset_backbone, optimizer_steps_per_epoch
 from dynlab.techniques.sfr.config import SFRConfig
@@ -88,7 +88,7 @@ class SparseNet(StaticExits):
         for name, layer in sparse_layers(net.net):
             net.net.set_submodule(name, layer.condensed())
         net.eval()  # condensed layers come in train mode
-        fold_batchnorm(net, method="forward_exits")
+        fold_and_merge(net, method="forward_exits")
         net.deployed = True
         return net.requires_grad_(False)
 
