@@ -82,7 +82,9 @@ LEARN = [
 ]
 
 
-@pytest.mark.parametrize("technique", ["baseline", "s2dnas"])
+# S2DNAS learns on digits in tests/test_make_train.py (the embedded default: > 50 % after one
+# epoch, chance 10 %; about 22 s of CI saved); the other techniques in their own test files.
+@pytest.mark.parametrize("technique", ["baseline"])
 def test_every_technique_learns_on_digits(compose_cfg, technique):
     results = _fit(compose_cfg, [*LEARN, f"technique={technique}", "backbone=cifar_resnet20"])
     assert results["metrics"]["test/top1"] > 70.0
