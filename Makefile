@@ -6,10 +6,13 @@ VENV := .venv
 STAMP := $(VENV)/.synced
 ARGS ?=
 PYTEST_ARGS ?=
+# pytest-xdist workers: one per core by default; TEST_WORKERS=1 runs the tests in one process.
+TEST_WORKERS ?= auto
+PYTEST := WANDB_MODE=offline $(VENV)/bin/python -m pytest -n $(TEST_WORKERS)
 
 COMPARE_ARGS ?=
 
-.PHONY: install train test compare lint bench clean
+.PHONY: install train test test-all compare lint bench clean
 
 install: $(STAMP)
 
@@ -23,8 +26,15 @@ $(STAMP): pyproject.toml uv.lock
 train: install
 	WANDB_MODE=$${WANDB_MODE:-offline} $(VENV)/bin/dynlab-train $(ARGS)
 
+# The fast tier, after every change: every test not marked slow or slurm.
 test: install
-	WANDB_MODE=offline $(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+	$(PYTEST) -m "not slow and not slurm" $(PYTEST_ARGS)
+
+# Everything (what .ci/run calls): learning tests, the wheel, gloo runs and, with the local Slurm
+# cluster started (slurm/local-cluster.sh start), real jobs and job arrays. The Slurm tests share
+# one worker (xdist group "slurm"): they queue on the same one-node cluster.
+test-all: install
+	$(PYTEST) --dist loadgroup $(PYTEST_ARGS)
 
 # Every technique on one chart (experiments/compare/digits.yaml): one multirun on digits, CPU, then
 # dynlab-report into docs/compare/ (the README's chart and table). Seeds: COMPARE_ARGS="seed=0,1,2".

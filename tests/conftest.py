@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
-from dynlab.apps._hydra import CONFIG_DIR
+from dynlab.apps._hydra import CONFIG_MODULE
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -62,7 +62,7 @@ def compose_in(overrides: list[str], config_name: str, run_dir: Path) -> DictCon
     """Compose a config as `dynlab-train` (config) or `dynlab-search` (search) would, with its run
     dir at `run_dir` (module-scoped fixtures use it directly)."""
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
         cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
     with open_dict(cfg):
         cfg.hydra.runtime.output_dir = str(run_dir)
@@ -117,3 +117,29 @@ def run_cli(
             f"{app} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
         )
     return proc
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Order and group the tests for pytest-xdist (`make test-all` runs `--dist loadgroup`).
+
+    The Slurm tests queue on one one-node cluster, so they share one worker (group "slurm"); the
+    tests of a module that share a module- or session-scoped fixture (one trained run read by
+    several tests) share a worker too, so that run is made once. Modules with Slurm or slow tests
+    come first, each kept whole, so the longest work starts while the other worker takes the rest.
+    """
+    rank: dict[str, int] = {}
+    for item in items:
+        module = item.nodeid.split("::")[0]
+        if item.get_closest_marker("slurm"):
+            item.add_marker(pytest.mark.xdist_group("slurm"))
+        elif any(
+            d.scope in ("module", "session") and d.baseid == module  # defined in that module
+            for defs in item._fixtureinfo.name2fixturedefs.values()
+            for d in defs
+        ):
+            item.add_marker(pytest.mark.xdist_group(module))
+        slow = (
+            0 if item.get_closest_marker("slurm") else 1 if item.get_closest_marker("slow") else 2
+        )
+        rank[module] = min(rank.get(module, 2), slow)
+    items.sort(key=lambda item: rank[item.nodeid.split("::")[0]])  # stable: modules stay whole

@@ -178,6 +178,7 @@ def _final_state(run: Path, phase: str) -> dict[str, torch.Tensor]:
     return torch.load(ckpt.phase_dir(run, phase) / ckpt.FINAL, weights_only=False)["state_dict"]
 
 
+@pytest.mark.slow
 def test_each_stage_resumes_from_a_kill_mid_stage_to_the_same_weights(
     compose_cfg, tmp_path, monkeypatch
 ):
@@ -216,6 +217,7 @@ def test_each_stage_resumes_from_a_kill_mid_stage_to_the_same_weights(
     assert (tmp_path / "straight/plots/patches.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow
 def test_under_ddp_a_frozen_glance_encoder_is_fine_tuned_first_then_left_alone(tmp_path):
     """Two gloo processes, T = 2 (a single focus step: every GRU weight must still take part, or
     DDP stops on an unused parameter), the MobileNet-style schedule glance -> stages 1-3."""
@@ -297,6 +299,7 @@ def _beats_random(s: dict[str, float]) -> bool:
     return s["reward"] > s["reward_random"] + 0.03 and s["top1"] > s["top1_random"] + 2.0
 
 
+@pytest.mark.slow
 def test_stage_2_policy_beats_random_locations_on_cluttered_digits(compose_cfg, tmp_path):
     preset = ["+experiment=gfnet/digits", "logger=csv", "trainer.enable_progress_bar=false"]
     preset += ["evaluation.budgeted=false", "evaluation.anytime=false"]

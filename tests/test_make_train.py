@@ -6,9 +6,12 @@ import json
 import os
 import subprocess
 
+import pytest
+
 from .conftest import REPO
 
 
+@pytest.mark.slow
 def test_make_train_runs_the_embedded_default(tmp_path):
     run = tmp_path / "run"
     env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}

@@ -215,3 +215,40 @@ def test_seeds_group_into_mean_curves_measured_against_the_static_reference(
     )
     assert spos["macs_to_match_static"] == "" and float(spos["top1_at_25pct_static_macs"]) == 80.0
     assert "not reached" in markdown and "(static reference)" in markdown
+
+
+def _made_on(commit: str, dirty: bool, seed: int, torch_version: str = "2.5.1") -> dict:
+    return {
+        "seed": seed,
+        "git": {"commit": commit, "dirty": dirty},
+        "versions": {
+            "dynlab": "0.1.0",
+            "torch": torch_version,
+            "lightning": "2.4.0",
+            "timm": "1.0.9",
+        },
+        "threads": 2,
+        "cpu": "Some CPU (2 logical CPUs)",
+        "gpu": [],
+    }
+
+
+def test_provenance_rows_tell_runs_made_by_other_code_apart(tmp_path: Path) -> None:
+    root = tmp_path / "runs"
+    made = [
+        ("a", _made_on("a" * 40, False, 0), []),
+        ("b", _made_on("a" * 40, False, 1), []),
+        ("c", _made_on("b" * 40, True, 0), [_made_on("a" * 40, False, 0, "2.4.0")]),
+    ]
+    for name, record, history in made:
+        (root / name / ".hydra").mkdir(parents=True)
+        update_results(root / name, **STATIC, provenance=record, provenance_history=history)
+
+    markdown = write_report([root], tmp_path / "out")
+
+    section = markdown.split("## Provenance")[1]
+    rows = [line for line in section.splitlines() if line.startswith("| ") and "aaaaaaaaaa" in line]
+    assert len(rows) == 1 and "| 2 | 0, 1 | aaaaaaaaaa |" in rows[0]
+    assert "| 1 | 0 | bbbbbbbbbb +dirty |" in section
+    # The run resumed on other code names what it started on.
+    assert "`runs/c`: started as code=aaaaaaaaaa" in section and "torch=2.4.0" in section

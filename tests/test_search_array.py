@@ -23,11 +23,11 @@ from typing import Any
 import cloudpickle
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 
-from dynlab.apps._hydra import CONFIG_DIR
+from dynlab.apps._hydra import CONFIG_MODULE
 from dynlab.config import BackboneConfig
 from dynlab.data.digits import DigitsDataModule
 from dynlab.search.array import (
@@ -81,7 +81,7 @@ def in_process(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]
 def launched_with_slurm(tmp_path: Path) -> Iterator[None]:
     """HydraConfig as in a job that `dynlab-search -m hydra/launcher=slurm` launched."""
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
         cfg = compose(
             "search",
             overrides=[
@@ -116,7 +116,7 @@ def test_array_settings_come_from_the_hydra_slurm_launcher(
 def test_no_array_outside_a_slurm_launch(tmp_path: Path) -> None:
     assert hydra_slurm_launcher() is None
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
         cfg = compose("search", return_hydra_config=True)  # Hydra's basic launcher
     HydraConfig.instance().set_config(cfg)
     try:

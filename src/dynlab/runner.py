@@ -29,6 +29,7 @@ from pytorch_lightning.plugins.environments import SLURMEnvironment
 from pytorch_lightning.strategies import DDPStrategy
 
 from dynlab import checkpointing as ckpt
+from dynlab import provenance
 from dynlab.config import BackboneConfig, PhaseRecipe
 from dynlab.data.base import DynlabDataModule
 from dynlab.data.sampling import ResumableLoaderCallback
@@ -397,7 +398,8 @@ def run_job(cfg: DictConfig) -> float | None:
 
 
 def run_identity(cfg: DictConfig) -> dict[str, Any]:
-    """What a report needs to place a run: names, overrides and the resolved config."""
+    """What a report needs to place and trace a run: names, overrides, the resolved config and
+    the provenance of this start (code, versions, threads, hardware, seed)."""
     overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
     return {
         "technique": cfg.technique.name,
@@ -405,4 +407,5 @@ def run_identity(cfg: DictConfig) -> dict[str, Any]:
         "dataset": cfg.dataset.name,
         "overrides": overrides,
         "config": OmegaConf.to_container(cfg, resolve=True),
+        **provenance.merged(read_results(cfg.run_dir), provenance.collect(cfg.seed)),
     }

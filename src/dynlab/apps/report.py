@@ -15,7 +15,6 @@ reference (the plain `baseline` run) marked; a second table compares the groups 
 
 from __future__ import annotations
 
-import argparse
 import csv
 import os
 from collections.abc import Iterable, Sequence
@@ -23,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dynlab import provenance
+from dynlab.apps import app_parser
 from dynlab.errors import ResultsError
 from dynlab.evaluation.comparison import REFERENCE_LEVELS, Group, compare, group_runs
 from dynlab.evaluation.plots import format_macs, plot_overlay
@@ -207,6 +208,42 @@ def _cell(column: str, value: Any) -> str:
     return str(value).replace("|", "\\|")
 
 
+PROVENANCE_COLUMNS = ("runs", "seeds", *provenance.describe({}).keys())
+
+
+def provenance_section(runs: Sequence[Run]) -> str:
+    """Which code, versions and hardware made the runs: one row per distinct provenance (more
+    than one row means the figures were not all made alike), and the runs resumed elsewhere."""
+    made_by: dict[tuple[str, ...], list[Run]] = {}
+    for run in runs:
+        record = run.results.get("provenance")
+        key = (
+            tuple(provenance.describe(record).values())
+            if record
+            else ("not recorded",) * (len(PROVENANCE_COLUMNS) - 2)
+        )
+        made_by.setdefault(key, []).append(run)
+    rows = []
+    for key, members in made_by.items():
+        seeds = sorted({str((r.results.get("provenance") or {}).get("seed", "?")) for r in members})
+        rows.append(
+            dict(zip(PROVENANCE_COLUMNS, (len(members), ", ".join(seeds), *key), strict=True))
+        )
+    lines = [markdown_table(rows, PROVENANCE_COLUMNS)]
+    mixed = [run for run in runs if run.results.get("provenance_history")]
+    if mixed:
+        lines += ["", "Resumed on other code, versions or hardware than they started on:"]
+        lines += [
+            f"- `{run.name}`: started as "
+            + "; ".join(
+                " ".join(f"{k}={v}" for k, v in provenance.describe(earlier).items())
+                for earlier in run.results["provenance_history"]
+            )
+            for run in mixed
+        ]
+    return "\n".join(lines)
+
+
 def write_report(paths: Sequence[Path], outdir: Path) -> str:
     """Write report.md, report.csv and accuracy_vs_macs.png into `outdir`; returns the markdown."""
     runs = load_runs(paths)
@@ -244,6 +281,8 @@ def write_report(paths: Sequence[Path], outdir: Path) -> str:
         sections += ["## By technique", "", markdown_table(readable, COMPARE_COLUMNS), ""]
     if rows:
         sections += ["## Runs", "", markdown_table(rows), ""]
+    if done:
+        sections += ["## Provenance", "", provenance_section(done), ""]
     incomplete = [run for run in runs if not run.completed]
     if incomplete:
         sections += ["## Incomplete runs", ""]
@@ -256,7 +295,7 @@ def write_report(paths: Sequence[Path], outdir: Path) -> str:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Command line: `dynlab-report PATH... [-o OUTDIR]`."""
-    parser = argparse.ArgumentParser(prog="dynlab-report", description=__doc__.split("\n")[0])
+    parser = app_parser("dynlab-report", __doc__)
     parser.add_argument("paths", nargs="+", type=Path, help="run dirs, or folders holding run dirs")
     parser.add_argument(
         "-o", "--outdir", type=Path, default=Path("report"), help="default: report/"

@@ -10,7 +10,6 @@ with slurm/array.sbatch (array task i runs line i+1).
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import shlex
 from collections.abc import Sequence
@@ -19,6 +18,8 @@ from pathlib import Path
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override, ValueType
 from hydra.errors import HydraException
+
+from dynlab.apps import app_parser
 
 _ENUMERABLE = (ValueType.SIMPLE_CHOICE_SWEEP, ValueType.CHOICE_SWEEP, ValueType.RANGE_SWEEP)
 
@@ -42,11 +43,11 @@ def _choices(override: Override) -> list[str]:
 
 def check_composes(jobs: Sequence[Sequence[str]]) -> None:
     """Compose every job's config as dynlab-train would; raises on unknown keys or bad values."""
-    from hydra import compose, initialize_config_dir
+    from hydra import compose, initialize_config_module
 
-    from dynlab.apps._hydra import CONFIG_DIR
+    from dynlab.apps._hydra import CONFIG_MODULE
 
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
         for number, job in enumerate(jobs):
             try:
                 compose("config", overrides=list(job))
@@ -75,7 +76,7 @@ def sbatch_command(sweep_file: Path, sweep_dir: Path, num_jobs: int) -> str:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Command line: `dynlab-sweep-file OVERRIDE... -o FILE [--sweep-dir DIR]`."""
-    parser = argparse.ArgumentParser(prog="dynlab-sweep-file", description=__doc__.split("\n")[0])
+    parser = app_parser("dynlab-sweep-file", __doc__)
     parser.add_argument(
         "overrides", nargs="*", help="Hydra overrides, sweeps as in `dynlab-train -m`"
     )
