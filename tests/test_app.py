@@ -14,17 +14,19 @@ from omegaconf.errors import ValidationError
 
 from dynlab import checkpointing as ckpt
 from dynlab import runner
+from dynlab.apps._hydra import CONFIG_DIR
 from dynlab.backbones import UnknownBackboneError
 from dynlab.data.base import DataRootError
 from dynlab.preemption import Preempted, PreemptionHandler
 from dynlab.runner import build_datamodule, build_module, run_job
-from dynlab.validation import validate_config
+from dynlab.traits import technique_traits
+from dynlab.validation import ConfigError, validate_config
 
-from .conftest import REPO, TINY
+from .conftest import TINY
 
-BACKBONES = sorted(p.stem for p in (REPO / "conf/backbone").glob("*.yaml"))
-TECHNIQUES = sorted(p.stem for p in (REPO / "conf/technique").glob("*.yaml"))
-DATASETS = sorted(p.stem for p in (REPO / "conf/dataset").glob("*.yaml"))
+BACKBONES = sorted(p.stem for p in (Path(CONFIG_DIR) / "backbone").glob("*.yaml"))
+TECHNIQUES = sorted(p.stem for p in (Path(CONFIG_DIR) / "technique").glob("*.yaml"))
+DATASETS = sorted(p.stem for p in (Path(CONFIG_DIR) / "dataset").glob("*.yaml"))
 # What a technique needs beyond its defaults to build on 32x32 images (GFNet's default patch is
 # ImageNet's 96x96, larger than the image: refused, see tests/test_gfnet.py).
 SMALL_IMAGES = {"gfnet": ["technique.patch_size=16", "technique.T=3"]}
@@ -32,15 +34,15 @@ SMALL_IMAGES = {"gfnet": ["technique.patch_size=16", "technique.T=3"]}
 REFUSED = {("gfnet", "cifar_vgg16_bn"): "cannot take 16x16 patches"}  # 5 max-pools need >= 32
 # SFR prunes LGC/SFR layers, which none of these backbones has (tests/test_sfr.py runs it).
 REFUSED |= {
-    ("sfr", b): "has none; backbones that carry them"
+    ("sfr", b): "needs a network of LGC/SFR layers"
     for b in ("cifar_resnet20", "cifar_mobilenetv2", "cifar_vgg16_bn", "timm")
 }
 # SPOS and FBNetV2 search their own supernets (tests/test_spos.py, tests/test_fbnetv2.py).
 REFUSED |= {
     (t, b): message
     for t, message in (
-        ("spos", "trains a one-shot supernet"),
-        ("fbnetv2", "searches a DMaskingNAS supernet"),
+        ("spos", "needs an SPOS one-shot supernet"),
+        ("fbnetv2", "needs a DMaskingNAS supernet"),
     )
     for b in ("cifar_resnet20", "cifar_mobilenetv2", "cifar_vgg16_bn", "timm")
 }
@@ -59,6 +61,11 @@ PAIRS = sorted(
 @pytest.mark.parametrize(("technique", "backbone", "dataset"), PAIRS)
 def test_every_pair_of_choices_composes_and_validates(compose_cfg, technique, backbone, dataset):
     cfg = compose_cfg([f"technique={technique}", f"backbone={backbone}", f"dataset={dataset}"])
+    needs = technique_traits(technique).backbones
+    if needs is not None and cfg.backbone.name not in needs.names:  # refused before building
+        with pytest.raises(ConfigError, match=f"as its backbone and {cfg.backbone.name} is none"):
+            validate_config(cfg)
+        return
     validate_config(cfg)
     assert cfg.technique.name == technique and cfg.dataset.name == dataset
 

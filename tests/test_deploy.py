@@ -100,6 +100,16 @@ def test_baseline_deploy_form_folds_every_norm(backbone: str) -> None:
     assert isinstance(deployed, StaticExits)
 
 
+def test_sync_batchnorm_folds_like_batchnorm() -> None:
+    """`trainer.sync_batchnorm=true` (Lightning converts every BatchNorm to SyncBatchNorm) must
+    not leave norms in the deploy form."""
+    torch.manual_seed(0)
+    module = trained(BaselineModule(BackboneConfig(name="cifar_resnet20"), INFO))
+    module.model = nn.SyncBatchNorm.convert_sync_batchnorm(module.model).eval()
+    assert any(isinstance(m, nn.SyncBatchNorm) for m in module.model.modules())
+    assert_deploy_form(module)
+
+
 @pytest.mark.parametrize("backbone", ["cifar_resnet20", "cifar_mobilenetv2"])
 def test_s2dnas_deploy_form_folds_norms_into_each_stage_block(backbone: str) -> None:
     torch.manual_seed(0)

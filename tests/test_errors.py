@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -20,8 +22,14 @@ from dynlab import logging as dlog
 from dynlab.backbones import UnknownBackboneError
 from dynlab.data.base import DataRootError
 from dynlab.divergence import DivergenceGuard
-from dynlab.errors import TrainingDiverged, UserError, reporting_user_errors
-from dynlab.validation import ConfigError, build_run, check_input_size, validate_config
+from dynlab.errors import CheckpointError, TrainingDiverged, UserError, reporting_user_errors
+from dynlab.validation import (
+    ConfigError,
+    build_run,
+    check_input_size,
+    validate_config,
+    validate_run,
+)
 
 from .conftest import TINY, run_cli
 
@@ -242,3 +250,348 @@ def test_phase_line_names_the_phase_its_length_and_a_resume(compose_cfg, capsys)
     last.touch()
     line = dlog.announce_phase(cfg, module, Phase("search", kind="custom"))
     assert line == "[dynlab] phase search: custom phase, resuming from its last checkpoint"
+
+
+# --- every user error in one line, exit status 2, found before torch loads ------------------------
+
+SLURM_MULTIRUN = ["-m", *TINY, "hydra/launcher=slurm"]
+CIFAR10 = ["dataset=cifar10", "technique=baseline", "backbone=cifar_resnet20", "logger=csv"]
+# (app, arguments, environment, what the one line must say: the bad setting and what would work)
+BAD_COMMANDS = {
+    "negative_lr": (
+        "train",
+        [*TINY, "technique.optim.lr=-1"],
+        {},
+        ["technique.optim.lr=-1.0", ">= 0"],
+    ),
+    "nested_recipe_lr": (
+        "train",
+        [*TINY, "++technique.phases={train: {optimizers: {main: {lr: -2}}}}"],
+        {},
+        ["technique.phases.train.optimizers.main.lr=-2.0", ">= 0"],
+    ),
+    "nesterov_without_momentum": (
+        "train",
+        [*TINY, "technique.optim.momentum=0"],
+        {},
+        ["technique.optim.momentum=0", "momentum > 0", "nesterov=false"],
+    ),
+    "milestones_in_epochs": (
+        "train",
+        [*TINY, "technique.optim.milestones=[100,150]"],
+        {},
+        ["technique.optim.milestones=[100.0, 150.0]", "fractions", "not epochs"],
+    ),
+    "val_size_above_train_split": (
+        "train",
+        [*TINY, "dataset.val_size=1000"],
+        {},
+        ["dataset.val_size=1000", "smaller than the 96 training samples of synthetic"],
+    ),
+    "search_without_a_search": (
+        "search",
+        TINY,
+        {},
+        ["technique=baseline has no search schedule", "dynlab-train", "s2dnas"],
+    ),
+    "zero_epochs": (
+        "train",
+        [*TINY, "trainer.max_epochs=0"],
+        {},
+        ["trainer.max_epochs=0", "1 or more"],
+    ),
+    "phase_of_zero_epochs": (
+        "train",
+        [*TINY, "++technique.phases={train: {epochs: 0}}"],
+        {},
+        ["technique.phases.train.epochs=0", "1 epoch or more"],
+    ),
+    "no_train_batches": (
+        "train",
+        [*TINY, "trainer.limit_train_batches=0"],
+        {},
+        ["trainer.limit_train_batches=0", "a batch count >= 1"],
+    ),
+    "unknown_option": (
+        "train",
+        [*TINY, "backbone=cifar_resnt20"],
+        {},
+        ["backbone=cifar_resnt20: no such option", "did you mean backbone=cifar_resnet20?"],
+    ),
+    "unknown_preset": (
+        "train",
+        ["+experiment=spos/digitz"],
+        {},
+        ["experiment=spos/digitz: no such option", "did you mean experiment=spos/digits?"],
+    ),
+    "wrong_type": (
+        "train",
+        [*TINY, "trainer.max_epochs=abc"],
+        {},
+        ["trainer.max_epochs: Value 'abc'", "converted to Integer"],
+    ),
+    "misspelt_key": (
+        "search",
+        [*TINY, "trainer.max_epoch=3"],
+        {},
+        ["trainer.max_epoch: no such key", "did you mean trainer.max_epochs?"],
+    ),
+    "key_of_a_map_of_recipes": (
+        "train",
+        [*TINY, "technique.phases.train.trainer.precision=32-true"],
+        {},
+        ["technique.phases.train: no such key", "'++technique.phases={train: {...}}' adds it"],
+    ),
+    "key_of_free_form_kwargs": (
+        "train",
+        [*TINY, "backbone.kwargs.foo.bar=1"],
+        {},
+        ["backbone.kwargs.foo: no such key", "+backbone.kwargs.foo=... adds one"],
+    ),
+    "bad_override_syntax": (
+        "evaluate",
+        ["ckpt_path"],
+        {},
+        ["Error parsing override 'ckpt_path'", "missing EQUAL"],
+    ),
+    "unknown_phase": ("train", [*TINY, "phase=trian"], {}, ["phase=trian", "its phases: train"]),
+    "sfr_without_sfr_layers": (
+        "train",
+        [*TINY, "technique=sfr"],
+        {},
+        ["technique=sfr needs", "LGC/SFR", "cifar_resnet20 is none", "cifar_condensenetv2_110"],
+    ),
+    "spos_without_a_supernet": (
+        "search",
+        [*TINY, "technique=spos"],
+        {},
+        ["technique=spos needs an SPOS one-shot supernet", "cifar_spos_supernet"],
+    ),
+}
+
+
+def _machine_commands(
+    tmp_path: Path,
+) -> dict[str, tuple[str, list[str], dict[str, str], list[str]]]:
+    """Bad commands about this machine's files and programs (paths under tmp_path)."""
+    (tmp_path / "a_file").write_text("not a folder\n")
+    nowhere = tmp_path / "nowhere"
+    venv_only = {"PATH": str(Path(sys.executable).parent)}  # a machine without Slurm
+    return {
+        "data_root_is_a_file": (
+            "train",
+            [*CIFAR10, f"dataset.root={tmp_path / 'a_file'}"],
+            {},
+            ["a_file is a file, not a directory", "dataset.root=", "cifar-10-batches-py"],
+        ),
+        "missing_data_root": (
+            "train",
+            [*CIFAR10, f"dataset.root={nowhere}"],
+            {},
+            ["nowhere does not exist", "dataset.root=", "cifar-10-batches-py"],
+        ),
+        "train_missing_ckpt_path": (
+            "train",
+            [*TINY, f"ckpt_path={nowhere}.ckpt"],
+            {},
+            [f"ckpt_path={nowhere}.ckpt: no such checkpoint file"],
+        ),
+        "search_ckpt_path_a_directory": (
+            "search",
+            [*TINY, "technique=s2dnas", f"ckpt_path={tmp_path}"],
+            {},
+            [f"ckpt_path={tmp_path}: a directory, not a checkpoint file"],
+        ),
+        "evaluate_missing_ckpt_path": (
+            "evaluate",
+            [f"ckpt_path={nowhere}.ckpt"],
+            {},
+            [f"ckpt_path={nowhere}.ckpt: no such checkpoint file"],
+        ),
+        "slurm_multirun_without_sbatch": (
+            "train",
+            SLURM_MULTIRUN,
+            venv_only,
+            ["hydra/launcher=slurm: sbatch was not found", "slurm/local-cluster.sh start"],
+        ),
+        "slurm_run_without_sbatch": (
+            "search",
+            [*TINY, "technique=s2dnas", "hydra/launcher=slurm"],
+            venv_only,
+            ["hydra/launcher=slurm: sbatch was not found", "slurm/local-cluster.sh start"],
+        ),
+    }
+
+
+def _bad_command(tmp_path: Path, name: str) -> tuple[str, list[str], dict[str, str], list[str]]:
+    return BAD_COMMANDS.get(name) or _machine_commands(tmp_path)[name]
+
+
+MACHINE_CASES = [
+    "data_root_is_a_file",
+    "missing_data_root",
+    "train_missing_ckpt_path",
+    "search_ckpt_path_a_directory",
+    "evaluate_missing_ckpt_path",
+    "slurm_multirun_without_sbatch",
+    "slurm_run_without_sbatch",
+]
+
+
+@pytest.mark.parametrize("name", [*BAD_COMMANDS, *MACHINE_CASES])
+def test_a_bad_command_is_one_line_with_exit_status_2(tmp_path, name):
+    """As a user types it: `<app>: error: <the bad setting and what would work>`, nothing else."""
+    app, args, env, says = _bad_command(tmp_path, name)
+    proc = run_cli(app, args, cwd=tmp_path, check=False, env=env)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert len(lines) == 1 and lines[0].startswith(f"dynlab-{app}: error: "), proc.stderr[-3000:]
+    for part in says:
+        assert part in lines[0], (part, lines[0])
+
+
+# Runs each bad command's app in one process, then names the heavy modules that were imported.
+LIGHT_PATH_SCRIPT = """
+import importlib, json, os, sys
+failed = []
+for app, args, env in json.loads(sys.argv[1]):
+    saved = dict(os.environ)
+    os.environ.update(env)
+    sys.argv = [f"dynlab-{app}", *args]
+    try:
+        importlib.import_module(f"dynlab.apps.{app}").main()
+    except SystemExit as exit:
+        failed += [] if exit.code == 2 else [args]
+    os.environ.clear()
+    os.environ.update(saved)
+print(json.dumps([failed, [m for m in ("torch", "pytorch_lightning", "timm") if m in sys.modules]]))
+"""
+
+
+def test_bad_commands_are_found_before_torch_is_imported(tmp_path):
+    """Every case above ends before torch, Lightning or timm loads (what makes it take ~1 s)."""
+    commands = [_bad_command(tmp_path, name)[:3] for name in [*BAD_COMMANDS, *MACHINE_CASES]]
+    env = {**os.environ, "DYNLAB_OUTPUTS": str(tmp_path / "out")}
+    env.pop("HYDRA_FULL_ERROR", None)
+    out = subprocess.run(
+        [sys.executable, "-c", LIGHT_PATH_SCRIPT, json.dumps(commands)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    failed, heavy = json.loads(out.stdout.strip().splitlines()[-1])
+    assert failed == [] and heavy == [], (failed, heavy)
+
+
+@pytest.mark.skipif(shutil.which("sbatch") is None, reason="needs Slurm's client, sbatch")
+def test_slurm_multirun_without_a_controller_ends_with_one_dynlab_line(tmp_path):
+    """sbatch is there but no cluster answers: submitit echoes sbatch's own lines, then dynlab's
+    one line says what to do (an empty SLURM_CONF: nothing can be submitted anywhere)."""
+    (tmp_path / "slurm.conf").touch()
+    env = {"SLURM_CONF": str(tmp_path / "slurm.conf")}
+    proc = run_cli("train", SLURM_MULTIRUN, cwd=tmp_path, check=False, env=env)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("dynlab-train: error: hydra/launcher=slurm: sbatch failed: sbatch")
+    assert "slurm/local-cluster.sh start" in last
+
+
+def test_hydra_full_error_still_shows_hydras_whole_text(tmp_path):
+    proc = run_cli(
+        "train", [*TINY, "backbone=nope"], cwd=tmp_path, check=False, env={"HYDRA_FULL_ERROR": "1"}
+    )
+    assert proc.returncode == 1 and "Traceback" in proc.stderr
+    assert (
+        "Available options in 'backbone'" in proc.stderr
+        and "dynlab-train: error" not in proc.stderr
+    )
+
+
+def test_help_and_cfg_job_still_work(tmp_path):
+    assert "dynlab-train: train a technique" in run_cli("train", ["--help"], cwd=tmp_path).stdout
+    shown = run_cli("search", ["--cfg", "job", "trainer.max_epochs=2"], cwd=tmp_path).stdout
+    assert "max_epochs: 2" in shown and "mode: search" in shown
+
+
+def test_an_error_inside_the_job_keeps_hydras_report():
+    """Only what fails before the job starts becomes one line: a job's own Hydra error (a bug,
+    say) keeps its traceback and exit status 1."""
+    from hydra.errors import ConfigCompositionException
+
+    from dynlab.apps._hydra import _before_the_job_in_one_line
+
+    def job(cfg: object) -> None:
+        raise ConfigCompositionException("raised by the job")
+
+    with pytest.raises(ConfigCompositionException, match="raised by the job"):
+        _before_the_job_in_one_line("dynlab-x", job, lambda: job(None))
+
+    def compose() -> None:
+        raise ConfigCompositionException("Could not override 'x'.\nTo append use +x=1")
+
+    with pytest.raises(SystemExit) as exit_info:
+        _before_the_job_in_one_line("dynlab-x", job, compose)
+    assert exit_info.value.code == 2
+
+
+def test_slurm_launcher_without_sbatch_is_refused_at_validation(compose_cfg, monkeypatch):
+    cfg = compose_cfg([*TINY, "hydra/launcher=slurm"])
+    monkeypatch.setenv("PATH", str(Path(sys.executable).parent))
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    with pytest.raises(ConfigError, match="sbatch was not found.*slurm/local-cluster.sh start"):
+        validate_run(cfg)
+    validate_config(cfg)  # the config itself is fine: a preset validates on any machine
+
+
+def test_a_missing_ckpt_path_is_ignored_once_the_run_finished_a_phase(compose_cfg, tmp_path):
+    cfg = compose_cfg([*TINY, f"ckpt_path={tmp_path / 'gone.ckpt'}"])
+    with pytest.raises(CheckpointError, match="gone.ckpt: no such checkpoint file"):
+        validate_run(cfg)
+    done = Path(cfg.run_dir) / "checkpoints" / "train" / "done"
+    done.parent.mkdir(parents=True)
+    done.touch()
+    validate_run(cfg)  # a rerun resumes from its own phase and does not read ckpt_path
+
+
+def test_val_size_of_a_dataset_known_once_loaded_is_refused_in_one_line():
+    """ImageNet's size is its folders': `setup` refuses the held-out split as a config error."""
+    from dynlab.data.synthetic import SyntheticDataModule
+
+    datamodule = SyntheticDataModule(num_train=40, num_test=8, val_size=40, batch_size=8)
+    with pytest.raises(ConfigError, match=r"dataset.val_size=40 must be smaller than the 40"):
+        datamodule.setup()
+
+
+def test_declared_train_split_sizes_are_the_datamodules():
+    from dynlab.config import DigitsConfig
+    from dynlab.data.digits import DigitsDataModule
+
+    datamodule = DigitsDataModule(val_size=100)
+    datamodule.setup()
+    assert len(datamodule.splits.train) + len(datamodule.splits.val) == DigitsConfig.TRAIN_SIZE
+
+
+def test_declared_backbone_kinds_are_the_registered_backbones_that_are_of_that_kind():
+    """`traits.TECHNIQUE_TRAITS` says without torch which backbones SFR, SPOS and FBNetV2 run on;
+    it must list exactly the registered backbones their modules accept."""
+    from dynlab.backbones import create_backbone, list_backbones
+    from dynlab.backbones.fbnetv2 import FBNetV2Supernet
+    from dynlab.backbones.spos_shufflenetv2 import SPOSSupernet
+    from dynlab.techniques.sfr.module import sparse_layers
+    from dynlab.traits import FBNETV2_SUPERNETS, SPARSE_BACKBONES, SPOS_SUPERNETS
+
+    accepted: dict[str, set[str]] = {"sparse": set(), "spos": set(), "fbnetv2": set()}
+    for name in list_backbones():
+        net = create_backbone(name, num_classes=10)
+        for kind, accepts in (
+            ("sparse", bool(sparse_layers(net))),
+            ("spos", isinstance(net, SPOSSupernet)),
+            ("fbnetv2", isinstance(net, FBNetV2Supernet)),
+        ):
+            if accepts:
+                accepted[kind].add(name)
+    assert accepted["sparse"] == set(SPARSE_BACKBONES.names)
+    assert accepted["spos"] == set(SPOS_SUPERNETS.names)
+    assert accepted["fbnetv2"] == set(FBNETV2_SUPERNETS.names)

@@ -55,6 +55,7 @@ def _result(run: Path) -> dict[str, Any]:
     return json.loads((run / "checkpoints" / "search" / RESULT).read_text())
 
 
+@pytest.mark.slow
 def test_a_strong_cost_weight_searches_a_cheaper_network(searches: dict[str, Path]) -> None:
     weak, strong = _result(searches["weak"]), _result(searches["strong"])
     assert strong["mmacs"] < weak["mmacs"]
@@ -69,6 +70,7 @@ def test_a_strong_cost_weight_searches_a_cheaper_network(searches: dict[str, Pat
         assert results["exit_macs"][0] == pytest.approx(_result(run)["mmacs"] * 1e6)
 
 
+@pytest.mark.slow
 def test_the_searched_network_retrained_learns_and_costs_what_was_measured(
     compose_cfg, searches: dict[str, Path]
 ) -> None:
@@ -88,6 +90,7 @@ def test_the_searched_network_retrained_learns_and_costs_what_was_measured(
     assert not (Path(cfg.run_dir) / "checkpoints" / "search").exists()
 
 
+@pytest.mark.slow
 def test_search_killed_mid_way_resumes_exactly(
     compose_cfg, searches: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -119,6 +122,7 @@ def test_search_killed_mid_way_resumes_exactly(
                 torch.testing.assert_close(b["state"][key][name], value, rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_deploy_form_of_the_search_equals_the_supernet_at_its_argmax(
     compose_cfg, searches: dict[str, Path]
 ) -> None:
@@ -148,8 +152,8 @@ def test_bad_input_is_refused_before_anything_runs(
     compose_cfg, overrides: list[str], message: str
 ) -> None:
     cfg = compose_cfg([*FBNET, *overrides])
-    validate_config(cfg)
     with pytest.raises(ConfigError, match=message):
+        validate_config(cfg)
         build_run(cfg)
 
 

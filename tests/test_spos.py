@@ -68,6 +68,7 @@ def _result(run: Path) -> dict[str, Any]:
     return json.loads((run / "checkpoints" / "evolution" / RESULT).read_text())
 
 
+@pytest.mark.slow
 def test_search_finds_a_legal_architecture_within_the_limit(searched: Path) -> None:
     result = _result(searched)
     records = json.loads((searched / "checkpoints" / "evolution" / RECORDS).read_text())
@@ -94,6 +95,7 @@ def test_search_finds_a_legal_architecture_within_the_limit(searched: Path) -> N
     assert results["exit_macs"][0] == pytest.approx(result["mmacs"] * 1e6)
 
 
+@pytest.mark.slow
 def test_the_winner_retrained_from_the_search_output_learns_and_costs_what_was_recorded(
     compose_cfg, searched: Path
 ) -> None:
@@ -114,6 +116,7 @@ def test_the_winner_retrained_from_the_search_output_learns_and_costs_what_was_r
     assert not (Path(cfg.run_dir) / "checkpoints" / "supernet").exists()
 
 
+@pytest.mark.slow
 def test_evolution_alone_from_the_supernet_checkpoint_resumes_exactly_after_a_kill(
     compose_cfg, searched: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -146,6 +149,7 @@ def test_evolution_alone_from_the_supernet_checkpoint_resumes_exactly_after_a_ki
     assert _result(killed)["genes"] == _result(searched)["genes"]
 
 
+@pytest.mark.slow
 def test_deploy_form_of_the_searched_supernet_equals_its_path(compose_cfg, searched: Path) -> None:
     cfg = compose_cfg([*SPOS, f"ckpt_path={searched / 'checkpoints' / 'evolution' / 'final.ckpt'}"])
     datamodule, module = build_run(cfg)
@@ -215,8 +219,8 @@ def test_bad_input_is_refused_before_anything_runs(
     compose_cfg, override: str, message: str
 ) -> None:
     cfg = compose_cfg([*SPOS, *override.split()])
-    validate_config(cfg)
     with pytest.raises(ConfigError, match=message):
+        validate_config(cfg)
         build_run(cfg)
 
 
@@ -226,6 +230,7 @@ def test_a_search_of_a_given_architecture_is_refused_before_anything_runs(compos
         build_run(cfg)
 
 
+@pytest.mark.slow
 def test_a_supernet_checkpoint_of_another_space_is_refused(compose_cfg, searched: Path) -> None:
     supernet = searched / "checkpoints" / "supernet" / "final.ckpt"
     cfg = compose_cfg(

@@ -1,13 +1,15 @@
 """Structured-config schemas and their registration in Hydra's ConfigStore.
 
-Every config group file in `conf/` starts from one of these schemas (`defaults: [/schema/<group>/<name>@_here_]`),
-so an unknown key or a wrong type fails at composition, before anything is built.
-Checks that need more than types (backbone names, technique/backbone compatibility) live in
-`validate_config`, which the apps call right after composition.
+Every config group file in `dynlab/conf/` starts from one of these schemas (`defaults: [/schema/<group>/<name>@_here_]`),
+so an unknown key or a wrong type fails at composition, before anything is built. A schema's
+`__post_init__` holds its range rules, run by `validate_config` (a rule one setting breaks raises
+`SettingError`, reported under its full key). What techniques need of their backbones lives in
+`traits.py`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from fnmatch import fnmatchcase
@@ -15,6 +17,22 @@ from typing import Any, ClassVar
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
+
+
+class SettingError(ValueError):
+    """A schema rule that setting `key` (relative to its schema's node) breaks; validation reports
+    it under the node's full key: `technique.optim.lr=-1.0: ...`."""
+
+    def __init__(self, key: str, value: Any, rule: str) -> None:
+        super().__init__(f"{key}={value}: {rule}")
+        self.key, self.value, self.rule = key, value, rule
+
+
+def _at_least(values: Mapping[str, Any], least: float) -> None:
+    """Each set (non-None) value is >= `least`."""
+    for key, value in values.items():
+        if value is not None and value < least:
+            raise SettingError(key, value, f"must be >= {least:g}")
 
 
 class OptimizerName(StrEnum):
@@ -41,6 +59,9 @@ class ParamGroupConfig:
     pattern: str = MISSING
     lr: float | None = None
     weight_decay: float | None = None
+
+    def __post_init__(self) -> None:
+        _at_least({"lr": self.lr, "weight_decay": self.weight_decay}, 0)
 
 
 @dataclass
@@ -70,6 +91,30 @@ class OptimConfig:
     gamma: float = 0.1
     label_smoothing: float = 0.0
 
+    def __post_init__(self) -> None:
+        """torch's own checks, and the ones torch lacks (a milestone given in epochs), at
+        validation instead of a traceback when the optimiser is built."""
+        _at_least({"lr": self.lr, "weight_decay": self.weight_decay}, 0)
+        _at_least({"warmup_epochs": self.warmup_epochs}, 0)
+        if not 0 <= self.momentum < 1:
+            raise SettingError("momentum", self.momentum, "must be in [0, 1), e.g. 0.9")
+        if self.name == OptimizerName.sgd and self.nesterov and self.momentum == 0:
+            raise SettingError(
+                "momentum", 0, "Nesterov SGD needs momentum > 0, e.g. 0.9 (or nesterov=false)"
+            )
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise SettingError("betas", list(self.betas), "two numbers in [0, 1), e.g. [0.9,0.999]")
+        if not all(0 <= m <= 1 for m in self.milestones):
+            raise SettingError(
+                "milestones",
+                list(self.milestones),
+                "fractions of the phase's steps in [0, 1] (e.g. [0.5,0.75]), not epochs",
+            )
+        if self.gamma <= 0:
+            raise SettingError("gamma", self.gamma, "the step decay factor must be > 0, e.g. 0.1")
+        if not 0 <= self.label_smoothing < 1:
+            raise SettingError("label_smoothing", self.label_smoothing, "must be in [0, 1)")
+
 
 @dataclass
 class StreamConfig:
@@ -97,6 +142,10 @@ class EMAConfig:
     # are not floating point are always copied.
     copy_buffers: list[str] = field(default_factory=lambda: ["*mask*"])
 
+    def __post_init__(self) -> None:
+        if not 0 <= self.decay <= 1:
+            raise SettingError("decay", self.decay, "must be in [0, 1], e.g. 0.9998")
+
 
 @dataclass
 class PhaseRecipe:
@@ -120,6 +169,31 @@ class PhaseRecipe:
     # Extra train streams: the phase's train loader becomes {name: loader} (Lightning combines them).
     streams: dict[str, StreamConfig] = field(default_factory=dict)
     ema: EMAConfig | None = None
+
+    def __post_init__(self) -> None:
+        if self.epochs is not None and self.epochs < 1:
+            raise SettingError(
+                "epochs", self.epochs, "a phase trains 1 epoch or more (unset: trainer.max_epochs)"
+            )
+        check_run_length(self.trainer, prefix="trainer.")
+
+
+def check_run_length(trainer: Mapping[str, Any], prefix: str = "") -> None:
+    """Trainer settings (`trainer` or a recipe's overrides) that leave a phase at least one step:
+    with none, Lightning ends at once and the run reports chance-level accuracy as completed."""
+    for key in ("max_epochs", "max_steps"):
+        value = trainer.get(key)
+        if value is not None and (value == 0 or value < -1):
+            raise SettingError(
+                prefix + key, value, "trains nothing: set 1 or more (or -1 for no limit)"
+            )
+    limit = trainer.get("limit_train_batches")
+    if isinstance(limit, int | float) and (limit <= 0 or (isinstance(limit, float) and limit > 1)):
+        raise SettingError(
+            prefix + "limit_train_batches",
+            limit,
+            "give a batch count >= 1, a fraction in (0, 1], or null for every batch",
+        )
 
 
 @dataclass
@@ -165,6 +239,11 @@ class DatasetConfig:
 
     _target_: str = MISSING
     name: str = MISSING
+    # The size of the train split the held-out val comes out of, where the dataset fixes it.
+    TRAIN_SIZE: ClassVar[int | None] = None
+    # Where the files lie under `root` (None: the dataset reads no files).
+    LAYOUT: ClassVar[str | None] = None
+
     root: str | None = None
     batch_size: int = 128
     eval_batch_size: int | None = None
@@ -172,6 +251,30 @@ class DatasetConfig:
     val_size: int = 5000
     seed: int = "${seed}"  # type: ignore[assignment]
     augment: bool = True
+
+    def __post_init__(self) -> None:
+        _at_least({"batch_size": self.batch_size, "eval_batch_size": self.eval_batch_size}, 1)
+        _at_least({"num_workers": self.num_workers, "val_size": self.val_size}, 0)
+        problem = val_size_problem(self.name, self.val_size, self.train_size())
+        if problem:
+            raise SettingError("val_size", self.val_size, problem)
+
+    def train_size(self) -> int | None:
+        """Samples of the train split before val is held out of it (None: known once loaded)."""
+        return self.TRAIN_SIZE
+
+
+def val_size_problem(dataset: str, val_size: int, train_size: int | None) -> str | None:
+    """Why `val_size` cannot be held out of `train_size` samples (the datamodule's `setup` asks
+    again once the data is loaded), or None."""
+    if val_size < 1:
+        return "the held-out split needs 1 sample or more"
+    if train_size is not None and val_size >= train_size:
+        return (
+            f"must be smaller than the {train_size} training samples of {dataset} it is held out "
+            f"of, e.g. {max(1, train_size // 10)}"
+        )
+    return None
 
 
 @dataclass
@@ -185,9 +288,15 @@ class SyntheticConfig(DatasetConfig):
     channels: int = 3
     val_size: int = 256
 
+    def train_size(self) -> int | None:
+        return self.num_train
+
 
 @dataclass
 class DigitsConfig(DatasetConfig):
+    # scikit-learn's 1797 digits less the fixed 20 % test split (dynlab.data.digits).
+    TRAIN_SIZE: ClassVar[int | None] = 1438
+
     _target_: str = "dynlab.data.digits.DigitsDataModule"
     name: str = "digits"
     val_size: int = 200
@@ -197,6 +306,8 @@ class DigitsConfig(DatasetConfig):
 @dataclass
 class ClutteredDigitsConfig(DatasetConfig):
     """Digits placed at random on a larger canvas among fragments of other digits (RAM-style)."""
+
+    TRAIN_SIZE: ClassVar[int | None] = DigitsConfig.TRAIN_SIZE
 
     _target_: str = "dynlab.data.cluttered_digits.ClutteredDigitsDataModule"
     name: str = "cluttered_digits"
@@ -208,6 +319,7 @@ class ClutteredDigitsConfig(DatasetConfig):
     val_size: int = 200
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         problem = self.range_problem(
             self.canvas_size, self.digit_size, self.fragment_size, self.clutter, self.channels
         )
@@ -238,6 +350,11 @@ class ClutteredDigitsConfig(DatasetConfig):
 
 @dataclass
 class CIFAR10Config(DatasetConfig):
+    TRAIN_SIZE: ClassVar[int | None] = 50000
+    LAYOUT: ClassVar[str | None] = (
+        "<root>/cifar-10-batches-py/data_batch_1..5, test_batch (the python version of CIFAR-10)"
+    )
+
     _target_: str = "dynlab.data.cifar.CIFAR10DataModule"
     name: str = "cifar10"
     root: str | None = "${oc.env:DYNLAB_DATA,data}"
@@ -245,12 +362,21 @@ class CIFAR10Config(DatasetConfig):
 
 @dataclass
 class CIFAR100Config(CIFAR10Config):
+    LAYOUT: ClassVar[str | None] = (
+        "<root>/cifar-100-python/train, test (the python version of CIFAR-100)"
+    )
+
     _target_: str = "dynlab.data.cifar.CIFAR100DataModule"
     name: str = "cifar100"
 
 
 @dataclass
 class ImageNetConfig(DatasetConfig):
+    LAYOUT: ClassVar[str | None] = (
+        "<root>/train/<class>/<image> and <root>/val/<class>/<image> (ImageFolder layout; the "
+        "official val images must be sorted into class folders)"
+    )
+
     _target_: str = "dynlab.data.imagenet.ImageNetDataModule"
     name: str = "imagenet"
     root: str | None = "${oc.env:DYNLAB_DATA,data}/imagenet"
@@ -284,6 +410,14 @@ class TrainerConfig:
     deterministic: Any = False
     benchmark: bool | None = None
     enable_progress_bar: bool = True
+    # BatchNorm statistics over all DDP processes (small per-GPU batches); off as in Lightning.
+    sync_batchnorm: bool = False
+
+    def __post_init__(self) -> None:
+        check_run_length(vars(self))
+        _at_least({"num_nodes": self.num_nodes}, 1)
+        _at_least({"accumulate_grad_batches": self.accumulate_grad_batches}, 1)
+        _at_least({"gradient_clip_val": self.gradient_clip_val}, 0)
 
 
 class LoggerName(StrEnum):
@@ -353,7 +487,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
 
 
 def register_schema(group: str, name: str, node: type) -> None:
-    """Add a schema (for example a technique's) so `conf/<group>/*.yaml` can extend it."""
+    """Add a schema (for example a technique's) so `dynlab/conf/<group>/*.yaml` can extend it."""
     SCHEMAS.setdefault(group, {})[name] = node
 
 

@@ -12,6 +12,8 @@ import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
+from typing import NoReturn
 
 # The exit status of a user error (argparse's for a bad command line; 1 stays for bugs).
 USER_ERROR_EXIT = 2
@@ -20,6 +22,14 @@ USER_ERROR_EXIT = 2
 class UserError(Exception):
     """A mistake in the config, data, checkpoint or combination asked for; its message says what
     is wrong and what would work."""
+
+
+class ConfigError(UserError, ValueError):
+    """A composed config that cannot work, found before anything expensive starts."""
+
+
+class DataRootError(UserError, FileNotFoundError):
+    """The data root or files under it are missing (dynlab never downloads datasets)."""
 
 
 class CheckpointError(UserError, ValueError):
@@ -34,13 +44,41 @@ class ResultsError(UserError, ValueError):
     """A run dir's results.json that cannot be read."""
 
 
+def require_data_root(dataset: str, root: str | Path | None, layout: str) -> Path:
+    """`root` as a folder that exists; a DataRootError saying what is wrong and where the data
+    goes otherwise (cheap: the apps check it before importing torch, the datamodules again)."""
+    how = (
+        f"Expected {layout}. Point dynlab at the folder with dataset.root=/path/to/data "
+        "(dynlab never downloads datasets)."
+    )
+    if root is None:
+        raise DataRootError(f"{dataset}: dataset.root is not set. {how}")
+    path = Path(root).expanduser()
+    if path.is_file():
+        raise DataRootError(f"{dataset}: the data root {path} is a file, not a directory. {how}")
+    if not path.is_dir():
+        raise DataRootError(f"{dataset}: the data root {path} does not exist. {how}")
+    return path
+
+
+def full_error() -> bool:
+    """Whether the user asked for whole tracebacks (`HYDRA_FULL_ERROR=1`), user errors included."""
+    return os.environ.get("HYDRA_FULL_ERROR") == "1"
+
+
+def exit_with_user_error(prog: str, message: str) -> NoReturn:
+    """Print `<prog>: error: <message>` as one line on stderr and exit with status 2."""
+    line = " ".join(message.split())
+    print(f"{prog}: error: {line}", file=sys.stderr, flush=True)
+    raise SystemExit(USER_ERROR_EXIT)
+
+
 @contextmanager
 def reporting_user_errors(prog: str) -> Iterator[None]:
     """Turn a `UserError` raised inside into one line on stderr and exit status 2."""
     try:
         yield
     except UserError as err:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        if full_error():
             raise
-        print(f"{prog}: error: {err}", file=sys.stderr, flush=True)
-        raise SystemExit(USER_ERROR_EXIT) from None
+        exit_with_user_error(prog, str(err))

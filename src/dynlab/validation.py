@@ -1,8 +1,11 @@
 """Checks that a composed config can work, cheapest first, each failing with one clear line.
 
 Hydra's structured configs already reject a misspelt key or a wrong type at composition. Then:
-1. `validate_config` (light: no torch) checks combinations and the schemas' own `__post_init__`
-   rules, then that the backbone name exists (imports timm);
+1. `validate_config` (light: no torch) checks combinations, the schemas' own `__post_init__`
+   rules, the technique's schedule for the app's mode, `phase=` and its backbone (as declared in
+   `traits.TECHNIQUE_TRAITS`), then that the backbone name exists (imports timm, so last). The
+   apps call `validate_run`: the same plus what the run needs of this machine (sbatch for
+   `hydra/launcher=slurm`, the data root, `ckpt_path`), all before timm and torch load;
 2. `build_run` builds the datamodule, runs one zero image of the dataset's size through the bare
    backbone (a model that cannot take it fails here, saying what to set), then builds the
    technique's module and asks it to check the rest of the run (`check_run`: e.g. enough epochs for
@@ -15,15 +18,21 @@ without torch.
 from __future__ import annotations
 
 import os
+import shutil
 import zipfile
 from contextlib import contextmanager
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from omegaconf import DictConfig, OmegaConf
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import Container, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from dynlab.errors import UserError
+from dynlab.config import SettingError, TechniqueConfig
+from dynlab.errors import CheckpointError, ConfigError, UserError, full_error, require_data_root
+from dynlab.traits import backbone_needed, no_schedule, technique_traits
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -33,17 +42,41 @@ if TYPE_CHECKING:
 
 # Groups whose schemas may check their values in `__post_init__` (run by `OmegaConf.to_object`).
 SCHEMA_GROUPS = ("backbone", "technique", "dataset", "trainer", "logger", "evaluation")
-
-
-class ConfigError(UserError, ValueError):
-    """A composed config that cannot work, found before anything expensive starts."""
+# hydra-submitit-launcher's Slurm launcher (`hydra/launcher=slurm`) and how to get a Slurm here.
+SLURM_LAUNCHER = "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+LOCAL_SLURM = "slurm/local-cluster.sh start starts a one-node cluster here (as root)"
+# Where a run dir marks a finished phase (dynlab.checkpointing: checkpoints/<phase>/done).
+DONE_MARKERS = "checkpoints/*/done"
 
 
 def validate_config(cfg: DictConfig) -> None:
-    """Checks beyond the schemas' types: names that must exist and settings that must agree."""
+    """Checks beyond the schemas' types: names that must exist and settings that must agree
+    (a preset validates on any machine: no data or checkpoint needed)."""
+    check_config(cfg)
+    check_backbone_name(cfg)
+
+
+def validate_run(cfg: DictConfig) -> None:
+    """`validate_config` plus what this run needs of the machine, all before timm loads: what
+    the apps call before importing torch."""
+    check_config(cfg)
+    check_machine(cfg)
+    check_backbone_name(cfg)
+
+
+def check_config(cfg: DictConfig) -> None:
+    """The config's own light checks (no torch), cheapest first."""
     check_devices(cfg)
     check_schema_rules(cfg)
-    check_backbone_name(cfg)
+    check_schedule(cfg)
+    check_technique_backbone(cfg)
+
+
+def check_machine(cfg: DictConfig) -> None:
+    """What a run needs of this machine, cheap: sbatch, the data root, the start checkpoint."""
+    check_launcher(cfg)
+    check_data_root(cfg)
+    check_start_checkpoint(cfg)
 
 
 def check_devices(cfg: DictConfig) -> None:
@@ -58,15 +91,107 @@ def check_devices(cfg: DictConfig) -> None:
 
 
 def check_schema_rules(cfg: DictConfig) -> None:
-    """Build each group's schema object, so its `__post_init__` range checks run now (cheap)."""
+    """Build each group's schema object, so its `__post_init__` range checks run now (cheap); a
+    `SettingError` is reported under its full key (`technique.optim.lr=-1.0: ...`)."""
     for group in SCHEMA_GROUPS:
         node = cfg.get(group)
         if not OmegaConf.is_config(node) or OmegaConf.get_type(node) in (dict, None):
             continue
         try:
             OmegaConf.to_object(node)
+        except SettingError as err:
+            where = _failing_node(node, group)
+            raise ConfigError(f"{where}.{err.key}={err.value}: {err.rule}") from err
         except (ValueError, OmegaConfBaseException) as err:
             raise ConfigError(f"{group}: {_first_line(err)}") from err
+
+
+def _failing_node(node: Container, key: str) -> str:
+    """The full key of the innermost node under `node` (at `key`) whose schema rules fail."""
+    children = list(node.keys()) if isinstance(node, DictConfig) else list(range(len(node)))
+    for child_key in children:
+        child = node[child_key]
+        if OmegaConf.is_config(child):
+            try:
+                OmegaConf.to_object(child)
+            except ValueError:
+                return _failing_node(child, f"{key}.{child_key}")
+    return key
+
+
+def check_schedule(cfg: DictConfig) -> None:
+    """The technique has a schedule for the app's mode (dynlab-search: a search), and `phase=`
+    names one of its phases (its schema's PHASES, fnmatch patterns for numbered ones)."""
+    technique = cfg.technique.name
+    problem = no_schedule(technique, cfg.mode)
+    if problem:
+        raise ConfigError(problem)
+    if cfg.get("phase") is None:
+        return
+    schema = OmegaConf.get_type(cfg.technique)
+    phases = (
+        schema.PHASES
+        if isinstance(schema, type) and issubclass(schema, TechniqueConfig)
+        else TechniqueConfig.PHASES
+    )
+    if not any(fnmatchcase(str(cfg.phase), pattern) for pattern in phases):
+        numbered = " (* stands for a number)" if any("*" in p for p in phases) else ""
+        raise ConfigError(
+            f"phase={cfg.phase}: technique={technique} has no such phase; its phases: "
+            f"{', '.join(phases)}{numbered}"
+        )
+
+
+def check_technique_backbone(cfg: DictConfig) -> None:
+    """The technique runs on the backbone, as its traits declare (no model built)."""
+    kind = technique_traits(cfg.technique.name).backbones
+    if kind is not None and cfg.backbone.name not in kind.names:
+        raise ConfigError(backbone_needed(cfg.technique.name, cfg.backbone.name))
+
+
+def check_launcher(cfg: DictConfig) -> None:
+    """`hydra/launcher=slurm` needs Slurm's sbatch (a search sends its candidates as job arrays):
+    refused here, not in sbatch's traceback later. Jobs that Slurm started are not asked."""
+    if not HydraConfig.initialized() or "SLURM_JOB_ID" in os.environ:
+        return
+    hydra_cfg = HydraConfig.get()
+    launcher = hydra_cfg.get("launcher") or {}
+    if launcher.get("_target_") != SLURM_LAUNCHER or hydra_cfg.mode == RunMode.MULTIRUN:
+        return
+    if shutil.which("sbatch") is None:
+        raise ConfigError(slurm_problem())
+
+
+def slurm_problem(failure: str | None = None) -> str:
+    """What to say when `hydra/launcher=slurm` cannot submit: no sbatch here, or sbatch's own
+    complaint (`failure`, e.g. no controller answering)."""
+    if shutil.which("sbatch") is None:
+        return (
+            "hydra/launcher=slurm: sbatch was not found, so this machine cannot submit to Slurm; "
+            f"{LOCAL_SLURM}, or leave out hydra/launcher=slurm to run here"
+        )
+    return (
+        f"hydra/launcher=slurm: sbatch failed: {failure}. Is a Slurm controller running? "
+        f"{LOCAL_SLURM} (then export SLURM_CONF as it prints)"
+    )
+
+
+def check_data_root(cfg: DictConfig) -> None:
+    """A dataset read from files has its root folder (its schema's LAYOUT says what goes there)."""
+    layout = getattr(OmegaConf.get_type(cfg.dataset), "LAYOUT", None)
+    if layout is not None:
+        require_data_root(cfg.dataset.name, cfg.dataset.root, layout)
+
+
+def check_start_checkpoint(cfg: DictConfig) -> None:
+    """`ckpt_path` is a readable checkpoint, unless the run dir finished a phase of its own (then
+    the run resumes from that and ignores it)."""
+    path = cfg.get("ckpt_path")
+    if not path or any(Path(cfg.run_dir).glob(DONE_MARKERS)):
+        return
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise CheckpointError(f"ckpt_path={path}: {problem}")
 
 
 def check_backbone_name(cfg: DictConfig) -> None:
@@ -88,7 +213,7 @@ def constructor_errors(what: str) -> Iterator[None]:
     except UserError:
         raise
     except ValueError as err:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        if full_error():
             raise
         raise ConfigError(f"{what}: {_first_line(err)}") from err
 
@@ -143,6 +268,8 @@ def checkpoint_problem(path: str | Path) -> str | None:
     """Why `path` is no readable checkpoint (missing, not torch's zip format, truncated, bad
     CRC), or None when it is one. Reads the file's bytes but unpickles nothing (cheap)."""
     path = Path(path)
+    if path.is_dir():
+        return "a directory, not a checkpoint file (checkpoints are <run dir>/checkpoints/<phase>/*.ckpt)"
     if not path.is_file():
         return "no such checkpoint file"
     try:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import hydra
 import yaml
 from hydra import compose
 from hydra.core.hydra_config import HydraConfig
@@ -16,9 +15,9 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from dynlab.apps._hydra import CONFIG_DIR, ddp_job_scope
+from dynlab.apps._hydra import ddp_job_scope, dynlab_main
 from dynlab.errors import CheckpointError, reporting_user_errors
-from dynlab.validation import ConfigError, build_run, checkpoint_problem, validate_config
+from dynlab.validation import ConfigError, build_run, checkpoint_problem, validate_run
 
 
 def training_overrides(ckpt_path: Path) -> list[str]:
@@ -30,7 +29,7 @@ def training_overrides(ckpt_path: Path) -> list[str]:
     return []
 
 
-@hydra.main(config_path=CONFIG_DIR, config_name="evaluate", version_base="1.3")
+@dynlab_main("dynlab-evaluate", config_name="evaluate")
 def main(cfg: DictConfig) -> float | None:
     with reporting_user_errors("dynlab-evaluate"):
         return evaluate_checkpoint(cfg)
@@ -49,7 +48,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> float | None:
         raise ConfigError(
             f"the training run's overrides plus these do not compose ({' '.join(overrides)}): {err}"
         ) from err
-    validate_config(cfg)
+    validate_run(cfg)
     # torch, Lightning, timm: only once the config is known to be valid.
     from dynlab import checkpointing as ckpt
     from dynlab.logging import quiet_console

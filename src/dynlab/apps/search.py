@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import hydra
 from omegaconf import DictConfig
 
-from dynlab.apps._hydra import CONFIG_DIR, run_schedule_app
+from dynlab.apps._hydra import dynlab_main, run_schedule_app
 
 
-@hydra.main(config_path=CONFIG_DIR, config_name="search", version_base="1.3")
+@dynlab_main("dynlab-search", config_name="search")
 def main(cfg: DictConfig) -> float | None:
     return run_schedule_app("dynlab-search", cfg)
 

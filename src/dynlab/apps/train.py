@@ -8,13 +8,12 @@ A rerun of the same command in the same run dir resumes at the first unfinished 
 
 from __future__ import annotations
 
-import hydra
 from omegaconf import DictConfig
 
-from dynlab.apps._hydra import CONFIG_DIR, run_schedule_app
+from dynlab.apps._hydra import dynlab_main, run_schedule_app
 
 
-@hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
+@dynlab_main("dynlab-train", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     return run_schedule_app("dynlab-train", cfg)
 

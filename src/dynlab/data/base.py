@@ -22,6 +22,7 @@ from pytorch_lightning.utilities import CombinedLoader
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from dynlab.config import val_size_problem
 from dynlab.data.sampling import (
     EvalSampler,
     ResumableDataLoader,
@@ -30,7 +31,7 @@ from dynlab.data.sampling import (
     SeededDataset,
 )
 from dynlab.data.transforms import SeededTransform
-from dynlab.errors import UserError
+from dynlab.errors import ConfigError, DataRootError, require_data_root
 
 
 @dataclass(frozen=True)
@@ -42,25 +43,16 @@ class DataInfo:
     input_size: tuple[int, int, int]  # (C, H, W)
 
 
-class DataRootError(UserError, FileNotFoundError):
-    """The data root or files under it are missing (dynlab never downloads datasets)."""
-
-
 def require_paths(dataset: str, root: str | Path | None, layout: str, paths: list[str]) -> Path:
     """Check that `paths` exist under `root`; raise DataRootError naming the layout otherwise."""
-    how = (
-        f"Expected {layout}. Point dynlab at the folder with dataset.root=/path/to/data "
-        "(dynlab never downloads datasets)."
-    )
-    if root is None:
-        raise DataRootError(f"{dataset}: dataset.root is not set. {how}")
-    root = Path(root).expanduser()
-    if not root.is_dir():
-        raise DataRootError(f"{dataset}: the data root {root} does not exist. {how}")
-    missing = [str(root / path) for path in paths if not (root / path).exists()]
+    folder = require_data_root(dataset, root, layout)
+    missing = [str(folder / path) for path in paths if not (folder / path).exists()]
     if missing:
-        raise DataRootError(f"{dataset}: missing {', '.join(missing)}. {how}")
-    return root
+        raise DataRootError(
+            f"{dataset}: missing {', '.join(missing)}. Expected {layout}. Point dynlab at the "
+            "folder with dataset.root=/path/to/data (dynlab never downloads datasets)."
+        )
+    return folder
 
 
 class TensorImages(Dataset[tuple[Tensor, int]]):
@@ -198,11 +190,9 @@ class DynlabDataModule(pl.LightningDataModule, ABC):
             return
         train_full, test = self.load_train_test()
         num_train = len(train_full)  # type: ignore[arg-type]
-        if self.val_size >= num_train:
-            raise ValueError(
-                f"{self.info.name}: val_size={self.val_size} must be smaller than the "
-                f"{num_train} training samples it is held out of"
-            )
+        problem = val_size_problem(self.info.name, self.val_size, num_train)
+        if problem:  # a dataset whose size the schema cannot know (ImageNet's folders)
+            raise ConfigError(f"dataset.val_size={self.val_size} {problem}")
         train_idx, val_idx = holdout_split(num_train, self.val_size, self.seed)
         self.splits = Splits(Subset(train_full, train_idx), Subset(train_full, val_idx), test)
 

@@ -34,7 +34,8 @@ class _ConvBnFuser:
 
 # conv type (exact: a subclass may transform its weight, e.g. timm's StdConv2d) -> its fuser
 _FUSERS: dict[type[nn.Module], _ConvBnFuser] = {}
-_PLAIN_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+# SyncBatchNorm (trainer.sync_batchnorm under DDP) is a BatchNorm in eval mode: folded the same way.
+_PLAIN_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
 def register_conv_bn_fuser(

@@ -44,6 +44,7 @@ from dynlab.optim import (
     matches,
     select_parameters,
 )
+from dynlab.traits import no_schedule
 
 __all__ = [
     "DynlabModule",
@@ -146,10 +147,7 @@ class DynlabModule(pl.LightningModule):
     def phases(self, mode: str) -> list[Phase]:
         """The schedule for `mode` ("train" or "search"); may grow as earlier phases finish."""
         if mode != "train":
-            raise ValueError(
-                f"technique {type(self).__name__} has no '{mode}' schedule; it only trains "
-                "(use dynlab-train). Techniques with a search: s2dnas, spos, fbnetv2."
-            )
+            raise ValueError(no_schedule(type(self).__name__, mode))
         return [Phase("train")]
 
     def set_recipes(self, recipes: dict[str, PhaseRecipe]) -> None:

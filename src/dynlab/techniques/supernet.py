@@ -9,7 +9,6 @@ from typing import Any
 
 from torch import nn
 
-from dynlab.backbones import list_backbones
 from dynlab.protocol import StaticExits
 from dynlab.search import SupernetExits, derived_seed, seeded
 from dynlab.techniques.base import DynlabModule, Phase
@@ -79,13 +78,3 @@ class SupernetTechnique(DynlabModule):
         """A fresh standalone net of `architecture` (affine BN), from its own seed stream."""
         with seeded(derived_seed(self.seed, self.retrain_stream)):  # type: ignore[attr-defined]
             return StaticExits(self._supernet.standalone(architecture))
-
-
-def not_a_supernet(technique: str, kind: str, name: str, marker: str) -> str:
-    """The message for a backbone that is no supernet of `technique`: the registered ones (their
-    names contain `marker` and end in "supernet")."""
-    supernets = [n for n in list_backbones() if marker in n and n.endswith("supernet")]
-    return (
-        f"technique={technique} {kind} and backbone {name} is none; "
-        f"use backbone={' or backbone='.join(supernets)}"
-    )

@@ -28,7 +28,7 @@ class FBNetV2Config(TechniqueConfig):
     cost: CostKind = CostKind.macs
     # loss = CE * alpha * log(cost)^beta (FBNet Sec. 3.3, its Eq. 2 form; FBNetV2 Sec. 3.3 only says
     # the loss combines cross-entropy and the total cost). FBNet's values as its reimplementations
-    # use them (alpha 0.2, beta 0.6): the papers' own tables could not be read here.
+    # use them (alpha 0.2, beta 0.6): the papers' own tables were not available to us.
     alpha: float = 0.2
     beta: float = 0.6
     # Gumbel-softmax temperature: `temperature` at the first epoch, times `temperature_decay` each

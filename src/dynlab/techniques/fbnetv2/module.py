@@ -43,7 +43,8 @@ from dynlab.search import (
 )
 from dynlab.techniques.base import Phase, dataset_backbone
 from dynlab.techniques.fbnetv2.config import CostKind, FBNetV2Config
-from dynlab.techniques.supernet import SupernetTechnique, not_a_supernet
+from dynlab.techniques.supernet import SupernetTechnique
+from dynlab.traits import backbone_needed
 
 __all__ = ["FBNetV2Module", "search_loss"]
 
@@ -111,7 +112,7 @@ class FBNetV2Module(SupernetTechnique):
 
     def check_run(self, cfg: Any) -> None:
         """The search must be longer than its weights-only warm-up, and needs its two optimisers
-        and streams (conf/technique/fbnetv2.yaml)."""
+        and streams (dynlab/conf/technique/fbnetv2.yaml)."""
         super().check_run(cfg)
         if self.given or cfg is None:
             return
@@ -129,7 +130,7 @@ class FBNetV2Module(SupernetTechnique):
             raise ValueError(
                 f"fbnetv2: the search phase's recipe lacks the optimiser(s)/stream(s) "
                 f"{sorted(missing)}: technique.phases.search needs optimizers and streams named "
-                f"'{WEIGHTS}' and '{ARCH}' (see conf/technique/fbnetv2.yaml)"
+                f"'{WEIGHTS}' and '{ARCH}' (see dynlab/conf/technique/fbnetv2.yaml)"
             )
 
     def start_phase(self, phase: Phase) -> None:
@@ -259,4 +260,4 @@ class FBNetV2Module(SupernetTechnique):
 
 
 def _not_a_supernet(name: str) -> str:
-    return not_a_supernet("fbnetv2", "searches a DMaskingNAS supernet", name, "fbnetv2")
+    return backbone_needed("fbnetv2", name)

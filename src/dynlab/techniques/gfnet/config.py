@@ -69,7 +69,7 @@ class GFNetConfig(TechniqueConfig):
     # Train the glance encoder in stages 1 and 3 (ResNet, DenseNet, RegNet). False: a first phase
     # `glance` fine-tunes it alone on PxP glances (skipped when glance_init_from gives one already
     # fine-tuned), then it stays frozen (MobileNet, EfficientNet; official train.py
-    # train_model_prime and issue #4).
+    # train_model_prime and official issue #4).
     train_glance: bool = True
     # A `technique=baseline` checkpoint both encoders start from (the official code starts from
     # ImageNet-pretrained encoders); glance_init_from overrides it for the glance encoder.

@@ -9,7 +9,7 @@ The official three stages (train.py, `--train_stage`) are phases of one run, eac
             patch policy trained by PPO (`ppo.py`);
   stage_3   policy frozen; fine-tune the local encoder and classifier with the stage-1 loss on the
             locations the policy samples.
-Optimisers and epochs are the phases' recipes (conf/technique/gfnet.yaml: the official values).
+Optimisers and epochs are the phases' recipes (dynlab/conf/technique/gfnet.yaml: the official values).
 """
 
 from __future__ import annotations

@@ -21,10 +21,8 @@ import copy
 import math
 from typing import Any, Self
 
-import timm.models
 from torch import Tensor, nn
 
-from dynlab.backbones import list_backbones
 from dynlab.config import BackboneConfig, OptimConfig
 from dynlab.data.base import DataInfo
 from dynlab.logging import log_records
@@ -33,10 +31,9 @@ from dynlab.nn.reparam import fold_and_merge
 from dynlab.protocol import StaticExits
 from dynlab.techniques.base import DynlabModule, Phase, dataset_backbone, optimizer_steps_per_epoch
 from dynlab.techniques.sfr.config import SFRConfig
+from dynlab.traits import SPARSE_BACKBONES, backbone_needed
 
 SPARSE_LAYERS = (LearnedGroupConv, SparseFeatureReactivation)
-# Modules of dynlab.backbones whose networks carry LGC/SFR layers.
-SPARSE_BACKBONE_MODULES = ("condensenetv2", "sfr_shufflenetv2")
 
 
 def sparse_layers(net: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -45,13 +42,9 @@ def sparse_layers(net: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def sparse_backbones() -> list[str]:
-    """The registered backbones built from LGC/SFR layers (what `technique=sfr` runs on)."""
-    return [
-        name
-        for name in list_backbones()
-        if timm.models.model_entrypoint(name).__module__.rsplit(".", 1)[-1]
-        in SPARSE_BACKBONE_MODULES
-    ]
+    """The registered backbones built from LGC/SFR layers (what `technique=sfr` runs on), as
+    declared for validation (`traits.SPARSE_BACKBONES`)."""
+    return list(SPARSE_BACKBONES.names)
 
 
 def drops_due(step: int, total: int, stages: int, fraction: float) -> int:
@@ -110,10 +103,7 @@ class SFRModule(DynlabModule):
         self.save_hyperparameters(ignore=["data_info"])
         net = dataset_backbone(backbone, data_info)
         if not sparse_layers(net):
-            raise ValueError(
-                f"technique=sfr prunes LGC/SFR layers and backbone {backbone.name} has none; "
-                f"backbones that carry them: {', '.join(sparse_backbones())}"
-            )
+            raise ValueError(backbone_needed("sfr", backbone.name))
         self.model = SparseNet(net)
         self.fraction, self.group_lasso = sparsify_fraction, group_lasso
         self.drop_history: list[dict[str, Any]] = []

@@ -57,7 +57,8 @@ from dynlab.techniques.spos.evolution import (
 )
 from dynlab.techniques.spos.plots import plot_pareto
 from dynlab.techniques.spos.sampling import PathSampler
-from dynlab.techniques.supernet import RETRAIN, SupernetTechnique, not_a_supernet
+from dynlab.techniques.supernet import RETRAIN, SupernetTechnique
+from dynlab.traits import backbone_needed
 
 __all__ = ["SPOSModule"]
 
@@ -350,7 +351,7 @@ def _given_arch(arch: list[int] | None, arch_file: str | None) -> tuple[int, ...
 
 
 def _not_a_supernet(name: str) -> str:
-    return not_a_supernet("spos", "trains a one-shot supernet", name, "spos")
+    return backbone_needed("spos", name)
 
 
 def _rank_zero() -> bool:
