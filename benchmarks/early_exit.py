@@ -37,7 +37,7 @@ from dynlab.evaluation.outputs import collect_exit_probs
 from dynlab.protocol import DynamicNet, StaticExits
 
 LEVELS = (0.25, 0.5, 1.0, 2.0)  # budget levels q (MSDNet's exit law p_k ∝ q^k)
-TARGET = 0.8  # measured speed-up / MACs speed-up wanted at every level (issue 8)
+TARGET = 0.8  # measured speed-up / MACs speed-up wanted at every level
 BATCHES = {64: 4, 1: 64}  # batch size -> number of test batches timed
 NUM_CALIBRATION = 1024
 

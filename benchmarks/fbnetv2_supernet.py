@@ -79,13 +79,13 @@ from dynlab.search import derived_seed, seeded
 from dynlab.techniques.fbnetv2.config import FBNetV2Config
 from dynlab.techniques.fbnetv2.module import GUMBEL_STREAM, search_loss
 
-TARGET = 1.3  # supernet / widest standalone, step time and peak memory (issue 12)
+TARGET = 1.3  # supernet / widest standalone, step time and peak memory
 SPACES = {  # name -> (timm builder, backbone space preset, classes, image side, batch, precision)
     "cifar": (cifar_fbnetv2_supernet, "cifar", 10, 32, 64, "fp32"),
     "imagenet": (fbnetv2_f_supernet, "fbnetv2_f", 1000, 224, 128, "bf16"),
 }
 RUNS = ("standalone", "supernet", "supernet_one_resolution", "search_step")
-# conf/technique/fbnetv2.yaml's search optimisers (weights: SGD 0.9 / wd 1e-4, its lr 0.1 scaled
+# src/dynlab/conf/technique/fbnetv2.yaml's search optimisers (weights: SGD 0.9 / wd 1e-4, its lr 0.1 scaled
 # down so that the weights stay sane over the timed steps; arch: Adam 0.01, wd 5e-4).
 WEIGHTS_SGD = {"lr": 1e-3, "momentum": 0.9, "weight_decay": 1e-4}
 ARCH_ADAM = {"lr": 0.01, "weight_decay": 5e-4}

@@ -47,7 +47,9 @@ class Timer(pl.Callback):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     gpu = torch.cuda.is_available()
-    parser.add_argument("--trainer", default="gpu" if gpu else "cpu", help="conf/trainer choice")
+    parser.add_argument(
+        "--trainer", default="gpu" if gpu else "cpu", help="src/dynlab/conf/trainer choice"
+    )
     parser.add_argument("--batch-size", type=int, default=64 if gpu else 4)
     parser.add_argument("--per-class", type=int, default=4 if gpu else 1, help="images a class")
     parser.add_argument("--size", type=int, default=256 if gpu else 64, help="generated side")

@@ -8,7 +8,7 @@ same function and differ only in how the path is run). The runs take turns over 
 (the first a warm-up) and the best round counts, as in `early_exit.best_seconds`. Paths: the
 official searched architecture, all-0 (ShuffleNet 3x3), all-3 (Xception), and with channel search
 (the supernet built at 2.0x, a narrower width sliced out of it) the official architecture at 1.0x
-and at 0.4x. Target (`TARGET`, issue 11): supernet step / standalone step <= 1.15 on every path.
+and at 0.4x. Target (`TARGET`): supernet step / standalone step <= 1.15 on every path.
 
 Also reported: the technique's own per-step Python work (drawing a path from (seed, step),
 `set_path`, the grad clearing of `SPOSModule.on_before_optimizer_step`) and the supernet's
@@ -55,7 +55,7 @@ from dynlab.techniques.spos.config import SamplerConfig
 from dynlab.techniques.spos.module import PATH_STREAM, SPOSModule
 from dynlab.techniques.spos.sampling import PathSampler
 
-TARGET = 1.15  # supernet step / standalone step on the same path (issue 11)
+TARGET = 1.15  # supernet step / standalone step on the same path
 SPACES = {  # name -> (timm builder, classes, default image side, batch, precision)
     "cifar": (cifar_spos_supernet, 10, 32, 64, "fp32"),
     "imagenet": (spos_supernet, 1000, 224, 256, "bf16"),

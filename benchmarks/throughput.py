@@ -112,8 +112,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--trainer", default="cpu", help="a conf/trainer choice (cpu, gpu)")
-    parser.add_argument("--backbone", default="cifar_resnet20", help="a conf/backbone choice")
+    parser.add_argument(
+        "--trainer", default="cpu", help="a src/dynlab/conf/trainer choice (cpu, gpu)"
+    )
+    parser.add_argument(
+        "--backbone", default="cifar_resnet20", help="a src/dynlab/conf/backbone choice"
+    )
     parser.add_argument("--backbone-name", default=None, help="backbone.name (timm models)")
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--num-workers", type=int, default=0)

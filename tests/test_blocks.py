@@ -1,4 +1,4 @@
-"""The talk's blocks as backbone options (issue 13): every backbone's deploy form equals its
+"""The talk's blocks as backbone options: every backbone's deploy form equals its
 training form, ACNet/RepVGG deploy to exactly the plain network's size, unsupported pairings are
 refused with what works, and S2DNAS stages the blocks it can and refuses WeightNet by name."""
 

@@ -66,8 +66,8 @@ def test_every_technique_lands_on_the_comparison_chart(compose_cfg, tmp_path: Pa
         "s2dnas · cifar_resnet20": "curve",
         "gfnet · cifar_resnet20": "curve",
         "sfr · cifar_condensenetv2_tiny": "point",
-        "spos · cifar_spos_supernet": "point",
-        "fbnetv2 · cifar_fbnetv2_supernet": "point",
+        "spos · cifar_spos_supernet_tiny": "point",
+        "fbnetv2 · cifar_fbnetv2_supernet_tiny": "point",
     }
     assert [r["static_reference"] for r in rows.values()].count("True") == 1
     assert rows["baseline · cifar_resnet20"]["static_reference"] == "True"

@@ -1,4 +1,4 @@
-"""The talk's blocks (issue 13): ACNet and RepVGG re-parameterise to one conv with the same eval
+"""The talk's blocks: ACNet and RepVGG re-parameterise to one conv with the same eval
 outputs and fewer params/MACs; FReLU folds its BN; WeightNet's batched grouped conv equals a
 per-sample loop."""
 

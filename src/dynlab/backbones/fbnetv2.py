@@ -1246,6 +1246,7 @@ default_cfgs = generate_default_cfgs(
     {
         "fbnetv2_f_supernet": imagenet_cfg("stem.conv", "head.fc", "bilinear"),
         "cifar_fbnetv2_supernet": cifar_cfg((4, 4), "stem.conv"),
+        "cifar_fbnetv2_supernet_tiny": cifar_cfg((4, 4), "stem.conv"),
         "fbnetv2_f1": _published_cfg(128, 151),
         "fbnetv2_f2": _published_cfg(160, 179),
         "fbnetv2_f3": _published_cfg(192, 208),
@@ -1267,6 +1268,33 @@ def cifar_fbnetv2_supernet(pretrained: bool = False, **kwargs: Any) -> FBNetV2Su
     """The DMaskingNAS supernet over dynlab's 32x32 space (stride-1 stem, 4x4 final map)."""
     return build_model_with_cfg(
         FBNetV2Supernet, "cifar_fbnetv2_supernet", pretrained, space="cifar", **kwargs
+    )
+
+
+# A small space of the CIFAR preset for tests and CPU runs on digits: 3 stages of two width
+# options, expansions 1/3, resolutions 32/16, every stage at stride 2 (digits are 8x8 upsampled to
+# 32x32, and depthwise convs are slow to train on CPU at 32x32). Overrides of the "cifar" space, so
+# its checkpoints carry the same space signature as before it had a name of its own.
+_CIFAR_TINY = {
+    "stage_widths": ((8, 16), (16, 24), (24, 32)),
+    "repeats": (1, 2, 1),
+    "strides": (2, 2, 2),
+    "expansions": (1, 3),
+    "resolutions": (32, 16),
+    "stem_width": 8,
+    "head_width": 64,
+}
+
+
+@register_model
+def cifar_fbnetv2_supernet_tiny(pretrained: bool = False, **kwargs: Any) -> FBNetV2Supernet:
+    """The tiny DMaskingNAS space (`_CIFAR_TINY`) for 32x32 inputs on CPU."""
+    return build_model_with_cfg(
+        FBNetV2Supernet,
+        "cifar_fbnetv2_supernet_tiny",
+        pretrained,
+        space="cifar",
+        **{**_CIFAR_TINY, **kwargs},
     )
 
 

@@ -715,6 +715,7 @@ default_cfgs = generate_default_cfgs(
     {
         "spos_supernet": imagenet_cfg("stem.0", "head.fc", "bilinear"),
         "cifar_spos_supernet": cifar_cfg((2, 2), "stem.0"),
+        "cifar_spos_supernet_tiny": cifar_cfg((2, 2), "stem.0"),
         "spos_shufflenetv2": imagenet_cfg("stem.0", "head.fc", "bilinear"),
         "cifar_spos_shufflenetv2": cifar_cfg((2, 2), "stem.0"),
     }
@@ -732,6 +733,28 @@ def cifar_spos_supernet(pretrained: bool = False, **kwargs: Any) -> SPOSSupernet
     """The SPOS supernet with a stride-1 stem, for 32x32 inputs."""
     return build_model_with_cfg(
         SPOSSupernet, "cifar_spos_supernet", pretrained, cifar_stem=True, **kwargs
+    )
+
+
+# A 5-layer space (stages repeated 1/1/2/1, widths 16/32/64/128, stem 8, last conv 128) with the
+# paper's four choices per layer: 1,024 paths, for tests and CPU runs on digits.
+_TINY_SPACE: dict[str, Any] = {
+    "stage_repeats": (1, 1, 2, 1),
+    "widths": (16, 32, 64, 128),
+    "stem_channels": 8,
+    "last_channels": 128,
+}
+
+
+@register_model
+def cifar_spos_supernet_tiny(pretrained: bool = False, **kwargs: Any) -> SPOSSupernet:
+    """The tiny SPOS space (`_TINY_SPACE`) with a stride-1 stem, for 32x32 inputs on CPU."""
+    return build_model_with_cfg(
+        SPOSSupernet,
+        "cifar_spos_supernet_tiny",
+        pretrained,
+        cifar_stem=True,
+        **{**_TINY_SPACE, **kwargs},
     )
 
 

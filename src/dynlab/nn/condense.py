@@ -353,7 +353,7 @@ class CondensedSFR(nn.Module):
     `ShuffleLayerTrans`); group g's conv block computes its out/S kept outputs, and `index`
     (LongTensor of length G*out/S) says which of the out_channels slots each row adds into.
     Outputs kept by no group get 0. Replaces the official dense O x O float scatter matrix
-    (issue #2: it made converted checkpoints larger).
+    (CondenseNetV2 official issue #2: it made converted checkpoints larger).
     """
 
     def __init__(
