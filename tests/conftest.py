@@ -119,6 +119,7 @@ def run_cli(
     return proc
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups into the node ids
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Order and group the tests for pytest-xdist (`make test-all` runs `--dist loadgroup`).
 

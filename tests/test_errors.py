@@ -595,3 +595,29 @@ def test_declared_backbone_kinds_are_the_registered_backbones_that_are_of_that_k
     assert accepted["sparse"] == set(SPARSE_BACKBONES.names)
     assert accepted["spos"] == set(SPOS_SUPERNETS.names)
     assert accepted["fbnetv2"] == set(FBNETV2_SUPERNETS.names)
+
+
+def test_a_users_own_supernet_is_judged_on_the_built_model(compose_cfg):
+    """The early pairing check knows dynlab's backbone options only: a supernet a user registers
+    under a new name passes it and is accepted by the module; a user's plain net is refused there."""
+    from timm.models import register_model
+
+    from dynlab.backbones import create_backbone
+    from dynlab.validation import build_run, validate_config
+
+    @register_model
+    def users_tiny_spos_supernet(pretrained: bool = False, **kwargs):
+        return create_backbone("cifar_spos_supernet_tiny", **kwargs)
+
+    @register_model
+    def users_plain_net(pretrained: bool = False, **kwargs):
+        return create_backbone("cifar_resnet20", **kwargs)
+
+    base = [*TINY, "technique=spos", "backbone=timm"]
+    cfg = compose_cfg([*base, "backbone.name=users_tiny_spos_supernet"])
+    validate_config(cfg)
+    build_run(cfg)
+    cfg = compose_cfg([*base, "backbone.name=users_plain_net"])
+    validate_config(cfg)
+    with pytest.raises(ConfigError, match="technique=spos needs an SPOS one-shot supernet"):
+        build_run(cfg)

@@ -143,10 +143,21 @@ def check_schedule(cfg: DictConfig) -> None:
 
 
 def check_technique_backbone(cfg: DictConfig) -> None:
-    """The technique runs on the backbone, as its traits declare (no model built)."""
+    """The technique runs on the backbone, as its traits declare (no model built). Only dynlab's
+    own backbone options are judged here; any other model (a user's registered supernet, a timm
+    name) is judged by the technique's module on the built network."""
     kind = technique_traits(cfg.technique.name).backbones
-    if kind is not None and cfg.backbone.name not in kind.names:
-        raise ConfigError(backbone_needed(cfg.technique.name, cfg.backbone.name))
+    name = cfg.backbone.name
+    if kind is not None and name not in kind.names and name in dynlab_backbone_options():
+        raise ConfigError(backbone_needed(cfg.technique.name, name))
+
+
+def dynlab_backbone_options() -> set[str]:
+    """The backbones of dynlab's `backbone=` group (its config files), read without timm."""
+    import dynlab.conf
+
+    folder = Path(dynlab.conf.__file__).parent / "backbone"
+    return {path.stem for path in folder.glob("*.yaml")} - {"timm"}
 
 
 def check_launcher(cfg: DictConfig) -> None:
