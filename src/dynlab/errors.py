@@ -47,10 +47,7 @@ class ResultsError(UserError, ValueError):
 def require_data_root(dataset: str, root: str | Path | None, layout: str) -> Path:
     """`root` as a folder that exists; a DataRootError saying what is wrong and where the data
     goes otherwise (cheap: the apps check it before importing torch, the datamodules again)."""
-    how = (
-        f"Expected {layout}. Point dynlab at the folder with dataset.root=/path/to/data "
-        "(dynlab never downloads datasets)."
-    )
+    how = where_data_goes(layout)
     if root is None:
         raise DataRootError(f"{dataset}: dataset.root is not set. {how}")
     path = Path(root).expanduser()
@@ -59,6 +56,14 @@ def require_data_root(dataset: str, root: str | Path | None, layout: str) -> Pat
     if not path.is_dir():
         raise DataRootError(f"{dataset}: the data root {path} does not exist. {how}")
     return path
+
+
+def where_data_goes(layout: str) -> str:
+    """The hint every data-root error ends with: the expected layout and how to point at it."""
+    return (
+        f"Expected {layout}. Point dynlab at the folder with dataset.root=/path/to/data "
+        "(dynlab never downloads datasets)."
+    )
 
 
 def full_error() -> bool:

@@ -31,7 +31,7 @@ from dynlab.data.sampling import (
     SeededDataset,
 )
 from dynlab.data.transforms import SeededTransform
-from dynlab.errors import ConfigError, DataRootError, require_data_root
+from dynlab.errors import ConfigError, DataRootError, require_data_root, where_data_goes
 
 
 @dataclass(frozen=True)
@@ -48,10 +48,7 @@ def require_paths(dataset: str, root: str | Path | None, layout: str, paths: lis
     folder = require_data_root(dataset, root, layout)
     missing = [str(folder / path) for path in paths if not (folder / path).exists()]
     if missing:
-        raise DataRootError(
-            f"{dataset}: missing {', '.join(missing)}. Expected {layout}. Point dynlab at the "
-            "folder with dataset.root=/path/to/data (dynlab never downloads datasets)."
-        )
+        raise DataRootError(f"{dataset}: missing {', '.join(missing)}. {where_data_goes(layout)}")
     return folder
 
 

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from dynlab.config import CIFAR10Config, CIFAR100Config
 from dynlab.data.base import DataInfo, DynlabDataModule, TensorImages, require_paths
 from dynlab.data.transforms import CropFlip, Normalize
 
@@ -84,9 +85,7 @@ class CIFAR10DataModule(_CifarDataModule):
     test_files = ("test_batch",)
     label_key = b"labels"
     mean, std = (0.4914, 0.4824, 0.4467), (0.2471, 0.2435, 0.2616)  # MSDNet dataloader.py
-    layout = (
-        "<root>/cifar-10-batches-py/data_batch_1..5, test_batch (the python version of CIFAR-10)"
-    )
+    layout = CIFAR10Config.LAYOUT
 
 
 class CIFAR100DataModule(_CifarDataModule):
@@ -96,4 +95,4 @@ class CIFAR100DataModule(_CifarDataModule):
     train_files, test_files = ("train",), ("test",)
     label_key = b"fine_labels"
     mean, std = (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)  # MSDNet dataloader.py
-    layout = "<root>/cifar-100-python/train, test (the python version of CIFAR-100)"
+    layout = CIFAR100Config.LAYOUT

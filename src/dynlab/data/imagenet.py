@@ -13,15 +13,13 @@ from typing import Any
 from torchvision import transforms
 from torchvision.datasets import ImageFolder
 
+from dynlab.config import ImageNetConfig
 from dynlab.data.base import DataInfo, DynlabDataModule, require_paths
 from dynlab.data.transforms import Deterministic, TorchSeeded
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 RESIZE_RATIO = 256 / 224  # eval resizes the short side to image_size * 256/224, then center-crops
-LAYOUT = (
-    "<root>/train/<class>/<image> and <root>/val/<class>/<image> (ImageFolder layout; the "
-    "official val images must be sorted into class folders)"
-)
+LAYOUT = ImageNetConfig.LAYOUT  # the schema's, which validation checks before torch loads
 
 
 class ImageNetDataModule(DynlabDataModule):
