@@ -12,7 +12,7 @@ PYTEST := WANDB_MODE=offline $(VENV)/bin/python -m pytest -n $(TEST_WORKERS)
 
 COMPARE_ARGS ?=
 
-.PHONY: install train test test-all compare lint bench clean
+.PHONY: install train test test-all compare compare-digits lint bench clean
 
 install: $(STAMP)
 
@@ -36,13 +36,27 @@ test: install
 test-all: install
 	$(PYTEST) --dist loadgroup $(PYTEST_ARGS)
 
-# Every technique on one chart (experiments/compare/digits.yaml): one multirun on digits, CPU, then
-# dynlab-report into docs/compare/ (the README's chart and table). Seeds: COMPARE_ARGS="seed=0,1,2".
+# Every technique on one chart (experiments/compare/fashion_mnist.yaml), CPU, in two stages into one
+# sweep dir: the static networks first, then the techniques (S2DNAS and GFNet start from the
+# static ResNet-20 of the same seed), then dynlab-report into docs/compare/ (the README's chart and
+# table). Seeds: COMPARE_ARGS="seed=0,1,2". `make compare-digits`: the quick smoke variant on
+# scikit-learn's digits (experiments/compare/digits.yaml), reported into experiments/compare/digits/.
+COMPARE_STATIC := resnet8,resnet14,baseline,resnet32,resnet20_repvgg
+COMPARE_DYNAMIC := s2dnas_from_static,gfnet_from_static,sfr,spos_small,fbnetv2_small
+COMPARE_TRAIN := WANDB_MODE=$${WANDB_MODE:-offline} $(VENV)/bin/dynlab-train -m
+
 compare: install
 	@dir=multirun/compare/$$(date +%Y-%m-%d_%H-%M-%S); \
-	WANDB_MODE=$${WANDB_MODE:-offline} $(VENV)/bin/dynlab-train -m +experiment=compare/digits \
+	$(COMPARE_TRAIN) +experiment=compare/fashion_mnist +compare=$(COMPARE_STATIC) \
+		hydra.sweep.dir=$$dir $(COMPARE_ARGS) && \
+	$(COMPARE_TRAIN) +experiment=compare/fashion_mnist +compare=$(COMPARE_DYNAMIC) \
 		hydra.sweep.dir=$$dir $(COMPARE_ARGS) && \
 	$(VENV)/bin/dynlab-report $$dir -o docs/compare
+
+compare-digits: install
+	@dir=multirun/compare-digits/$$(date +%Y-%m-%d_%H-%M-%S); \
+	$(COMPARE_TRAIN) +experiment=compare/digits hydra.sweep.dir=$$dir $(COMPARE_ARGS) && \
+	$(VENV)/bin/dynlab-report $$dir -o experiments/compare/digits
 
 lint: install
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -22,15 +22,19 @@ CIFAR_NAMES = [
     "cifar_repvgg_a0",
     "cifar_repvgg_b0",
     "cifar_resnet110",
+    "cifar_resnet14",
     "cifar_resnet20",
     "cifar_resnet32",
     "cifar_resnet44",
     "cifar_resnet56",
+    "cifar_resnet8",
     "cifar_vgg16_bn",
 ]
 
 # name: ((min, max) parameters in M, (min, max) MACs in M) at 3x32x32 with 10 classes.
 EXPECTED_SIZE = {
+    "cifar_resnet8": ((0.07, 0.08), (12.0, 13.0)),
+    "cifar_resnet14": ((0.17, 0.18), (26.0, 27.0)),
     "cifar_resnet20": ((0.26, 0.28), (40.0, 42.0)),
     "cifar_resnet56": ((0.84, 0.87), (125.0, 127.0)),
     "cifar_resnet110": ((1.70, 1.75), (252.0, 255.0)),

@@ -215,7 +215,7 @@ def test_bad_arguments_fail_early() -> None:
     with pytest.raises(ValueError, match="batch_size"):
         small_synthetic(batch_size=0)
     with pytest.raises(ValueError, match="val_size"):
-        small_synthetic(val_size=0)
+        small_synthetic(val_size=-1)
     with pytest.raises(ValueError, match="channels"):
         DigitsDataModule(channels=2)
     with pytest.raises(ValueError, match="val_size=300 must be smaller than the 300"):

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from dynlab.evaluation.anytime import anytime_records
 from dynlab.evaluation.budgeted import budgeted_curve
 from dynlab.evaluation.callbacks import AnytimeEvaluation, BudgetedEvaluation, TechniqueFigures
+from dynlab.evaluation.outcomes import load_outcomes
 from dynlab.evaluation.outputs import collect_exit_probs
 from dynlab.evaluation.plots import plot_overlay
 from dynlab.logging import log_records
@@ -128,6 +129,12 @@ def test_test_end_writes_results_plots_and_shares_each_pass(tmp_path: Path) -> N
     assert results["budgeted"]["curve"] == json_safe(budgeted_curve(*val, *test, exit_macs))
     assert (tmp_path / "plots" / "anytime.png").stat().st_size > 0
     assert (tmp_path / "plots" / "budgeted.png").stat().st_size > 0
+    outcomes = load_outcomes(tmp_path)  # per test image, beside results.json
+    assert outcomes is not None and outcomes.exits is not None
+    assert outcomes.predictions.shape == (2, 24) and outcomes.exits.shape == (39, 24)
+    assert 100 * outcomes.budgeted_correct().mean(axis=1) == pytest.approx(
+        [r["accuracy"] for r in results["budgeted"]["curve"]]
+    )
     # The test loop's pass, then one pass per split at test end shared by both callbacks (one
     # deploy form for both), plus this test's reference pass.
     assert data.splits["test"].reads == 3 * 24

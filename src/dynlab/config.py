@@ -147,6 +147,14 @@ class EMAConfig:
             raise SettingError("decay", self.decay, "must be in [0, 1], e.g. 0.9998")
 
 
+class TrainSplit(StrEnum):
+    """What a phase trains on: the training split less the held-out val (searches, calibrated
+    exits), or all of it (a final retrain or a static run, as the papers do)."""
+
+    held_out = "held_out"
+    whole = "whole"
+
+
 @dataclass
 class PhaseRecipe:
     """How one phase of a technique's schedule trains, all from config (`technique.phases.<name>`).
@@ -169,6 +177,9 @@ class PhaseRecipe:
     # Extra train streams: the phase's train loader becomes {name: loader} (Lightning combines them).
     streams: dict[str, StreamConfig] = field(default_factory=dict)
     ema: EMAConfig | None = None
+    # `whole`: the phase trains on the held-out val too (and validates on nothing, val being
+    # training data then); searches and threshold calibration still read the held-out split.
+    train_split: TrainSplit = TrainSplit.held_out
 
     def __post_init__(self) -> None:
         if self.epochs is not None and self.epochs < 1:
@@ -248,31 +259,44 @@ class DatasetConfig:
     batch_size: int = 128
     eval_batch_size: int | None = None
     num_workers: int = 0
+    # Held out of the train split for searches and threshold calibration; 0 holds nothing out
+    # (then a phase that needs the held-out split refuses to start).
     val_size: int = 5000
     seed: int = "${seed}"  # type: ignore[assignment]
     augment: bool = True
+    # Train on a seeded subset of this many images of the train split (a CPU budget); null: all.
+    train_subset: int | None = None
 
     def __post_init__(self) -> None:
         _at_least({"batch_size": self.batch_size, "eval_batch_size": self.eval_batch_size}, 1)
+        _at_least({"train_subset": self.train_subset}, 1)
         _at_least({"num_workers": self.num_workers, "val_size": self.val_size}, 0)
-        problem = val_size_problem(self.name, self.val_size, self.train_size())
+        problem = split_problem(self.name, self.val_size, self.train_size(), self.train_subset)
         if problem:
-            raise SettingError("val_size", self.val_size, problem)
+            key, reason = problem
+            raise SettingError(key, getattr(self, key), reason)
 
     def train_size(self) -> int | None:
         """Samples of the train split before val is held out of it (None: known once loaded)."""
         return self.TRAIN_SIZE
 
 
-def val_size_problem(dataset: str, val_size: int, train_size: int | None) -> str | None:
-    """Why `val_size` cannot be held out of `train_size` samples (the datamodule's `setup` asks
-    again once the data is loaded), or None."""
-    if val_size < 1:
-        return "the held-out split needs 1 sample or more"
+def split_problem(
+    dataset: str, val_size: int, train_size: int | None, train_subset: int | None = None
+) -> tuple[str, str] | None:
+    """The key (`val_size` or `train_subset`) that cannot be taken out of `train_size` samples
+    and why (the datamodule's `setup` asks again once the data is loaded), or None."""
+    if val_size < 0:
+        return "val_size", "the held-out split holds 0 samples or more"
     if train_size is not None and val_size >= train_size:
-        return (
+        return "val_size", (
             f"must be smaller than the {train_size} training samples of {dataset} it is held out "
             f"of, e.g. {max(1, train_size // 10)}"
+        )
+    if train_size is not None and train_subset is not None and train_subset > train_size - val_size:
+        return "train_subset", (
+            f"is more than the {train_size - val_size} training samples of {dataset} left after "
+            f"val_size={val_size}"
         )
     return None
 
@@ -345,6 +369,39 @@ class ClutteredDigitsConfig(DatasetConfig):
             )
         if clutter < 0:
             return f"cluttered_digits: clutter must be >= 0 fragments, got clutter={clutter}"
+        return None
+
+
+@dataclass
+class FashionMNISTConfig(DatasetConfig):
+    """Fashion-MNIST's four IDX files (dynlab.data.fashion_mnist); 28x28 grey, zero-padded to 32."""
+
+    TRAIN_SIZE: ClassVar[int | None] = 60000
+    LAYOUT: ClassVar[str | None] = (
+        "<root>/train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, "
+        "t10k-labels-idx1-ubyte (each may be .gz; as root, apt-get install dataset-fashion-mnist "
+        "puts them in /usr/share/datasets/fashion-mnist, the default root)"
+    )
+
+    _target_: str = "dynlab.data.fashion_mnist.FashionMNISTDataModule"
+    name: str = "fashion_mnist"
+    root: str | None = "/usr/share/datasets/fashion-mnist"
+    channels: int = 1
+    image_size: int = 32
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        problem = self.shape_problem(self.channels, self.image_size)
+        if problem:
+            raise ValueError(problem)
+
+    @staticmethod
+    def shape_problem(channels: int, image_size: int) -> str | None:
+        """What is wrong with the image shape, or None (the datamodule asks the same)."""
+        if channels not in (1, 3):
+            return f"fashion_mnist: channels must be 1 or 3, got {channels}"
+        if image_size not in (28, 32):
+            return f"fashion_mnist: image_size must be 28 (native) or 32 (zero-padded), got {image_size}"
         return None
 
 
@@ -458,6 +515,9 @@ class Config:
     logger: LoggerConfig = MISSING
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     seed: int = 0
+    # Train with conv weights (hence activations) in channels-last memory order: the same maths,
+    # about 1.25x the CPU training speed of a CIFAR ResNet (benchmarks/train_speed.py).
+    channels_last: bool = True
     # "train" runs the technique's training schedule; "search" (dynlab-search) its search schedule.
     mode: str = "train"
     run_dir: str = "${hydra:runtime.output_dir}"
@@ -478,6 +538,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "cluttered_digits": ClutteredDigitsConfig,
         "cifar10": CIFAR10Config,
         "cifar100": CIFAR100Config,
+        "fashion_mnist": FashionMNISTConfig,
         "imagenet": ImageNetConfig,
     },
     "backbone": {"backbone": BackboneConfig},

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.types import RunMode
@@ -30,8 +31,8 @@ from pytorch_lightning.strategies import DDPStrategy
 
 from dynlab import checkpointing as ckpt
 from dynlab import provenance
-from dynlab.config import BackboneConfig, PhaseRecipe
-from dynlab.data.base import DynlabDataModule
+from dynlab.config import BackboneConfig, PhaseRecipe, TrainSplit
+from dynlab.data.base import DynlabDataModule, StreamSpec
 from dynlab.data.sampling import ResumableLoaderCallback
 from dynlab.distributed import start_job_processes
 from dynlab.divergence import DivergenceGuard
@@ -157,8 +158,13 @@ def build_trainer(
     epochs = module.phase_epochs(phase) if module is not None else phase.max_epochs
     if epochs is not None:
         kwargs["max_epochs"] = epochs
+    if recipe.train_split == TrainSplit.whole or cfg.dataset.val_size == 0:
+        kwargs["limit_val_batches"] = 0  # val is training data now (or there is none)
     if recipe.ddp and kwargs.get("strategy") == "ddp":
         kwargs["strategy"] = DDPStrategy(**recipe.ddp)
+    if module is not None and cfg.channels_last:
+        # Each phase: a phase may have replaced the model (a searched or converted network).
+        module.to(memory_format=torch.channels_last)
     if module is not None and not module.automatic_optimization:
         # Lightning refuses gradient_clip_val under manual optimisation: manual_step clips.
         module.manual_clip_val = kwargs.pop("gradient_clip_val", None)
@@ -254,25 +260,21 @@ def restore_finished_phases(module: DynlabModule, cfg: DictConfig) -> None:
 
 
 @contextmanager
-def phase_streams(
-    module: DynlabModule, datamodule: DynlabDataModule, phase: Phase
-) -> Iterator[None]:
-    """The phase's extra train streams (its recipe's `streams`) for the length of the phase."""
-    streams = module.recipe(phase.name).streams
-    if not streams:
-        yield
-        return
-    from dynlab.data.base import StreamSpec
-
+def phase_data(module: DynlabModule, datamodule: DynlabDataModule, phase: Phase) -> Iterator[None]:
+    """The phase's training data for the length of the phase: its recipe's split (`train_split`)
+    and extra train streams (`streams`)."""
+    recipe = module.recipe(phase.name)
     specs = {
         name: StreamSpec(name=s.key or name, **{k: v for k, v in asdict(s).items() if k != "key"})
-        for name, s in streams.items()
+        for name, s in recipe.streams.items()
     }
-    datamodule.set_train_streams(specs)
+    datamodule.set_train_split(recipe.train_split == TrainSplit.whole)
+    datamodule.set_train_streams(specs or None)
     try:
         yield
     finally:
         datamodule.set_train_streams(None)
+        datamodule.set_train_split(False)
 
 
 def run_schedule(
@@ -325,7 +327,7 @@ def run_phase(
             ckpt.save_module_state(module, pdir / ckpt.FINAL)
     else:
         logger = build_logger(cfg, phase.name)
-        with finishing_logger(logger), phase_streams(module, datamodule, phase):
+        with finishing_logger(logger), phase_data(module, datamodule, phase):
             trainer = build_trainer(cfg, phase, logger, callbacks, module)
             resume = ckpt.resume_path(cfg.run_dir, phase.name)
             # The run's own checkpoint (it holds RNG states and config dataclasses, which

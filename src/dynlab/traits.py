@@ -38,11 +38,21 @@ SPARSE_BACKBONES = BackboneKind(
 )
 SPOS_SUPERNETS = BackboneKind(
     "an SPOS one-shot supernet",
-    ("cifar_spos_supernet", "cifar_spos_supernet_tiny", "spos_supernet"),
+    (
+        "cifar_spos_supernet",
+        "cifar_spos_supernet_small",
+        "cifar_spos_supernet_tiny",
+        "spos_supernet",
+    ),
 )
 FBNETV2_SUPERNETS = BackboneKind(
     "a DMaskingNAS supernet",
-    ("cifar_fbnetv2_supernet", "cifar_fbnetv2_supernet_tiny", "fbnetv2_f_supernet"),
+    (
+        "cifar_fbnetv2_supernet",
+        "cifar_fbnetv2_supernet_small",
+        "cifar_fbnetv2_supernet_tiny",
+        "fbnetv2_f_supernet",
+    ),
 )
 # By technique name (`technique.name`); a technique not listed trains any backbone.
 TECHNIQUE_TRAITS: dict[str, TechniqueTraits] = {

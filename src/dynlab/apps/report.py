@@ -10,7 +10,10 @@ of their own with the reason, never dropped silently.
 Runs that differ only by their seed form one group (`dynlab.evaluation.comparison`): the figure
 draws each group once, labelled `technique · backbone`, a dynamic technique as its mean budgeted
 curve with the spread over seeds as a band, a static one as a point with its spread, the static
-reference (the plain `baseline` run) marked; a second table compares the groups with it.
+reference (the plain `baseline` run) marked; a second table compares the groups with it. Where
+runs saved their per-test-image outcomes (`test_outcomes.npz`), that table also gives each group's
+accuracy difference to the reference with a paired-bootstrap interval over the test images, and
+the MACs at which it matches the reference within that interval (bootstrap.csv: every level).
 """
 
 from __future__ import annotations
@@ -25,7 +28,16 @@ from typing import Any
 from dynlab import provenance
 from dynlab.apps import app_parser
 from dynlab.errors import ResultsError
-from dynlab.evaluation.comparison import REFERENCE_LEVELS, Group, compare, group_runs
+from dynlab.evaluation.bootstrap import CONFIDENCE, RESAMPLES, SEED
+from dynlab.evaluation.comparison import (
+    MATCH_COLUMN,
+    MATCH_LEVEL,
+    REFERENCE_LEVELS,
+    Group,
+    compare,
+    group_runs,
+)
+from dynlab.evaluation.outcomes import OUTCOMES_FILE, Outcomes, load_outcomes
 from dynlab.evaluation.plots import format_macs, plot_overlay
 from dynlab.results import RESULTS_FILE, read_results
 
@@ -156,9 +168,22 @@ COMPARE_COLUMNS = (
     "macs",
     "top1",
     "macs_to_match_static",
+    "top1_diff_vs_static",
+    "macs_to_match_static_ci",
+    MATCH_COLUMN,
     *(f"top1_at_{int(level * 100)}pct_static_macs" for level in REFERENCE_LEVELS),
     "train_minutes",
 )
+# comparison.csv: the table's columns with the interval's bounds and what was paired.
+COMPARE_CSV_COLUMNS = (
+    *COMPARE_COLUMNS,
+    "top1_diff_vs_static_low",
+    "top1_diff_vs_static_high",
+    "bootstrap_pairing",
+    "top1_spread",
+    "static_reference",
+)
+BOOTSTRAP_COLUMNS = ("technique", "avg_macs", "top1_diff", "low", "high", "matches")
 
 
 def overlay_entry(group: Group, static: bool) -> dict[str, Any] | None:
@@ -195,13 +220,56 @@ def comparison_cells(row: dict[str, Any]) -> dict[str, Any]:
         cells["technique"] = f"**{row['technique']}** (static reference)"
     elif row["macs_to_match_static"] is None and row["top1"] is not None:
         cells["macs_to_match_static"] = "not reached"
+    if row["top1_diff_vs_static"] is not None:
+        cells["top1_diff_vs_static"] = (
+            f"{row['top1_diff_vs_static']:+.2f} "
+            f"[{row['top1_diff_vs_static_low']:+.2f}, {row['top1_diff_vs_static_high']:+.2f}]"
+        )
+        if row["macs_to_match_static_ci"] is None:
+            cells["macs_to_match_static_ci"] = "not matched"
+    if row[MATCH_COLUMN] is not None:
+        cells[MATCH_COLUMN] = "yes" if row[MATCH_COLUMN] else "no"
     return cells
+
+
+def outcomes_or_none(run: Run) -> tuple[Outcomes | None, str | None]:
+    """A run's per-test-image outcomes, or None and why (no file: a run older than it)."""
+    try:
+        found = load_outcomes(run.path)
+    except ResultsError as err:
+        return None, str(err)
+    return found, None if found is not None else f"no {OUTCOMES_FILE}"
+
+
+def bootstrap_note(
+    runs: Sequence[Run], outcomes: Sequence[Outcomes | None], problems: Sequence[str | None]
+) -> str:
+    """How the intervals were computed, and which runs had no outcomes to resample."""
+    images = next((o.num_images for o in outcomes if o is not None), None)
+    on = f"the {images:,} test images" if images is not None else "the test images"
+    note = (
+        f"`top1_diff_vs_static`: top-1 of the group minus the static reference's, in points, "
+        f"with its {CONFIDENCE:.0%} interval from a paired bootstrap over {on} ({RESAMPLES:,} "
+        f"resamples, seed {SEED}): each resample draws the same images for both. Runs are paired "
+        f"seed by seed where the two groups share seeds, else each group's seeds are pooled "
+        f"(`bootstrap_pairing` in comparison.csv). `macs_to_match_static_ci`: the fewest average "
+        f"MACs (along a curve's budget levels) whose interval includes 0 or lies above it; "
+        f"`{MATCH_COLUMN}`: whether that is at most {MATCH_LEVEL:.0%} of the reference's MACs. "
+        f"Every level's interval: bootstrap.csv."
+    )
+    missing = [
+        f"`{run.name}` ({why})" for run, why in zip(runs, problems, strict=True) if why is not None
+    ]
+    if missing:
+        note += "\n\nRuns left out of the bootstrap (no outcomes): " + ", ".join(missing) + "."
+    return note
 
 
 def _cell(column: str, value: Any) -> str:
     if value is None or value == "":
         return "–"
-    if column in ("params", "macs", "macs_to_match_static") and not isinstance(value, str):
+    macs_columns = ("params", "macs", "macs_to_match_static", "macs_to_match_static_ci")
+    if column in macs_columns and not isinstance(value, str):
         return format_macs(value)
     if isinstance(value, float):
         return f"{value:.2f}"
@@ -254,7 +322,8 @@ def write_report(paths: Sequence[Path], outdir: Path) -> str:
     done = [run for run in runs if run.completed]
     varying = varying_overrides(done)
     rows = [summary_row(run, varying[run.path]) for run in done]
-    groups = group_runs([(varying[run.path].split(), run.results) for run in done])
+    outcomes, problems = zip(*map(outcomes_or_none, done), strict=True) if done else ((), ())
+    groups = group_runs([(varying[run.path].split(), run.results) for run in done], outcomes)
     comparison = compare(groups)
     outdir.mkdir(parents=True, exist_ok=True)
     with open(outdir / "report.csv", "w", newline="") as f:
@@ -263,9 +332,20 @@ def write_report(paths: Sequence[Path], outdir: Path) -> str:
         writer.writerows(rows)
 
     with open(outdir / "comparison.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=[*COMPARE_COLUMNS, "top1_spread", "static_reference"])
+        writer = csv.DictWriter(f, fieldnames=COMPARE_CSV_COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(comparison)
+    levels = [
+        {"technique": row["technique"], **level}
+        for row in comparison
+        for level in row["bootstrap_levels"]
+    ]
+    (outdir / "bootstrap.csv").unlink(missing_ok=True)  # none left from an earlier report
+    if levels:
+        with open(outdir / "bootstrap.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=BOOTSTRAP_COLUMNS)
+            writer.writeheader()
+            writer.writerows(levels)
 
     sections = [f"# dynlab report: {len(done)} of {len(runs)} runs completed", ""]
     entries = [
@@ -279,6 +359,7 @@ def write_report(paths: Sequence[Path], outdir: Path) -> str:
     if comparison:
         readable = [comparison_cells(row) for row in comparison]
         sections += ["## By technique", "", markdown_table(readable, COMPARE_COLUMNS), ""]
+        sections += [bootstrap_note(done, outcomes, problems), ""]
     if rows:
         sections += ["## Runs", "", markdown_table(rows), ""]
     if done:

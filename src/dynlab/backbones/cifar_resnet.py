@@ -1,4 +1,5 @@
-"""CIFAR ResNets (He et al. 2016, Sec. 4.2), registered in timm as `cifar_resnet{20,32,44,56,110}`.
+"""CIFAR ResNets (He et al. 2016, Sec. 4.2), registered in timm as
+`cifar_resnet{8,14,20,32,44,56,110}` (n = 1, 2, 3, 5, 7, 9, 18).
 
 A 3x3 stem conv with 16 channels, then three stages of n BasicBlocks with 16/32/64 channels on
 32x32/16x16/8x8 maps (6n+2 weighted layers), global average pooling and one linear classifier.
@@ -100,12 +101,24 @@ class CifarResNet(CifarClassifier):
 
 
 default_cfgs = generate_default_cfgs(
-    {f"cifar_resnet{depth}": cifar_cfg((8, 8), "stem.0") for depth in (20, 32, 44, 56, 110)}
+    {f"cifar_resnet{depth}": cifar_cfg((8, 8), "stem.0") for depth in (8, 14, 20, 32, 44, 56, 110)}
 )
 
 
 def _create(variant: str, depth: int, pretrained: bool, **kwargs: Any) -> CifarResNet:
     return build_model_with_cfg(CifarResNet, variant, pretrained, depth=depth, **kwargs)
+
+
+@register_model
+def cifar_resnet8(pretrained: bool = False, **kwargs: Any) -> CifarResNet:
+    """ResNet-8 (n=1): the shallowest of the family, a static point below ResNet-20's cost."""
+    return _create("cifar_resnet8", 8, pretrained, **kwargs)
+
+
+@register_model
+def cifar_resnet14(pretrained: bool = False, **kwargs: Any) -> CifarResNet:
+    """ResNet-14 (n=2)."""
+    return _create("cifar_resnet14", 14, pretrained, **kwargs)
 
 
 @register_model

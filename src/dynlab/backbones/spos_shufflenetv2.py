@@ -716,6 +716,7 @@ default_cfgs = generate_default_cfgs(
         "spos_supernet": imagenet_cfg("stem.0", "head.fc", "bilinear"),
         "cifar_spos_supernet": cifar_cfg((2, 2), "stem.0"),
         "cifar_spos_supernet_tiny": cifar_cfg((2, 2), "stem.0"),
+        "cifar_spos_supernet_small": cifar_cfg((4, 4), "stem.0"),
         "spos_shufflenetv2": imagenet_cfg("stem.0", "head.fc", "bilinear"),
         "cifar_spos_shufflenetv2": cifar_cfg((2, 2), "stem.0"),
     }
@@ -755,6 +756,33 @@ def cifar_spos_supernet_tiny(pretrained: bool = False, **kwargs: Any) -> SPOSSup
         pretrained,
         cifar_stem=True,
         **{**_TINY_SPACE, **kwargs},
+    )
+
+
+# A small space for 32x32 grey images on CPU whose range brackets ~10 M and ~20 M MACs at 1x32x32
+# (5.2-31 M; 1.9 M supernet parameters): the paper's four blocks per layer, 7 layers in 3 stages
+# (2/3/2, widths 80/160/320, stem 16, last conv 512) and the paper's channel search (Sec. 4) on by
+# default, since the four blocks alone span only ~1.5x in MACs. Deviations from the paper's space:
+# 3 stages, not 4 (the stride-1 stem keeps 32x32, so three stride-2 stages end at 4x4 as the
+# paper's end at 7x7), and narrower widths and last conv.
+_SMALL_SPACE: dict[str, Any] = {
+    "stage_repeats": (2, 3, 2),
+    "widths": (80, 160, 320),
+    "stem_channels": 16,
+    "last_channels": 512,
+    "channel_search": True,
+}
+
+
+@register_model
+def cifar_spos_supernet_small(pretrained: bool = False, **kwargs: Any) -> SPOSSupernet:
+    """The small SPOS space (`_SMALL_SPACE`, channel search on) for 32x32 inputs on CPU."""
+    return build_model_with_cfg(
+        SPOSSupernet,
+        "cifar_spos_supernet_small",
+        pretrained,
+        cifar_stem=True,
+        **{**_SMALL_SPACE, **kwargs},
     )
 
 

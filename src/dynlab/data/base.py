@@ -22,7 +22,7 @@ from pytorch_lightning.utilities import CombinedLoader
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from dynlab.config import val_size_problem
+from dynlab.config import split_problem
 from dynlab.data.sampling import (
     EvalSampler,
     ResumableDataLoader,
@@ -73,14 +73,20 @@ class TensorImages(Dataset[tuple[Tensor, int]]):
         return self.images[index], int(self.labels[index])
 
 
-def holdout_split(num_samples: int, val_size: int, seed: int) -> tuple[list[int], list[int]]:
-    """Seeded (train, val) index lists: val is the last `val_size` of a random permutation.
+def holdout_split(
+    num_samples: int, val_size: int, seed: int, train_subset: int | None = None
+) -> tuple[list[int], list[int]]:
+    """Seeded (train, val) index lists: val is the last `val_size` of a random permutation, train
+    the rest (its first `train_subset` when given: a seeded subset for a small budget).
 
     As MSDNet's loader (Huang et al., ICLR 2018, official code `dataloader.py`).
     """
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(num_samples, generator=generator).tolist()
-    return order[: num_samples - val_size], order[num_samples - val_size :]
+    train = order[: num_samples - val_size]
+    return train[:train_subset] if train_subset is not None else train, order[
+        num_samples - val_size :
+    ]
 
 
 @dataclass(frozen=True)
@@ -122,11 +128,14 @@ def stream_seed(seed: int, name: str) -> int:
 
 @dataclass(frozen=True)
 class Splits:
-    """The three base datasets, each yielding (untransformed sample, label)."""
+    """The base datasets, each yielding (untransformed sample, label): `whole` is train and val
+    together (a phase that trains on the whole training split, as papers retrain their final
+    network)."""
 
     train: Dataset[tuple[Any, int]]
     val: Dataset[tuple[Any, int]]
     test: Dataset[tuple[Any, int]]
+    whole: Dataset[tuple[Any, int]]
 
 
 class DynlabDataModule(pl.LightningDataModule, ABC):
@@ -142,6 +151,7 @@ class DynlabDataModule(pl.LightningDataModule, ABC):
         val_size: int,
         seed: int = 0,
         augment: bool = True,
+        train_subset: int | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -150,8 +160,10 @@ class DynlabDataModule(pl.LightningDataModule, ABC):
             raise ValueError(f"eval_batch_size must be >= 1 or None, got {eval_batch_size}")
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-        if val_size < 1:
-            raise ValueError(f"val_size must be >= 1 (the held-out split), got {val_size}")
+        if val_size < 0:
+            raise ValueError(f"val_size must be >= 0 (the held-out split), got {val_size}")
+        if train_subset is not None and train_subset < 1:
+            raise ValueError(f"train_subset must be >= 1 or None, got {train_subset}")
         if seed < 0:
             raise ValueError(f"seed must be >= 0, got {seed}")
         self.root = root
@@ -161,8 +173,10 @@ class DynlabDataModule(pl.LightningDataModule, ABC):
         self.val_size = val_size
         self.seed = seed
         self.augment = augment
+        self.train_subset = train_subset
         self.splits: Splits | None = None
         self.train_streams: dict[str, StreamSpec] | None = None
+        self.train_on_whole = False
 
     @property
     @abstractmethod
@@ -187,11 +201,17 @@ class DynlabDataModule(pl.LightningDataModule, ABC):
             return
         train_full, test = self.load_train_test()
         num_train = len(train_full)  # type: ignore[arg-type]
-        problem = val_size_problem(self.info.name, self.val_size, num_train)
+        problem = split_problem(self.info.name, self.val_size, num_train, self.train_subset)
         if problem:  # a dataset whose size the schema cannot know (ImageNet's folders)
-            raise ConfigError(f"dataset.val_size={self.val_size} {problem}")
-        train_idx, val_idx = holdout_split(num_train, self.val_size, self.seed)
-        self.splits = Splits(Subset(train_full, train_idx), Subset(train_full, val_idx), test)
+            key, reason = problem
+            raise ConfigError(f"dataset.{key}={getattr(self, key)} {reason}")
+        train_idx, val_idx = holdout_split(num_train, self.val_size, self.seed, self.train_subset)
+        self.splits = Splits(
+            Subset(train_full, train_idx),
+            Subset(train_full, val_idx),
+            test,
+            Subset(train_full, train_idx + val_idx),
+        )
 
     def train_dataloader(self) -> ResumableDataLoader | StreamsLoader:
         """Seeded, sharded, resumable training batches (augmented unless `augment=False`); with
@@ -200,7 +220,7 @@ class DynlabDataModule(pl.LightningDataModule, ABC):
         if self.train_streams is not None:
             loaders = {key: self.stream_loader(spec) for key, spec in self.train_streams.items()}
             return StreamsLoader(loaders, mode="max_size_cycle")
-        train = self._splits().train
+        train = self._train_split()
         transform = self.augment_transform() if self.augment else self.eval_transform()
         return ResumableDataLoader(
             SeededDataset(train, transform),
@@ -218,9 +238,14 @@ class DynlabDataModule(pl.LightningDataModule, ABC):
             raise ValueError("set_train_streams needs at least one stream (or None)")
         self.train_streams = dict(streams) if streams is not None else None
 
+    def set_train_split(self, whole: bool) -> None:
+        """Train (loader and streams) on the whole training split, val included (`whole=True`:
+        a final retrain or a static run), or on the split less the held-out val (the default)."""
+        self.train_on_whole = whole
+
     def stream_indices(self, spec: StreamSpec) -> list[int]:
         """The stream's samples as positions in the train split (sorted; same on every rank)."""
-        n = len(self._splits().train)  # type: ignore[arg-type]
+        n = len(self._train_split())  # type: ignore[arg-type]
         if spec.fraction is None and spec.size is None:
             if spec.complement:
                 raise ValueError(f"stream {spec.name}: the complement of the whole split is empty")
@@ -240,7 +265,7 @@ class DynlabDataModule(pl.LightningDataModule, ABC):
         """A loader over the stream's subset of the train split: a ResumableDataLoader (seeded
         order, exact resume) when shuffled, else the subset in order; sharded by rank unless
         `spec.sharded` is False."""
-        subset = Subset(self._splits().train, self.stream_indices(spec))
+        subset = Subset(self._train_split(), self.stream_indices(spec))
         augment = spec.augment and self.augment
         transform = self.augment_transform() if augment else self.eval_transform()
         dataset = SeededDataset(subset, transform)
@@ -292,6 +317,10 @@ class DynlabDataModule(pl.LightningDataModule, ABC):
             "persistent_workers": self.num_workers > 0,
             "pin_memory": torch.cuda.is_available(),
         }
+
+    def _train_split(self) -> Dataset[tuple[Any, int]]:
+        splits = self._splits()
+        return splits.whole if self.train_on_whole else splits.train
 
     def _splits(self) -> Splits:
         self.setup()

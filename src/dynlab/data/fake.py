@@ -1,7 +1,9 @@
-"""Tiny random datasets on disk in the real CIFAR and ImageNet layouts, for tests and try-outs."""
+"""Tiny random datasets on disk in the real CIFAR, ImageNet and Fashion-MNIST layouts, for tests
+and try-outs."""
 
 from __future__ import annotations
 
+import gzip
 import pickle
 from pathlib import Path
 
@@ -84,4 +86,35 @@ def write_fake_imagenet(
             for i in range(per_class):
                 pixels = rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8)
                 Image.fromarray(pixels).save(folder / f"{split}_{k}_{i}.png")
+    return root
+
+
+def write_idx(path: str | Path, array: np.ndarray, compress: bool = False) -> Path:
+    """Write a uint8 array as an IDX file (LeCun's MNIST format), gzipped when `compress`."""
+    if array.dtype != np.uint8:
+        raise ValueError(f"IDX files here hold uint8, got {array.dtype}")
+    header = bytes([0, 0, 0x08, array.ndim]) + np.asarray(array.shape, ">i4").tobytes()
+    content = header + array.tobytes()
+    path = Path(path)
+    if compress:
+        path = path.with_name(path.name + ".gz")
+        path.write_bytes(gzip.compress(content))
+    else:
+        path.write_bytes(content)
+    return path
+
+
+def write_fake_fashion_mnist(
+    root: str | Path, num_train: int = 100, num_test: int = 50, compress: bool = True, seed: int = 0
+) -> Path:
+    """Write random 28x28 images and labels as Fashion-MNIST's four IDX files under `root`;
+    return `root`, the `dataset.root` to use."""
+    rng = np.random.default_rng(seed)
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    for prefix, size in (("train", num_train), ("t10k", num_test)):
+        images = rng.integers(0, 256, size=(size, 28, 28), dtype=np.uint8)
+        labels = rng.integers(0, 10, size=size, dtype=np.uint8)
+        write_idx(root / f"{prefix}-images-idx3-ubyte", images, compress)
+        write_idx(root / f"{prefix}-labels-idx1-ubyte", labels, compress)
     return root

@@ -70,6 +70,21 @@ def budgeted_curve(
     hold `q`, `avg_macs`, `accuracy`, `thresholds` (K), `exit_fractions` (K, on test) and
     `val_accuracy` (top-1 % on the calibration split at the same thresholds).
     """
+    return budgeted_curve_and_exits(
+        val_probs, val_targets, test_probs, test_targets, exit_macs, qs
+    )[0]
+
+
+def budgeted_curve_and_exits(
+    val_probs: Tensor,
+    val_targets: Tensor,
+    test_probs: Tensor,
+    test_targets: Tensor,
+    exit_macs: Sequence[float],
+    qs: Sequence[float] | None = None,
+) -> tuple[list[dict[str, Any]], Tensor]:
+    """`budgeted_curve`'s records and the exit [Q,N] (0-based, on CPU) each test sample takes at
+    each level: the per-image outcomes that let a report resample the test set."""
     val_conf, val_pred = _confidences(val_probs, "val_probs")
     test_conf, test_pred = _confidences(test_probs, "test_probs")
     num_exits = len(val_conf)
@@ -78,10 +93,11 @@ def budgeted_curve(
     test_correct = test_pred == test_targets.to(test_pred.device)[None]
     order = val_conf.argsort(dim=1, descending=True)
     macs = torch.tensor([float(m) for m in exit_macs], dtype=torch.float64)
-    records = []
+    records, all_exits = [], []
     for q in DEFAULT_QS if qs is None else qs:
         thresholds = _thresholds(val_conf, order, exit_distribution(q, num_exits))
         test_exits = _first_exit(test_conf, thresholds)
+        all_exits.append(test_exits.cpu())
         fractions = torch.bincount(test_exits, minlength=num_exits).cpu().double() / len(test_exits)
         records.append(
             {
@@ -93,7 +109,9 @@ def budgeted_curve(
                 "val_accuracy": _percent_correct(val_correct, _first_exit(val_conf, thresholds)),
             }
         )
-    return records
+    if not all_exits:
+        return records, torch.empty((0, test_conf.shape[1]), dtype=torch.long)
+    return records, torch.stack(all_exits)
 
 
 def _thresholds(conf: Tensor, order: Tensor, p: Tensor) -> Tensor:

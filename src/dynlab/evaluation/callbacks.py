@@ -6,7 +6,8 @@ dynlab.protocol): outputs and exit MACs of the inference network. Each split's s
 are computed once per model and global step and shared by the two callbacks. Every rank takes
 part in the passes: the datamodule's val/test loaders must give each rank a contiguous shard
 (dynlab.data's EvalSampler does), which are all-gathered in rank order; rank zero then writes
-results.json, plots/*.png, the W&B tables and the console tables.
+results.json, the per-test-image outcomes (dynlab.evaluation.outcomes), plots/*.png, the W&B
+tables and the console tables.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from rich.table import Table
 from torch import Tensor, nn
 
 from dynlab.evaluation.anytime import anytime_records
-from dynlab.evaluation.budgeted import DEFAULT_QS, budgeted_curve
+from dynlab.evaluation.budgeted import DEFAULT_QS, budgeted_curve_and_exits
+from dynlab.evaluation.outcomes import make_outcomes, update_outcomes
 from dynlab.evaluation.outputs import collect_exit_probs
 from dynlab.evaluation.plots import format_macs, plot_anytime, plot_budgeted
 from dynlab.logging import log_images, log_records
@@ -72,9 +74,11 @@ class AnytimeEvaluation(_EndOfRunEvaluation):
         datamodule = _datamodule(trainer, datamodule)
         model = dynamic_model(trainer, pl_module)
         probs, targets = exit_outputs(trainer, model, datamodule, "test")
-        records = anytime_records(probs, targets, model.exit_macs(input_size(datamodule)))
+        exit_macs = model.exit_macs(input_size(datamodule))
+        records = anytime_records(probs, targets, exit_macs)
         if trainer.is_global_zero:
             update_results(self.output_dir, anytime=records)
+            record_outcomes(self.output_dir, probs, targets, exit_macs)
             plot_anytime(records, self.output_dir / "plots" / "anytime.png")
             log_records(trainer.loggers, "anytime", records, "macs", "top1", "anytime prediction")
             rows = [
@@ -108,9 +112,10 @@ class BudgetedEvaluation(_EndOfRunEvaluation):
         test = exit_outputs(trainer, model, datamodule, "test")
         exit_macs = model.exit_macs(input_size(datamodule))
         qs = self.qs if len(exit_macs) > 1 else self.qs[:1]  # one exit: every level is one point
-        curve = budgeted_curve(*val, *test, exit_macs, qs)
+        curve, exits = budgeted_curve_and_exits(*val, *test, exit_macs, qs)
         if trainer.is_global_zero:
             update_results(self.output_dir, budgeted={"curve": curve, "exit_macs": exit_macs})
+            record_outcomes(self.output_dir, *test, exit_macs, exits, qs)
             plot_budgeted(curve, self.output_dir / "plots" / "budgeted.png")
             log_records(trainer.loggers, "budgeted", curve, "avg_macs", "accuracy", "budgeted")
             shown = sorted({round(i * (len(curve) - 1) / 4) for i in range(5)})  # about 5 levels
@@ -176,6 +181,20 @@ def exit_outputs(
         loader = getattr(datamodule, f"{split}_dataloader")()
         cached[split] = collect_exit_probs(model, loader)
     return cached[split]
+
+
+def record_outcomes(
+    output_dir: Path,
+    probs: Tensor,
+    targets: Tensor,
+    exit_macs: Sequence[float],
+    exits: Tensor | None = None,
+    qs: Sequence[float] | None = None,
+) -> None:
+    """Write the per-test-image outcomes (each exit's label, and the budgeted exits when given)
+    beside results.json, so that a report can bootstrap over the test images."""
+    predictions = probs.argmax(dim=2)
+    update_outcomes(output_dir, make_outcomes(targets, predictions, exit_macs, exits, qs))
 
 
 def input_size(datamodule: pl.LightningDataModule) -> tuple[int, int, int]:

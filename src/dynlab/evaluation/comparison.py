@@ -4,7 +4,9 @@ each group measured against the static reference (the plain network the others t
 Pure functions over results.json documents (`dynlab.results`); `dynlab-report` draws and tabulates
 what they return. A group is every completed run with the same overrides but the seed; its
 budgeted curve is the level-by-level mean of its runs' curves (every run of a sweep evaluates the
-same budget levels), its spread the min and max over seeds.
+same budget levels), its spread the min and max over seeds. Where runs saved their per-test-image
+outcomes (`dynlab.evaluation.outcomes`), each group is also set against the reference by a paired
+bootstrap over the test images (`paired_comparison`), which tells a real gap from noise.
 """
 
 from __future__ import annotations
@@ -15,9 +17,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
+from dynlab.evaluation.bootstrap import RESAMPLES, SEED, Interval, paired_bootstrap
+from dynlab.evaluation.outcomes import Outcomes
+
 # Budgeted accuracy is summarised at these fractions of the static reference's MACs.
 REFERENCE_LEVELS = (0.25, 0.5)
 STATIC_TECHNIQUE = "baseline"
+# Whether a group matches the static reference (bootstrap) at no more than this fraction of its MACs.
+MATCH_LEVEL = 0.5
+MATCH_COLUMN = f"matches_static_at_{int(MATCH_LEVEL * 100)}pct_macs"
 
 
 @dataclass
@@ -27,6 +37,9 @@ class Group:
     key: str  # the shared overrides, seed removed
     results: list[dict[str, Any]] = field(default_factory=list)
     label: str = ""
+    # Each run's per-test-image outcomes, in the order of `results`; None (or missing) for a run
+    # without an outcomes file.
+    outcomes: list[Outcomes | None] = field(default_factory=list)
 
     @property
     def technique(self) -> str:
@@ -98,14 +111,20 @@ class Group:
         ]
 
 
-def group_runs(runs: Sequence[tuple[list[str], dict[str, Any]]]) -> list[Group]:
+def group_runs(
+    runs: Sequence[tuple[list[str], dict[str, Any]]],
+    outcomes: Sequence[Outcomes | None] | None = None,
+) -> list[Group]:
     """Completed runs, given as (varying overrides, results), grouped over their seed in order
     of first appearance, each group labelled `technique · backbone` (plus what tells apart the
-    groups that share those)."""
+    groups that share those); `outcomes` gives each run's per-image outcomes, in the same order."""
     groups: dict[str, Group] = {}
-    for overrides, results in runs:
+    found = [None] * len(runs) if outcomes is None else list(outcomes)
+    for (overrides, results), run_outcomes in zip(runs, found, strict=True):
         key = " ".join(o for o in overrides if not o.lstrip("+").startswith("seed="))
-        groups.setdefault(key, Group(key)).results.append(results)
+        group = groups.setdefault(key, Group(key))
+        group.results.append(results)
+        group.outcomes.append(run_outcomes)
     by_base: dict[str, list[Group]] = {}
     for group in groups.values():
         by_base.setdefault(f"{group.technique} · {group.backbone}", []).append(group)
@@ -150,9 +169,100 @@ def accuracy_within(group: Group, budget: float) -> float | None:
     return group.top1 if macs is not None and macs <= budget else None
 
 
+@dataclass(frozen=True)
+class PairedComparison:
+    """A group against the static reference, test image by test image (`paired_comparison`)."""
+
+    full: Interval  # entry − reference at the entry's full accuracy (its last exit)
+    levels: list[tuple[float, Interval]]  # (average MACs, interval): budget levels, or its point
+    pairing: str  # which runs were set against which
+
+    def macs_to_match(self) -> float | None:
+        """The fewest average MACs whose interval includes 0 or lies above it; None if none."""
+        return min((macs for macs, interval in self.levels if interval.matches), default=None)
+
+
+def run_seed(results: dict[str, Any]) -> int | None:
+    """A run's seed: its provenance record's, else its `seed=` override; None if neither says."""
+    seed = (results.get("provenance") or {}).get("seed")
+    if seed is None:
+        given = [o.lstrip("+").partition("=") for o in results.get("overrides") or []]
+        seed = next((value for name, _, value in given if name == "seed"), None)
+    try:
+        return int(seed)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+
+
+def paired_comparison(
+    group: Group, reference: Group, resamples: int = RESAMPLES, seed: int = SEED
+) -> PairedComparison | None:
+    """`group` − `reference` in top-1 points by a paired bootstrap over the test images: every
+    resample draws the same images for both (`dynlab.evaluation.bootstrap`).
+
+    Seeds: when the two groups share seeds, only those runs count, seed s against seed s; when
+    they share none, each group's runs are pooled. Either way an image's score is the fraction of
+    the counted runs right on it. A dynamic group is compared at its full network and along its
+    budget levels (MACs: each level's average, mean over its runs), a static one at its point.
+    None when either group has no run with an outcomes file, or their test sets differ.
+    """
+    picked = _paired_outcomes(group, reference)
+    if picked is None:
+        return None
+    entry, ref, pairing = picked
+    if any(not np.array_equal(o.targets, ref[0].targets) for o in (*entry, *ref)):
+        return None
+    ref_correct = np.mean([o.full_correct() for o in ref], axis=0)
+    full_correct = np.mean([o.full_correct() for o in entry], axis=0)
+    curve = _mean_budgeted(entry) if group.dynamic else None
+    if curve is None:
+        (full,) = paired_bootstrap(full_correct, ref_correct, resamples, seed)
+        macs = float(np.mean([o.exit_macs[-1] for o in entry]))
+        return PairedComparison(full, [(macs, full)], pairing)
+    correct, macs = curve
+    full, *intervals = paired_bootstrap(
+        np.vstack([full_correct[None], correct]), ref_correct, resamples, seed
+    )
+    return PairedComparison(full, list(zip(macs.tolist(), intervals, strict=True)), pairing)
+
+
+def _paired_outcomes(
+    group: Group, reference: Group
+) -> tuple[list[Outcomes], list[Outcomes], str] | None:
+    """The runs of each group that `paired_comparison` counts, and a note saying how they pair."""
+    entry, ref = _seeded_outcomes(group), _seeded_outcomes(reference)
+    if not entry or not ref:
+        return None
+    shared = {s for s, _ in entry if s is not None} & {s for s, _ in ref}
+    if not shared:
+        pooled = f"pooled: {len(entry)} run(s) vs {len(ref)}"
+        return [o for _, o in entry], [o for _, o in ref], pooled
+    paired = f"paired by seed: {', '.join(map(str, sorted(shared)))}"
+    return [o for s, o in entry if s in shared], [o for s, o in ref if s in shared], paired
+
+
+def _seeded_outcomes(group: Group) -> list[tuple[int | None, Outcomes]]:
+    """(seed, outcomes) of the group's runs that have an outcomes file."""
+    runs = zip(group.results, group.outcomes, strict=False)  # outcomes may be shorter: none
+    return [(run_seed(results), found) for results, found in runs if found is not None]
+
+
+def _mean_budgeted(runs: Sequence[Outcomes]) -> tuple[np.ndarray, np.ndarray] | None:
+    """Per-image scores [Q,N] and average MACs [Q] along the budget levels, mean over `runs`;
+    None unless every run recorded the same levels."""
+    qs = runs[0].qs
+    if qs is None or not len(qs) or any(not np.array_equal(o.qs, qs) for o in runs):
+        return None
+    correct = np.mean([o.budgeted_correct() for o in runs], axis=0)
+    macs = np.mean([o.budgeted_macs() for o in runs], axis=0)
+    return correct, macs
+
+
 def compare(groups: Sequence[Group]) -> list[dict[str, Any]]:
     """One row per group: size, cost and accuracy, and against the static reference the MACs
-    needed to match its accuracy and the accuracy at 25 % / 50 % of its MACs."""
+    needed to match its accuracy and the accuracy at 25 % / 50 % of its MACs; where outcomes
+    files exist, the paired-bootstrap difference and the MACs to match it within its interval
+    (`bootstrap_levels` holds the intervals along the budget levels)."""
     reference = static_reference(groups)
     ref_top1 = reference.top1 if reference else None
     ref_macs = reference.macs if reference else None
@@ -176,8 +286,49 @@ def compare(groups: Sequence[Group]) -> list[dict[str, Any]]:
             budget = None if ref_macs is None else level * ref_macs
             column = f"top1_at_{int(level * 100)}pct_static_macs"
             row[column] = accuracy_within(group, budget) if budget is not None else None
+        paired = (
+            paired_comparison(group, reference)
+            if reference is not None and group is not reference
+            else None
+        )
+        row.update(_paired_cells(paired, ref_macs))
         rows.append(row)
     return rows
+
+
+def _paired_cells(paired: PairedComparison | None, ref_macs: float | None) -> dict[str, Any]:
+    """A row's bootstrap columns; all None without a paired comparison."""
+    if paired is None:
+        return {
+            "top1_diff_vs_static": None,
+            "top1_diff_vs_static_low": None,
+            "top1_diff_vs_static_high": None,
+            "macs_to_match_static_ci": None,
+            MATCH_COLUMN: None,
+            "bootstrap_pairing": None,
+            "bootstrap_levels": [],
+        }
+    macs = paired.macs_to_match()
+    return {
+        "top1_diff_vs_static": paired.full.difference,
+        "top1_diff_vs_static_low": paired.full.low,
+        "top1_diff_vs_static_high": paired.full.high,
+        "macs_to_match_static_ci": macs,
+        MATCH_COLUMN: (
+            None if ref_macs is None else macs is not None and macs <= MATCH_LEVEL * ref_macs
+        ),
+        "bootstrap_pairing": paired.pairing,
+        "bootstrap_levels": [
+            {
+                "avg_macs": level_macs,
+                "top1_diff": interval.difference,
+                "low": interval.low,
+                "high": interval.high,
+                "matches": interval.matches,
+            }
+            for level_macs, interval in paired.levels
+        ],
+    }
 
 
 def _short_overrides(key: str) -> str:

@@ -5,6 +5,7 @@ path at a time, searches it by evolution under a MACs window and retrains the wi
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import ClassVar
@@ -54,7 +55,8 @@ class EvolutionConfig:
     mutation_prob: float = 0.1  # m_prob: each gene resampled with this probability
     # Candidates outside [min, max] MACs (millions, per image at the dataset's input size) are
     # never evaluated; null: no bound. Official: at most 330 M at 224; a minimum was asked for in
-    # the official issue #10.
+    # the official issue #10. Random candidates are drawn uniformly among those inside the window
+    # (`sampling.WindowSampler`), mutants and children outside it are refused (official is_legal).
     min_mmacs: float | None = None
     max_mmacs: float | None = None
     # Tries per wanted candidate before a generation gives up filling a slot (official: x10).
@@ -88,8 +90,14 @@ class EvolutionConfig:
                 f"spos evolution.val_images must be >= 1 or null, got {self.val_images}"
             )
         lo, hi = self.min_mmacs, self.max_mmacs
-        if lo is not None and hi is not None and lo > hi:
-            raise ValueError(f"spos evolution: min_mmacs={lo} is above max_mmacs={hi}")
+        for name, bound in (("min_mmacs", lo), ("max_mmacs", hi)):
+            if bound is not None and not (math.isfinite(bound) and bound > 0):
+                raise ValueError(f"spos evolution.{name} must be > 0 or null, got {bound}")
+        if lo is not None and hi is not None and lo >= hi:
+            raise ValueError(
+                f"spos evolution: the MACs window is empty: min_mmacs={lo} must be below "
+                f"max_mmacs={hi}"
+            )
 
 
 @dataclass
@@ -99,8 +107,9 @@ class SPOSConfig(TechniqueConfig):
     _target_: str = "dynlab.techniques.spos.module.SPOSModule"
     name: str = "spos"
     # Channel search: each layer's mid width also searched over 0.2..2.0 of its base (the official
-    # code never released it, official issue #1). Passed to the supernet backbone.
-    channel_search: bool = False
+    # code never released it, official issue #1). Passed to the supernet backbone; null: the
+    # backbone's own setting (off, except cifar_spos_supernet_small).
+    channel_search: bool | None = None
     # A given architecture (block ids, then scale ids with channel search): the schedule is then
     # `retrain` alone. arch_file: a search's `search_result.json` to take the architecture from.
     arch: list[int] | None = None

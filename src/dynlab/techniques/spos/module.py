@@ -79,7 +79,7 @@ class SPOSModule(SupernetTechnique):
         backbone: BackboneConfig,
         data_info: DataInfo,
         optim: OptimConfig | None = None,
-        channel_search: bool = False,
+        channel_search: bool | None = None,
         arch: list[int] | None = None,
         arch_file: str | None = None,
         retrain_bn_recalibration: bool = True,
@@ -92,7 +92,9 @@ class SPOSModule(SupernetTechnique):
         self.data_info, self.seed = data_info, seed
         self.evolution_cfg = evolution or EvolutionConfig()
         self.retrain_bn_recalibration = retrain_bn_recalibration
-        kwargs = {**dict(backbone.kwargs), "channel_search": channel_search}
+        kwargs = dict(backbone.kwargs)
+        if channel_search is not None:  # None: the backbone's own setting
+            kwargs["channel_search"] = channel_search
         try:
             net = dataset_backbone(replace(backbone, kwargs=kwargs), data_info)
         except (TypeError, BackboneArgumentError) as err:  # no `channel_search` argument

@@ -1,6 +1,9 @@
-"""The supernet phase's path sampler: uniform, or the official MACs-binned rejection sampler."""
+"""The supernet phase's path sampler (uniform, or the official MACs-binned rejection sampler) and
+the evolution's draws of random candidates inside a MACs window."""
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -45,3 +48,93 @@ class PathSampler:
             if low * 1e6 <= self.table.macs(genes) <= high * 1e6:
                 return genes
         return self.uniform(rng)
+
+
+class WindowSampler:
+    """Uniform draws among the candidates whose MACs lie in [low, high] (MACs; None: no bound):
+    the distribution of the official search's random fill (uniform candidates, each refused over
+    the FLOPs limit, src/Search/search.py get_random), without its thousands of refused draws when
+    the window holds a small share of the space.
+
+    A candidate's MACs are a sum over its layers (`MacsTable`), so the candidates of layers i..
+    are counted per MACs bucket, layer by layer, and each layer's (block, scale) choice is drawn in
+    proportion to the number of completions that land in the window. The window is widened by the
+    buckets' rounding and every draw is checked on its exact MACs (and drawn again when outside),
+    so the draws are uniform over exactly the candidates inside the window."""
+
+    def __init__(
+        self,
+        table: MacsTable,
+        low: float | None,
+        high: float | None,
+        buckets: int = 10_000,
+        tries: int = 100,
+    ) -> None:
+        self.table, self.low, self.high, self.tries = table, low, high, tries
+        space = table.space
+        self.options = [
+            (b, s) for b in range(space.num_blocks) for s in range(max(space.num_scales, 1))
+        ]
+        costs = np.array([[layer[b][s] for b, s in self.options] for layer in table.layers])
+        floor = costs.min(axis=1)
+        self.step = max(float((costs.max(axis=1) - floor).sum()) / buckets, 1.0)
+        self.shifts = np.rint((costs - floor[:, None]) / self.step).astype(np.int64)
+        self.base = table.fixed + math.fsum(floor)
+        slack = len(costs) / 2  # each entry's rounding is at most half a bucket
+        top = int(self.shifts.max(axis=1).sum())
+        self.lo = 0 if low is None else math.ceil((low - self.base) / self.step - slack)
+        self.hi = top if high is None else math.floor((high - self.base) / self.step + slack)
+        # counts[i][v]: the candidates of layers i.. whose buckets sum to v (floats: a 20-layer
+        # space with channel search has 40^20 candidates).
+        counts = [np.ones(1)]
+        for shifts in self.shifts[::-1]:
+            after = counts[-1]
+            here = np.zeros(len(after) + int(shifts.max()))
+            for shift, n in zip(*np.unique(shifts, return_counts=True), strict=True):
+                here[shift : shift + len(after)] += n * after
+            counts.append(here)
+        self.counts = counts[::-1]
+        self.share = self._inside(0, 0) / float(self.counts[0].sum())
+
+    def _inside(self, layer: int, prefix: int) -> float:
+        """Candidates of layers `layer`.. that complete `prefix` buckets into the window."""
+        counts = self.counts[layer]
+        a, b = max(self.lo - prefix, 0), min(self.hi - prefix + 1, len(counts))
+        return float(counts[a:b].sum()) if a < b else 0.0
+
+    def empty(self) -> bool:
+        """Whether no candidate has its MACs in the window (widened by the rounding: exact)."""
+        return self.share == 0.0
+
+    def nearest(self) -> tuple[float | None, float | None]:
+        """About the MACs of the nearest candidates below and above the window (None: none)."""
+        held = np.flatnonzero(self.counts[0])
+        below, above = held[held < self.lo], held[held > self.hi]
+        return tuple(  # type: ignore[return-value]
+            self.base + float(v[i]) * self.step if len(v) else None
+            for v, i in ((below, -1), (above, 0))
+        )
+
+    def draw(self, rng: np.random.Generator) -> tuple[int, ...]:
+        """A candidate drawn uniformly among those inside the window; one outside it (which the
+        caller refuses) only when `tries` draws all fell in the rounding margin or the window is
+        empty."""
+        genes: tuple[int, ...] = ()
+        for _ in range(self.tries):
+            prefix, picks = 0, []
+            for layer, shifts in enumerate(self.shifts):
+                weights = np.array([self._inside(layer + 1, prefix + int(q)) for q in shifts])
+                total = float(weights.sum())
+                if total <= 0:  # an empty window: any candidate, refused by the caller
+                    k = int(rng.integers(len(shifts)))
+                else:
+                    k = int(np.searchsorted(np.cumsum(weights), rng.random() * total, "right"))
+                    k = min(k, len(shifts) - 1)
+                picks.append(self.options[k])
+                prefix += int(shifts[k])
+            arch = tuple(b for b, _ in picks)
+            genes = arch + (tuple(s for _, s in picks) if self.table.space.num_scales else ())
+            macs = self.table.macs(genes)
+            if (self.low is None or macs >= self.low) and (self.high is None or macs <= self.high):
+                return genes
+        return genes
