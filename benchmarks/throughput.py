@@ -1,8 +1,12 @@
 """Training throughput: dynlab's Lightning path vs a hand-written PyTorch loop, side by side.
 
-Same model, same data loader (dynlab's synthetic train loader), same batch size, optimiser,
-device and precision; images/s over the steps after a warm-up. Target: ratio >= 0.95.
+Same model, same data loader (dynlab's train loader of `--dataset`), same batch size, optimiser,
+device, precision and memory format; images/s over the steps after a warm-up. Target: ratio
+>= 0.95. `--compare-channels-last` also runs dynlab's path with channels-last off (the
+"before" of that speed-up), interleaved with the rest.
 Run: .venv/bin/python benchmarks/throughput.py [--steps 60 --batch-size 64]
+     .venv/bin/python benchmarks/throughput.py --dataset fashion_mnist --batch-size 128 \
+         --compare-channels-last
 GPU (benchmarks/gpu_check.sh): --trainer gpu --batch-size 256, or
 --trainer gpu --backbone timm --backbone-name resnet50 --image-size 224 --batch-size 128.
 """
@@ -25,13 +29,20 @@ from dynlab.techniques.base import Phase
 WARMUP = 5
 
 
-def compose_run(args: argparse.Namespace, run_dir: str):
+def compose_run(args: argparse.Namespace, run_dir: str, channels_last: bool = True):
+    if args.dataset == "synthetic":
+        data = [
+            "dataset=synthetic",
+            f"dataset.num_train={args.steps * args.batch_size + 256}",
+            f"dataset.image_size={args.image_size}",
+        ]
+    else:
+        data = [f"dataset={args.dataset}"]
     overrides = [
         "technique=baseline",
-        "dataset=synthetic",
-        f"dataset.num_train={args.steps * args.batch_size + 256}",
+        *data,
+        f"channels_last={channels_last}",
         f"dataset.batch_size={args.batch_size}",
-        f"dataset.image_size={args.image_size}",
         f"dataset.num_workers={args.num_workers}",
         "dataset.augment=true",
         f"backbone={args.backbone}",
@@ -81,6 +92,8 @@ def plain_images_per_s(cfg, batch_size: int, steps: int) -> float:
     autocast = torch.autocast(device.type, torch.bfloat16, enabled="bf16" in cfg.trainer.precision)
     datamodule = build_datamodule(cfg)
     model = build_module(cfg, datamodule).model.to(device).train()
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     optim = torch.optim.SGD(
         model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4
     )
@@ -99,6 +112,19 @@ def plain_images_per_s(cfg, batch_size: int, steps: int) -> float:
         if step == steps:
             break
     _sync(device)
+    return (steps - WARMUP) * batch_size / (time.perf_counter() - start)
+
+
+def loader_images_per_s(cfg, batch_size: int, steps: int) -> float:
+    """The data pipeline alone (sampling, uint8 crop/flip, normalising, collating): what a step's
+    data costs next to its compute."""
+    datamodule = build_datamodule(cfg)
+    start = 0.0
+    for step, _ in enumerate(datamodule.train_dataloader(), start=1):
+        if step == WARMUP:
+            start = time.perf_counter()
+        if step == steps:
+            break
     return (steps - WARMUP) * batch_size / (time.perf_counter() - start)
 
 
@@ -121,31 +147,47 @@ def main() -> None:
     parser.add_argument("--backbone-name", default=None, help="backbone.name (timm models)")
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--num-workers", type=int, default=0)
+    parser.add_argument("--dataset", default="synthetic", help="synthetic, fashion_mnist, ...")
+    parser.add_argument("--compare-channels-last", action="store_true")
     args = parser.parse_args()
     import tempfile
 
     with tempfile.TemporaryDirectory() as run_dir:
         cfg = compose_run(args, run_dir)
-        plain, lightning = [], []
-        for _ in range(args.repeats):  # interleaved, so machine noise hits both alike
+        before = compose_run(args, run_dir, channels_last=False)
+        plain, lightning, nchw, data = [], [], [], []
+        for _ in range(args.repeats):  # interleaved, so machine noise hits all alike
+            data.append(loader_images_per_s(cfg, args.batch_size, args.steps))
             plain.append(plain_images_per_s(cfg, args.batch_size, args.steps))
             lightning.append(lightning_images_per_s(cfg, args.batch_size))
+            if args.compare_channels_last:
+                nchw.append(lightning_images_per_s(before, args.batch_size))
     best_plain, best_lightning = max(plain), max(lightning)
+    extra = {}
+    if nchw:
+        extra = {
+            "dynlab_channels_first_images_per_s": round(max(nchw), 1),
+            "channels_last_speedup": round(best_lightning / max(nchw), 3),
+        }
     print(
         json.dumps(
             {
                 "benchmark": "training_throughput",
                 "model": cfg.backbone.name,
-                "image_size": args.image_size,
+                "dataset": args.dataset,
+                "input_size": list(build_datamodule(cfg).info.input_size),
                 "trainer": args.trainer,
                 "precision": cfg.trainer.precision,
                 "device": torch.cuda.get_device_name() if args.trainer == "gpu" else "cpu",
                 "batch_size": args.batch_size,
                 "threads": torch.get_num_threads(),
+                "data_only_images_per_s": round(max(data), 1),
                 "plain_images_per_s": round(best_plain, 1),
                 "dynlab_lightning_images_per_s": round(best_lightning, 1),
                 "ratio": round(best_lightning / best_plain, 3),
                 "target_ratio": 0.95,
+                "repeats": args.repeats,
+                **extra,
             }
         )
     )

@@ -9,10 +9,13 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from dynlab.apps.report import write_report
-from dynlab.runner import run_job
+from dynlab.checkpointing import load_static_weights
+from dynlab.data.fake import write_fake_fashion_mnist
+from dynlab.runner import build_datamodule, build_module, run_job
 
 from .conftest import REPO
 
@@ -73,3 +76,40 @@ def test_every_technique_lands_on_the_comparison_chart(compose_cfg, tmp_path: Pa
     assert rows["baseline · cifar_resnet20"]["static_reference"] == "True"
     assert (tmp_path / "report" / "accuracy_vs_macs.png").stat().st_size > 10_000
     assert "(static reference)" in (tmp_path / "report" / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_fashion_mnist_stages_hand_the_static_resnet20_to_s2dnas_and_gfnet(
+    compose_cfg, tmp_path: Path
+) -> None:
+    # The two stages of `make compare` into one sweep dir (<dir>/<entry>/seed<seed>, as the
+    # preset's hydra.sweep.subdir), on tiny Fashion-MNIST files.
+    data = write_fake_fashion_mnist(tmp_path / "data", num_train=160, num_test=40)
+    tiny = [
+        "+experiment=compare/fashion_mnist",
+        f"dataset.root={data}",
+        "dataset.train_subset=64",
+        "dataset.val_size=32",
+        "dataset.batch_size=32",
+        "trainer.max_epochs=2",
+        "trainer.enable_progress_bar=false",
+        "logger=csv",
+        "evaluation.qs=[0.5,1.0,2.0]",
+    ]
+    sweep = tmp_path / "sweep"
+    static = compose_cfg([*tiny, "+compare=baseline"], run_dir=sweep / "baseline" / "seed0")
+    run_job(static)
+    trained = load_static_weights(sweep / "baseline/seed0/checkpoints/train/final.ckpt")
+    for entry in ("s2dnas_from_static", "gfnet_from_static"):
+        cfg = compose_cfg([*tiny, f"+compare={entry}"], run_dir=sweep / entry / "seed0")
+        init = Path(cfg.technique.init_from).resolve()
+        assert init == (sweep / "baseline/seed0/checkpoints/train/final.ckpt").resolve()
+        if entry == "s2dnas_from_static":  # the transformed network starts from those weights
+            module = build_module(cfg, build_datamodule(cfg))
+            assert module.static_weights is not None
+            stem = next(k for k in trained if k.startswith("stem.0"))
+            assert torch.equal(module.static_weights[stem], trained[stem])
+        run_job(cfg)
+        assert json.loads((sweep / entry / "seed0/results.json").read_text())["status"] == (
+            "completed"
+        )

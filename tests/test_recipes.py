@@ -27,6 +27,7 @@ from dynlab.data.synthetic import SyntheticDataModule
 from dynlab.optim import build_optimizer, lr_lambda, parameter_groups
 from dynlab.protocol import StaticExits
 from dynlab.runner import build_datamodule, build_module, build_trainer, run_job
+from dynlab.validation import ConfigError, validate_config
 from dynlab.techniques.base import DynlabModule, Phase, assign_parameters
 
 from .conftest import TINY
@@ -155,6 +156,33 @@ def test_recipe_freezes_parameters_and_sets_epochs_from_config(compose_cfg):
     fc = [n for n in before if n.startswith("model.net.head.fc.")]
     assert fc and all(torch.equal(state[n], before[n]) for n in fc)
     assert not torch.equal(state["model.net.stem.0.weight"], before["model.net.stem.0.weight"])
+
+
+def test_a_whole_split_phase_trains_on_val_too_and_validates_on_nothing(compose_cfg, tmp_path):
+    # 96 synthetic images, 32 held out, batch 32: 2 steps an epoch, 3 on the whole split.
+    steps = {}
+    for split in ("held_out", "whole"):
+        recipe = f"++technique.phases={{train: {{train_split: {split}}}}}"
+        cfg = compose_cfg([*TINY, recipe], run_dir=tmp_path / split)
+        run_job(cfg)
+        final = torch.load(
+            ckpt.phase_dir(cfg.run_dir, "train") / ckpt.FINAL, map_location="cpu", weights_only=False
+        )
+        steps[split] = final["global_step"]
+        module = build_module(cfg, build_datamodule(cfg))
+        module.start_phase(Phase("train"))
+        trainer = build_trainer(cfg, Phase("train"), False, [], module)
+        assert (trainer.limit_val_batches == 0) == (split == "whole")
+    assert steps == {"held_out": 2, "whole": 3}
+
+
+def test_val_size_zero_refuses_a_technique_that_needs_the_held_out_split(compose_cfg):
+    s2dnas = [o.replace("technique=baseline", "technique=s2dnas") for o in TINY]
+    cfg = compose_cfg([*s2dnas, "dataset.val_size=0"])
+    with pytest.raises(ConfigError, match="val_size=0 holds nothing out, but s2dnas needs"):
+        validate_config(cfg)
+    cfg = compose_cfg([*s2dnas, "dataset.val_size=0", "evaluation.budgeted=false"])
+    validate_config(cfg)  # nothing calibrated on val then
 
 
 def test_recipe_pattern_and_ddp_options_reach_the_trainer(compose_cfg):

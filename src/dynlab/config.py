@@ -222,6 +222,12 @@ class TechniqueConfig:
     # Every phase name the technique's schedules can hold (fnmatch patterns for numbered ones);
     # its module's `phase_names`. A recipe for a misspelt phase is refused, not silently unused.
     PHASES: ClassVar[tuple[str, ...]] = ("train",)
+    # What the technique reads the held-out val split for, by mode (`train`, `search`): a run
+    # with dataset.val_size=0 is refused in that mode before anything trains.
+    HELD_OUT_USES: ClassVar[dict[str, str]] = {}
+    # Several exits whose thresholds the budgeted evaluation calibrates on the held-out split
+    # (which then must exist, and must not have been trained on).
+    CALIBRATED_EXITS: ClassVar[bool] = False
 
     _target_: str = MISSING
     name: str = MISSING

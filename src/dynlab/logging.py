@@ -139,6 +139,8 @@ def announce_phase(cfg: Any, module: Any, phase: Any) -> str:
         epochs = module.phase_epochs(phase)
         epochs = cfg.trainer.max_epochs if epochs is None else epochs
         what = f"{epochs} epoch{'s' * (epochs != 1)}"
+        if str(module.recipe(phase.name).train_split) == "whole":
+            what += " on the whole training split (held-out val included)"
     else:
         what = f"{phase.kind} phase"
     last = ckpt.phase_dir(cfg.run_dir, phase.name) / ckpt.LAST

@@ -69,6 +69,7 @@ def check_config(cfg: DictConfig) -> None:
     check_devices(cfg)
     check_schema_rules(cfg)
     check_schedule(cfg)
+    check_held_out(cfg)
     check_technique_backbone(cfg)
 
 
@@ -119,6 +120,38 @@ def _failing_node(node: Container, key: str) -> str:
     return key
 
 
+def check_held_out(cfg: DictConfig) -> None:
+    """A technique that reads the held-out split (a search, calibrated exits) has one, and has not
+    trained on it (a recipe's `train_split: whole`)."""
+    schema = technique_schema(cfg)
+    uses = dict(schema.HELD_OUT_USES)
+    if schema.CALIBRATED_EXITS and cfg.evaluation.budgeted:
+        uses.setdefault(cfg.mode, "the budgeted evaluation calibrates its exit thresholds on it")
+    use = uses.get(cfg.mode)
+    if use is None:
+        return
+    technique = cfg.technique.name
+    if cfg.dataset.val_size == 0:
+        raise ConfigError(
+            f"dataset.val_size=0 holds nothing out, but {technique} needs the held-out split: "
+            f"{use}; set dataset.val_size to 1 or more (e.g. 5000)"
+        )
+    whole = [name for name, r in cfg.technique.phases.items() if r.get("train_split") == "whole"]
+    if whole and schema.CALIBRATED_EXITS and cfg.evaluation.budgeted:
+        raise ConfigError(
+            f"technique.phases.{whole[0]}.train_split=whole trains on the held-out split, but "
+            f"{technique} calibrates its exit thresholds on it: keep held_out, or set "
+            "evaluation.budgeted=false"
+        )
+
+
+def technique_schema(cfg: DictConfig) -> type[TechniqueConfig]:
+    """The technique's schema class (TechniqueConfig for a plain node)."""
+    schema = OmegaConf.get_type(cfg.technique)
+    is_technique = isinstance(schema, type) and issubclass(schema, TechniqueConfig)
+    return schema if is_technique else TechniqueConfig  # type: ignore[return-value]
+
+
 def check_schedule(cfg: DictConfig) -> None:
     """The technique has a schedule for the app's mode (dynlab-search: a search), and `phase=`
     names one of its phases (its schema's PHASES, fnmatch patterns for numbered ones)."""
@@ -128,12 +161,7 @@ def check_schedule(cfg: DictConfig) -> None:
         raise ConfigError(problem)
     if cfg.get("phase") is None:
         return
-    schema = OmegaConf.get_type(cfg.technique)
-    phases = (
-        schema.PHASES
-        if isinstance(schema, type) and issubclass(schema, TechniqueConfig)
-        else TechniqueConfig.PHASES
-    )
+    phases = technique_schema(cfg).PHASES
     if not any(fnmatchcase(str(cfg.phase), pattern) for pattern in phases):
         numbered = " (* stands for a number)" if any("*" in p for p in phases) else ""
         raise ConfigError(

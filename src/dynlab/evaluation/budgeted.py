@@ -76,20 +76,25 @@ def budgeted_curve(
 
 
 def budgeted_curve_and_exits(
-    val_probs: Tensor,
-    val_targets: Tensor,
+    val_probs: Tensor | None,
+    val_targets: Tensor | None,
     test_probs: Tensor,
     test_targets: Tensor,
     exit_macs: Sequence[float],
     qs: Sequence[float] | None = None,
 ) -> tuple[list[dict[str, Any]], Tensor]:
     """`budgeted_curve`'s records and the exit [Q,N] (0-based, on CPU) each test sample takes at
-    each level: the per-image outcomes that let a report resample the test set."""
-    val_conf, val_pred = _confidences(val_probs, "val_probs")
+    each level: the per-image outcomes that let a report resample the test set. A network with
+    one exit has no thresholds to calibrate: its val may be None (a run that held nothing out)."""
+    if val_probs is None or val_targets is None:
+        if test_probs.shape[0] != 1:
+            raise ValueError("the exit thresholds of a multi-exit network need the val split")
+        val_probs, val_targets = test_probs[:, :0], test_targets[:0]
     test_conf, test_pred = _confidences(test_probs, "test_probs")
+    calibrated = val_probs.shape[1] > 0
+    val_conf, val_pred = _confidences(val_probs, "val_probs") if calibrated else (test_conf, None)
     num_exits = len(val_conf)
     _check_splits(val_probs, val_targets, test_probs, test_targets, exit_macs)
-    val_correct = val_pred == val_targets.to(val_pred.device)[None]
     test_correct = test_pred == test_targets.to(test_pred.device)[None]
     order = val_conf.argsort(dim=1, descending=True)
     macs = torch.tensor([float(m) for m in exit_macs], dtype=torch.float64)
@@ -99,6 +104,10 @@ def budgeted_curve_and_exits(
         test_exits = _first_exit(test_conf, thresholds)
         all_exits.append(test_exits.cpu())
         fractions = torch.bincount(test_exits, minlength=num_exits).cpu().double() / len(test_exits)
+        val_accuracy = None
+        if val_pred is not None:
+            val_correct = val_pred == val_targets.to(val_pred.device)[None]
+            val_accuracy = _percent_correct(val_correct, _first_exit(val_conf, thresholds))
         records.append(
             {
                 "q": float(q),
@@ -106,7 +115,7 @@ def budgeted_curve_and_exits(
                 "accuracy": _percent_correct(test_correct, test_exits),
                 "thresholds": thresholds.tolist(),
                 "exit_fractions": fractions.tolist(),
-                "val_accuracy": _percent_correct(val_correct, _first_exit(val_conf, thresholds)),
+                "val_accuracy": val_accuracy,
             }
         )
     if not all_exits:

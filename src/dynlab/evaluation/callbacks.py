@@ -108,10 +108,12 @@ class BudgetedEvaluation(_EndOfRunEvaluation):
         """The budgeted curve of the model (val: the held-out calibration split, never test)."""
         datamodule = _datamodule(trainer, datamodule)
         model = dynamic_model(trainer, pl_module)
-        val = exit_outputs(trainer, model, datamodule, "val")
         test = exit_outputs(trainer, model, datamodule, "test")
         exit_macs = model.exit_macs(input_size(datamodule))
         qs = self.qs if len(exit_macs) > 1 else self.qs[:1]  # one exit: every level is one point
+        # One exit and nothing held out (dataset.val_size=0): no thresholds to calibrate.
+        held_out = len(exit_macs) > 1 or getattr(datamodule, "val_size", 1) > 0
+        val = exit_outputs(trainer, model, datamodule, "val") if held_out else (None, None)
         curve, exits = budgeted_curve_and_exits(*val, *test, exit_macs, qs)
         if trainer.is_global_zero:
             update_results(self.output_dir, budgeted={"curve": curve, "exit_macs": exit_macs})

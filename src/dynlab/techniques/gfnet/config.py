@@ -46,6 +46,7 @@ class PPOConfig:
 @dataclass
 class GFNetConfig(TechniqueConfig):
     PHASES: ClassVar[tuple[str, ...]] = ("glance", "stage_1", "stage_2", "stage_3")
+    CALIBRATED_EXITS: ClassVar[bool] = True
 
     _target_: str = "dynlab.techniques.gfnet.module.GFNetModule"
     name: str = "gfnet"

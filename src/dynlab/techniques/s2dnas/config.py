@@ -148,6 +148,10 @@ def _confidences(name: str, value: Any, shared: bool = False) -> Any:
 @dataclass
 class S2DNASConfig(TechniqueConfig):
     PHASES: ClassVar[tuple[str, ...]] = ("train", "search", "retrain_*", "select")
+    HELD_OUT_USES: ClassVar[dict[str, str]] = {
+        "search": "the search scores candidates on it and `select` picks the final network by it"
+    }
+    CALIBRATED_EXITS: ClassVar[bool] = True
 
     _target_: str = "dynlab.techniques.s2dnas.module.S2DNASModule"
     name: str = "s2dnas"
