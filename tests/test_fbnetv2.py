@@ -13,11 +13,18 @@ from typing import Any
 import pytest
 import torch
 
+from dynlab.backbones import create_backbone
 from dynlab.preemption import Preempted
 from dynlab.results import read_results
 from dynlab.runner import run_job
 from dynlab.search import RESULT, SupernetExits
-from dynlab.techniques.fbnetv2.module import FBNetV2Module
+from dynlab.techniques.fbnetv2.module import (
+    FBNetV2Module,
+    cost_distance,
+    extreme_choices,
+    sampled_distance,
+    search_loss,
+)
 from dynlab.validation import ConfigError, build_run, validate_config
 
 from .conftest import compose_in
@@ -66,6 +73,10 @@ def test_a_strong_cost_weight_searches_a_cheaper_network(searches: dict[str, Pat
     for run in searches.values():
         results = read_results(run)
         assert results["status"] == "completed"
+        # The argmax network's MACs and the expected MACs of the search's softmax, every epoch.
+        search = results["search"]
+        assert search["target_mmacs"] is None and search["expected_mmacs"] > 0
+        assert all(h["expected_mmacs"] > 0 for h in _result(run)["history"])
         # The search-only run is evaluated on the exported argmax network, its MACs measured.
         assert results["exit_macs"][0] == pytest.approx(_result(run)["mmacs"] * 1e6)
 
@@ -172,3 +183,124 @@ def test_presets_compose_and_validate(compose_cfg, preset: str) -> None:
     search = cfg.technique.phases.search
     assert search.epochs > cfg.technique.warmup_epochs
     assert set(search.optimizers) == set(search.streams) == {"weights", "arch"}
+
+
+# --- a MACs target (technique.target_mmacs) -----------------------------------------------------
+def test_the_distance_to_the_target_is_least_with_zero_gradient_there_and_pulls_both_ways() -> None:
+    target = 20e6
+    costs = torch.linspace(5e6, 35e6, 61, dtype=torch.float64, requires_grad=True)
+    distances = cost_distance(costs, target)
+    distances.sum().backward()
+    assert costs.grad is not None
+    values = distances.detach().tolist()
+    at = values.index(min(values))
+    assert float(costs[at].detach()) == target and values[at] == 0
+    assert costs.grad[at] == 0  # the target: zero gradient
+    assert (costs.grad[:at] < 0).all() and (costs.grad[at + 1 :] > 0).all()  # toward it
+    assert values[at - 10] == pytest.approx(values[at + 10])  # |cost / target - 1|: symmetric
+
+
+def test_the_sampled_distance_is_its_expectation_with_a_reinforce_gradient() -> None:
+    """At logits peaked on one architecture the draws are that architecture: at its own MACs the
+    distance and every logit's gradient are zero; elsewhere the estimate is that of the exact
+    expectation over the whole (tiny) space."""
+    torch.manual_seed(0)
+    net = create_backbone("cifar_fbnetv2_supernet_tiny", num_classes=10, in_chans=1)
+    cheapest = extreme_choices(net, min)
+    with torch.no_grad():
+        for key, value in cheapest.items():
+            indices = value if key != "resolution" else [value]
+            for alpha, i in zip(net._alphas(key), indices, strict=True):
+                alpha.fill_(0).data[i] = 30.0  # softmax: 1 - 3e-13 on the cheapest option
+    net.fix(cheapest)
+    macs = float(net.expected_macs())
+    net.unfix()
+    distance = sampled_distance(net, macs, 8)
+    distance.backward()
+    assert float(distance.detach()) == 0 and all(
+        float(p.grad.abs().max()) == 0 for p in net.arch_parameters()
+    )
+    net.zero_grad()
+    torch.manual_seed(0)
+    assert float(sampled_distance(net, 2 * macs, 8).detach()) == pytest.approx(0.5)
+    # Uniform logits: the mean over many draws approaches E|MACs / target - 1|; the gradient
+    # pushes toward the target (the cheapest choices lose probability for a dear target).
+    with torch.no_grad():
+        for p in net.arch_parameters():
+            p.zero_()
+    torch.manual_seed(0)
+    dear = sampled_distance(net, 2.0e6, 512)
+    dear.backward()
+    assert 0.3 < float(dear.detach()) < 0.8
+    assert float(net.alpha_resolution.grad[cheapest["resolution"]]) > 0  # descent lowers it
+
+
+@pytest.mark.parametrize("target_mmacs", [0.5, 2.2])
+def test_a_target_moves_the_search_toward_it(compose_cfg, target_mmacs: float) -> None:
+    """A few architecture steps (Adam, as the search's recipe) with the module's loss on random
+    data move the expected MACs of the tiny supernet's softmax from their start (about 1 M)
+    toward the target, from below and from above."""
+    _, module = build_run(compose_cfg([*FBNET, f"technique.target_mmacs={target_mmacs}"]))
+    net = module._supernet.train()
+    net.tau = 5.0
+    optimizer = torch.optim.Adam(net.arch_parameters(), lr=0.01)
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+
+    def expected() -> float:
+        with torch.no_grad():
+            return float(net.expected_cost("macs", net.softmax_weights())) / 1e6
+
+    start = expected()
+    for _ in range(20):
+        ce = torch.nn.functional.cross_entropy(net(x), y)
+        loss = module.arch_loss(ce, net.expected_macs().float())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert abs(expected() - target_mmacs) < abs(start - target_mmacs) - 0.1
+
+
+def test_the_architecture_loss_is_fbnets_unless_a_target_is_set(compose_cfg) -> None:
+    """Unset, FBNet's loss on the sampled network's cost; set, CE plus the sampled distance, its
+    draws from (seed, step)."""
+    ce, cost = torch.tensor(1.1), torch.tensor(3e6, dtype=torch.float64)
+    _, module = build_run(compose_cfg(FBNET))
+    assert module.target_mmacs is None
+    assert module.arch_loss(ce, cost) == search_loss(ce, cost, 0.2, 0.6)
+    _, module = build_run(compose_cfg([*FBNET, "technique.target_mmacs=1.5"]))
+    assert (module.target_mmacs, module.target_weight, module.target_samples) == (1.5, 1.0, 32)
+    loss = module.arch_loss(ce, cost)
+    assert loss == module.arch_loss(ce, cost)  # the same draws at the same step
+    assert 1.1 < float(loss.detach()) < 1.1 + 1.0
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("technique.target_mmacs=0", "target_mmacs=0.0 must be a number of M MACs > 0"),
+        ("technique.target_mmacs=1 technique.cost=params", "target_mmacs needs cost=macs"),
+        ("technique.target_mmacs=1 technique.target_weight=0", "target_weight=0.0 must be > 0"),
+        ("technique.target_mmacs=1 technique.target_samples=1", "target_samples=1 must be >= 2"),
+        ("technique.target_mmacs=40", "lies outside the space, whose architectures span"),
+    ],
+)
+def test_a_bad_target_is_refused_before_anything_runs(
+    compose_cfg, override: str, message: str
+) -> None:
+    cfg = compose_cfg([*FBNET, *override.split()])
+    with pytest.raises(ConfigError, match=message):
+        validate_config(cfg)
+        build_run(cfg)
+
+
+def test_extreme_choices_are_the_spaces_cheapest_and_dearest() -> None:
+    net = create_backbone("cifar_fbnetv2_supernet_tiny", num_classes=10, in_chans=1)
+    cheapest, dearest = extreme_choices(net, min), extreme_choices(net, max)
+    costs = []
+    for choices in (cheapest, dearest):
+        net.fix(choices)
+        costs.append(float(net.expected_macs()))
+    net.unfix()
+    assert costs[0] < costs[1]
+    assert net.decode(cheapest)["resolution"] == 16 and net.decode(dearest)["resolution"] == 32

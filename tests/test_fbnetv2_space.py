@@ -415,6 +415,7 @@ def test_train_mode_forward_trains_weights_and_logits_together() -> None:
 NAMES = [
     "fbnetv2_f_supernet",
     "cifar_fbnetv2_supernet",
+    "cifar_fbnetv2_supernet_small",
     "fbnetv2_f1",
     "fbnetv2_f2",
     "fbnetv2_f3",
@@ -432,6 +433,21 @@ def test_timm_creates_every_name_with_the_classifier_api(name: str) -> None:
     model.reset_classifier(0)
     assert isinstance(model.get_classifier(), nn.Identity)
     assert model.pretrained_cfg["input_size"][0] == 3
+
+
+def test_the_small_space_brackets_a_quarter_and_half_of_resnet20s_macs_on_grey_32x32() -> None:
+    """cifar_fbnetv2_supernet_small's argmax networks span about 10 M and 20 M MACs at 1x32x32
+    with margin (CIFAR ResNet-20: 40.5 M), measured on the exported children."""
+    net = timm.create_model("cifar_fbnetv2_supernet_small", num_classes=10, in_chans=1)
+    assert net.space_problem((1, 32, 32)) is None
+    low, high = (
+        count_macs(net.child(_extreme(net, cheapest)).eval(), (1, 32, 32)) / 1e6
+        for cheapest in (True, False)
+    )
+    assert low <= 5.0 and high >= 28.0  # measured 1.98 M and 30.70 M
+    net.fix(_extreme(net, cheapest=False))
+    assert float(net.expected_macs()) / 1e6 == pytest.approx(high)
+    assert sum(p.numel() for p in net.parameters()) < 2.5e6
 
 
 def test_a_child_runs_the_timm_head_api() -> None:

@@ -27,8 +27,8 @@ from dynlab.data.synthetic import SyntheticDataModule
 from dynlab.optim import build_optimizer, lr_lambda, parameter_groups
 from dynlab.protocol import StaticExits
 from dynlab.runner import build_datamodule, build_module, build_trainer, run_job
-from dynlab.validation import ConfigError, validate_config
 from dynlab.techniques.base import DynlabModule, Phase, assign_parameters
+from dynlab.validation import ConfigError, validate_config
 
 from .conftest import TINY
 
@@ -166,7 +166,9 @@ def test_a_whole_split_phase_trains_on_val_too_and_validates_on_nothing(compose_
         cfg = compose_cfg([*TINY, recipe], run_dir=tmp_path / split)
         run_job(cfg)
         final = torch.load(
-            ckpt.phase_dir(cfg.run_dir, "train") / ckpt.FINAL, map_location="cpu", weights_only=False
+            ckpt.phase_dir(cfg.run_dir, "train") / ckpt.FINAL,
+            map_location="cpu",
+            weights_only=False,
         )
         steps[split] = final["global_step"]
         module = build_module(cfg, build_datamodule(cfg))

@@ -4,6 +4,7 @@ no update off the path; bad input refused before anything runs."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -212,6 +213,8 @@ def test_one_path_per_step_and_no_update_off_the_path(compose_cfg) -> None:
         ("technique.arch=[0,1,2,3,4]", "expected an int in 0..3"),
         ("technique.evolution.max_mmacs=0.01", "the space"),
         ("technique.evolution.min_mmacs=1000 technique.evolution.max_mmacs=null", "the space"),
+        ("technique.evolution.min_mmacs=0.8 technique.evolution.max_mmacs=0.8", "window is empty"),
+        ("technique.evolution.min_mmacs=0", "min_mmacs must be > 0"),
         ("backbone=cifar_resnet20", "cifar_spos_supernet"),
     ],
 )
@@ -222,6 +225,45 @@ def test_bad_input_is_refused_before_anything_runs(
     with pytest.raises(ConfigError, match=message):
         validate_config(cfg)
         build_run(cfg)
+
+
+def test_a_window_between_the_spaces_architectures_is_refused_naming_the_nearest(
+    compose_cfg,
+) -> None:
+    """A window inside the space's span can still hold no architecture (MACs are discrete)."""
+    table = MacsTable.measure(
+        create_backbone("cifar_spos_supernet_tiny", num_classes=10), (3, 32, 32)
+    )
+    values = sorted({table.macs(g) for g in itertools.product(range(4), repeat=5)})
+    a, b = max(itertools.pairwise(values), key=lambda p: p[1] - p[0])
+    low, high = (a + (b - a) / 3) / 1e6, (b - (b - a) / 3) / 1e6
+    window = [f"technique.evolution.min_mmacs={low}", f"technique.evolution.max_mmacs={high}"]
+    cfg = compose_cfg([*SPOS, *window])
+    with pytest.raises(
+        ConfigError, match="no architecture of the space has its MACs inside"
+    ) as err:
+        build_run(cfg)
+    assert f"{a / 1e6:.2f}" in str(err.value) and f"{b / 1e6:.2f}" in str(err.value)
+
+
+def test_the_small_space_searches_with_channel_search_inside_a_20m_window(compose_cfg) -> None:
+    """cifar_spos_supernet_small keeps its channel search unless the technique turns it off, and a
+    window of 18-20 M (1x32x32 as Fashion-MNIST) gets the window sampler."""
+    small = [
+        *SPOS,
+        "backbone=cifar_spos_supernet_small",
+        "dataset=synthetic",
+        "dataset.image_size=32",
+        "dataset.channels=1",
+        "technique.evolution.min_mmacs=18",
+        "technique.evolution.max_mmacs=20",
+    ]
+    _, module = build_run(compose_cfg(small))
+    assert module.space.num_scales and module.signature["channel_search"]
+    assert module.window is not None and 0.05 < module.window.share < 0.15
+    unbounded = ["technique.evolution.min_mmacs=null", "technique.evolution.max_mmacs=null"]
+    _, blocks_only = build_run(compose_cfg([*small, *unbounded, "technique.channel_search=false"]))
+    assert not blocks_only.space.num_scales and blocks_only.window is None
 
 
 def test_a_search_of_a_given_architecture_is_refused_before_anything_runs(compose_cfg) -> None:

@@ -1,6 +1,7 @@
 """SPOS's evolutionary search on synthetic spaces and scores (no networks): it improves, keeps every
 candidate legal and new, composes generations as the official code, resumes exactly, spreads over
-two gloo ranks, and its front, best, range check and plot."""
+two gloo ranks, and its front, best, range check and plot; the MACs window on measured spaces:
+random draws uniform inside it, every candidate kept inside it, empty windows refused."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from dynlab.backbones import create_backbone
+from dynlab.backbones.spos_shufflenetv2 import MacsTable
 from dynlab.search import Ledger
 from dynlab.techniques.spos.config import EvolutionConfig
 from dynlab.techniques.spos.evolution import (
@@ -26,6 +29,7 @@ from dynlab.techniques.spos.evolution import (
     stop_reason,
 )
 from dynlab.techniques.spos.plots import plot_pareto
+from dynlab.techniques.spos.sampling import WindowSampler
 
 GENES, CHOICES = 8, 4
 _tables = np.random.default_rng(0)
@@ -266,3 +270,81 @@ def test_plot_pareto_writes_a_png(tmp_path: Path) -> None:
     path = tmp_path / "plots" / "pareto.png"
     plot_pareto(records, pareto_front(records), path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+
+
+# --- the MACs window on measured spaces ---------------------------------------------------------
+def _table(name: str, size: tuple[int, int, int]) -> MacsTable:
+    return MacsTable.measure(create_backbone(name, num_classes=10, in_chans=size[0]), size)
+
+
+def test_window_draws_are_uniform_over_exactly_the_candidates_inside() -> None:
+    """On the tiny space (4^5 candidates, enumerated) the draws hit every candidate inside the
+    window, none outside, about equally often: the official rejection loop's distribution."""
+    table = _table("cifar_spos_supernet_tiny", (3, 32, 32))
+    macs = {g: table.macs(g) for g in itertools.product(range(4), repeat=5)}
+    low, high = np.quantile(list(macs.values()), [0.2, 0.3])
+    inside = {g for g, m in macs.items() if low <= m <= high}
+    sampler = WindowSampler(table, low, high)
+    rng = np.random.default_rng(0)
+    counts = Counter(sampler.draw(rng) for _ in range(40 * len(inside)))
+    assert set(counts) == inside
+    # Chi-square with len(inside) - 1 degrees of freedom (about 100): far below 200 if uniform.
+    chi2 = sum((n - 40) ** 2 / 40 for n in counts.values())
+    assert chi2 < 200
+    assert sampler.share == pytest.approx(len(inside) / len(macs), rel=0.1)
+
+
+def test_evolution_in_a_narrow_window_of_the_small_space_scores_only_candidates_inside(
+    tmp_path: Path,
+) -> None:
+    """18-20 M MACs of cifar_spos_supernet_small at 1x32x32 (about 10 % of its candidates, a 20 M
+    target): random ones are drawn inside it, mutants and children outside it are refused."""
+    table = _table("cifar_spos_supernet_small", (1, 32, 32))
+    cfg = EvolutionConfig(
+        population=16,
+        generations=4,
+        parents=4,
+        mutations=6,
+        crossovers=6,
+        min_mmacs=18.0,
+        max_mmacs=20.0,
+    )
+    sampler = WindowSampler(table, 18e6, 20e6)
+    assert 0.05 < sampler.share < 0.15
+    records = run_evolution(
+        table.space.gene_choices(),
+        table.macs,
+        lambda g: {"top1": float(sum(g))},
+        cfg,
+        tmp_path,
+        seed=0,
+        draw_random=sampler.draw,
+    )
+    assert len(records) == 16 * 4 and stop_reason(tmp_path) is None
+    assert {r["origin"] for r in records} == {"random", "mutation", "crossover"}
+    for r in records:
+        assert 18e6 <= r["macs"] == table.macs(tuple(r["genes"])) <= 20e6
+    # Every random draw was inside the window: only bred candidates were refused.
+    history = Ledger(tmp_path)
+    assert history.load()
+    assert history.state["history"][0]["outside"] == 0
+
+
+def test_window_emptiness_nearest_and_bounds() -> None:
+    table = _table("cifar_spos_supernet_tiny", (3, 32, 32))
+    values = sorted({table.macs(g) for g in itertools.product(range(4), repeat=5)})
+    a, b = max(itertools.pairwise(values), key=lambda p: p[1] - p[0])
+    gap = WindowSampler(table, a + (b - a) / 3, b - (b - a) / 3)
+    assert gap.empty()
+    below, above = gap.nearest()
+    assert below == pytest.approx(a, abs=5 * gap.step) and above == pytest.approx(
+        b, abs=5 * gap.step
+    )
+    assert not WindowSampler(table, a, a + (b - a) / 3).empty()
+    assert WindowSampler(table, None, None).share == 1.0
+    with pytest.raises(ValueError, match="window is empty: min_mmacs=20.0 must be below"):
+        EvolutionConfig(min_mmacs=20.0, max_mmacs=20.0)
+    with pytest.raises(ValueError, match="window is empty"):
+        EvolutionConfig(min_mmacs=21.0, max_mmacs=20.0)
+    with pytest.raises(ValueError, match="min_mmacs must be > 0"):
+        EvolutionConfig(min_mmacs=-1.0)

@@ -268,3 +268,19 @@ def test_timm_builds_the_registered_nets_with_the_classifier_api() -> None:
     )
     assert small.genes == (3, 2, 1, 0, 1, 0, 9, 4, 4, 2) and small.signature()["channel_search"]
     assert small.eval()(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+
+
+def test_the_small_space_brackets_a_quarter_and_half_of_resnet20s_macs_on_grey_32x32() -> None:
+    """cifar_spos_supernet_small (channel search on by default) spans about 10 M and 20 M MACs at
+    1x32x32 with margin (CIFAR ResNet-20: 40.5 M); the ends are what count_macs measures."""
+    supernet = create_backbone("cifar_spos_supernet_small", num_classes=10, in_chans=1)
+    assert isinstance(supernet, SPOSSupernet) and supernet.space.num_scales == len(CHANNEL_SCALES)
+    table = MacsTable.measure(supernet, (1, 32, 32))
+    assert table.minimum() <= 6e6 and table.maximum() >= 28e6  # measured 5.17 M and 30.95 M
+    for pick, macs in ((min, table.minimum()), (max, table.maximum())):
+        net = supernet.standalone(_extreme_genes(table, pick)).eval()
+        assert count_macs(net, (1, 32, 32)) == macs
+    assert sum(p.numel() for p in supernet.parameters()) < 2.5e6
+    # Without channel search the four blocks alone span far less than 10-20 M.
+    blocks_only = MacsTable.measure({**supernet.config, "channel_search": False}, (1, 32, 32))
+    assert blocks_only.maximum() / blocks_only.minimum() < 1.7

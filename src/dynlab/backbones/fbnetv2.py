@@ -1068,10 +1068,17 @@ class FBNetV2Supernet(_Classifier):
             }
         return self._cost_cache[key]
 
-    def expected_cost(self, kind: str = "macs") -> Tensor:
-        """Expected cost of the exported child under the last forward's weights (float64 scalar,
-        differentiable in the logits; paper eqs. 5-10): `kind` "macs" (per sample) or "params"
-        (the count). Effective widths `sum_i g_i c_i` propagate layer to layer; each layer costs its
+    def softmax_weights(self) -> dict[str, Any]:
+        """The search's distribution itself (every logit group's softmax, no noise): its
+        `expected_cost(kind, weights)` is the expected cost of the architectures it samples."""
+        w: dict[str, Any] = {"resolution": self.alpha_resolution.softmax(-1)}
+        return w | {k: [t.softmax(-1) for t in self._alphas(k)] for k in CHOICE_KEYS[1:]}
+
+    def expected_cost(self, kind: str = "macs", weights: Mapping[str, Any] | None = None) -> Tensor:
+        """Expected cost of the exported child under the last forward's weights, or `weights`
+        such as `softmax_weights()` (float64 scalar, differentiable in the logits; paper eqs.
+        5-10): `kind` "macs" (per sample) or "params" (the count). Effective widths
+        `sum_i g_i c_i` propagate layer to layer; each layer costs its
         measured coefficients times its expected input and output widths (plus a per-output-
         channel term: BN affines, biases), mixed over the resolution options for MACs (parameters
         do not depend on them: the resolution gets no gradient); depthwise: one width times the
@@ -1080,7 +1087,7 @@ class FBNetV2Supernet(_Classifier):
         child's count_macs / parameter count."""
         if kind not in COST_KINDS:
             raise ValueError(f"unknown cost kind {kind!r}; expected one of {COST_KINDS}")
-        w = self.last_weights()
+        w = self.last_weights() if weights is None else weights
         res = w["resolution"].double()
         t = self._cost_tensors(kind, res.device)
         geo = res if kind == "macs" else res.new_ones(1)  # the geometries' weights
@@ -1300,14 +1307,14 @@ def cifar_fbnetv2_supernet_tiny(pretrained: bool = False, **kwargs: Any) -> FBNe
 
 
 # A small space of the CIFAR preset for 32x32 grey images on CPU whose argmax networks span
-# 1.8-25.3 M MACs at 1x32x32 (brackets ~10 M and ~20 M; 1.85 M supernet parameters): three
-# stride-2 stages of four width options (FBNetV2's channel masking), 1/2/2 blocks, expansions
+# 2.0-30.7 M MACs at 1x32x32 (brackets ~10 M and ~20 M; 2.0 M supernet parameters): three
+# stride-2 stages of four width options (FBNetV2's channel masking), 1/3/2 blocks, expansions
 # 1/2/4, kernels 3/5, SE on/off, resolutions 32/16. Deviations (ours, for CPU time): expansions up
 # to 4, not 6 (the widest depthwise conv dominates the supernet's time), and two resolutions (each
 # option is one more body pass of the widest supernet).
 _CIFAR_SMALL = {
     "stage_widths": ((24, 32, 40, 48), (48, 64, 80, 96), (96, 128, 160, 192)),
-    "repeats": (1, 2, 2),
+    "repeats": (1, 3, 2),
     "strides": (2, 2, 2),
     "expansions": (1, 2, 4),
     "resolutions": (32, 16),

@@ -31,6 +31,20 @@ class FBNetV2Config(TechniqueConfig):
     # use them (alpha 0.2, beta 0.6): the papers' own tables were not available to us.
     alpha: float = 0.2
     beta: float = 0.6
+    # A target for the searched network's MACs (millions per image at the dataset's input size;
+    # needs cost=macs). Set, the architecture loss is CE + target_weight * E_a |MACs(a) / target -
+    # 1| over architectures a of the search's distribution (the logits' softmax) instead of the
+    # loss above (alpha and beta unused): TuNAS's absolute reward (Bender et al., CVPR 2020),
+    # quality + beta * |T(a) / T0 - 1| with beta < 0, as a loss, its expectation estimated as
+    # TuNAS does, by REINFORCE over `target_samples` architectures drawn each step (their MACs
+    # need no forward pass). Each draw's term is least, with zero gradient, at the target and
+    # pulls from both sides with the same force whatever the distance, where FBNet's loss only
+    # ever pushes the cost down. The argmax network retrained can still differ from the target:
+    # the search reports its MACs and the softmax's expected MACs (results.json search.mmacs,
+    # search.expected_mmacs). null: FBNet's loss.
+    target_mmacs: float | None = None
+    target_weight: float = 1.0
+    target_samples: int = 32
     # Gumbel-softmax temperature: `temperature` at the first epoch, times `temperature_decay` each
     # epoch (FBNet: 5.0 and exp(-0.045) = 0.956, as above).
     temperature: float = 5.0
@@ -53,6 +67,24 @@ class FBNetV2Config(TechniqueConfig):
             raise ValueError(
                 f"fbnetv2: the cost weights alpha={self.alpha} and beta={self.beta} must be > 0 "
                 "(loss = CE * alpha * log(cost)^beta; beta sets how hard the cost pushes)"
+            )
+        if self.target_mmacs is not None:
+            if not (math.isfinite(self.target_mmacs) and self.target_mmacs > 0):
+                raise ValueError(
+                    f"fbnetv2: target_mmacs={self.target_mmacs} must be a number of M MACs > 0 "
+                    "(or null: FBNet's loss)"
+                )
+            if CostKind(self.cost) != CostKind.macs:
+                raise ValueError(
+                    f"fbnetv2: target_mmacs needs cost=macs, got cost={self.cost} (the target "
+                    "is in M MACs)"
+                )
+        if not (math.isfinite(self.target_weight) and self.target_weight > 0):
+            raise ValueError(f"fbnetv2: target_weight={self.target_weight} must be > 0")
+        if self.target_samples < 2:
+            raise ValueError(
+                f"fbnetv2: target_samples={self.target_samples} must be >= 2 (the REINFORCE "
+                "baseline of each draw is the mean of the others)"
             )
         if self.temperature <= 0 or not 0 < self.temperature_decay <= 1:
             raise ValueError(

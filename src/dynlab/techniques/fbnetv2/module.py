@@ -8,7 +8,9 @@ placed back by interspersed zeros). The schedule:
   `weights` stream (80 % of the train split) with the cross-entropy and, after `warmup_epochs`, the
   architecture logits on the `arch` stream (the other 20 %) with CE * alpha * log(cost)^beta, the
   cost being the expected MACs (or parameters) of the Gumbel-weighted network, differentiable
-  through the expected widths. The temperature starts at `temperature` and is multiplied by
+  through the expected widths; with `target_mmacs`, CE + target_weight * E|MACs / target - 1| over
+  architectures drawn from the logits' softmax (`arch_loss`). The temperature starts at
+  `temperature` and is multiplied by
   `temperature_decay` every epoch. Gumbel noise is drawn from (seed, step, stream), so every DDP
   rank samples the same architecture and a resumed search the same noise;
 - `retrain` (fit): the argmax architecture exported as a standalone network (`FBNetV2Net`, its MACs
@@ -20,6 +22,7 @@ architecture alone. The deploy form is always the standalone network.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dynlab.backbones.fbnetv2 import FBNetV2Supernet
+from dynlab.backbones.fbnetv2 import CHOICE_KEYS, FBNetV2Supernet
 from dynlab.config import BackboneConfig, OptimConfig
 from dynlab.data.base import DataInfo, DynlabDataModule, StreamSpec
 from dynlab.data.sampling import rank_and_world_size
@@ -46,17 +49,49 @@ from dynlab.techniques.fbnetv2.config import CostKind, FBNetV2Config
 from dynlab.techniques.supernet import SupernetTechnique
 from dynlab.traits import backbone_needed
 
-__all__ = ["FBNetV2Module", "search_loss"]
+__all__ = ["FBNetV2Module", "cost_distance", "extreme_choices", "sampled_distance", "search_loss"]
 
 SEARCH = "search"
 WEIGHTS, ARCH = "weights", "arch"  # the search phase's optimisers and train streams
 # Independent seed streams derived from the technique's seed.
-GUMBEL_STREAM, RETRAIN_STREAM = 0, 1
+GUMBEL_STREAM, RETRAIN_STREAM, TARGET_STREAM = 0, 1, 2
 
 
 def search_loss(ce: Tensor, cost: Tensor, alpha: float, beta: float) -> Tensor:
     """FBNet's multiplicative loss CE * alpha * log(cost)^beta (FBNet Sec. 3.3)."""
     return ce * alpha * torch.log(cost).pow(beta)
+
+
+def cost_distance(cost: Tensor, target: float) -> Tensor:
+    """The cost term of TuNAS's absolute reward, |cost / target - 1|: zero, with zero gradient, at
+    the target, and slope 1 / target on either side (see FBNetV2Config.target_mmacs)."""
+    return (cost / target - 1).abs()
+
+
+def sampled_distance(net: FBNetV2Supernet, target: float, samples: int) -> Tensor:
+    """The mean `cost_distance` of the MACs of `samples` architectures drawn from the search's
+    distribution (its softmax; torch's RNG), carrying in the logits the REINFORCE gradient of its
+    expectation with a leave-one-out baseline: how TuNAS estimates its reward's gradient, here for
+    the cost term only (the cross-entropy's gradient is the Gumbel-softmax one)."""
+    probs = net.softmax_weights()
+    groups = [probs["resolution"], *(g for k in CHOICE_KEYS[1:] for g in probs[k])]
+    draws = [torch.multinomial(g.detach(), samples, replacement=True) for g in groups]
+    log_p = torch.stack([g.log()[d] for g, d in zip(groups, draws, strict=True)]).sum(0)
+
+    def one_hot(sample: int) -> dict[str, Any]:
+        rows = iter(
+            F.one_hot(d[sample], g.numel()).to(g) for g, d in zip(groups, draws, strict=True)
+        )
+        return {"resolution": next(rows)} | {
+            k: [next(rows) for _ in probs[k]] for k in CHOICE_KEYS[1:]
+        }
+
+    with torch.no_grad():
+        costs = torch.stack([net.expected_cost("macs", one_hot(s)) for s in range(samples)])
+    distance = cost_distance(costs, target).to(log_p.dtype)
+    baseline = (distance.sum() - distance) / max(samples - 1, 1)
+    surrogate = ((distance - baseline) * log_p).mean()
+    return distance.mean() + surrogate - surrogate.detach()
 
 
 class FBNetV2Module(SupernetTechnique):
@@ -80,17 +115,23 @@ class FBNetV2Module(SupernetTechnique):
         choices: dict[str, Any] | None = None,
         choices_file: str | None = None,
         seed: int = 0,
+        *,
+        target_mmacs: float | None,
+        target_weight: float,
+        target_samples: int,
     ) -> None:
         super().__init__(optim)
         self.save_hyperparameters(ignore=["data_info"])
         self.data_info, self.seed = data_info, seed
         self.cost_kind, self.alpha, self.beta = CostKind(cost), alpha, beta
+        self.target_mmacs, self.target_weight = target_mmacs, target_weight
+        self.target_samples = target_samples
         self.temperature, self.temperature_decay = temperature, temperature_decay
         self.warmup_epochs, self.recalibration_batches = warmup_epochs, recalibration_batches
         net = dataset_backbone(backbone, data_info)
         if not isinstance(net, FBNetV2Supernet):
             raise ValueError(_not_a_supernet(backbone.name))
-        problem = net.space_problem(data_info.input_size)
+        problem = net.space_problem(data_info.input_size) or _target_problem(net, target_mmacs)
         if problem:
             raise ValueError(f"fbnetv2 on backbone={backbone.name}: {problem}")
         self.signature = net.signature()
@@ -155,12 +196,29 @@ class FBNetV2Module(SupernetTechnique):
         logs = {"search/ce": ce.detach(), "search/tau": self.tau}
         if self.current_epoch >= self.warmup_epochs:
             arch_ce, cost = self._ce_and_cost(batch[ARCH], 1)
-            arch_loss = search_loss(arch_ce, cost, self.alpha, self.beta)
+            arch_loss = self.arch_loss(arch_ce, cost)
             self.manual_step(ARCH, arch_loss)
             logs |= {"search/arch_loss": arch_loss.detach(), "search/arch_ce": arch_ce.detach()}
         logs[f"search/expected_m{self.cost_kind.value}"] = cost.detach() / 1e6
         self.log_dict(logs, prog_bar=False)
         return None
+
+    def arch_loss(self, ce: Tensor, cost: Tensor) -> Tensor:
+        """The architecture step's loss: FBNet's on `cost` (that of the network the step sampled),
+        or with `target_mmacs` CE + target_weight * E|MACs(a) / target - 1| over architectures a
+        drawn from the search's distribution (`sampled_distance`, its draws from (seed, step)).
+        Not the distance of the expectation, |E[MACs] / target - 1|: logits that all lean a little
+        the same way meet it, and their argmax is an extreme of the space, where the distance of
+        each draw rewards a distribution concentrated near the target. On the small space (random
+        data, 200 architecture steps, Adam): a 10 M target left the argmax at 25-29 M with the
+        former (lr 0.01); the latter landed it at 10.2 M, and a 20 M one at 20.5 M (lr 0.05)."""
+        if self.target_mmacs is None:
+            return search_loss(ce, cost, self.alpha, self.beta)
+        with seeded(derived_seed(self.seed, TARGET_STREAM, self.global_step)):
+            distance = sampled_distance(
+                self._supernet, self.target_mmacs * 1e6, self.target_samples
+            )
+        return ce + self.target_weight * distance.to(ce.dtype)
 
     def _ce_and_cost(self, batch: tuple[Tensor, Tensor], stream: int) -> tuple[Tensor, Tensor]:
         """Cross-entropy on one stream's batch, with Gumbel noise from (seed, step, stream), and
@@ -202,27 +260,34 @@ class FBNetV2Module(SupernetTechnique):
             net.unfix()
 
     def on_train_epoch_end(self) -> None:
-        """Record the argmax architecture and its measured cost after every search epoch."""
+        """Record the argmax architecture and its measured cost after every search epoch, and the
+        expected MACs of the search's distribution (its softmax), which a target steers."""
         if self.current_phase != SEARCH:
             return
-        choices = self._supernet.choices()
+        net = self._supernet
+        choices = net.choices()
         with seeded(self.seed):  # a throwaway network: the run's RNG must not move
-            child = self._supernet.child(choices)
+            child = net.child(choices)
+        with torch.no_grad():
+            expected = float(net.expected_cost("macs", net.softmax_weights())) / 1e6
         entry = {
             "epoch": self.current_epoch,
             "tau": self.tau,
             "choices": choices,
             "mmacs": count_macs(child, self.data_info.input_size) / 1e6,
             "mparams": sum(p.numel() for p in child.parameters()) / 1e6,
+            "expected_mmacs": expected,
         }
         self.history = [h for h in self.history if h["epoch"] < entry["epoch"]] + [entry]
-        self.log_dict({"search/argmax_mmacs": entry["mmacs"]})
+        self.log_dict(
+            {"search/argmax_mmacs": entry["mmacs"], "search/softmax_expected_mmacs": expected}
+        )
 
     def on_fit_end(self) -> None:
         """At the end of the search: the argmax architecture becomes the result."""
         if self.current_phase != SEARCH or not self.history:
             return
-        last = self.history[-1]
+        last = {**self.history[-1], "target_mmacs": self.target_mmacs}
         self.architecture = last["choices"]
         self._recalibrate(self.trainer.datamodule)  # type: ignore[attr-defined]
         summary = {**last, "history": self.history, "cost": self.cost_kind.value}
@@ -230,9 +295,11 @@ class FBNetV2Module(SupernetTechnique):
         if rank_and_world_size()[0] == 0:
             path = write_result(phase_dir, summary)
             update_results(phase_dir.parents[1], search=last)
+            target = "" if self.target_mmacs is None else f" (target {self.target_mmacs:g} M)"
             print(
-                f"[dynlab] fbnetv2 search: {last['mmacs']:.2f} M MACs, "
-                f"{last['mparams']:.3f} M parameters: {last['choices']}; {path}"
+                f"[dynlab] fbnetv2 search: {last['mmacs']:.2f} M MACs{target}, "
+                f"{last['mparams']:.3f} M parameters (the search's softmax expects "
+                f"{last['expected_mmacs']:.2f} M MACs): {last['choices']}; {path}"
             )
 
     # --- technique state ----------------------------------------------------------------------
@@ -257,6 +324,40 @@ class FBNetV2Module(SupernetTechnique):
             self.architecture = state.get("choices")
         self.history = state.get("history", [])
         self.restore_standalone(state)
+
+
+def extreme_choices(net: FBNetV2Supernet, pick: Callable[[Sequence[Any]], Any]) -> dict[str, Any]:
+    """The cheapest (`pick=min`) or dearest (`max`) architecture of the space: every choice's
+    smallest or largest option (MACs grow with each: resolution, width, expansion, kernel, SE)."""
+
+    def index(options: Sequence[Any]) -> int:
+        return list(options).index(pick(options))
+
+    blocks = len(net.search_blocks)
+    return {
+        "resolution": index(net.resolutions),
+        "widths": [index(w) for w in net.stage_widths],
+        "expansions": [index(b.mids) for b in net.search_blocks],
+        "kernels": [index(net.kernels)] * blocks,
+        "se": [index(net.se_options)] * blocks,
+    }
+
+
+def _target_problem(net: FBNetV2Supernet, target_mmacs: float | None) -> str | None:
+    """Why `target_mmacs` lies outside the MACs of the space's architectures (one line), or None."""
+    if target_mmacs is None:
+        return None
+    span = []
+    for pick in (min, max):
+        net.fix(extreme_choices(net, pick))
+        span.append(float(net.expected_macs()) / 1e6)
+    net.unfix()
+    if span[0] <= target_mmacs <= span[1]:
+        return None
+    return (
+        f"technique.target_mmacs={target_mmacs:g} lies outside the space, whose architectures "
+        f"span {span[0]:.3f} M to {span[1]:.3f} M MACs: set a target inside it"
+    )
 
 
 def _not_a_supernet(name: str) -> str:

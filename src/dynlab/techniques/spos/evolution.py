@@ -58,8 +58,13 @@ def run_evolution(
     phase_dir: Path,
     seed: int,
     on_generation: Callable[[int, list[dict[str, Any]]], None] | None = None,
+    draw_random: Callable[[np.random.Generator], Genes] | None = None,
 ) -> list[dict[str, Any]]:
     """Run (or resume) the search in `phase_dir`; every scored candidate's record, by index.
+
+    `draw_random(rng)` draws a random candidate, e.g. uniformly among those inside the MACs window
+    (`sampling.WindowSampler`); None: every gene uniform. Either way a candidate outside the window
+    is refused, as are mutants and crossover children outside it.
 
     A record is {"index", "rank", "genes", "macs", "generation", "origin" ("random", "mutation"
     or "crossover"), "parents" (indices of the records it was bred from), "top1", and the rest of
@@ -100,7 +105,7 @@ def run_evolution(
             by_index = {r["index"]: r for r in ledger.records}
             parents = [(i, tuple(by_index[i]["genes"])) for i in state["parents"]]
             seen = {tuple(r["genes"]) for r in ledger.records}
-            pending, stats = _breed(rng, choices, macs_of, cfg, parents, seen)
+            pending, stats = _breed(rng, choices, macs_of, cfg, parents, seen, draw_random)
             state["rng"] = rng.bit_generator.state
             if not pending:
                 state["stopped"] = (
@@ -193,6 +198,7 @@ def _breed(
     cfg: EvolutionConfig,
     parents: list[tuple[int, Genes]],
     seen: set[Genes],
+    draw_random: Callable[[np.random.Generator], Genes] | None = None,
 ) -> tuple[list[Record], dict[str, int]]:
     """The next generation's candidates (pending records without scores) and how many draws it
     took: mutants, then crossover children, then random ones (official `search`: `mutation +
@@ -231,7 +237,10 @@ def _breed(
             added += 1
 
     def uniform() -> tuple[Genes, list[int]]:
-        # Official get_random_cand: every gene uniform over its choices.
+        # Official get_random_cand: every gene uniform over its choices (then refused outside the
+        # window); `draw_random` draws from that same distribution restricted to the window.
+        if draw_random is not None:
+            return tuple(int(g) for g in draw_random(rng)), []
         return tuple(int(g) for g in rng.integers(0, high)), []
 
     def mutant() -> tuple[Genes, list[int]]:

@@ -56,7 +56,7 @@ from dynlab.techniques.spos.evolution import (
     stop_reason,
 )
 from dynlab.techniques.spos.plots import plot_pareto
-from dynlab.techniques.spos.sampling import PathSampler
+from dynlab.techniques.spos.sampling import PathSampler, WindowSampler
 from dynlab.techniques.supernet import RETRAIN, SupernetTechnique
 from dynlab.traits import backbone_needed
 
@@ -108,6 +108,7 @@ class SPOSModule(SupernetTechnique):
         problem = space_range_problem(lo, hi, self.evolution_cfg)
         if problem:
             raise ValueError(problem)
+        self.window = _window_sampler(self.table, self.evolution_cfg)
         self.sampler = PathSampler(self.space, self.table, sampler or SamplerConfig())
         given = _given_arch(arch, arch_file)
         if given is not None:
@@ -223,6 +224,7 @@ class SPOSModule(SupernetTechnique):
             ctx.phase_dir,
             self.seed,
             on_generation,
+            self.window.draw if self.window is not None else None,
         )
         if not records:
             raise RuntimeError(f"spos evolution scored no candidate: {stop_reason(ctx.phase_dir)}")
@@ -270,6 +272,12 @@ class SPOSModule(SupernetTechnique):
             "space": {
                 "minimum_mmacs": self.table.minimum() / 1e6,
                 "maximum_mmacs": self.table.maximum() / 1e6,
+            },
+            # The MACs window searched and about what share of the space's candidates it holds.
+            "window": {
+                "min_mmacs": self.evolution_cfg.min_mmacs,
+                "max_mmacs": self.evolution_cfg.max_mmacs,
+                "share": self.window.share if self.window is not None else 1.0,
             },
             "pareto": [
                 {"genes": list(r["genes"]), "mmacs": r["macs"] / 1e6, "top1": r["top1"]}
@@ -350,6 +358,23 @@ def _given_arch(arch: list[int] | None, arch_file: str | None) -> tuple[int, ...
     if arch is None and arch_file is not None:
         arch = read_result(arch_file, "genes", "spos technique.arch_file")
     return tuple(int(g) for g in arch) if arch is not None else None
+
+
+def _window_sampler(table: MacsTable, cfg: EvolutionConfig) -> WindowSampler | None:
+    """The evolution's random draws inside its MACs window (None without one); ValueError naming
+    the nearest candidates when no candidate of the space lies inside it."""
+    if cfg.min_mmacs is None and cfg.max_mmacs is None:
+        return None
+    low, high = (None if b is None else b * 1e6 for b in (cfg.min_mmacs, cfg.max_mmacs))
+    window = WindowSampler(table, low, high)
+    if window.empty():
+        below, above = (f"{m / 1e6:.3f} M" if m is not None else "none" for m in window.nearest())
+        raise ValueError(
+            f"spos evolution: no architecture of the space has its MACs inside the window "
+            f"[min_mmacs={cfg.min_mmacs}, max_mmacs={cfg.max_mmacs}] (the nearest have about "
+            f"{below} below and {above} above); widen evolution.min_mmacs/max_mmacs"
+        )
+    return window
 
 
 def _not_a_supernet(name: str) -> str:
