@@ -1,20 +1,20 @@
 #!/usr/bin/env bash
-# One prepared GPU check (about 10-13 minutes on one H200 in all): trainer=gpu with bf16, DDP over
+# One prepared GPU check (about 12-17 minutes on one H200 in all): trainer=gpu with bf16, DDP over
 # NCCL with one process, and the benchmarks on the GPU. Prints one JSON object per line and
 # writes them to ${OUT:-.}/gpu_check.jsonl. Never a test dependency (CI has no GPU).
 #
 # Usage: bash benchmarks/gpu_check.sh [CHECK ...]   (default: every check of CHECKS, in order).
 # All of them run past the device tool's 600 s per command, so a session splits them over two
 # calls, e.g. `... gpu_check.sh train_gpu train_ddp throughput_resnet20 throughput_resnet50
-# gfnet_stage1` and `... gpu_check.sh spos_supernet fbnetv2_supernet` (each call writes its own
-# gpu_check.jsonl).
+# gfnet_stage1` and `... gpu_check.sh spos_supernet fbnetv2_supernet compare_fashion_gpu` (each
+# call writes its own gpu_check.jsonl).
 #
 # On this project's device machine python3 has torch, Lightning, timm and torchmetrics but not
 # Hydra: carry its wheels in .whl/ (benchmarks/README.md says how); the package runs from src/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 CHECKS="train_gpu train_ddp throughput_resnet20 throughput_resnet50 gfnet_stage1"
-CHECKS+=" spos_supernet fbnetv2_supernet"
+CHECKS+=" spos_supernet fbnetv2_supernet compare_fashion_gpu"
 selected=" ${*:-$CHECKS} "
 for name in $selected; do
     if [[ " $CHECKS " != *" $name "* ]]; then
@@ -80,3 +80,29 @@ bench spos_supernet spos_supernet.py --device cuda --steps 10 --repeats 2
 # 6. FBNetV2 (issue 12): the DMaskingNAS supernet step and search step vs the widest standalone net,
 # time and peak memory, F space at 224, batch 128, bf16 (target <= 1.3x). About 1-2 minutes.
 bench fbnetv2_supernet fbnetv2_supernet.py --device cuda --steps 10 --repeats 2
+
+# 7. A few steps of the GPU comparison preset (experiments/compare/fashion_mnist_gpu.yaml): the
+# static ResNet-20 and the SPOS entry, then S2DNAS from that ResNet-20 (the two stages), on the
+# real Fashion-MNIST files where the machine has them, else on generated files of that layout.
+# It checks that the preset runs on a GPU, not its accuracy. About 2-4 minutes.
+if wanted compare_fashion_gpu; then
+    data=/usr/share/datasets/fashion-mnist
+    if [ ! -d "$data" ]; then
+        data=$OUT/runs/fashion_mnist
+        $PY -c "import sys; from dynlab.data.fake import write_fake_fashion_mnist as w; \
+w(sys.argv[1], num_train=8000, num_test=2000)" "$data"
+    fi
+    sweep=$OUT/runs/compare_fashion_gpu
+    start=$SECONDS
+    status=ok
+    for entries in baseline,spos_small s2dnas_from_static; do
+        if ! timeout 300 $PY -m dynlab.apps.train -m +experiment=compare/fashion_mnist_gpu \
+            +compare=$entries seed=0 dataset.root="$data" trainer.max_epochs=2 \
+            +trainer.limit_train_batches=10 logger=csv trainer.enable_progress_bar=false \
+            hydra.sweep.dir="$sweep" >> "$sweep.log" 2>&1; then
+            status="failed (see runs/compare_fashion_gpu.log)"; tail -20 "$sweep.log" >&2
+            break
+        fi
+    done
+    emit "{\"check\": \"compare/fashion_mnist_gpu, 2 x 10 steps\", \"status\": \"$status\", \"seconds\": $((SECONDS - start)), \"data\": \"$data\"}"
+fi

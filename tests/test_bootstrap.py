@@ -10,13 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from dynlab.apps.report import write_report
+from dynlab.apps.report import static_line_entry, write_report
 from dynlab.errors import ResultsError
 from dynlab.evaluation.bootstrap import paired_bootstrap
 from dynlab.evaluation.budgeted import budgeted_curve, budgeted_curve_and_exits
 from dynlab.evaluation.callbacks import record_outcomes
 from dynlab.evaluation.comparison import (
     MATCH_COLUMN,
+    Group,
     group_runs,
     paired_comparison,
     run_seed,
@@ -228,3 +229,23 @@ def test_groups_without_outcomes_or_seeds_compare_as_before() -> None:
     assert paired_comparison(group, group) is None
     assert run_seed({"provenance": {"seed": 3}, "overrides": ["seed=4"]}) == 3
     assert run_seed({"overrides": ["+seed=4"]}) == 4 and run_seed(results) is None
+
+
+def test_the_plain_static_networks_form_the_line_to_beat() -> None:
+    def static(name: str, macs: float, top1: float, key: str = "") -> Group:
+        results = {"technique": "baseline", "backbone": name, "exit_macs": [macs]}
+        return Group(
+            key=key or f"backbone={name}", results=[{**results, "metrics": {"test/top1": top1}}]
+        )
+
+    deep, shallow = static("r20", 40.0, 92.0), static("r8", 12.0, 89.5)
+    repvgg = static("r20", 40.0, 92.3, key="backbone.kwargs.conv=repvgg")
+    preset = static("r20", 40.0, 92.3, key="+compare=r20_repvgg")  # options from a preset
+    preset.results[0]["config"] = {"backbone": {"name": "r20", "kwargs": {"conv": "repvgg"}}}
+    line = static_line_entry([deep, repvgg, preset, shallow])
+    assert line is not None and line["static_line"]
+    assert line["budgeted"] == [
+        {"avg_macs": 12.0, "accuracy": 89.5},
+        {"avg_macs": 40.0, "accuracy": 92.0},
+    ]  # in order of cost, the re-parameterised variant left out
+    assert static_line_entry([deep, repvgg]) is None  # one plain network is a point, not a line

@@ -101,7 +101,9 @@ def test_fashion_mnist_stages_hand_the_static_resnet20_to_s2dnas_and_gfnet(
     run_job(static)
     trained = load_static_weights(sweep / "baseline/seed0/checkpoints/train/final.ckpt")
     for entry in ("s2dnas_from_static", "gfnet_from_static"):
-        cfg = compose_cfg([*tiny, f"+compare={entry}"], run_dir=sweep / entry / "seed0")
+        run_dir = sweep / entry / "seed0"
+        run_dir.mkdir(parents=True)  # as Hydra makes it before the job starts
+        cfg = compose_cfg([*tiny, f"+compare={entry}"], run_dir=run_dir)
         init = Path(cfg.technique.init_from).resolve()
         assert init == (sweep / "baseline/seed0/checkpoints/train/final.ckpt").resolve()
         if entry == "s2dnas_from_static":  # the transformed network starts from those weights

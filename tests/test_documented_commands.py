@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from dynlab.apps._hydra import CONFIG_DIR, CONFIG_MODULE
 from dynlab.apps.sweep_file import expand
 from dynlab.config import TrainerConfig
-from dynlab.data.fake import write_fake_cifar, write_fake_imagenet
+from dynlab.data.fake import write_fake_cifar, write_fake_fashion_mnist, write_fake_imagenet
 from dynlab.runner import build_datamodule
 from dynlab.techniques.base import dataset_backbone
 from dynlab.validation import build_run, validate_config
@@ -116,8 +116,9 @@ COMMANDS = documented_commands()
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """CIFAR-10/100 and ImageNet in their standard layouts, a few images each."""
+    """CIFAR-10/100, ImageNet and Fashion-MNIST in their standard layouts, a few images each."""
     root = tmp_path_factory.mktemp("data")
+    write_fake_fashion_mnist(root / "fashion-mnist", num_train=5200, num_test=20)
     write_fake_cifar(root, num_classes=10, num_train=40, num_test=20, seed=0)
     write_fake_cifar(root, num_classes=100, num_train=200, num_test=100, seed=1)
     write_fake_imagenet(
@@ -162,9 +163,14 @@ def hydra_node(args: list[str], app: str) -> DictConfig:
 
 def write_placeholders(cfg: DictConfig, files: Path) -> None:
     """Placeholders whose content the run reads before training, made for the run's own backbone:
-    an `init_from` checkpoint holds its untrained static weights; a `<...>.json` search result its
+    an `init_from` checkpoint (a placeholder, or a run dir's that a comparison's first stage would
+    have written) holds its untrained static weights; a `<...>.json` search result its
     space's first architecture (FBNetV2: the argmax of untrained logits; SPOS: block 0 everywhere)."""
     static, results = list(files.glob("*init_from.ckpt")), list(files.glob("*.json"))
+    beside = OmegaConf.select(cfg, "technique.init_from")
+    if beside and not Path(beside).exists():  # a comparison's second stage reads its first's
+        Path(beside).parent.mkdir(parents=True, exist_ok=True)
+        static.append(Path(beside))
     if not static and not results:
         return
     net = dataset_backbone(OmegaConf.to_object(cfg.backbone), build_datamodule(cfg).info)

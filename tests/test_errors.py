@@ -282,6 +282,24 @@ BAD_COMMANDS = {
         {},
         ["technique.optim.milestones=[100.0, 150.0]", "fractions", "not epochs"],
     ),
+    "fashion_mnist_not_installed": (
+        "train",
+        ["technique=baseline", "dataset=fashion_mnist", "dataset.root=/nowhere/fashion-mnist"],
+        {},
+        ["/nowhere/fashion-mnist does not exist", "apt-get install dataset-fashion-mnist"],
+    ),
+    "train_subset_above_train_split": (
+        "train",
+        ["technique=baseline", "dataset=fashion_mnist", "dataset.train_subset=56000"],
+        {},
+        ["dataset.train_subset=56000", "at most the 55000 training samples"],
+    ),
+    "val_size_zero_for_a_search": (
+        "train",
+        [*TINY, "technique=s2dnas", "dataset.val_size=0"],
+        {},
+        ["dataset.val_size=0 holds nothing out", "s2dnas", "calibrates its exit thresholds"],
+    ),
     "val_size_above_train_split": (
         "train",
         [*TINY, "dataset.val_size=1000"],

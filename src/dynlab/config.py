@@ -301,8 +301,8 @@ def split_problem(
         )
     if train_size is not None and train_subset is not None and train_subset > train_size - val_size:
         return "train_subset", (
-            f"is more than the {train_size - val_size} training samples of {dataset} left after "
-            f"val_size={val_size}"
+            f"must be at most the {train_size - val_size} training samples of {dataset} left "
+            f"after val_size={val_size}"
         )
     return None
 
@@ -391,7 +391,8 @@ class FashionMNISTConfig(DatasetConfig):
 
     _target_: str = "dynlab.data.fashion_mnist.FashionMNISTDataModule"
     name: str = "fashion_mnist"
-    root: str | None = "/usr/share/datasets/fashion-mnist"
+    # Debian's folder, or $DYNLAB_DATA/fashion-mnist where DYNLAB_DATA is set.
+    root: str | None = "${oc.env:DYNLAB_DATA,/usr/share/datasets}/fashion-mnist"
     channels: int = 1
     image_size: int = 32
 

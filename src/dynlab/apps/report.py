@@ -33,6 +33,7 @@ from dynlab.evaluation.comparison import (
     MATCH_COLUMN,
     MATCH_LEVEL,
     REFERENCE_LEVELS,
+    STATIC_TECHNIQUE,
     Group,
     compare,
     group_runs,
@@ -203,6 +204,28 @@ def overlay_entry(group: Group, static: bool) -> dict[str, Any] | None:
     return None
 
 
+def static_line_entry(groups: Sequence[Group]) -> dict[str, Any] | None:
+    """The plain static networks (technique baseline, no backbone options) joined in order of
+    MACs, when there are two or more: the line a technique has to beat, not one point."""
+    static = [
+        g
+        for g in groups
+        if g.technique == STATIC_TECHNIQUE
+        and g.plain_backbone
+        and g.macs is not None
+        and g.top1 is not None
+    ]
+    if len(static) < 2:
+        return None
+    static.sort(key=lambda g: g.macs)  # type: ignore[arg-type,return-value]
+    names = ", ".join(g.backbone for g in static)
+    return {
+        "label": f"static networks ({names})",
+        "budgeted": [{"avg_macs": g.macs, "accuracy": g.top1} for g in static],
+        "static_line": True,
+    }
+
+
 def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] = COLUMNS) -> str:
     """The rows as a GitHub markdown table, numbers rounded for reading."""
     lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
@@ -353,6 +376,8 @@ def write_report(paths: Sequence[Path], outdir: Path) -> str:
         for group, row in zip(groups, comparison, strict=True)
         if (e := overlay_entry(group, row["static_reference"]))
     ]
+    if entries and (line := static_line_entry(groups)):
+        entries.insert(0, line)
     if entries:
         plot_overlay(entries, outdir / "accuracy_vs_macs.png")
         sections += ["![accuracy vs MACs](accuracy_vs_macs.png)", ""]

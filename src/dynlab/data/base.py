@@ -83,10 +83,8 @@ def holdout_split(
     """
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(num_samples, generator=generator).tolist()
-    train = order[: num_samples - val_size]
-    return train[:train_subset] if train_subset is not None else train, order[
-        num_samples - val_size :
-    ]
+    train, val = order[: num_samples - val_size], order[num_samples - val_size :]
+    return (train[:train_subset] if train_subset is not None else train), val
 
 
 @dataclass(frozen=True)

@@ -50,6 +50,15 @@ class Group:
         return str(self.results[0].get("backbone"))
 
     @property
+    def plain_backbone(self) -> bool:
+        """The backbone as registered, no options (not, e.g., one with RepVGG blocks): by the
+        run's resolved config, or its overrides where no config was recorded."""
+        config = self.results[0].get("config") or {}
+        return (
+            not (config.get("backbone") or {}).get("kwargs") and "backbone.kwargs" not in self.key
+        )
+
+    @property
     def seeds(self) -> int:
         return len(self.results)
 
@@ -142,7 +151,7 @@ def static_reference(groups: Sequence[Group]) -> Group | None:
     setting no backbone options first), the one whose backbone most other groups use (the network
     the techniques transform), the first on a tie; None without a baseline."""
     static = [g for g in groups if g.technique == STATIC_TECHNIQUE]
-    candidates = [g for g in static if "backbone.kwargs" not in g.key] or static
+    candidates = [g for g in static if g.plain_backbone] or static
     if not candidates:
         return None
     uses = Counter(g.backbone for g in groups)

@@ -44,8 +44,10 @@ def plot_overlay(runs: Sequence[Mapping[str, Any]], path: str | Path) -> None:
 
     Each run is {"label": str, "budgeted": [records]} or {"label": str, "point": (avg_macs, acc)}.
     Optional keys: a curve's records may carry "low"/"high" (the spread over seeds, drawn as a
-    band), a point "spread" (an error bar); "reference": True marks the static reference. The
-    legend sits outside the data; MACs go on a log axis when they span more than 10x.
+    band), a point "spread" (an error bar); "reference": True marks the static reference, and a
+    curve with "static_line": True is drawn as a grey dashed line behind the rest (the static
+    networks joined in order of cost: the line to beat). The legend sits outside the data; MACs
+    go on a log axis when they span more than 10x.
     """
     if not runs:
         raise ValueError("plot_overlay needs at least one run")
@@ -56,7 +58,12 @@ def plot_overlay(runs: Sequence[Mapping[str, Any]], path: str | Path) -> None:
     scale, unit = _macs_unit(all_macs)
     fig, ax = _figure(wide=len(runs) > 1)
     for run in runs:
-        if "budgeted" in run:
+        if run.get("static_line"):
+            curve = sorted(run["budgeted"], key=lambda r: r["avg_macs"])
+            macs = [r["avg_macs"] / scale for r in curve]
+            accuracy = [r["accuracy"] for r in curve]
+            ax.plot(macs, accuracy, "--", color="grey", zorder=1, label=run["label"])
+        elif "budgeted" in run:
             curve = sorted(run["budgeted"], key=lambda r: r["avg_macs"])
             macs = [r["avg_macs"] / scale for r in curve]
             (line,) = ax.plot(

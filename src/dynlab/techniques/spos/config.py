@@ -103,6 +103,9 @@ class EvolutionConfig:
 @dataclass
 class SPOSConfig(TechniqueConfig):
     PHASES: ClassVar[tuple[str, ...]] = ("supernet", "evolution", "retrain")
+    HELD_OUT_USES: ClassVar[dict[str, str]] = dict.fromkeys(
+        ("train", "search"), "the evolution scores candidates on it"
+    )
 
     _target_: str = "dynlab.techniques.spos.module.SPOSModule"
     name: str = "spos"
