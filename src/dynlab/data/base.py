@@ -30,7 +30,7 @@ from dynlab.data.sampling import (
     ResumableSampler,
     SeededDataset,
 )
-from dynlab.data.transforms import SeededTransform
+from dynlab.data.transforms import CropFlip, Normalize, SeededTransform, channel_stats
 from dynlab.errors import ConfigError, DataRootError, require_data_root, where_data_goes
 
 
@@ -335,6 +335,29 @@ class DynlabDataModule(pl.LightningDataModule, ABC):
                 "dynlab train loaders need dynlab.data.sampling.ResumableLoaderCallback() in the "
                 "Trainer's callbacks (it records the batches consumed, for exact resume)"
             )
+
+
+class TrainStatsDataModule(DynlabDataModule):
+    """A datamodule of in-memory uint8 images normalised with its train split's per-channel
+    statistics and augmented by a random crop (and flip): `load_train_test` calls
+    `normalise_by(train)`, `crop()` gives the padding and whether to flip."""
+
+    _normalize: Normalize | None = None
+
+    @abstractmethod
+    def crop(self) -> tuple[int, bool]:
+        """The augmentation's crop padding (pixels) and whether it flips horizontally."""
+
+    def normalise_by(self, train: TensorImages) -> None:
+        self._normalize = Normalize(*channel_stats(train.images))
+
+    def eval_transform(self) -> Normalize:
+        assert self._normalize is not None, "load_train_test() first"
+        return self._normalize
+
+    def augment_transform(self) -> CropFlip:
+        padding, flip = self.crop()
+        return CropFlip(self.eval_transform(), padding=padding, flip=flip)
 
 
 class StreamsLoader(CombinedLoader):

@@ -14,9 +14,8 @@ import torch
 from torch import Tensor
 
 from dynlab.config import ClutteredDigitsConfig
-from dynlab.data.base import DataInfo, DynlabDataModule, TensorImages
+from dynlab.data.base import DataInfo, TensorImages, TrainStatsDataModule
 from dynlab.data.digits import digits_images, split_train_test
-from dynlab.data.transforms import CropFlip, Normalize, channel_stats
 
 _CLUTTER_SEED = 2014  # the canvases are the same for every run, so every seed sees one dataset
 _SPLIT_STREAMS = {"train": 0, "test": 1}  # each split draws from its own stream of that seed
@@ -65,7 +64,7 @@ def _paste(canvases: Tensor, rows: Tensor, origins: Tensor, patches: Tensor) -> 
     canvases[rows, r, c] = torch.maximum(canvases[rows, r, c], patches)
 
 
-class ClutteredDigitsDataModule(DynlabDataModule):
+class ClutteredDigitsDataModule(TrainStatsDataModule):
     """Cluttered digits with digits' fixed 20 % test split; augmentation is a random crop.
 
     `positions[split]` holds each canvas's digit top-left (row, col), split "train" or "test";
@@ -93,7 +92,6 @@ class ClutteredDigitsDataModule(DynlabDataModule):
         self.canvas_size, self.digit_size = canvas_size, digit_size
         self.clutter, self.fragment_size, self.channels = clutter, fragment_size, channels
         self.positions: dict[str, Tensor] = {}
-        self._normalize: Normalize | None = None
 
     @property
     def info(self) -> DataInfo:
@@ -118,13 +116,8 @@ class ClutteredDigitsDataModule(DynlabDataModule):
             )
             images = canvases.expand(-1, self.channels, -1, -1).contiguous()
             out[split] = TensorImages(images, digits.labels)
-        self._normalize = Normalize(*channel_stats(out["train"].images))
+        self.normalise_by(out["train"])
         return out["train"], out["test"]
 
-    def eval_transform(self) -> Normalize:
-        assert self._normalize is not None, "load_train_test() first"
-        return self._normalize
-
-    def augment_transform(self) -> CropFlip:
-        assert self._normalize is not None, "load_train_test() first"
-        return CropFlip(self._normalize, padding=self.canvas_size // 16, flip=False)
+    def crop(self) -> tuple[int, bool]:
+        return self.canvas_size // 16, False

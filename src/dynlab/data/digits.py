@@ -8,8 +8,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
 
-from dynlab.data.base import DataInfo, DynlabDataModule, TensorImages
-from dynlab.data.transforms import CropFlip, Normalize, channel_stats
+from dynlab.data.base import DataInfo, TensorImages, TrainStatsDataModule
 
 IMAGE_SIZE = 32
 TEST_FRACTION = 0.2
@@ -42,7 +41,7 @@ def split_train_test(everything: TensorImages) -> tuple[TensorImages, TensorImag
     return train, test
 
 
-class DigitsDataModule(DynlabDataModule):
+class DigitsDataModule(TrainStatsDataModule):
     """Digits with a fixed 20 % test split; augmentation is a random crop with 2-pixel padding."""
 
     def __init__(
@@ -57,7 +56,6 @@ class DigitsDataModule(DynlabDataModule):
         if channels not in (1, 3):
             raise ValueError(f"digits: channels must be 1 or 3, got {channels}")
         self.channels = channels
-        self._normalize: Normalize | None = None
 
     @property
     def info(self) -> DataInfo:
@@ -65,13 +63,8 @@ class DigitsDataModule(DynlabDataModule):
 
     def load_train_test(self) -> tuple[TensorImages, TensorImages]:
         train, test = split_train_test(digits_images(self.channels))
-        self._normalize = Normalize(*channel_stats(train.images))
+        self.normalise_by(train)
         return train, test
 
-    def eval_transform(self) -> Normalize:
-        assert self._normalize is not None, "load_train_test() first"
-        return self._normalize
-
-    def augment_transform(self) -> CropFlip:
-        assert self._normalize is not None, "load_train_test() first"
-        return CropFlip(self._normalize, padding=2, flip=False)
+    def crop(self) -> tuple[int, bool]:
+        return 2, False

@@ -21,8 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from dynlab.config import FashionMNISTConfig
-from dynlab.data.base import DataInfo, DynlabDataModule, TensorImages
-from dynlab.data.transforms import CropFlip, Normalize, channel_stats
+from dynlab.data.base import DataInfo, TensorImages, TrainStatsDataModule
 from dynlab.errors import DataRootError, require_data_root, where_data_goes
 
 NATIVE_SIZE = 28
@@ -80,7 +79,7 @@ def read_split(images: Path, labels: Path, channels: int, size: int) -> TensorIm
     )
 
 
-class FashionMNISTDataModule(DynlabDataModule):
+class FashionMNISTDataModule(TrainStatsDataModule):
     """Fashion-MNIST at 32x32 (or 28x28), normalised with the train split's statistics."""
 
     def __init__(
@@ -106,7 +105,6 @@ class FashionMNISTDataModule(DynlabDataModule):
                 f"{where_data_goes(FashionMNISTConfig.LAYOUT)}"
             )
         self.paths: dict[str, Path] = found  # type: ignore[assignment]
-        self._normalize: Normalize | None = None
 
     @property
     def info(self) -> DataInfo:
@@ -116,13 +114,8 @@ class FashionMNISTDataModule(DynlabDataModule):
         paths, shape = self.paths, (self.channels, self.image_size)
         train = read_split(paths["train_images"], paths["train_labels"], *shape)
         test = read_split(paths["test_images"], paths["test_labels"], *shape)
-        self._normalize = Normalize(*channel_stats(train.images))
+        self.normalise_by(train)
         return train, test
 
-    def eval_transform(self) -> Normalize:
-        assert self._normalize is not None, "load_train_test() first"
-        return self._normalize
-
-    def augment_transform(self) -> CropFlip:
-        assert self._normalize is not None, "load_train_test() first"
-        return CropFlip(self._normalize, padding=4, flip=True)
+    def crop(self) -> tuple[int, bool]:
+        return 4, True

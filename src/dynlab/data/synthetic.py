@@ -12,8 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dynlab.data.base import DataInfo, DynlabDataModule, TensorImages
-from dynlab.data.transforms import CropFlip, Normalize, channel_stats
+from dynlab.data.base import DataInfo, TensorImages, TrainStatsDataModule
 
 _PATTERN_CELLS = 4  # class patterns are bilinear upsamplings of a 4x4 random grid
 # Pixel units around mid-grey 128. With these a linear model reaches ~60 % test accuracy after
@@ -39,7 +38,7 @@ def make_synthetic(num_samples: int, templates: Tensor, generator: torch.Generat
     return TensorImages(pixels.round().clamp(0, 255).to(torch.uint8), labels)
 
 
-class SyntheticDataModule(DynlabDataModule):
+class SyntheticDataModule(TrainStatsDataModule):
     """Generated data, deterministic from `seed`; augmentation is a small shift (no flip)."""
 
     def __init__(
@@ -66,7 +65,6 @@ class SyntheticDataModule(DynlabDataModule):
                 raise ValueError(f"synthetic: {name} must be >= {least}, got {value}")
         self.num_train, self.num_test = num_train, num_test
         self.num_classes, self.image_size, self.channels = num_classes, image_size, channels
-        self._normalize: Normalize | None = None
 
     @property
     def info(self) -> DataInfo:
@@ -79,13 +77,8 @@ class SyntheticDataModule(DynlabDataModule):
         templates = class_templates(self.num_classes, self.channels, self.image_size, generator)
         train = make_synthetic(self.num_train, templates, generator)
         test = make_synthetic(self.num_test, templates, generator)
-        self._normalize = Normalize(*channel_stats(train.images))
+        self.normalise_by(train)
         return train, test
 
-    def eval_transform(self) -> Normalize:
-        assert self._normalize is not None, "load_train_test() first"
-        return self._normalize
-
-    def augment_transform(self) -> CropFlip:
-        assert self._normalize is not None, "load_train_test() first"
-        return CropFlip(self._normalize, padding=max(1, self.image_size // 16), flip=False)
+    def crop(self) -> tuple[int, bool]:
+        return max(1, self.image_size // 16), False
