@@ -1,19 +1,20 @@
-"""Early-exit inference speed: wall-clock speed-up of `early_exit_predict` against MACs speed-up.
+"""Early-exit inference speed: wall-clock speed-up of real early exit against MACs speed-up, in
+eager PyTorch and in ONNX Runtime (the deploy form exported one graph per exit), side by side.
 
 For a few budget levels, thresholds are calibrated with the real budgeted-batch code on fixed random
-inputs; then early exit (samples leave the batch) is timed against running every exit
-(`forward_exits`) at batch size 64 and 1, next to the MACs speed-up of the exits actually taken.
-Target (`TARGET`): measured speed-up >= 0.8 x MACs speed-up. Prints one JSON object:
-`overhead_when_nobody_leaves` (early exit with no sample leaving / every exit) is the exit
-machinery's own cost, and
-`stage_time_speedup` (the speed-up the measured time per stage allows at these exit fractions)
-shows how well MACs predict time for the model (a full-resolution first stage costs more per MAC),
-and `seconds_to_each_exit` the per-stage timings behind it. The model is timed in its deploy form
-(`deploy()`: BatchNorm folded, what evaluation runs on); `--form train` times the training form.
+inputs; then early exit (samples leave the batch) is timed against the deploy form run to its last
+exit and nothing more (the same stages with nobody leaving: no exit decisions, no extra heads), at
+batch size 64 and 1, next to the MACs speed-up of the exits actually taken. Target (`TARGET`):
+measured speed-up >= 0.8 x MACs speed-up. Prints one JSON object; per runtime and batch size:
+`stage_time_speedup` (the speed-up the measured time to each exit allows at these exit fractions,
+the bound a measured speed-up cannot pass by more than the noise), `seconds_to_each_exit` behind
+it, `overhead_when_nobody_leaves` (early exit's decisions with nobody leaving / the last exit run
+alone), and `noise_floor`: the same eager run timed twice as if it were two (`a_a_ratio`), the
+resolution of every ratio here. Every figure is the median of `--repeats` interleaved passes.
 With a `make_reference` (a static network, e.g. the plain backbone at full resolution), it is
 timed alongside and each level also reports the speed-up over it next to the MACs ratio.
-Run: `.venv/bin/python benchmarks/early_exit.py [--threads N] [--repeats R] [--form deploy|train]`.
-Swap the model in `make_model` (and `make_reference`, `BATCHES` for slow models).
+Run: `.venv/bin/python benchmarks/early_exit.py [--threads N] [--repeats R] [--form deploy|train]
+[--no-onnx]`. Swap the model in `make_model` (and `make_reference`, `BATCHES` for slow models).
 """
 
 from __future__ import annotations
@@ -21,20 +22,23 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
-from functools import partial
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from dynlab.evaluation import latency
 from dynlab.evaluation.budgeted import budgeted_curve
 from dynlab.evaluation.early_exit import early_exit_predict
+from dynlab.evaluation.export import OnnxExits, export_onnx
 from dynlab.evaluation.macs import count_macs
 from dynlab.evaluation.outputs import collect_exit_probs
-from dynlab.protocol import DynamicNet, StaticExits
+from dynlab.protocol import DynamicNet, ExitStage, StaticExits
 
 LEVELS = (0.25, 0.5, 1.0, 2.0)  # budget levels q (MSDNet's exit law p_k ∝ q^k)
 TARGET = 0.8  # measured speed-up / MACs speed-up wanted at every level
@@ -81,6 +85,21 @@ class MultiExitCNN(DynamicNet):
 
     def exit_session(self, x: Tensor) -> StageSession:
         return StageSession(self, x)
+
+    def export_stages(self) -> list[ExitStage]:
+        return [CNNStage(stage, head) for stage, head in zip(self.stages, self.heads, strict=True)]
+
+
+class CNNStage(ExitStage):
+    """One conv stage and its exit: (features) -> (logits, features); the first takes the image."""
+
+    def __init__(self, stage: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.stage, self.head = stage, head
+
+    def forward(self, image: Tensor, *carried: Tensor) -> tuple[Tensor, Tensor]:
+        features = self.stage(carried[0] if carried else image)
+        return self.head(features), features
 
 
 class StageSession:
@@ -189,25 +208,6 @@ def best_seconds(
     return best
 
 
-def seconds_to_each_exit(model: nn.Module, batches: Sequence[Tensor], repeats: int = 5) -> Tensor:
-    """Cumulative time [K] to reach each exit over a pass of `batches` with nobody leaving (best of
-    `repeats`): what early exit can save at best if stage costs did not depend on batch size."""
-    best = None
-    with torch.no_grad():
-        for _ in range(repeats):
-            totals = None
-            for batch in batches:
-                session = model.exit_session(batch)
-                begin = time.perf_counter()
-                reached = []
-                for _ in range(session.num_exits):
-                    session.next_exit()
-                    reached.append(time.perf_counter() - begin)
-                totals = torch.tensor(reached) if totals is None else totals + torch.tensor(reached)
-            best = totals if best is None else torch.minimum(best, totals)
-    return best
-
-
 def calibrated_levels(
     model: nn.Module, exit_macs: list[float], val_x: Tensor, test_x: Tensor
 ) -> list[dict]:
@@ -221,66 +221,90 @@ def calibrated_levels(
 
 
 def measure(
-    model: nn.Module,
+    runtimes: Mapping[str, nn.Module],
     exit_macs: list[float],
     curve: list[dict],
     batches: Sequence[Tensor],
     repeats: int,
     reference: tuple[nn.Module, float] | None = None,
 ) -> dict[str, object]:
-    """Time every exit vs early exit at each level, next to the MACs of the exits actually taken;
-    `reference` is a static network and its MACs, timed alongside."""
-
-    def every_exit(x: Tensor) -> list[Tensor]:
-        with torch.no_grad():
-            return model.forward_exits(x)
-
-    # Nobody leaving early isolates the cost of the exit machinery from the model's MACs/time.
+    """For each runtime, early exit at each level against the same runtime run to its last exit
+    (every pass interleaved with every other), next to the MACs of the exits actually taken;
+    `reference` is a static network and its MACs, timed alongside in eager PyTorch."""
     nobody_leaves = [math.inf] * (len(exit_macs) - 1) + [0.0]
-    runs = {
-        "every_exit": every_exit,
-        "nobody_leaves": partial(early_exit_predict, model, thresholds=nobody_leaves),
+    passes: dict[str, Callable[[], list[float]]] = {}
+    for name, model in runtimes.items():
+        passes[f"{name}/last_exit"] = latency.exit_pass(model, batches, None)
+        passes[f"{name}/nobody_leaves"] = latency.early_exit_pass(
+            model, batches, nobody_leaves, None
+        )
+        for record in curve:
+            passes[f"{name}/q={record['q']}"] = latency.early_exit_pass(
+                model, batches, record["thresholds"], None
+            )
+    first = next(iter(runtimes))
+    passes["again"] = latency.exit_pass(runtimes[first], batches, None)  # the A/A test
+    if reference is not None:
+        passes["reference"] = lambda: _timed_pass(reference[0], batches)
+    times = latency.interleaved(passes, warmup=1, repeats=repeats)
+    median = {
+        name: [statistics.median(t[k] for t in ts) for k in range(len(ts[0]))]
+        for name, ts in times.items()
     }
-    runs |= {
-        f"q={r['q']}": partial(early_exit_predict, model, thresholds=r["thresholds"]) for r in curve
+    macs = torch.tensor(exit_macs, dtype=torch.float64)
+    exits = {
+        r["q"]: torch.cat(
+            [early_exit_predict(runtimes[first], b, r["thresholds"])[1] for b in batches]
+        )
+        for r in curve
+    }
+    report: dict[str, object] = {
+        "samples": sum(len(b) for b in batches),
+        "noise_floor": latency.noise_floor(times[f"{first}/last_exit"], times["again"]),
     }
     if reference is not None:
-        runs["reference"] = partial(_no_grad_call, reference[0])
-    seconds = best_seconds(runs, batches, repeats)
-    to_exit = seconds_to_each_exit(model, batches, repeats).double()
-    macs = torch.tensor(exit_macs, dtype=torch.float64)
-    levels = []
-    for record in curve:
-        name = f"q={record['q']}"
-        exits = torch.cat([runs[name](b)[1] for b in batches])
-        macs_speedup = exit_macs[-1] / float(macs[exits].mean())
-        speedup = seconds["every_exit"] / seconds[name]
-        fractions = torch.bincount(exits, minlength=len(macs)) / len(exits)
-        levels.append(
-            {
+        report["reference_s"] = round(median["reference"][0], 5)
+    for name in runtimes:
+        to_exit = torch.tensor(median[f"{name}/last_exit"], dtype=torch.float64)
+        full = float(to_exit[-1])
+        levels = []
+        for record in curve:
+            taken = exits[record["q"]]
+            fractions = torch.bincount(taken, minlength=len(macs)).double() / len(taken)
+            avg_macs = float((fractions * macs).sum())
+            macs_speedup = exit_macs[-1] / avg_macs
+            seconds = median[f"{name}/q={record['q']}"][0]
+            speedup = full / seconds
+            level = {
                 "q": record["q"],
-                "exit_fractions": fractions.tolist(),
+                "exit_fractions": [round(float(f), 4) for f in fractions],
                 "macs_speedup": round(macs_speedup, 3),
-                "stage_time_speedup": round(float(to_exit[-1] / (fractions * to_exit).sum()), 3),
+                "stage_time_speedup": round(full / float((fractions * to_exit).sum()), 3),
                 "measured_speedup": round(speedup, 3),
                 "measured_over_macs": round(speedup / macs_speedup, 3),
                 "meets_target": speedup / macs_speedup >= TARGET,
             }
-        )
-        if reference is not None:
-            avg_macs = float(macs[exits].mean())
-            levels[-1] |= {
-                "macs_ratio_over_reference": round(reference[1] / avg_macs, 3),
-                "speedup_over_reference": round(seconds["reference"] / seconds[name], 3),
-            }
-    return {
-        "samples": sum(len(b) for b in batches),
-        "every_exit_s": round(seconds["every_exit"], 4),
-        **({"reference_s": round(seconds["reference"], 4)} if reference is not None else {}),
-        "overhead_when_nobody_leaves": round(seconds["nobody_leaves"] / seconds["every_exit"], 3),
-        "seconds_to_each_exit": [round(float(t), 5) for t in to_exit],
-        "levels": levels,
-    }
+            if reference is not None:
+                level |= {
+                    "macs_ratio_over_reference": round(reference[1] / avg_macs, 3),
+                    "speedup_over_reference": round(median["reference"][0] / seconds, 3),
+                }
+            levels.append(level)
+        report[name] = {
+            "last_exit_s": round(full, 5),
+            "seconds_to_each_exit": [round(float(t), 5) for t in to_exit],
+            "overhead_when_nobody_leaves": round(median[f"{name}/nobody_leaves"][0] / full, 3),
+            "levels": levels,
+        }
+    return report
+
+
+def _timed_pass(model: nn.Module, batches: Sequence[Tensor]) -> list[float]:
+    begin = time.perf_counter()
+    with torch.no_grad():
+        for batch in batches:
+            model(batch)
+    return [time.perf_counter() - begin]
 
 
 def _no_grad_call(model: nn.Module, x: Tensor) -> Tensor:
@@ -290,9 +314,10 @@ def _no_grad_call(model: nn.Module, x: Tensor) -> Tensor:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
-    parser.add_argument("--repeats", type=int, default=7, help="timed rounds (best one is kept)")
+    parser.add_argument("--threads", type=int, default=1, help="intra-op threads of both runtimes")
+    parser.add_argument("--repeats", type=int, default=7, help="timed rounds (the median is kept)")
     parser.add_argument("--form", choices=("deploy", "train"), default="deploy")
+    parser.add_argument("--no-onnx", action="store_true", help="eager PyTorch only")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -305,23 +330,29 @@ def main() -> None:
     val_x = torch.randn(NUM_CALIBRATION, *input_size, generator=generator)
     test_x = torch.randn(max(b * n for b, n in BATCHES.items()), *input_size, generator=generator)
     curve = calibrated_levels(model, exit_macs, val_x, test_x)
-    reference = None
-    if make_reference is not None:
-        static = StaticExits(make_reference()).eval().deploy()
-        reference = (static.net, static.exit_macs(input_size)[0])
+    runtimes: dict[str, nn.Module] = {"eager": model}
     report: dict[str, object] = {
         "form": args.form,
         "target_measured_over_macs": TARGET,
-        "torch_threads": torch.get_num_threads(),
+        "machine": latency.machine(),
         "repeats": args.repeats,
         "exit_macs": exit_macs,
-        **({"reference_macs": reference[1]} if reference is not None else {}),
     }
-    for batch_size, num_batches in BATCHES.items():
-        batches = test_x[: batch_size * num_batches].split(batch_size)
-        report[f"batch_{batch_size}"] = measure(
-            model, exit_macs, curve, batches, args.repeats, reference
-        )
+    with tempfile.TemporaryDirectory() as export_dir:
+        if not args.no_onnx and args.form == "deploy":
+            manifest = export_onnx(model, input_size, export_dir, images=test_x[:8])
+            runtimes["onnxruntime"] = OnnxExits(export_dir, threads=args.threads)
+            report["onnx_parity_max_abs_diff"] = manifest["parity"]["max_abs_diff"]
+        reference = None
+        if make_reference is not None:
+            static = StaticExits(make_reference()).eval().deploy()
+            reference = (static.net, static.exit_macs(input_size)[0])
+            report["reference_macs"] = reference[1]
+        for batch_size, num_batches in BATCHES.items():
+            batches = list(test_x[: batch_size * num_batches].split(batch_size))
+            report[f"batch_{batch_size}"] = measure(
+                runtimes, exit_macs, curve, batches, args.repeats, reference
+            )
     print(json.dumps(report, indent=2))
 
 

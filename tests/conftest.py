@@ -55,6 +55,8 @@ S2D_SEARCH = [
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+# Latency at the end of every run is off in the tests (their own latency tests switch it on).
+os.environ.setdefault("DYNLAB_LATENCY", "false")
 torch.set_num_threads(1)
 
 

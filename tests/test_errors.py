@@ -426,6 +426,24 @@ def _machine_commands(
             {},
             [f"ckpt_path={nowhere}.ckpt: no such checkpoint file"],
         ),
+        "evaluate_without_a_checkpoint_or_export": (
+            "evaluate",
+            [],
+            {},
+            ["give ckpt_path=<run>/checkpoints/<phase>/<file>.ckpt or export_dir=<dir>"],
+        ),
+        "evaluate_export_dir_not_an_export": (
+            "evaluate",
+            [f"export_dir={tmp_path}"],
+            {},
+            [f"{tmp_path}/manifest.json: no readable export manifest"],
+        ),
+        "export_missing_ckpt_path": (
+            "export",
+            [f"ckpt_path={nowhere}.ckpt"],
+            {},
+            [f"ckpt_path={nowhere}.ckpt: no such checkpoint file"],
+        ),
         "slurm_multirun_without_sbatch": (
             "train",
             SLURM_MULTIRUN,
@@ -451,6 +469,9 @@ MACHINE_CASES = [
     "train_missing_ckpt_path",
     "search_ckpt_path_a_directory",
     "evaluate_missing_ckpt_path",
+    "evaluate_without_a_checkpoint_or_export",
+    "evaluate_export_dir_not_an_export",
+    "export_missing_ckpt_path",
     "slurm_multirun_without_sbatch",
     "slurm_run_without_sbatch",
 ]

@@ -504,13 +504,53 @@ class LoggerConfig:
 
 
 @dataclass
+class LatencyConfig:
+    """Measured time of the deploy form at the end of a run (dynlab.evaluation.latency): each
+    exit's milliseconds per image in PyTorch and, on the run's ONNX export, in ONNX Runtime, and
+    the budgeted curve's milliseconds axis."""
+
+    # On by default; DYNLAB_LATENCY=false turns it off where a run's minutes matter more than its
+    # timings (the test suite sets it; its own latency tests switch it back on).
+    enabled: bool = "${oc.decode:${oc.env:DYNLAB_LATENCY,true}}"  # type: ignore[assignment]
+    # Export the deploy form to <run dir>/export (one ONNX graph per exit) and time it as well.
+    onnx: bool = True
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 64])
+    # Test images a timed pass runs over (at least the largest batch size; partial batches dropped).
+    images: int = 128
+    warmup: int = 2  # untimed passes first
+    repeats: int = 7  # timed passes: the median is reported, with the p10..p90 spread
+    threads: int | None = None  # intra-op threads of both runtimes (None: torch's own setting)
+    # The budgeted curve's ms axis: real early exit under each level's thresholds at this batch
+    # size (0: none), timed `budget_repeats` times.
+    budget_batch: int = 64
+    budget_repeats: int = 3
+    # The export's parity: max abs logit difference over the logits' scale, at every exit.
+    parity_tolerance: float = 1e-4
+
+    def __post_init__(self) -> None:
+        _at_least({"images": self.images, "repeats": self.repeats, "threads": self.threads}, 1)
+        _at_least({"warmup": self.warmup, "budget_batch": self.budget_batch}, 0)
+        _at_least({"budget_repeats": self.budget_repeats}, 1)
+        if not self.batch_sizes or min(self.batch_sizes) < 1:
+            raise SettingError(
+                "batch_sizes", list(self.batch_sizes), "positive batch sizes, e.g. [1,64]"
+            )
+        largest = max(*self.batch_sizes, self.budget_batch)
+        if self.images < largest:
+            raise SettingError(
+                "images", self.images, f"a timed pass needs at least one batch of {largest} images"
+            )
+
+
+@dataclass
 class EvaluationConfig:
-    """The two dynamic-inference evaluations, run at the end of a schedule and by dynlab-evaluate."""
+    """The dynamic-inference evaluations, run at the end of a schedule and by dynlab-evaluate."""
 
     anytime: bool = True
     budgeted: bool = True
     # MSDNet's released code sweeps the geometric exit law q over 0.05..1.95 (39 levels).
     qs: list[float] | None = None
+    latency: LatencyConfig = field(default_factory=LatencyConfig)
 
 
 @dataclass
@@ -533,6 +573,8 @@ class Config:
     # dynlab-evaluate: the checkpoint to evaluate; dynlab-train/-search: the state a fresh run
     # starts from (weights and technique state, e.g. a finished search's), ignored on a resume.
     ckpt_path: str | None = None
+    # dynlab-export: where the ONNX graphs and manifest go; dynlab-evaluate: the export to run.
+    export_dir: str | None = None
     # Run only this phase of the schedule (with ckpt_path: one phase alone from a checkpoint).
     phase: str | None = None
     # Presets (+experiment=...) record what the paper reports and where it comes from.

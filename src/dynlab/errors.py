@@ -44,6 +44,11 @@ class ResultsError(UserError, ValueError):
     """A run dir's results.json that cannot be read."""
 
 
+class ExportError(UserError, ValueError):
+    """A deploy form that cannot be exported (an op the exporter cannot take), an export that does
+    not match its PyTorch form (the size of the mismatch), or a folder that is not an export."""
+
+
 def require_data_root(dataset: str, root: str | Path | None, layout: str) -> Path:
     """`root` as a folder that exists; a DataRootError saying what is wrong and where the data
     goes otherwise (cheap: the apps check it before importing torch, the datamodules again)."""

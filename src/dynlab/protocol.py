@@ -4,12 +4,15 @@
 cumulative MACs per sample to reach each exit; `exit_session` runs exits one at a time so that
 samples which have exited leave the batch and later exits compute only on the rest (real early
 exit); `deploy` gives the inference network with the same exits and outputs, which evaluation
-runs on. `DynamicNet`, the base of the techniques' models, gives `forward` and the shared `deploy`.
+runs on; `export_stages` gives that deploy form as one module per exit, the exit decision left
+between them (dynlab.evaluation.export). `DynamicNet`, the base of the techniques' models, gives
+`forward`, the shared `deploy` and the one-stage export of a one-exit network.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable, Sequence
 from typing import Protocol, Self, runtime_checkable
 
 from torch import Tensor, nn
@@ -40,6 +43,24 @@ class DynamicModel(Protocol):
     def exit_session(self, x: Tensor) -> ExitSession: ...
 
     def deploy(self) -> DynamicModel: ...
+
+
+class ExitStage(nn.Module):
+    """What `export_stages` gives per exit: `forward(image, *carried)` returns
+    `(logits, *carried_next)`, where `carried` is what later stages reuse (feature maps, recurrent
+    states) and every tensor has the batch first, so samples that exit are dropped from all of
+    them between two stages. The first stage is called with the image alone."""
+
+
+class LastExit(ExitStage):
+    """The whole (one-exit) network as one stage that carries nothing."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, image: Tensor) -> tuple[Tensor]:
+        return (self.net(image),)
 
 
 class DynamicNet(nn.Module):
@@ -75,6 +96,12 @@ class DynamicNet(nn.Module):
         net.deployed = True
         return net.requires_grad_(False)
 
+    def export_stages(self) -> list[ExitStage]:
+        """This network as one `ExitStage` per exit (call it on the deploy form). A one-exit
+        network is one stage; a multi-exit technique overrides this (the exporter refuses a
+        network whose stages are fewer than its exits)."""
+        return [LastExit(self)]
+
 
 class SingleExitSession:
     """The session of a static model: one exit, nothing to drop."""
@@ -92,6 +119,27 @@ class SingleExitSession:
 
     def keep(self, mask: Tensor) -> None:
         self._x = self._x[mask]
+
+
+class StagedSession:
+    """The session of any network given as stages (`DynamicNet.export_stages`, or an export's
+    graphs): stage k runs on the image and what stage k-1 carried, for the samples still in."""
+
+    def __init__(self, stages: Sequence[Callable[..., Sequence[Tensor]]], x: Tensor) -> None:
+        self._stages, self._image, self._carried = list(stages), x, ()
+        self.num_exits = len(self._stages)
+
+    def next_exit(self) -> Tensor:
+        done = self.num_exits - len(self._stages)
+        if not self._stages:
+            raise RuntimeError(f"all {done} stages have run")
+        logits, *carried = self._stages.pop(0)(self._image, *self._carried)
+        self._carried = tuple(carried)
+        return logits
+
+    def keep(self, mask: Tensor) -> None:
+        self._image = self._image[mask]
+        self._carried = tuple(t[mask] for t in self._carried)
 
 
 class StaticExits(DynamicNet):

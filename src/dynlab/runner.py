@@ -37,7 +37,12 @@ from dynlab.data.sampling import ResumableLoaderCallback
 from dynlab.distributed import start_job_processes
 from dynlab.divergence import DivergenceGuard
 from dynlab.ema import EMA
-from dynlab.evaluation.callbacks import AnytimeEvaluation, BudgetedEvaluation, TechniqueFigures
+from dynlab.evaluation.callbacks import (
+    AnytimeEvaluation,
+    BudgetedEvaluation,
+    LatencyEvaluation,
+    TechniqueFigures,
+)
 from dynlab.logging import announce_phase, quiet_console, wandb_mode
 from dynlab.preemption import Preempted, PreemptionHandler, job_signals
 from dynlab.results import read_results, update_results
@@ -202,13 +207,16 @@ def build_trainer(
 
 
 def evaluation_callbacks(cfg: DictConfig) -> list[Callback]:
-    """The anytime and budgeted evaluations the config switches on, and the technique's figures."""
+    """The anytime, budgeted and latency evaluations the config switches on, and the technique's
+    figures."""
     callbacks: list[Callback] = [TechniqueFigures(output_dir=cfg.run_dir)]
     if cfg.evaluation.anytime:
         callbacks.append(AnytimeEvaluation(output_dir=cfg.run_dir))
     if cfg.evaluation.budgeted:
         qs = list(cfg.evaluation.qs) if cfg.evaluation.qs is not None else None
         callbacks.append(BudgetedEvaluation(output_dir=cfg.run_dir, qs=qs))
+    if cfg.evaluation.latency.enabled:  # last: it times the budgeted curve's thresholds
+        callbacks.append(LatencyEvaluation(cfg.run_dir, cfg.evaluation.latency))
     return callbacks
 
 

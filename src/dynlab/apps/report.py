@@ -14,6 +14,12 @@ reference (the plain `baseline` run) marked; a second table compares the groups 
 runs saved their per-test-image outcomes (`test_outcomes.npz`), that table also gives each group's
 accuracy difference to the reference with a paired-bootstrap interval over the test images, and
 the MACs at which it matches the reference within that interval (bootstrap.csv: every level).
+
+`--x latency` adds accuracy_vs_latency.png: the same groups against the measured milliseconds per
+image of their deploy forms (results.json's `latency`, at the budgeted curve's batch size, in
+ONNX Runtime or, with `--runtime torch`, in PyTorch); runs measured without it are left out and
+listed. Milliseconds compare only between runs measured on the same machine (the report's
+provenance section names each run's).
 """
 
 from __future__ import annotations
@@ -335,8 +341,59 @@ def provenance_section(runs: Sequence[Run]) -> str:
     return "\n".join(lines)
 
 
-def write_report(paths: Sequence[Path], outdir: Path) -> str:
-    """Write report.md, report.csv and accuracy_vs_macs.png into `outdir`; returns the markdown."""
+def latency_results(results: dict[str, Any], runtime: str) -> dict[str, Any] | None:
+    """A copy of a run's results with its measured ms per image (`runtime`, at the batch size of
+    its budgeted timings) in place of MACs: each exit's, and each budget level's (joined by q);
+    None when the run was not timed in that runtime."""
+    latency = results.get("latency") or {}
+    batch = latency.get("budgeted_batch") or (latency.get("settings") or {}).get("budget_batch")
+    per_exit = (latency.get("exits") or {}).get(f"batch_{batch}", {}).get(runtime)
+    if not per_exit:
+        return None
+    copy = {**results, "exit_macs": [e["ms_per_image"] for e in per_exit]}
+    curve = (results.get("budgeted") or {}).get("curve") or []
+    if len(per_exit) > 1 and curve:
+        ms = {
+            r["q"]: r[runtime]["ms_per_image"] for r in latency.get("budgeted", []) if runtime in r
+        }
+        if any(r["q"] not in ms for r in curve):
+            return None
+        copy["budgeted"] = {"curve": [{**r, "avg_macs": ms[r["q"]]} for r in curve]}
+    return copy
+
+
+def latency_figure(
+    done: Sequence[Run], varying: dict[Path, str], runtime: str, path: Path
+) -> list[str]:
+    """accuracy_vs_latency.png of the runs timed in `runtime`; the report's lines about it."""
+    timed = [(run, latency_results(run.results, runtime)) for run in done]
+    kept = [(varying[run.path].split(), res) for run, res in timed if res is not None]
+    left_out = [run.name for run, res in timed if res is None]
+    lines = []
+    if kept:
+        groups = group_runs(kept)
+        entries = [e for g in groups if (e := overlay_entry(g, False))]
+        if line := static_line_entry(groups):
+            entries.insert(0, line)
+        batches = {
+            r["latency"].get("budgeted_batch") or r["latency"]["settings"]["budget_batch"]
+            for _, r in timed
+            if r is not None and "latency" in r
+        }
+        batch = ", ".join(map(str, sorted(batches)))
+        label = f"measured ms per image ({runtime}, batch {batch})"
+        plot_overlay(entries, path, x_label=label)
+        lines += [f"![accuracy vs measured latency]({path.name})", ""]
+    if left_out:
+        lines += [f"Not timed in {runtime} (left off the latency chart): {', '.join(left_out)}", ""]
+    return lines
+
+
+def write_report(
+    paths: Sequence[Path], outdir: Path, x: str = "macs", runtime: str = "onnxruntime"
+) -> str:
+    """Write report.md, report.csv and accuracy_vs_macs.png into `outdir` (and, with x="latency",
+    accuracy_vs_latency.png); returns the markdown."""
     runs = load_runs(paths)
     if not runs:
         raise FileNotFoundError(
@@ -381,6 +438,8 @@ def write_report(paths: Sequence[Path], outdir: Path) -> str:
     if entries:
         plot_overlay(entries, outdir / "accuracy_vs_macs.png")
         sections += ["![accuracy vs MACs](accuracy_vs_macs.png)", ""]
+    if x == "latency" and done:
+        sections += latency_figure(done, varying, runtime, outdir / "accuracy_vs_latency.png")
     if comparison:
         readable = [comparison_cells(row) for row in comparison]
         sections += ["## By technique", "", markdown_table(readable, COMPARE_COLUMNS), ""]
@@ -406,9 +465,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "-o", "--outdir", type=Path, default=Path("report"), help="default: report/"
     )
+    parser.add_argument(
+        "--x",
+        choices=("macs", "latency"),
+        default="macs",
+        help="latency: also accuracy against measured ms per image (accuracy_vs_latency.png)",
+    )
+    parser.add_argument(
+        "--runtime",
+        choices=("onnxruntime", "torch"),
+        default="onnxruntime",
+        help="whose measured latency --x latency draws (default: onnxruntime)",
+    )
     args = parser.parse_args(argv)
     try:
-        markdown = write_report(args.paths, args.outdir)
+        markdown = write_report(args.paths, args.outdir, args.x, args.runtime)
     except FileNotFoundError as err:
         parser.error(str(err))
     print(markdown)

@@ -16,20 +16,25 @@ import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytorch_lightning as pl
+import torch
 from rich.console import Console
 from rich.table import Table
 from torch import Tensor, nn
 
+from dynlab.evaluation import latency
 from dynlab.evaluation.anytime import anytime_records
 from dynlab.evaluation.budgeted import DEFAULT_QS, budgeted_curve_and_exits
 from dynlab.evaluation.outcomes import make_outcomes, update_outcomes
 from dynlab.evaluation.outputs import collect_exit_probs
 from dynlab.evaluation.plots import format_macs, plot_anytime, plot_budgeted
 from dynlab.logging import log_images, log_records
-from dynlab.results import update_results
+from dynlab.results import read_results, update_results
+
+if TYPE_CHECKING:
+    from dynlab.config import LatencyConfig
 
 # model -> (global_step, datamodule, {split: (probs [K,N,C], targets [N])}); only the latest kept.
 _OUTPUTS: weakref.WeakKeyDictionary[nn.Module, tuple[int, Any, dict[str, tuple[Tensor, Tensor]]]]
@@ -152,6 +157,121 @@ class TechniqueFigures(_EndOfRunEvaluation):
             records.append({"figure": name, "path": str(path)})
         log_images(trainer.loggers, {f"figures/{r['figure']}": r["path"] for r in records})
         return records
+
+
+class LatencyEvaluation(_EndOfRunEvaluation):
+    """Measured milliseconds of the deploy form, after the anytime and budgeted evaluations (whose
+    thresholds it times): its ONNX export into <run>/export (parity at every exit), then each
+    exit's ms per image in PyTorch and ONNX Runtime, and the budgeted curve's ms axis, on the
+    first test images (dynlab.evaluation.latency). Rank zero only; an export that fails is
+    recorded in one line and PyTorch is still timed."""
+
+    def __init__(self, output_dir: str, settings: LatencyConfig) -> None:
+        super().__init__(output_dir)
+        self.settings = settings
+
+    def evaluate(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        datamodule: pl.LightningDataModule | None = None,
+    ) -> list[dict[str, Any]]:
+        if not trainer.is_global_zero:
+            return []
+        datamodule = _datamodule(trainer, datamodule)
+        model = dynamic_model(trainer, pl_module)
+        record = measure_latency(
+            model,
+            input_size(datamodule),
+            first_test_images(datamodule, self.settings.images),
+            read_results(self.output_dir).get("budgeted", {}).get("curve", []),
+            self.settings,
+            self.output_dir / "export",
+        )
+        update_results(self.output_dir, latency=record)
+        exit_macs = model.exit_macs(input_size(datamodule))
+        rows = latency_rows(record, exit_macs)
+        log_records(trainer.loggers, "latency", rows, "macs", "ms_torch_b1", "latency per exit")
+        columns = list(rows[0])
+        _print_table(
+            "measured latency per exit (ms per image)",
+            columns,
+            [[format_macs(v) if c == "macs" else f"{v:.4g}" for c, v in r.items()] for r in rows],
+        )
+        if "error" in record.get("export", {}):
+            Console(stderr=True).print(f"ONNX export skipped: {record['export']['error']}")
+        return rows
+
+
+def measure_latency(
+    model: nn.Module,
+    size: tuple[int, int, int],
+    images: Tensor,
+    curve: Sequence[dict[str, Any]],
+    settings: LatencyConfig,
+    export_dir: Path,
+) -> dict[str, Any]:
+    """The latency record of results.json: machine, settings, export, per exit and per budget."""
+    from dynlab.evaluation.export import ExportError, OnnxExits, export_onnx
+
+    record: dict[str, Any] = {"machine": latency.machine(), "settings": _plain(settings)}
+    runtimes: dict[str, nn.Module] = {"torch": model}
+    with latency.torch_threads(settings.threads):
+        record["machine"]["threads"] = torch.get_num_threads()
+        if settings.onnx:
+            thresholds = {str(r["q"]): r["thresholds"] for r in curve if "thresholds" in r}
+            try:
+                manifest = export_onnx(
+                    model,
+                    size,
+                    export_dir,
+                    images=images[:16],
+                    tolerance=settings.parity_tolerance,
+                    manifest={"thresholds": thresholds},
+                )
+                runtimes["onnxruntime"] = OnnxExits(export_dir, threads=settings.threads)
+                record["export"] = {"dir": export_dir.name, "parity": manifest["parity"]}
+            except ExportError as err:
+                record["export"] = {"error": str(err)}
+        record["exits"] = latency.measure_exits(
+            runtimes, images, settings.batch_sizes, settings.warmup, settings.repeats
+        )
+        if settings.budget_batch and len(curve) > 1:
+            record["budgeted"] = latency.measure_budgets(
+                runtimes, images, curve, settings.budget_batch, 1, settings.budget_repeats
+            )
+            record["budgeted_batch"] = settings.budget_batch
+    return record
+
+
+def latency_rows(record: dict[str, Any], exit_macs: Sequence[float]) -> list[dict[str, Any]]:
+    """One row per exit: its MACs and ms per image for each runtime and batch size."""
+    rows = [{"exit": k + 1, "macs": float(m)} for k, m in enumerate(exit_macs)]
+    for batch, entry in record["exits"].items():
+        for name, per_exit in entry.items():
+            if name == "noise_floor":
+                continue
+            for row, figure in zip(rows, per_exit, strict=True):
+                row[f"ms_{name}_b{batch.removeprefix('batch_')}"] = figure["ms_per_image"]
+    return rows
+
+
+def first_test_images(datamodule: pl.LightningDataModule, count: int) -> Tensor:
+    """The first `count` test images (all of them when the split is smaller)."""
+    taken: list[Tensor] = []
+    for x, _ in datamodule.test_dataloader():
+        taken.append(x)
+        if sum(len(t) for t in taken) >= count:
+            break
+    return torch.cat(taken)[:count]
+
+
+def _plain(settings: Any) -> dict[str, Any]:
+    from omegaconf import OmegaConf
+
+    return (
+        OmegaConf.to_container(settings) if OmegaConf.is_config(settings) else dict(vars(settings))
+    )
 
 
 def dynamic_model(trainer: pl.Trainer, pl_module: pl.LightningModule) -> nn.Module:

@@ -39,8 +39,12 @@ def plot_budgeted(
     plot_overlay([{"label": label or "budgeted batch", "budgeted": curve}], path)
 
 
-def plot_overlay(runs: Sequence[Mapping[str, Any]], path: str | Path) -> None:
+def plot_overlay(
+    runs: Sequence[Mapping[str, Any]], path: str | Path, x_label: str | None = None
+) -> None:
     """Many runs on one accuracy-vs-MACs chart: a `budgeted` curve as a line, a `point` as a marker.
+    With `x_label`, the "avg_macs" values are another cost (measured milliseconds), drawn as they
+    are under that label.
 
     Each run is {"label": str, "budgeted": [records]} or {"label": str, "point": (avg_macs, acc)}.
     Optional keys: a curve's records may carry "low"/"high" (the spread over seeds, drawn as a
@@ -55,7 +59,7 @@ def plot_overlay(runs: Sequence[Mapping[str, Any]], path: str | Path) -> None:
         if ("budgeted" in run) == ("point" in run):
             raise ValueError(f"run {run.get('label')!r} needs exactly one of 'budgeted' or 'point'")
     all_macs = [m for run in runs for m in _run_macs(run)]
-    scale, unit = _macs_unit(all_macs)
+    scale, unit = _macs_unit(all_macs) if x_label is None else (1.0, "")
     fig, ax = _figure(wide=len(runs) > 1)
     for run in runs:
         if run.get("static_line"):
@@ -91,7 +95,7 @@ def plot_overlay(runs: Sequence[Mapping[str, Any]], path: str | Path) -> None:
         ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
         ax.xaxis.set_minor_formatter(NullFormatter())
     title, ylabel = "budgeted batch classification", "test top-1 accuracy (%)"
-    _finish(fig, ax, unit, title, ylabel, path, outside=len(runs) > 1)
+    _finish(fig, ax, unit, title, ylabel, path, outside=len(runs) > 1, xlabel=x_label)
 
 
 def format_macs(value: float) -> str:
@@ -126,10 +130,11 @@ def _finish(
     ylabel: str,
     path: str | Path,
     outside: bool = False,
+    xlabel: str | None = None,
 ) -> None:
-    """Label the axes, add the legend (`outside` the axes) and grid, and write the PNG (creating
-    its folder)."""
-    ax.set_xlabel(f"MACs per sample ({unit}MACs)" if unit else "MACs per sample")
+    """Label the axes (x: MACs, or `xlabel`), add the legend (`outside` the axes) and grid, and
+    write the PNG (creating its folder)."""
+    ax.set_xlabel(xlabel or (f"MACs per sample ({unit}MACs)" if unit else "MACs per sample"))
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)

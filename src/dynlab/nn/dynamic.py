@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -72,6 +73,10 @@ class WeightNetConv(nn.Module):
     loop over samples (official `weightnet.py`; it special-cases batch 1, which needs nothing
     special here).
     """
+
+    # The batch is the conv's groups: an exported graph has it fixed, so it runs per sample
+    # (dynlab.evaluation.export).
+    export_per_sample: ClassVar[bool] = True
 
     def __init__(
         self,

@@ -23,9 +23,9 @@ from torch import Tensor, nn
 from torch.distributions import Normal
 
 from dynlab.evaluation.macs import count_macs
-from dynlab.evaluation.outputs import evaluating
+from dynlab.evaluation.outputs import evaluating, module_device
 from dynlab.nn.reparam import fold_and_merge
-from dynlab.protocol import DynamicNet
+from dynlab.protocol import DynamicNet, ExitStage
 from dynlab.techniques.gfnet.config import ClassifierKind, PolicyEncoder
 
 
@@ -232,9 +232,11 @@ class GFState:
     classifier_state: Tensor | None = None
     policy_state: Tensor | None = None
 
+    CARRIED = ("feature_map", "classifier_state", "policy_state")  # from one step to the next
+
     def keep(self, mask: Tensor) -> None:
         """Drop the samples where `mask` is False."""
-        for name in ("image", "feature_map", "classifier_state", "policy_state"):
+        for name in ("image", *self.CARRIED):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, value[mask])
@@ -281,6 +283,7 @@ class GFNet(DynamicNet):
                 f"focus patch must be a part of the image (set a patch size below {min(height, width)})"
             )
         self.glance, self.local = Encoder(glance), Encoder(local)
+        self.input_size = input_size
         self.patch_size, self.num_steps, self.interpolation = patch_size, steps, interpolation
         feature_dim, map_shape = _probe(self.local, channels, patch_size)
         self.classifier = CLASSIFIERS[ClassifierKind(classifier)](
@@ -380,6 +383,18 @@ class GFNet(DynamicNet):
             for k in range(1, self.num_steps + 1)
         ]
 
+    def export_stages(self) -> list[ExitStage]:
+        """One `GFNetStep` per step; what a step carries to the next (the feature map the policy
+        reads, the classifier's and the policy's recurrent states) is found by running the steps."""
+        state = GFState(torch.zeros(1, *self.input_size, device=module_device(self)))
+        carried: list[tuple[str, ...]] = [()]
+        with evaluating(self):
+            for _ in range(self.num_steps):
+                self.step(state)
+                carried.append(tuple(f for f in GFState.CARRIED if getattr(state, f) is not None))
+        carried[-1] = ()  # nothing runs after the last step
+        return [GFNetStep(self, k, carried[k], carried[k + 1]) for k in range(self.num_steps)]
+
     def deploy(self) -> Self:
         """An eval-mode copy with each encoder's BatchNorms folded into its convs and its
         re-parameterisable blocks (ACNet, RepVGG, FReLU) merged."""
@@ -390,6 +405,23 @@ class GFNet(DynamicNet):
             fold_and_merge(encoder.net, method="forward_features")
         net.deployed = True
         return net.requires_grad_(False)
+
+
+class GFNetStep(ExitStage):
+    """Step k as a module of tensors (`dynlab.protocol.ExitStage`): the `GFState` fields
+    `carried_in` in, the logits and the fields `carried_out` out; focus patches at the policy's
+    mean, as in every evaluation."""
+
+    def __init__(
+        self, net: GFNet, step: int, carried_in: tuple[str, ...], carried_out: tuple[str, ...]
+    ) -> None:
+        super().__init__()
+        self.net, self.step, self.carried_in, self.carried_out = net, step, carried_in, carried_out
+
+    def forward(self, image: Tensor, *carried: Tensor) -> tuple[Tensor, ...]:
+        state = GFState(image, self.step, **dict(zip(self.carried_in, carried, strict=True)))
+        logits = self.net.step(state).logits
+        return (logits, *(getattr(state, name) for name in self.carried_out))
 
 
 class GFNetSession:

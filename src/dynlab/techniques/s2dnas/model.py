@@ -20,9 +20,9 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dynlab.evaluation.outputs import evaluating
+from dynlab.evaluation.outputs import evaluating, module_device
 from dynlab.nn.fuse import trace_with_leaves
-from dynlab.protocol import DynamicNet
+from dynlab.protocol import DynamicNet, ExitStage
 from dynlab.techniques.s2dnas.analysis import (
     SUPPORTED_BACKBONES,
     BackboneLayout,
@@ -70,6 +70,7 @@ class S2DNet(DynamicNet):
             )
         reference = copy.deepcopy(backbone)
         self.layout, self.settings, self.groups = layout, settings, groups
+        self.input_size = input_size
         self.plan = plan_stages(layout, settings, groups)
         self.cursor = StageCursor()
         stage_backbone(backbone, layout, self.plan, self.cursor)
@@ -111,6 +112,18 @@ class S2DNet(DynamicNet):
         net = super().deploy()
         net.programs = stage_programs(net.backbone, net.num_stages)
         return net
+
+    def export_stages(self) -> list[ExitStage]:
+        """One `S2DStage` per stage: what each stage keeps for later ones (its convs' inputs, and
+        the pooled maps for `exit_features="all"`) is carried between them as tensors."""
+        run = StageRun(torch.zeros(1, *self.input_size, device=module_device(self)))
+        kept: list[list[tuple[int, int]]] = [[]]
+        with evaluating(self):
+            for _ in range(self.num_stages):
+                self._advance(run)
+                kept.append(sorted((i, k) for i, by in run.conv_inputs.items() for k in by))
+        kept[-1] = []  # nothing runs after the last stage
+        return [S2DStage(self, k, kept[k], kept[k + 1]) for k in range(self.num_stages)]
 
     def exit_macs(self, input_size: tuple[int, int, int]) -> list[float]:
         """Measured cumulative MACs per sample to reach each exit (stages 1..k plus exit k)."""
@@ -194,6 +207,36 @@ class S2DExitSession:
     def keep(self, mask: Tensor) -> None:
         """Drop the samples where `mask` is False from every later stage."""
         self.run.keep(mask)
+
+
+class S2DStage(ExitStage):
+    """Stage k of an S2D network as a module of tensors (`dynlab.protocol.ExitStage`): carried in,
+    the conv inputs `kept_in` ((conv index, stage) pairs) then the earlier pooled maps ("all");
+    out, the logits, the conv inputs `kept_out` and the pooled maps up to this stage ("all")."""
+
+    def __init__(
+        self,
+        net: S2DNet,
+        stage: int,
+        kept_in: Sequence[tuple[int, int]],
+        kept_out: Sequence[tuple[int, int]],
+    ) -> None:
+        super().__init__()
+        self.net, self.stage = net, stage
+        self.kept_in, self.kept_out = list(kept_in), list(kept_out)
+        last = stage == net.num_stages - 1
+        self.pooled_in = stage if net.exit_features == "all" else 0
+        self.pools_out = net.exit_features == "all" and not last
+
+    def forward(self, image: Tensor, *carried: Tensor) -> tuple[Tensor, ...]:
+        run = StageRun(image)
+        run.stage = self.stage
+        for (index, stage), tensor in zip(self.kept_in, carried, strict=False):
+            run.conv_inputs.setdefault(index, {})[stage] = tensor
+        run.pooled = list(carried[len(self.kept_in) :])
+        logits = self.net._advance(run)[1]
+        kept = [run.conv_inputs[index][stage] for index, stage in self.kept_out]
+        return (logits, *kept, *(run.pooled if self.pools_out else ()))
 
 
 # Activation modules called as their function (and its keyword arguments) in a stage program: at
