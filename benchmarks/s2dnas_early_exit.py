@@ -1,20 +1,15 @@
 """Early-exit speed of an S2D network on CPU: wall-clock speed-up against MACs speed-up.
 
 The measurement of `benchmarks/early_exit.py` (budget levels calibrated by the real budgeted-batch
-code, early exit timed against running every exit, batch 64 and 1) applied to S2DNAS's default
+code, early exit timed against the deploy form run to its last exit, eager PyTorch and ONNX
+Runtime, batch 64 and 1) applied to S2DNAS's default
 transformation of a CIFAR ResNet-56: 3 stages, G=8, equal split, concat everywhere. Untrained
 weights do not matter here: thresholds are calibrated for each budget level's exit fractions.
 The network is timed in its deploy form (BatchNorm folded into each stage's weight blocks, one
 flat fx program per stage); `--form train` times the training form.
 Prints one JSON object. Run: `.venv/bin/python benchmarks/s2dnas_early_exit.py [--threads N]`.
-
-2026-11-30, CPU, 1 thread, 7 repeats, on 2 cores shared with other jobs (load average 1-6, so
-figures move by a few hundredths between runs). Batch 1, measured / MACs speed-up at q = 2, 1,
-0.5, 0.25: training form 0.92, 0.88, 0.72, 0.67; deploy form 0.92, 0.88, 0.76, 0.71 (a second
-run: 0.94, 0.87, 0.76, 0.71); every exit 7.8 ms per image in the deploy form. Short of the 0.8
-target at q <= 0.5: the thin full-resolution first stage's 57 convs alone take 17 % of the conv
-time for 9.4 % of the MACs (ATen's conv costs more per MAC on 4-16 channels), which caps the ratio
-at about 0.77 (q = 0.25) and 0.81 (q = 0.5) even with no other overhead.
+Figures (eager and ONNX Runtime, and why q <= 0.5 misses the target: the thin full-resolution
+first stage costs more per MAC) in benchmarks/README.md.
 """
 
 from __future__ import annotations
