@@ -191,7 +191,8 @@ class LatencyEvaluation(_EndOfRunEvaluation):
         update_results(self.output_dir, latency=record)
         exit_macs = model.exit_macs(input_size(datamodule))
         rows = latency_rows(record, exit_macs)
-        log_records(trainer.loggers, "latency", rows, "macs", "ms_torch_b1", "latency per exit")
+        first_ms = next(c for c in rows[0] if c.startswith("ms_"))  # PyTorch, first batch size
+        log_records(trainer.loggers, "latency", rows, "macs", first_ms, "latency per exit")
         columns = list(rows[0])
         _print_table(
             "measured latency per exit (ms per image)",
