@@ -126,15 +126,14 @@ class StagedSession:
     graphs): stage k runs on the image and what stage k-1 carried, for the samples still in."""
 
     def __init__(self, stages: Sequence[Callable[..., Sequence[Tensor]]], x: Tensor) -> None:
-        self._stages, self._image, self._carried = list(stages), x, ()
-        self.num_exits = len(self._stages)
+        self._stages, self._image, self._carried, self._done = stages, x, (), 0
+        self.num_exits = len(stages)
 
     def next_exit(self) -> Tensor:
-        done = self.num_exits - len(self._stages)
-        if not self._stages:
-            raise RuntimeError(f"all {done} stages have run")
-        logits, *carried = self._stages.pop(0)(self._image, *self._carried)
-        self._carried = tuple(carried)
+        if self._done == self.num_exits:
+            raise RuntimeError(f"all {self.num_exits} stages have run")
+        logits, *carried = self._stages[self._done](self._image, *self._carried)
+        self._carried, self._done = tuple(carried), self._done + 1
         return logits
 
     def keep(self, mask: Tensor) -> None:

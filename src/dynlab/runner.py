@@ -216,7 +216,8 @@ def evaluation_callbacks(cfg: DictConfig) -> list[Callback]:
         qs = list(cfg.evaluation.qs) if cfg.evaluation.qs is not None else None
         callbacks.append(BudgetedEvaluation(output_dir=cfg.run_dir, qs=qs))
     if cfg.evaluation.latency.enabled:  # last: it times the budgeted curve's thresholds
-        callbacks.append(LatencyEvaluation(cfg.run_dir, cfg.evaluation.latency))
+        settings = OmegaConf.to_object(cfg.evaluation.latency)  # the typed LatencyConfig
+        callbacks.append(LatencyEvaluation(cfg.run_dir, settings))  # type: ignore[arg-type]
     return callbacks
 
 

@@ -10,7 +10,6 @@ the export's manifest), then the ones given here (e.g. `evaluation.qs=[0.5,1.0]`
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import yaml
 from hydra import compose
@@ -104,9 +103,8 @@ def evaluate_export(cfg: DictConfig) -> float | None:
     manifest = read_manifest(export_dir)  # one line before torch loads when it is not an export
     overrides = manifest.get("overrides") or training_overrides(export_dir)
     cfg = compose_run(cfg, "evaluate", [o for o in overrides if not o.startswith("ckpt_path=")])
-    from dynlab.evaluation.anytime import anytime_records
-    from dynlab.evaluation.budgeted import budgeted_curve_and_exits
-    from dynlab.evaluation.callbacks import record_outcomes
+    from dynlab.evaluation.budgeted import DEFAULT_QS
+    from dynlab.evaluation.callbacks import needs_held_out, publish_anytime, publish_budgeted
     from dynlab.evaluation.export import OnnxExits
     from dynlab.evaluation.outputs import collect_exit_probs
     from dynlab.logging import quiet_console
@@ -118,28 +116,19 @@ def evaluate_export(cfg: DictConfig) -> float | None:
     datamodule.setup("test")
     model = OnnxExits(export_dir)
     exit_macs = model.exit_macs()
-    test = collect_exit_probs(model, datamodule.test_dataloader())
-    sections: dict[str, Any] = {"anytime": anytime_records(*test, exit_macs)}
-    if cfg.evaluation.budgeted and (len(exit_macs) > 1 or datamodule.val_size > 0):
-        datamodule.setup("fit")
-        val = (
-            collect_exit_probs(model, datamodule.val_dataloader())
-            if datamodule.val_size
-            else (None, None)
-        )
-        curve, _ = budgeted_curve_and_exits(*val, *test, exit_macs, cfg.evaluation.qs)
-        sections["budgeted"] = {"curve": curve, "exit_macs": exit_macs}
-    top1 = sections["anytime"][-1]["top1"]
     update_results(
-        cfg.run_dir,
-        **run_identity(cfg),
-        status="completed",
-        export=str(export_dir.resolve()),
-        runtime="onnxruntime",
-        metrics={"test/top1": top1},
-        **sections,
+        cfg.run_dir, **run_identity(cfg), export=str(export_dir.resolve()), runtime="onnxruntime"
     )
-    record_outcomes(Path(cfg.run_dir), *test, exit_macs)
+    test = collect_exit_probs(model, datamodule.test_dataloader())
+    top1 = publish_anytime(Path(cfg.run_dir), test, exit_macs)[-1]["top1"]
+    if cfg.evaluation.budgeted:
+        val = (None, None)
+        if needs_held_out(exit_macs, datamodule):
+            datamodule.setup("fit")
+            val = collect_exit_probs(model, datamodule.val_dataloader())
+        qs = DEFAULT_QS if cfg.evaluation.qs is None else list(cfg.evaluation.qs)
+        publish_budgeted(Path(cfg.run_dir), val, test, exit_macs, qs)
+    update_results(cfg.run_dir, status="completed", metrics={"test/top1": top1})
     print(f"ONNX Runtime on {export_dir}: test top-1 {top1:.2f} % at the last exit; {cfg.run_dir}")
     return top1
 

@@ -341,13 +341,17 @@ def provenance_section(runs: Sequence[Run]) -> str:
     return "\n".join(lines)
 
 
+def timed_batch(results: dict[str, Any]) -> int | None:
+    """The batch size of a run's budgeted timings (its latency settings' `budget_batch`)."""
+    return ((results.get("latency") or {}).get("settings") or {}).get("budget_batch")
+
+
 def latency_results(results: dict[str, Any], runtime: str) -> dict[str, Any] | None:
     """A copy of a run's results with its measured ms per image (`runtime`, at the batch size of
     its budgeted timings) in place of MACs: each exit's, and each budget level's (joined by q);
     None when the run was not timed in that runtime."""
     latency = results.get("latency") or {}
-    batch = latency.get("budgeted_batch") or (latency.get("settings") or {}).get("budget_batch")
-    per_exit = (latency.get("exits") or {}).get(f"batch_{batch}", {}).get(runtime)
+    per_exit = (latency.get("exits") or {}).get(f"batch_{timed_batch(results)}", {}).get(runtime)
     if not per_exit:
         return None
     copy = {**results, "exit_macs": [e["ms_per_image"] for e in per_exit]}
@@ -375,12 +379,7 @@ def latency_figure(
         entries = [e for g in groups if (e := overlay_entry(g, False))]
         if line := static_line_entry(groups):
             entries.insert(0, line)
-        batches = {
-            r["latency"].get("budgeted_batch") or r["latency"]["settings"]["budget_batch"]
-            for _, r in timed
-            if r is not None and "latency" in r
-        }
-        batch = ", ".join(map(str, sorted(batches)))
+        batch = ", ".join(map(str, sorted({timed_batch(run.results) for run, r in timed if r})))
         label = f"measured ms per image ({runtime}, batch {batch})"
         plot_overlay(entries, path, x_label=label)
         lines += [f"![accuracy vs measured latency]({path.name})", ""]

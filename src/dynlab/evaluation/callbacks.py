@@ -1,4 +1,4 @@
-"""Lightning callbacks running the anytime and budgeted-batch evaluations for any technique.
+"""Lightning callbacks running the anytime, budgeted-batch and latency evaluations for any technique.
 
 Both run at the end of fit and of test, and `evaluate(trainer, pl_module)` runs them directly (the
 evaluate app calls it after loading a checkpoint). They evaluate the model's deploy form (see
@@ -7,7 +7,8 @@ are computed once per model and global step and shared by the two callbacks. Eve
 part in the passes: the datamodule's val/test loaders must give each rank a contiguous shard
 (dynlab.data's EvalSampler does), which are all-gathered in rank order; rank zero then writes
 results.json, the per-test-image outcomes (dynlab.evaluation.outcomes), plots/*.png, the W&B
-tables and the console tables.
+tables and the console tables (`publish_anytime`, `publish_budgeted`: also what
+dynlab-evaluate writes for an ONNX export).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -78,20 +80,11 @@ class AnytimeEvaluation(_EndOfRunEvaluation):
         """Anytime records of the model on the test split of `datamodule` (or the trainer's)."""
         datamodule = _datamodule(trainer, datamodule)
         model = dynamic_model(trainer, pl_module)
-        probs, targets = exit_outputs(trainer, model, datamodule, "test")
+        test = exit_outputs(trainer, model, datamodule, "test")
         exit_macs = model.exit_macs(input_size(datamodule))
-        records = anytime_records(probs, targets, exit_macs)
-        if trainer.is_global_zero:
-            update_results(self.output_dir, anytime=records)
-            record_outcomes(self.output_dir, probs, targets, exit_macs)
-            plot_anytime(records, self.output_dir / "plots" / "anytime.png")
-            log_records(trainer.loggers, "anytime", records, "macs", "top1", "anytime prediction")
-            rows = [
-                [str(r["exit"]), format_macs(r["macs"]), f"{r['top1']:.2f}", f"{r['top5']:.2f}"]
-                for r in records
-            ]
-            _print_table("anytime prediction (test)", ["exit", "MACs", "top-1 %", "top-5 %"], rows)
-        return records
+        if not trainer.is_global_zero:
+            return anytime_records(*test, exit_macs)
+        return publish_anytime(self.output_dir, test, exit_macs, trainer.loggers)
 
 
 class BudgetedEvaluation(_EndOfRunEvaluation):
@@ -115,23 +108,71 @@ class BudgetedEvaluation(_EndOfRunEvaluation):
         model = dynamic_model(trainer, pl_module)
         test = exit_outputs(trainer, model, datamodule, "test")
         exit_macs = model.exit_macs(input_size(datamodule))
-        qs = self.qs if len(exit_macs) > 1 else self.qs[:1]  # one exit: every level is one point
-        # One exit and nothing held out (dataset.val_size=0): no thresholds to calibrate.
-        held_out = len(exit_macs) > 1 or getattr(datamodule, "val_size", 1) > 0
-        val = exit_outputs(trainer, model, datamodule, "val") if held_out else (None, None)
-        curve, exits = budgeted_curve_and_exits(*val, *test, exit_macs, qs)
-        if trainer.is_global_zero:
-            update_results(self.output_dir, budgeted={"curve": curve, "exit_macs": exit_macs})
-            record_outcomes(self.output_dir, *test, exit_macs, exits, qs)
-            plot_budgeted(curve, self.output_dir / "plots" / "budgeted.png")
-            log_records(trainer.loggers, "budgeted", curve, "avg_macs", "accuracy", "budgeted")
-            shown = sorted({round(i * (len(curve) - 1) / 4) for i in range(5)})  # about 5 levels
-            rows = [
-                [f"{r['q']:.2f}", format_macs(r["avg_macs"]), f"{r['accuracy']:.2f}"]
-                for r in (curve[i] for i in shown)
-            ]
-            _print_table("budgeted batch (test)", ["q", "avg MACs", "top-1 %"], rows)
-        return curve
+        val = (None, None)
+        if needs_held_out(exit_macs, datamodule):
+            val = exit_outputs(trainer, model, datamodule, "val")
+        if not trainer.is_global_zero:
+            return budgeted_curve_and_exits(
+                *val, *test, exit_macs, budget_levels(self.qs, exit_macs)
+            )[0]
+        return publish_budgeted(self.output_dir, val, test, exit_macs, self.qs, trainer.loggers)
+
+
+def publish_anytime(
+    output_dir: Path,
+    test: tuple[Tensor, Tensor],
+    exit_macs: Sequence[float],
+    loggers: Sequence[Any] = (),
+) -> list[dict[str, Any]]:
+    """Anytime records of test softmax outputs [K,N,C] and targets: into results.json, the
+    per-image outcomes, plots/anytime.png, W&B and the console."""
+    records = anytime_records(*test, exit_macs)
+    update_results(output_dir, anytime=records)
+    record_outcomes(output_dir, *test, exit_macs)
+    plot_anytime(records, output_dir / "plots" / "anytime.png")
+    log_records(loggers, "anytime", records, "macs", "top1", "anytime prediction")
+    rows = [
+        [str(r["exit"]), format_macs(r["macs"]), f"{r['top1']:.2f}", f"{r['top5']:.2f}"]
+        for r in records
+    ]
+    _print_table("anytime prediction (test)", ["exit", "MACs", "top-1 %", "top-5 %"], rows)
+    return records
+
+
+def needs_held_out(exit_macs: Sequence[float], datamodule: Any) -> bool:
+    """Whether the budgeted curve reads val: several exits to calibrate, or one exit and a val
+    split to report on (dataset.val_size=0 holds nothing out)."""
+    return len(exit_macs) > 1 or getattr(datamodule, "val_size", 1) > 0
+
+
+def budget_levels(qs: Sequence[float], exit_macs: Sequence[float]) -> Sequence[float]:
+    """The levels to report: one exit makes every level the same point."""
+    return qs if len(exit_macs) > 1 else qs[:1]
+
+
+def publish_budgeted(
+    output_dir: Path,
+    val: tuple[Tensor | None, Tensor | None],
+    test: tuple[Tensor, Tensor],
+    exit_macs: Sequence[float],
+    qs: Sequence[float],
+    loggers: Sequence[Any] = (),
+) -> list[dict[str, Any]]:
+    """The budgeted curve (thresholds calibrated on `val`, reported on `test`): into
+    results.json, the per-image outcomes, plots/budgeted.png, W&B and the console."""
+    qs = budget_levels(qs, exit_macs)
+    curve, exits = budgeted_curve_and_exits(*val, *test, exit_macs, qs)
+    update_results(output_dir, budgeted={"curve": curve, "exit_macs": exit_macs})
+    record_outcomes(output_dir, *test, exit_macs, exits, qs)
+    plot_budgeted(curve, output_dir / "plots" / "budgeted.png")
+    log_records(loggers, "budgeted", curve, "avg_macs", "accuracy", "budgeted")
+    shown = sorted({round(i * (len(curve) - 1) / 4) for i in range(5)})  # about 5 levels
+    rows = [
+        [f"{r['q']:.2f}", format_macs(r["avg_macs"]), f"{r['accuracy']:.2f}"]
+        for r in (curve[i] for i in shown)
+    ]
+    _print_table("budgeted batch (test)", ["q", "avg MACs", "top-1 %"], rows)
+    return curve
 
 
 class TechniqueFigures(_EndOfRunEvaluation):
@@ -180,17 +221,17 @@ class LatencyEvaluation(_EndOfRunEvaluation):
             return []
         datamodule = _datamodule(trainer, datamodule)
         model = dynamic_model(trainer, pl_module)
+        size = input_size(datamodule)
         record = measure_latency(
             model,
-            input_size(datamodule),
+            size,
             first_test_images(datamodule, self.settings.images),
             read_results(self.output_dir).get("budgeted", {}).get("curve", []),
             self.settings,
             self.output_dir / "export",
         )
         update_results(self.output_dir, latency=record)
-        exit_macs = model.exit_macs(input_size(datamodule))
-        rows = latency_rows(record, exit_macs)
+        rows = latency_rows(record, model.exit_macs(size))
         first_ms = next(c for c in rows[0] if c.startswith("ms_"))  # PyTorch, first batch size
         log_records(trainer.loggers, "latency", rows, "macs", first_ms, "latency per exit")
         columns = list(rows[0])
@@ -215,7 +256,7 @@ def measure_latency(
     """The latency record of results.json: machine, settings, export, per exit and per budget."""
     from dynlab.evaluation.export import ExportError, OnnxExits, export_onnx
 
-    record: dict[str, Any] = {"machine": latency.machine(), "settings": _plain(settings)}
+    record: dict[str, Any] = {"machine": latency.machine(), "settings": asdict(settings)}
     runtimes: dict[str, nn.Module] = {"torch": model}
     with latency.torch_threads(settings.threads):
         record["machine"]["threads"] = torch.get_num_threads()
@@ -241,7 +282,6 @@ def measure_latency(
             record["budgeted"] = latency.measure_budgets(
                 runtimes, images, curve, settings.budget_batch, 1, settings.budget_repeats
             )
-            record["budgeted_batch"] = settings.budget_batch
     return record
 
 
@@ -265,14 +305,6 @@ def first_test_images(datamodule: pl.LightningDataModule, count: int) -> Tensor:
         if sum(len(t) for t in taken) >= count:
             break
     return torch.cat(taken)[:count]
-
-
-def _plain(settings: Any) -> dict[str, Any]:
-    from omegaconf import OmegaConf
-
-    return (
-        OmegaConf.to_container(settings) if OmegaConf.is_config(settings) else dict(vars(settings))
-    )
 
 
 def dynamic_model(trainer: pl.Trainer, pl_module: pl.LightningModule) -> nn.Module:

@@ -16,6 +16,7 @@ import contextlib
 import io
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -84,12 +85,10 @@ def export_onnx(
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         **(manifest or {}),
     }
-    write_manifest(directory, record)
     if images is None:
         images = torch.randn(PARITY_BATCH, *input_size, generator=generator)
-    parity = check_parity(net, OnnxExits(directory), images, tolerance)
-    record["parity"] = parity
-    write_manifest(directory, record)
+    record["parity"] = check_parity(net, OnnxExits(directory, manifest=record), images, tolerance)
+    write_manifest(directory, record)  # only an export that matches its PyTorch form has one
     return record
 
 
@@ -98,8 +97,7 @@ def _export_stage(
 ) -> None:
     """One stage through torch's exporter (torch.export, then ONNX); one line when it fails."""
     inputs = ["image", *(f"carried_{i}" for i in range(len(args) - 1))]
-    outputs = ["logits", *(f"carried_{i}" for i in range(carried_out))]
-    outputs = [o if o not in inputs else f"{o}_out" for o in outputs]
+    outputs = ["logits", *(f"next_{i}" for i in range(carried_out))]
     shapes = None
     if dynamic:
         batch = torch.export.Dim("batch", min=1)
@@ -169,12 +167,19 @@ class OnnxExits(nn.Module):
 
     deployed = True
 
-    def __init__(self, directory: str | Path, threads: int | None = None) -> None:
+    def __init__(
+        self,
+        directory: str | Path,
+        threads: int | None = None,
+        manifest: dict[str, Any] | None = None,
+    ) -> None:
+        """The export in `directory`, described by its manifest.json (or by `manifest`, for the
+        exporter's own parity check before it writes one)."""
         super().__init__()
         import onnxruntime as ort
 
         self.directory = Path(directory)
-        self.manifest = read_manifest(directory)
+        self.manifest = manifest if manifest is not None else read_manifest(directory)
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or torch.get_num_threads()
         options.inter_op_num_threads = 1
@@ -211,7 +216,7 @@ class OnnxExits(nn.Module):
         return [torch.from_numpy(out) for out in session.run(None, feeds)]
 
     def exit_session(self, x: Tensor) -> StagedSession:
-        return StagedSession([self._stage(k) for k in range(self.num_exits)], x.cpu())
+        return StagedSession([partial(self.run_stage, k) for k in range(self.num_exits)], x.cpu())
 
     def forward_exits(self, x: Tensor) -> list[Tensor]:
         session = self.exit_session(x)
@@ -222,6 +227,3 @@ class OnnxExits(nn.Module):
 
     def exit_macs(self, input_size: Sequence[int] | None = None) -> list[float]:
         return list(self.manifest["exit_macs"])
-
-    def _stage(self, k: int):  # noqa: ANN202 - a bound stage for StagedSession
-        return lambda image, *carried: self.run_stage(k, image, *carried)

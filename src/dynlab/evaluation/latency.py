@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from dynlab.evaluation.early_exit import early_exit_predict
+from dynlab.evaluation.outputs import module_device
 
 # A pass: runs once over the images and gives the cumulative seconds to reach each exit.
 Pass = Callable[[], list[float]]
@@ -107,7 +108,7 @@ def exit_pass(model: nn.Module, batches: Sequence[Tensor], sync: Callable[[], No
     """A pass of `model.exit_session` over `batches` with nobody leaving: the time to reach each
     exit (the network run up to that exit, nothing more), summed over the batches."""
 
-    batches = [b.to(_device(model)) for b in batches]
+    batches = [b.to(module_device(model)) for b in batches]
 
     def run() -> list[float]:
         totals: list[float] = []
@@ -137,7 +138,7 @@ def early_exit_pass(
 ) -> Pass:
     """A pass of real early exit (`early_exit_predict`) under `thresholds` (results.json writes
     an unreachable one as "inf"): its total time."""
-    batches = [b.to(_device(model)) for b in batches]
+    batches = [b.to(module_device(model)) for b in batches]
     thresholds = [float(t) for t in thresholds]
 
     def run() -> list[float]:
@@ -207,26 +208,19 @@ def measure_budgets(
     milliseconds per image of real early exit over `images` at `batch_size`."""
     first = next(iter(runtimes))
     sync = _sync_for(runtimes[first])
-    records = []
+    batches, records = split(images, batch_size), []
+    n = len(batches) * batch_size
     for level in curve:
-        batches = split(images, batch_size)
         passes = {
             name: early_exit_pass(model, batches, level["thresholds"], sync)
             for name, model in runtimes.items()
         }
         times = interleaved(passes, warmup, repeats, sync)
-        n = len(batches) * batch_size
         records.append(
             {"q": level["q"]} | {name: summary([t[0] for t in times[name]], n) for name in runtimes}
         )
     return records
 
 
-def _device(model: nn.Module) -> torch.device:
-    from dynlab.evaluation.outputs import module_device
-
-    return module_device(model)
-
-
 def _sync_for(model: nn.Module) -> Callable[[], None] | None:
-    return torch.cuda.synchronize if _device(model).type == "cuda" else None
+    return torch.cuda.synchronize if module_device(model).type == "cuda" else None

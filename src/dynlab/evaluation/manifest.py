@@ -8,14 +8,15 @@ from pathlib import Path
 from typing import Any
 
 from dynlab.errors import ExportError
-from dynlab.results import atomic_write_text
+from dynlab.results import atomic_write_text, json_safe
 
 MANIFEST = "manifest.json"
 FORMAT = 1
 
 
 def write_manifest(directory: Path, record: dict[str, Any]) -> None:
-    atomic_write_text(directory / MANIFEST, json.dumps(record, indent=2) + "\n")
+    """Strict JSON, an unreachable threshold as "inf" (as in results.json)."""
+    atomic_write_text(directory / MANIFEST, json.dumps(json_safe(record), indent=2) + "\n")
 
 
 def read_manifest(directory: str | Path) -> dict[str, Any]:

@@ -231,12 +231,12 @@ class S2DStage(ExitStage):
     def forward(self, image: Tensor, *carried: Tensor) -> tuple[Tensor, ...]:
         run = StageRun(image)
         run.stage = self.stage
-        for (index, stage), tensor in zip(self.kept_in, carried, strict=False):
+        kept, run.pooled = carried[: len(self.kept_in)], list(carried[len(self.kept_in) :])
+        for (index, stage), tensor in zip(self.kept_in, kept, strict=True):
             run.conv_inputs.setdefault(index, {})[stage] = tensor
-        run.pooled = list(carried[len(self.kept_in) :])
         logits = self.net._advance(run)[1]
-        kept = [run.conv_inputs[index][stage] for index, stage in self.kept_out]
-        return (logits, *kept, *(run.pooled if self.pools_out else ()))
+        kept_out = [run.conv_inputs[index][stage] for index, stage in self.kept_out]
+        return (logits, *kept_out, *(run.pooled if self.pools_out else ()))
 
 
 # Activation modules called as their function (and its keyword arguments) in a stage program: at
