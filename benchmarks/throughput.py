@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 
 from dynlab.apps._hydra import CONFIG_DIR
-from dynlab.runner import build_datamodule, build_module, build_trainer
+from dynlab.building import build_datamodule, build_module
+from dynlab.runner import build_trainer
 from dynlab.techniques.base import Phase
 
 WARMUP = 5

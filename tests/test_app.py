@@ -16,9 +16,10 @@ from dynlab import checkpointing as ckpt
 from dynlab import runner
 from dynlab.apps._hydra import CONFIG_DIR
 from dynlab.backbones import UnknownBackboneError
+from dynlab.building import build_datamodule, build_module
 from dynlab.data.base import DataRootError
 from dynlab.preemption import Preempted, PreemptionHandler
-from dynlab.runner import build_datamodule, build_module, run_job
+from dynlab.runner import run_job
 from dynlab.traits import technique_traits
 from dynlab.validation import ConfigError, validate_config
 

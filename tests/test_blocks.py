@@ -14,12 +14,12 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from dynlab.backbones import create_backbone
 from dynlab.backbones.factory import block_options
+from dynlab.building import build_datamodule, build_module
 from dynlab.config import BackboneConfig
 from dynlab.data.base import DataInfo
 from dynlab.nn.dynamic import FReLU, WeightNetConv
 from dynlab.nn.reparam import ACBlock, RepVGGBlock
 from dynlab.protocol import StaticExits
-from dynlab.runner import build_datamodule, build_module
 from dynlab.techniques.s2dnas.analysis import UnsupportedBackboneError
 from dynlab.techniques.s2dnas.module import S2DNASModule
 from dynlab.validation import ConfigError, check_input_size, validate_config

@@ -13,9 +13,10 @@ import torch
 from omegaconf import OmegaConf
 
 from dynlab.apps.report import write_report
+from dynlab.building import build_datamodule, build_module
 from dynlab.checkpointing import load_static_weights
 from dynlab.data.fake import write_fake_fashion_mnist
-from dynlab.runner import build_datamodule, build_module, run_job
+from dynlab.runner import run_job
 
 from .conftest import REPO
 

@@ -24,9 +24,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from dynlab.apps._hydra import CONFIG_DIR, CONFIG_MODULE
 from dynlab.apps.sweep_file import expand
+from dynlab.building import build_datamodule
 from dynlab.config import TrainerConfig
 from dynlab.data.fake import write_fake_cifar, write_fake_fashion_mnist, write_fake_imagenet
-from dynlab.runner import build_datamodule
 from dynlab.techniques.base import dataset_backbone
 from dynlab.validation import build_run, validate_config
 

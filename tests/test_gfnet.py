@@ -17,6 +17,7 @@ from torch import nn
 from dynlab import checkpointing as ckpt
 from dynlab import runner
 from dynlab.backbones import create_backbone
+from dynlab.building import constructor_node
 from dynlab.data.base import DataInfo
 from dynlab.evaluation.macs import count_macs
 from dynlab.preemption import Preempted, PreemptionHandler
@@ -338,7 +339,7 @@ def test_presets_compose_and_validate(compose_cfg, preset):
 
 def _imagenet_module(compose_cfg, preset: str) -> GFNetModule:
     cfg = compose_cfg([f"+experiment=gfnet/{preset}"])
-    node = runner._constructor_node(cfg, "technique", "phases")
+    node = constructor_node(cfg, "technique", "phases")
     backbone = OmegaConf.to_object(cfg.backbone)
     module = instantiate(node, backbone=backbone, data_info=IMAGENET, _convert_="object")
     module.set_recipes(OmegaConf.to_object(cfg.technique.phases))

@@ -15,6 +15,7 @@ from pytorch_lightning.strategies import DDPStrategy
 from torch import Tensor, nn
 
 from dynlab import checkpointing as ckpt
+from dynlab.building import build_datamodule, build_module
 from dynlab.config import (
     SCHEMAS,
     EMAConfig,
@@ -26,7 +27,7 @@ from dynlab.config import (
 from dynlab.data.synthetic import SyntheticDataModule
 from dynlab.optim import build_optimizer, lr_lambda, parameter_groups
 from dynlab.protocol import StaticExits
-from dynlab.runner import build_datamodule, build_module, build_trainer, run_job
+from dynlab.runner import build_trainer, run_job
 from dynlab.techniques.base import DynlabModule, Phase, assign_parameters
 from dynlab.validation import ConfigError, validate_config
 

@@ -11,10 +11,11 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from dynlab.backbones import create_backbone
+from dynlab.building import build_datamodule, build_module
 from dynlab.config import BackboneConfig
 from dynlab.data.base import DataInfo
 from dynlab.results import read_results
-from dynlab.runner import build_datamodule, build_module, run_job
+from dynlab.runner import run_job
 from dynlab.techniques.s2dnas.config import S2DNASConfig, S2DNASSearchConfig
 from dynlab.techniques.s2dnas.layers import StageRun
 from dynlab.techniques.s2dnas.module import S2DNASModule

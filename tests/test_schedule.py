@@ -7,13 +7,8 @@ import pytorch_lightning as pl
 import torch
 
 from dynlab import checkpointing as ckpt
-from dynlab.runner import (
-    build_datamodule,
-    build_module,
-    restore_finished_phases,
-    run_job,
-    schedule,
-)
+from dynlab.building import build_datamodule, build_module
+from dynlab.runner import restore_finished_phases, run_job, schedule
 from dynlab.validation import ConfigError
 
 from .conftest import TINY

@@ -6,7 +6,6 @@ Everything here is instantiated from config; nothing knows about a particular te
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import os
 import sys
@@ -20,10 +19,8 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import InstantiationException
 from hydra.types import RunMode
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint, RichProgressBar
 from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
 from pytorch_lightning.plugins.environments import SLURMEnvironment
@@ -31,7 +28,7 @@ from pytorch_lightning.strategies import DDPStrategy
 
 from dynlab import checkpointing as ckpt
 from dynlab import provenance
-from dynlab.config import BackboneConfig, PhaseRecipe, TrainSplit
+from dynlab.config import PhaseRecipe, TrainSplit
 from dynlab.data.base import DynlabDataModule, StreamSpec
 from dynlab.data.sampling import ResumableLoaderCallback
 from dynlab.distributed import start_job_processes
@@ -49,49 +46,6 @@ from dynlab.results import read_results, update_results
 from dynlab.summary import print_summary
 from dynlab.techniques.base import DynlabModule, Phase, PhaseContext, PhaseKind
 from dynlab.validation import ConfigError, build_run, validate_config
-
-
-def build_datamodule(cfg: DictConfig) -> DynlabDataModule:
-    """The dataset's DataModule; a missing data root fails here with where to put the data."""
-    return _instantiate(_constructor_node(cfg, "dataset"))
-
-
-def build_module(cfg: DictConfig, datamodule: DynlabDataModule) -> DynlabModule:
-    """The technique's LightningModule on the chosen backbone, sized for the dataset, with the
-    technique's phase recipes."""
-    backbone = OmegaConf.to_object(cfg.backbone)
-    assert isinstance(backbone, BackboneConfig)
-    technique = _constructor_node(cfg, "technique", "phases")
-    module = _instantiate(
-        technique, backbone=backbone, data_info=datamodule.info, _convert_="object"
-    )
-    recipes = OmegaConf.to_object(cfg.technique.phases) if "phases" in cfg.technique else {}
-    module.set_recipes(recipes)  # type: ignore[arg-type]
-    return module
-
-
-def _instantiate(node: DictConfig, **kwargs: Any) -> Any:
-    """`hydra.utils.instantiate`, letting the constructor's own error (a missing data root, an
-    incompatible backbone) reach the user instead of Hydra's wrapper around it."""
-    try:
-        return instantiate(node, **kwargs)
-    except InstantiationException as err:
-        if err.__cause__ is not None:
-            raise err.__cause__ from None
-        raise
-
-
-def _constructor_node(cfg: DictConfig, group: str, *spine_keys: str) -> DictConfig:
-    """A group's node minus its `name` (which identifies the choice) and the `spine_keys` the
-    runner consumes itself: none of them is a constructor argument.
-
-    Copied with its root so interpolations such as `${seed}` still resolve.
-    """
-    root = copy.deepcopy(cfg)
-    with open_dict(root[group]):
-        for key in ("name", *spine_keys):
-            root[group].pop(key, None)
-    return root[group]
 
 
 def run_name(cfg: DictConfig) -> str:

@@ -260,7 +260,7 @@ def constructor_errors(what: str) -> Iterator[None]:
 def build_run(cfg: DictConfig) -> tuple[DynlabDataModule, DynlabModule]:
     """The datamodule and the technique's module, with the backbone checked on the dataset's
     input size before the technique transforms it."""
-    from dynlab.runner import build_datamodule, build_module
+    from dynlab.building import build_datamodule, build_module
 
     with constructor_errors(f"dataset={cfg.dataset.name}"):
         datamodule = build_datamodule(cfg)
