@@ -20,9 +20,13 @@ from dynlab.config import BackboneConfig
 from dynlab.data.base import DataInfo
 from dynlab.data.digits import DigitsDataModule
 from dynlab.data.synthetic import SyntheticDataModule
+from dynlab.errors import SearchMismatch
 from dynlab.preemption import Preempted
 from dynlab.results import read_results
 from dynlab.runner import run_job
+from dynlab.search.driver import SearchDriver
+from dynlab.search.ledger import RECORDS as CANDIDATES
+from dynlab.search.ledger import STATE as SEARCH_STATE
 from dynlab.techniques.base import Phase, PhaseContext, PhaseKind
 from dynlab.techniques.s2dnas import search as search_module
 from dynlab.techniques.s2dnas.config import ExitRule, RewardForm, S2DNASSearchConfig
@@ -35,7 +39,7 @@ from dynlab.techniques.s2dnas.reward import (
     reward,
     score_at,
 )
-from dynlab.techniques.s2dnas.search import CANDIDATES, SEARCH_STATE, run_search
+from dynlab.techniques.s2dnas.search import ControllerSearch
 from dynlab.techniques.s2dnas.settings import S2DSettings
 
 from .conftest import S2D_SEARCH
@@ -47,14 +51,16 @@ TINY_SEARCH = S2DNASSearchConfig(
 )
 
 
-def search_in(run_dir: Path) -> tuple[S2DNASModule, list[dict[str, Any]]]:
+def search_in(
+    run_dir: Path, val_size: int = 48, groups: int = 4
+) -> tuple[S2DNASModule, list[dict[str, Any]]]:
     """Run the search phase of a digits S2DNAS module in `run_dir`; the module and its records."""
-    datamodule = DigitsDataModule(val_size=48, batch_size=16, eval_batch_size=48)
+    datamodule = DigitsDataModule(val_size=val_size, batch_size=16, eval_batch_size=48)
     module = S2DNASModule(
         BackboneConfig(name="cifar_resnet20"),
         datamodule.info,
         num_stages=2,
-        groups=4,
+        groups=groups,
         search=TINY_SEARCH,
     )
     phase_dir = run_dir / "search"
@@ -221,7 +227,7 @@ def test_tiny_search_on_digits_records_every_candidate_and_grows_the_schedule(
 ) -> None:
     module, records = search_in(tmp_path)
     assert [r["index"] for r in records] == [0, 1, 2, 3]
-    assert [r["iteration"] for r in records] == [0, 0, 1, 1]
+    assert [r["round"] for r in records] == [0, 0, 1, 1]
     for r in records:
         S2DSettings.from_dict(r["settings"]).validate(num_stages=2, num_layer_groups=3, groups=4)
         assert 0 <= r["accuracy"] <= 100 and 0 < r["macs_ratio"] < 1
@@ -267,14 +273,32 @@ def test_killed_search_resumes_with_the_samples_of_an_uninterrupted_one(
     )
 
 
+def test_a_resumed_search_of_other_data_or_space_is_refused_before_a_candidate_trains(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    train = search_module.train_candidate
+    trained = {"n": 0}
+
+    def killed_at_second(*args: Any, **kwargs: Any) -> None:
+        trained["n"] += 1
+        if trained["n"] == 2:
+            raise RuntimeError("killed")
+        train(*args, **kwargs)
+
+    monkeypatch.setattr(search_module, "train_candidate", killed_at_second)
+    with pytest.raises(RuntimeError, match="killed"):
+        search_in(tmp_path)
+    with pytest.raises(SearchMismatch, match=r"\(data.val_size: 48 there, 64 here\); resume it"):
+        search_in(tmp_path, val_size=64)
+    with pytest.raises(SearchMismatch, match=r"\(space.groups: 4 there, 2 here\)"):
+        search_in(tmp_path, groups=2)
+    assert trained["n"] == 2  # refused before any candidate trained
+
+
 def fake_evaluate(settings: S2DSettings, index: int) -> dict[str, Any]:
     """A cheap, deterministic reward standing in for training (it favours late split points)."""
     rank = dist.get_rank() if dist.is_initialized() else 0
-    return {
-        "settings": settings.to_dict(),
-        "reward": sum(settings.split_points[0]) / 10,
-        "rank": rank,
-    }
+    return {"reward": sum(settings.split_points[0]) / 10, "scored_on": rank}
 
 
 def _search_with_fake_rewards(phase_dir: Path) -> list[dict[str, Any]]:
@@ -282,7 +306,8 @@ def _search_with_fake_rewards(phase_dir: Path) -> list[dict[str, Any]]:
     controller = Controller(num_layer_groups=2, num_stages=3, groups=8, hidden_size=16)
     learner = Reinforce(controller, lr=0.01, baseline_decay=0.9, entropy_weight=0.0)
     cfg = S2DNASSearchConfig(iterations=3, candidates_per_iteration=4)
-    return run_search(controller, learner, fake_evaluate, cfg, phase_dir, seed=0)
+    search = ControllerSearch(controller, learner, fake_evaluate, cfg, space={}, data={})
+    return SearchDriver(search, phase_dir, seed=0).run().records
 
 
 def _rank_main(rank: int, world: int, port: int, phase_dir: str, out: str) -> None:
@@ -308,7 +333,8 @@ def test_candidates_are_spread_over_two_gloo_ranks_with_the_single_process_resul
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert ranks[0] == ranks[1]  # every rank ends with the same records (and controller)
     assert [c["tokens"] for c in ranks[0]] == [c["tokens"] for c in single]
-    assert [c["rank"] for c in ranks[0]] == [0, 1] * 6  # candidate j of each round ran on rank j
+    # candidate j of each round ran on rank j
+    assert [c["rank"] for c in ranks[0]] == [c["scored_on"] for c in ranks[0]] == [0, 1] * 6
 
 
 def test_search_killed_in_retrain_2_resumes_there_and_ends_as_an_uninterrupted_one(

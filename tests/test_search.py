@@ -153,7 +153,7 @@ def test_dynlab_search_spreads_candidates_over_two_gloo_processes(tmp_path: Path
         assert json.loads((run / "results.json").read_text())["status"] == "completed"
     assert [c["rank"] for c in ledgers["one"]] == [0, 0, 0, 0]
     assert [c["rank"] for c in ledgers["two"]] == [0, 1, 0, 1]
-    same = ("index", "iteration", "tokens", "settings", "exit_macs")
+    same = ("index", "round", "tokens", "settings", "exit_macs")
     for one, two in zip(ledgers["one"], ledgers["two"], strict=True):
         assert {k: one[k] for k in same} == {k: two[k] for k in same}
         assert one["reward"] == pytest.approx(two["reward"], abs=1e-6)

@@ -37,13 +37,16 @@ from dynlab.search.array import (
     hydra_slurm_launcher,
     map_array,
 )
+from dynlab.search.driver import ARRAY_FOLDER
+from dynlab.search.ledger import RECORDS as CANDIDATES
+from dynlab.search.ledger import STATE as SEARCH_STATE
 from dynlab.techniques.base import Phase, PhaseContext, PhaseKind
 from dynlab.techniques.s2dnas import module as s2dnas_module
 from dynlab.techniques.s2dnas.config import S2DNASSearchConfig
 from dynlab.techniques.s2dnas.module import S2DNASModule
-from dynlab.techniques.s2dnas.search import ARRAY_FOLDER, CANDIDATES, SEARCH_STATE
+from dynlab.validation import build_run
 
-from .conftest import S2D_SEARCH
+from .conftest import S2D_SEARCH, compose_in
 from .test_slurm import JOB_TIMEOUT_S, cluster, dynlab, logs, results, slurm, slurm_env  # noqa: F401
 
 # Array tasks unpickle this module's helpers by value: they need not import the tests package.
@@ -197,6 +200,72 @@ def test_dynlab_search_multirun_on_slurm_submits_its_candidates_from_its_job(
     assert "#SBATCH --job-name=search-candidates" in lines and "#SBATCH --time=20" in lines
 
 
+# A tiny SPOS evolution on digits: 2 generations of 3 candidates of the 5-layer space, scored from
+# the untrained supernet of seed 0 (its supernet phase is not run: scores need not be good, only
+# the same wherever they are computed).
+SPOS_EVOLUTION = [
+    "technique=spos",
+    "backbone=cifar_spos_supernet_tiny",
+    "dataset=digits",
+    "technique.evolution.population=3",
+    "technique.evolution.generations=2",
+    "technique.evolution.parents=2",
+    "technique.evolution.mutations=1",
+    "technique.evolution.crossovers=1",
+    "technique.evolution.recalibration_batches=2",
+    "technique.evolution.recalibration_batch_size=32",
+    "technique.evolution.val_images=100",
+    "seed=0",
+]
+EVOLUTION = Phase("evolution", PhaseKind.custom)
+
+
+def evolution_in(run_dir: Path, *overrides: str) -> list[dict[str, Any]]:
+    """The evolution phase of the tiny SPOS run in `run_dir`, composed with `overrides`; its
+    records."""
+    torch.manual_seed(0)
+    try:
+        datamodule, module = build_run(compose_in([*SPOS_EVOLUTION, *overrides], "search", run_dir))
+        module.start_phase(EVOLUTION)
+        phase_dir = run_dir / "evolution"
+        module.run_custom_phase(EVOLUTION, PhaseContext(run_dir, phase_dir, datamodule, None))
+    finally:
+        HydraConfig.instance().cfg = None
+        GlobalHydra.instance().clear()
+    return json.loads((phase_dir / CANDIDATES).read_text())
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_spos_evolution_on_a_slurm_array_equals_its_in_process_run(
+    cluster: dict[str, str],  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """SPOS on the search driver: launched with `hydra/launcher=slurm`, each generation goes out
+    as one job array, and the records (genes, MACs, origin, parents, val top-1) are those of the
+    same evolution in this process."""
+    in_process = evolution_in(tmp_path / "in_process")
+    assert {r["rank"] for r in in_process} == {0} and "slurm_job" not in in_process[0]
+    monkeypatch.setenv("SLURM_CONF", cluster["SLURM_CONF"])
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    run_dir = tmp_path / "array"
+    launcher = ["hydra/launcher=slurm", "hydra.launcher.timeout_min=10"]
+    records = evolution_in(run_dir, *launcher, f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    submitit = run_dir / "evolution" / ARRAY_FOLDER
+    assert same_part(records) == same_part(in_process), logs(submitit)
+    arrays = [r["slurm_job"].split("_") for r in records]
+    assert len({a for a, _ in arrays[:3]}) == 1 and arrays[3][0] != arrays[0][0]
+    assert [task for _, task in arrays] == ["0", "1", "2"] * 2
+    result = json.loads((run_dir / "evolution" / "search_result.json").read_text())
+    assert (
+        result["architecture"]
+        == json.loads((tmp_path / "in_process" / "evolution" / "search_result.json").read_text())[
+            "architecture"
+        ]
+    )
+
+
 class Faulty:
     """A candidate evaluation whose first attempt at `lost` dies (no result: resubmitted by the
     controller) and whose first attempt at `requeued` waits to be requeued by Slurm."""
@@ -250,16 +319,16 @@ def test_lost_and_requeued_array_tasks_still_complete_every_step(
     run_dir, markers = tmp_path / "run", tmp_path / "markers"
     markers.mkdir()
     submitit = run_dir / "search" / ARRAY_FOLDER
-    search = s2dnas_module.run_search
+    driver = s2dnas_module.SearchDriver
 
-    def faulty_search(
-        controller: Any, reinforce: Any, evaluate: Any, *args: Any, **_: Any
-    ) -> Any:  # the module's own `array` choice is replaced by this test's
-        array = ArrayConfig.from_hydra(submitit, poll_s=1, grace_s=5)
-        faulty = Faulty(evaluate, markers, lost=1, requeued=2)
-        return search(controller, reinforce, faulty, *args, array=array)
+    def faulty_driver(search: Any, phase_dir: Path, seed: int, *_: Any) -> Any:
+        # the module's own placement is replaced by this test's array, its candidates by faulty ones
+        search.evaluate = Faulty(search.evaluate, markers, lost=1, requeued=2)
+        return driver(
+            search, phase_dir, seed, array=ArrayConfig.from_hydra(submitit, poll_s=1, grace_s=5)
+        )
 
-    monkeypatch.setattr(s2dnas_module, "run_search", faulty_search)
+    monkeypatch.setattr(s2dnas_module, "SearchDriver", faulty_driver)
     errors: list[BaseException] = []
     requeuer = threading.Thread(
         target=requeue_when_started, args=(cluster, markers / "2.first", errors), daemon=True

@@ -21,13 +21,13 @@ from dynlab.backbones.spos_shufflenetv2 import MacsTable
 from dynlab.preemption import Preempted
 from dynlab.results import read_results
 from dynlab.runner import run_job
-from dynlab.search import SupernetExits
+from dynlab.search import RESULT, SupernetExits, derived_seed
 from dynlab.search.ledger import RECORDS
 from dynlab.techniques.base import Phase
-from dynlab.techniques.spos import module as spos_module
+from dynlab.techniques.spos import search as spos_search
 from dynlab.techniques.spos.config import EvolutionConfig
 from dynlab.techniques.spos.evolution import space_range_problem
-from dynlab.techniques.spos.module import PATH_STREAM, RESULT
+from dynlab.techniques.spos.module import PATH_STREAM
 from dynlab.validation import ConfigError, build_run, validate_config
 
 from .conftest import compose_in
@@ -73,7 +73,8 @@ def _result(run: Path) -> dict[str, Any]:
 def test_search_finds_a_legal_architecture_within_the_limit(searched: Path) -> None:
     result = _result(searched)
     records = json.loads((searched / "checkpoints" / "evolution" / RECORDS).read_text())
-    assert len(result["arch"]) == 5 and all(0 <= b < 4 for b in result["arch"])
+    assert result["search"] == "spos" and result["architecture"] == result["blocks"]
+    assert len(result["blocks"]) == 5 and all(0 <= b < 4 for b in result["blocks"])
     assert result["mmacs"] <= MAX_MMACS
     assert all(r["macs"] <= MAX_MMACS * 1e6 for r in records)
     # The limit really binds: the space's dearest architecture lies above it.
@@ -91,7 +92,7 @@ def test_search_finds_a_legal_architecture_within_the_limit(searched: Path) -> N
     assert len(table) == 2 + len(front)
     results = read_results(searched)
     assert results["status"] == "completed"
-    assert results["search"]["genes"] == result["genes"]
+    assert results["search"]["architecture"] == result["architecture"]
     # A search-only run is evaluated on the winner cut out of the supernet.
     assert results["exit_macs"][0] == pytest.approx(result["mmacs"] * 1e6)
 
@@ -113,7 +114,7 @@ def test_the_winner_retrained_from_the_search_output_learns_and_costs_what_was_r
     state = torch.load(
         Path(cfg.run_dir) / "checkpoints" / "retrain" / "final.ckpt", weights_only=False
     )
-    assert state["dynlab"]["technique"]["arch"] == _result(searched)["genes"]
+    assert state["dynlab"]["technique"]["arch"] == _result(searched)["architecture"]
     assert not (Path(cfg.run_dir) / "checkpoints" / "supernet").exists()
 
 
@@ -124,7 +125,7 @@ def test_evolution_alone_from_the_supernet_checkpoint_resumes_exactly_after_a_ki
     supernet = searched / "checkpoints" / "supernet" / "final.ckpt"
     overrides = [*SPOS, f"ckpt_path={supernet}", "phase=evolution"]
     killed = tmp_path / "killed"
-    recalibrate = spos_module.recalibrate_bn
+    recalibrate = spos_search.recalibrate_bn
     calls = {"n": 0}
 
     def signalled_at_the_fourth(*args: Any, **kwargs: Any) -> int:
@@ -133,21 +134,19 @@ def test_evolution_alone_from_the_supernet_checkpoint_resumes_exactly_after_a_ki
             os.kill(os.getpid(), signal.SIGUSR1)  # Slurm's warning: stop at the next boundary
         return recalibrate(*args, **kwargs)
 
-    monkeypatch.setattr(spos_module, "recalibrate_bn", signalled_at_the_fourth)
+    monkeypatch.setattr(spos_search, "recalibrate_bn", signalled_at_the_fourth)
     with pytest.raises(Preempted):
         run_job(compose_cfg(overrides, config_name="search", run_dir=killed))
     phase = killed / "checkpoints" / "evolution"
     partial = json.loads((phase / RECORDS).read_text())
     assert [r["index"] for r in partial] == [0, 1, 2, 3]
-    monkeypatch.setattr(spos_module, "recalibrate_bn", recalibrate)
+    monkeypatch.setattr(spos_search, "recalibrate_bn", recalibrate)
     run_job(compose_cfg(overrides, config_name="search", run_dir=killed))
     whole = json.loads((searched / "checkpoints" / "evolution" / RECORDS).read_text())
     resumed = json.loads((phase / RECORDS).read_text())
-    assert [(r["genes"], r["generation"]) for r in resumed] == [
-        (r["genes"], r["generation"]) for r in whole
-    ]
+    assert [(r["genes"], r["round"]) for r in resumed] == [(r["genes"], r["round"]) for r in whole]
     assert [r["top1"] for r in resumed] == pytest.approx([r["top1"] for r in whole], abs=1e-9)
-    assert _result(killed)["genes"] == _result(searched)["genes"]
+    assert _result(killed)["architecture"] == _result(searched)["architecture"]
 
 
 @pytest.mark.slow
@@ -158,7 +157,7 @@ def test_deploy_form_of_the_searched_supernet_equals_its_path(compose_cfg, searc
 
     load_module_state(module, cfg.ckpt_path)
     assert isinstance(module.model, SupernetExits)
-    assert list(module.model.net.path) == _result(searched)["genes"]
+    assert list(module.model.net.path) == _result(searched)["architecture"]
     x = torch.randn(4, 3, 32, 32)
     deployed = module.deploy()
     with torch.no_grad():
@@ -188,7 +187,7 @@ def test_one_path_per_step_and_no_update_off_the_path(compose_cfg) -> None:
 
     trainer.callbacks.append(ResumableLoaderCallback())
     trainer.fit(module, datamodule=datamodule)
-    rng = np.random.default_rng(spos_module.derived_seed(module.seed, PATH_STREAM, 0))
+    rng = np.random.default_rng(derived_seed(module.seed, PATH_STREAM, 0))
     path = module.sampler.sample(rng)
     net = module.model.net
     changed = {n for n, p in module.named_parameters() if not torch.equal(p, before[n])}

@@ -19,12 +19,14 @@ import torch.multiprocessing as mp
 
 from dynlab.backbones import create_backbone
 from dynlab.backbones.spos_shufflenetv2 import MacsTable
+from dynlab.errors import SearchMismatch
 from dynlab.search import Ledger
+from dynlab.search.driver import SearchDriver
 from dynlab.techniques.spos.config import EvolutionConfig
 from dynlab.techniques.spos.evolution import (
+    Evolution,
     best_candidate,
     pareto_front,
-    run_evolution,
     space_range_problem,
     stop_reason,
 )
@@ -47,6 +49,21 @@ def top1_of(genes: tuple[int, ...]) -> dict[str, Any]:
     return {"top1": float(sum(SCORE[i, g] for i, g in enumerate(genes)))}
 
 
+def run_evolution(
+    choices: list[int],
+    macs: Any,
+    evaluate: Any,
+    cfg: EvolutionConfig,
+    phase_dir: Path,
+    seed: int,
+    draw_random: Any = None,
+    search: type[Evolution] = Evolution,
+) -> list[dict[str, Any]]:
+    """The evolution run (or resumed) by the search driver; its records."""
+    evolution = search(choices, macs, evaluate, cfg, draw_random=draw_random)
+    return SearchDriver(evolution, phase_dir, seed).run().records
+
+
 def small(**changes: Any) -> EvolutionConfig:
     """12 a generation, 6 generations, 4 parents, in the MACs window."""
     fields = {"population": 12, "generations": 6, "parents": 4, "mutations": 4, "crossovers": 4}
@@ -56,7 +73,7 @@ def small(**changes: Any) -> EvolutionConfig:
 def by_generation(records: list[dict[str, Any]]) -> dict[int, list[dict[str, Any]]]:
     out: dict[int, list[dict[str, Any]]] = {}
     for r in records:
-        out.setdefault(r["generation"], []).append(r)
+        out.setdefault(r["round"], []).append(r)
     return out
 
 
@@ -64,14 +81,13 @@ def test_evolution_improves_on_its_first_generation_with_only_legal_new_candidat
     tmp_path: Path,
 ) -> None:
     seen: list[tuple[int, list[dict[str, Any]]]] = []
+
+    class Watched(Evolution):
+        def update(self, records: Any) -> None:
+            seen.append((records[0]["round"], list(records)))
+
     records = run_evolution(
-        [CHOICES] * GENES,
-        macs_of,
-        top1_of,
-        small(),
-        tmp_path,
-        seed=0,
-        on_generation=lambda g, rs: seen.append((g, rs)),
+        [CHOICES] * GENES, macs_of, top1_of, small(), tmp_path, seed=0, search=Watched
     )
     generations = by_generation(records)
     assert [g for g, _ in seen] == list(range(6)) and all(len(rs) == 12 for _, rs in seen)
@@ -94,7 +110,7 @@ def test_evolution_improves_on_its_first_generation_with_only_legal_new_candidat
     # Selection pressure: a late generation is better on average than random candidates.
     assert np.mean([r["top1"] for r in last]) > np.mean([r["top1"] for r in first]) + 3.0
     saved = Ledger(tmp_path)
-    assert saved.load() and saved.records == records and saved.state["generation"] == 6
+    assert saved.load() and saved.records == records and saved.state["round"] == 6
     assert stop_reason(tmp_path) is None
 
 
@@ -110,7 +126,7 @@ def test_generations_are_mutants_then_children_then_random_as_the_official_searc
     assert Counter(r["origin"] for r in generations[0]) == {"random": 20}
     changed, genes, from_first = 0, 0, 0
     for g in (1, 2, 3):
-        earlier = [r for r in records if r["generation"] < g]
+        earlier = [r for r in records if r["round"] < g]
         top = sorted(earlier, key=lambda r: (-r["top1"], r["index"]))[:4]
         parents = {r["index"]: r["genes"] for r in top}
         origins = [r["origin"] for r in generations[g]]
@@ -152,12 +168,13 @@ def test_a_killed_search_resumes_exactly(tmp_path: Path, kill_at: int | str) -> 
         calls.append(genes)
         return top1_of(genes)
 
-    def dies_after(generation: int, records: list[dict[str, Any]]) -> None:
-        if f"generation {generation}" == kill_at:
-            raise Killed
+    class DiesAfter(Evolution):
+        def update(self, records: Any) -> None:
+            if f"generation {records[0]['round']}" == kill_at:
+                raise Killed
 
     with pytest.raises(Killed):
-        run_evolution(choices, macs_of, dies, cfg, tmp_path / "killed", 1, on_generation=dies_after)
+        run_evolution(choices, macs_of, dies, cfg, tmp_path / "killed", 1, search=DiesAfter)
     kill_at = -1
     resumed = run_evolution(choices, macs_of, dies, cfg, tmp_path / "killed", seed=1)
     assert resumed == whole
@@ -169,18 +186,19 @@ def test_an_exhausted_space_or_an_empty_window_stops_early_and_says_why(tmp_path
     cfg = EvolutionConfig(population=3, generations=5, parents=2, mutations=1, crossovers=1)
     records = run_evolution([2, 2], lambda g: 0.0, top1_of, cfg, tmp_path / "tiny", seed=0)
     assert sorted(tuple(r["genes"]) for r in records) == [(0, 0), (0, 1), (1, 0), (1, 1)]
-    assert {r["generation"] for r in records} == {0, 1}
+    assert {r["round"] for r in records} == {0, 1}
     reason = stop_reason(tmp_path / "tiny")
     assert reason is not None and reason.startswith("generation 2: no new legal candidate")
     empty = EvolutionConfig(population=4, generations=3, mutations=0, crossovers=0, max_mmacs=1)
     evaluate = lambda g: pytest.fail("an illegal candidate was scored")  # noqa: E731
-    assert run_evolution([3] * 4, macs_of, evaluate, empty, tmp_path / "empty", seed=0) == []
+    with pytest.raises(RuntimeError, match="spos search scored no candidate: generation 0"):
+        run_evolution([3] * 4, macs_of, evaluate, empty, tmp_path / "empty", seed=0)
     reason = stop_reason(tmp_path / "empty")
     assert reason == (
         "generation 0: no new legal candidate in 40 draws (40 outside the MACs window "
         "[min_mmacs=none, max_mmacs=1], 0 seen before)"
     )
-    with pytest.raises(ValueError, match="another search"):
+    with pytest.raises(SearchMismatch, match=r"another search \(seed: 0 there, 1 here\)"):
         run_evolution([3] * 4, macs_of, evaluate, empty, tmp_path / "empty", seed=1)
 
 
@@ -327,7 +345,7 @@ def test_evolution_in_a_narrow_window_of_the_small_space_scores_only_candidates_
     # Every random draw was inside the window: only bred candidates were refused.
     history = Ledger(tmp_path)
     assert history.load()
-    assert history.state["history"][0]["outside"] == 0
+    assert history.state["search"]["history"][0]["outside"] == 0
 
 
 def test_window_emptiness_nearest_and_bounds() -> None:

@@ -51,6 +51,14 @@ class ScheduleName(StrEnum):
     constant = "constant"
 
 
+class CandidatesOn(StrEnum):
+    """Where a search's candidates are scored (dynlab.search.driver)."""
+
+    auto = "auto"  # one Slurm array a round under hydra/launcher=slurm with one rank, else ranks
+    array = "array"  # one Slurm job array a round (dynlab.search.array)
+    ranks = "ranks"  # in this job, spread over its DDP ranks (one process: in process)
+
+
 @dataclass
 class ParamGroupConfig:
     """Parameters whose name matches `pattern` (fnmatch, e.g. `model.classifier.*`) get their own

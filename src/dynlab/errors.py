@@ -40,6 +40,10 @@ class TrainingDiverged(UserError, FloatingPointError):
     """The training loss (or the weights) became non-finite; the run stopped at that step."""
 
 
+class SearchMismatch(UserError, ValueError):
+    """A resumed search whose saved ledger belongs to another search (space, data, settings)."""
+
+
 class ResultsError(UserError, ValueError):
     """A run dir's results.json that cannot be read."""
 

@@ -39,7 +39,7 @@ from dynlab.protocol import StaticExits
 from dynlab.results import update_results
 from dynlab.search import (
     derived_seed,
-    read_result,
+    read_architecture,
     recalibrate_bn,
     seeded,
     write_result,
@@ -136,7 +136,7 @@ class FBNetV2Module(SupernetTechnique):
             raise ValueError(f"fbnetv2 on backbone={backbone.name}: {problem}")
         self.signature = net.signature()
         if choices is None and choices_file is not None:
-            choices = read_result(choices_file, "choices", "fbnetv2 technique.choices_file")
+            choices = read_architecture(choices_file, "fbnetv2 technique.choices_file")
         if choices is not None:
             choices = dict(choices)
             problem = net.choice_problem(choices)
@@ -290,7 +290,13 @@ class FBNetV2Module(SupernetTechnique):
         last = {**self.history[-1], "target_mmacs": self.target_mmacs}
         self.architecture = last["choices"]
         self._recalibrate(self.trainer.datamodule)  # type: ignore[attr-defined]
-        summary = {**last, "history": self.history, "cost": self.cost_kind.value}
+        summary = {
+            "search": "fbnetv2",
+            "architecture": last["choices"],
+            **{k: v for k, v in last.items() if k != "choices"},
+            "history": self.history,
+            "cost": self.cost_kind.value,
+        }
         phase_dir = Path(self.trainer.default_root_dir)  # <run dir>/checkpoints/search
         if rank_and_world_size()[0] == 0:
             path = write_result(phase_dir, summary)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, ClassVar
 
-from dynlab.config import TechniqueConfig, register_schema
+from dynlab.config import CandidatesOn, TechniqueConfig, register_schema
 
 
 class RewardForm(StrEnum):
@@ -34,14 +34,6 @@ class ExitFeatures(StrEnum):
     own = "own"
     # the last feature maps of stages 1..k concatenated (dynlab's earlier default)
     all = "all"
-
-
-class CandidatesOn(StrEnum):
-    """Where a controller step's candidates train."""
-
-    auto = "auto"  # one Slurm array under hydra/launcher=slurm with one rank, else the ranks
-    array = "array"  # one Slurm job array per step (dynlab.search.array)
-    ranks = "ranks"  # in this job, spread over its DDP ranks
 
 
 class SelectBy(StrEnum):

@@ -11,6 +11,7 @@ the retrain phases appear once the search has found its candidates.
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -21,7 +22,8 @@ from dynlab.config import BackboneConfig, OptimConfig
 from dynlab.data.base import DataInfo, DynlabDataModule
 from dynlab.evaluation.macs import count_macs
 from dynlab.results import atomic_write_text
-from dynlab.search import CandidateTrainer, seeded, val_exit_probs
+from dynlab.search import CandidateTrainer, derived_seed, seeded, val_exit_probs
+from dynlab.search.driver import SearchDriver, data_identity
 from dynlab.techniques.base import DynlabModule, Phase, PhaseContext, PhaseKind, dataset_backbone
 from dynlab.techniques.s2dnas.analysis import analyse_backbone
 from dynlab.techniques.s2dnas.config import S2DNASConfig, S2DNASSearchConfig, SelectBy
@@ -32,9 +34,7 @@ from dynlab.techniques.s2dnas.search import (
     CONTROLLER_STREAM,
     RETRAIN_STREAM,
     CandidateEvaluator,
-    derived_seed,
-    run_search,
-    top_candidates,
+    ControllerSearch,
 )
 from dynlab.techniques.s2dnas.settings import S2DSettings, resolve_settings
 
@@ -220,20 +220,31 @@ class S2DNASModule(DynlabModule):
             input_size=self.data_info.input_size,
             static_macs=self._static_macs(),
             cfg=cfg,
-            seed=self.seed,
             trainer=CandidateTrainer.from_trainer_config(
                 ctx.cfg.trainer if ctx.cfg is not None else None
             ),
         )
         reinforce = Reinforce(controller, cfg.controller_lr, cfg.baseline_decay, cfg.entropy_weight)
-        array = {"auto": None, "array": True, "ranks": False}[str(cfg.candidates_on)]
-        candidates = run_search(
-            controller, reinforce, evaluate, cfg, ctx.phase_dir, self.seed, array=array
+        search = ControllerSearch(
+            controller, reinforce, evaluate, cfg, self._space(), data_identity(ctx.datamodule)
         )
-        self.top_k = [
-            {"index": c["index"], "settings": c["settings"], "reward": c["reward"]}
-            for c in top_candidates(candidates, cfg.top_k)
-        ]
+        outcome = SearchDriver(search, ctx.phase_dir, self.seed, cfg.candidates_on).run()
+        self.top_k = outcome.result["top_k"]
+
+    def _space(self) -> dict[str, Any]:
+        """What the search space is: the backbone (trained or not), the stages and groups,
+        what the exits read, the loss weights and the candidates' optimiser."""
+        return {
+            "backbone": self.backbone_cfg.name,
+            "backbone_kwargs": dict(self.backbone_cfg.kwargs),
+            "from_static": self.static_weights is not None,
+            "layer_groups": self.layout.num_layer_groups,
+            "num_stages": self.model.num_stages,
+            "groups": self.groups,
+            "exit_features": self.exit_features,
+            "loss_weights": self.loss_weights,
+            "optim": json.loads(json.dumps(asdict(self.optim), default=str)),
+        }
 
     def _val_score(self, datamodule: DynlabDataModule) -> dict[str, Any]:
         """Val accuracy under dynamic inference, average MACs and reward, as for a candidate."""

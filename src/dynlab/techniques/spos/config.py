@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import ClassVar
 
-from dynlab.config import TechniqueConfig, register_schema
+from dynlab.config import CandidatesOn, TechniqueConfig, register_schema
 
 
 class PathSampler(StrEnum):
@@ -66,6 +66,9 @@ class EvolutionConfig:
     # Val images a candidate is scored on: the first N of the fixed held-out val split (never
     # test); null: all of it.
     val_images: int | None = 8000
+    # Where candidates are scored: this job's ranks, or one Slurm job array a generation (auto: an
+    # array when launched with hydra/launcher=slurm on one rank).
+    candidates_on: CandidatesOn = CandidatesOn.auto
 
     def __post_init__(self) -> None:
         for name in ("population", "generations", "parents", "tries_factor"):

@@ -7,13 +7,12 @@ candidates seen so far breed the next one: `mutations` mutants, `crossovers` chi
 candidates up to `population`. A candidate is legal when its MACs lie in the configured window and
 it was never seen before; illegal ones are never scored.
 
-Pure search logic: the technique passes the MACs of a candidate and its score. Which candidates a
-generation holds, and in what order, does not depend on any score of that generation, so the whole
-list is drawn first (one numpy Generator for the search) and then scored spread over the job's
-ranks (`dynlab.search.evaluate_spread`). The `Ledger` holds every scored candidate and the state
-(generation, its pending list, the Generator's state, the parents), saved after every round and at
-every generation boundary: a killed search resumes with the same candidates in the same order,
-scores each index once overall and ends as an uninterrupted one.
+Pure search logic on the search driver (`dynlab.search.driver`): the technique passes the MACs of a
+candidate and how to score one. Which candidates a generation holds, and in what order, does not
+depend on any score of that generation, so the whole list is drawn first (the driver's numpy
+Generator) and then scored where the run puts candidates (this job's ranks or a Slurm job array);
+the driver's ledger makes a killed search resume with the same candidates in the same order,
+score each index once overall and end as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -21,122 +20,139 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from dynlab.search import Ledger, derived_seed, evaluate_spread
+from dynlab.data.sampling import rank_and_world_size
+from dynlab.search import Ledger
+from dynlab.search.driver import NoCandidates, Search, SearchRNG, settings_identity
 from dynlab.techniques.spos.config import EvolutionConfig
 
 __all__ = [
-    "EVOLUTION_STREAM",
+    "Evolution",
     "best_candidate",
     "pareto_front",
-    "run_evolution",
     "space_range_problem",
     "stop_reason",
 ]
 
 log = logging.getLogger(__name__)
 
-# The seed stream of the search's Generator: derived_seed(seed, EVOLUTION_STREAM).
-EVOLUTION_STREAM = 1
-# Fields the search writes into every record; `evaluate` must not return them.
-RESERVED = frozenset({"index", "rank", "genes", "macs", "generation", "origin", "parents"})
+# Evolution settings that change neither the candidates drawn nor their scores.
+NOT_IDENTITY = ("generations", "candidates_on")
 
 Genes = tuple[int, ...]
 Record = dict[str, Any]
 
 
-def run_evolution(
-    gene_choices: Sequence[int],
-    macs_of: Callable[[tuple[int, ...]], float],
-    evaluate: Callable[[tuple[int, ...]], dict[str, Any]],
-    cfg: EvolutionConfig,
-    phase_dir: Path,
-    seed: int,
-    on_generation: Callable[[int, list[dict[str, Any]]], None] | None = None,
-    draw_random: Callable[[np.random.Generator], Genes] | None = None,
-) -> list[dict[str, Any]]:
-    """Run (or resume) the search in `phase_dir`; every scored candidate's record, by index.
+class Evolution(Search):
+    """The official evolutionary search as a driver's search: a round is a generation.
 
-    `draw_random(rng)` draws a random candidate, e.g. uniformly among those inside the MACs window
-    (`sampling.WindowSampler`); None: every gene uniform. Either way a candidate outside the window
-    is refused, as are mutants and crossover children outside it.
-
-    A record is {"index", "rank", "genes", "macs", "generation", "origin" ("random", "mutation"
-    or "crossover"), "parents" (indices of the records it was bred from), "top1", and the rest of
-    what `evaluate` returned}. `on_generation(generation, its records)` runs on every rank after
-    each generation finished in this call. Why a search stopped early: `stop_reason(phase_dir)`.
+    `evaluate(genes)` scores a candidate (it must return `top1`, the val top-1 in %, and may add
+    fields); `macs_of(genes)` is its MACs; `draw_random(rng)` draws a random candidate, e.g.
+    uniformly among those inside the MACs window (`sampling.WindowSampler`), None: every gene
+    uniform. Either way a candidate outside the window is refused, as are mutants and crossover
+    children outside it. A record is {"genes", "macs", "origin" ("random", "mutation" or
+    "crossover"), "parents" (indices of the records it was bred from), "top1", what `evaluate`
+    added, and the driver's "index", "round" (the generation), "rank" or "slurm_job"}.
     """
-    choices = [int(c) for c in gene_choices]
-    if not choices or min(choices) < 1:
-        raise ValueError(f"spos evolution: every gene needs >= 1 choice, got {choices}")
-    identity = {"gene_choices": choices, "seed": int(seed), "window": _window(cfg)}
-    rng = np.random.default_rng(derived_seed(seed, EVOLUTION_STREAM))
-    ledger = Ledger(phase_dir)
-    if ledger.load():
-        if ledger.state["identity"] != identity:
-            raise ValueError(
-                f"spos evolution: the ledger in {phase_dir} belongs to another search "
-                f"({ledger.state['identity']}, not {identity}); use a new run directory"
-            )
-        rng.bit_generator.state = ledger.state["rng"]
-    else:
-        ledger.state = {
-            "identity": identity,
-            "generation": 0,
-            "first": 0,  # index of the pending generation's first candidate
-            "pending": None,
-            "parents": [],
-            "rng": rng.bit_generator.state,
-            "stopped": None,
-            "history": [],  # per generation: its size by origin and the draws it took
-        }
-    state = ledger.state
 
-    # Exactly `generations` generations are scored and all count (the official loop scores a
-    # further population after its last top-k update, which never enters the top-k).
-    while state["generation"] < cfg.generations and state["stopped"] is None:
-        generation = state["generation"]
-        if state["pending"] is None:
-            by_index = {r["index"]: r for r in ledger.records}
-            parents = [(i, tuple(by_index[i]["genes"])) for i in state["parents"]]
-            seen = {tuple(r["genes"]) for r in ledger.records}
-            pending, stats = _breed(rng, choices, macs_of, cfg, parents, seen, draw_random)
-            state["rng"] = rng.bit_generator.state
-            if not pending:
-                state["stopped"] = (
-                    f"generation {generation}: no new legal candidate in {stats['draws']} draws "
-                    f"({stats['outside']} outside the MACs window {_window_text(cfg)}, "
-                    f"{stats['seen']} seen before)"
-                )
-                log.warning("spos evolution stopped early: %s", state["stopped"])
-                ledger.save()
-                break
-            state["pending"], state["first"] = pending, len(ledger.records)
-            state["history"].append({"generation": generation, **stats})
-            ledger.save()
-        first, pending, done = state["first"], state["pending"], ledger.done()
-        todo = [first + j for j in range(len(pending)) if first + j not in done]
-        scored = partial(_evaluate_pending, evaluate, pending, first, generation)
-        evaluate_spread(todo, scored, ledger)
-        records = ledger.records[first : first + len(pending)]
-        if [r["index"] for r in records] != list(range(first, first + len(pending))):
-            raise RuntimeError(f"spos evolution: ledger in {phase_dir} misses candidates")
+    name, round_name = "spos", "generation"
+
+    def __init__(
+        self,
+        gene_choices: Sequence[int],
+        macs_of: Callable[[Genes], float],
+        evaluate: Callable[[Genes], dict[str, Any]],
+        cfg: EvolutionConfig,
+        space: Mapping[str, Any] | None = None,
+        data: Mapping[str, Any] | None = None,
+        draw_random: Callable[[np.random.Generator], Genes] | None = None,
+    ) -> None:
+        self.choices = [int(c) for c in gene_choices]
+        if not self.choices or min(self.choices) < 1:
+            raise ValueError(
+                f"{self.name} evolution: every gene needs >= 1 choice, got {self.choices}"
+            )
+        self.macs_of, self.evaluate, self.cfg, self.draw_random = (
+            macs_of,
+            evaluate,
+            cfg,
+            draw_random,
+        )
+        self._identity = {
+            "space": {"gene_choices": self.choices, **(space or {})},
+            "data": dict(data or {}),
+            "settings": settings_identity(cfg, *NOT_IDENTITY),
+        }
+        self.history: list[dict[str, Any]] = []  # per generation: its size by origin and draws
+
+    @property
+    def rounds(self) -> int:
+        # Exactly `generations` generations are scored and all count (the official loop scores a
+        # further population after its last top-k update, which never enters the top-k).
+        return self.cfg.generations
+
+    def identity(self) -> dict[str, Any]:
+        return self._identity
+
+    def propose(self, rng: SearchRNG, records: Sequence[Record]) -> list[Record]:
         # Official `update_top_k`: the old top-k plus the new candidates, stably sorted by error,
         # cut to select_num; that is the best `parents` of all scored so far, earlier index first.
-        state["parents"] = [r["index"] for r in _ranked(ledger.records)[: cfg.parents]]
-        state["generation"], state["pending"] = generation + 1, None
-        ledger.save()
-        if on_generation is not None:
-            on_generation(generation, records)
-    return ledger.records
+        parents = [(r["index"], tuple(r["genes"])) for r in _ranked(records)[: self.cfg.parents]]
+        seen = {tuple(r["genes"]) for r in records}
+        pending, stats = _breed(
+            rng.numpy, self.choices, self.macs_of, self.cfg, parents, seen, self.draw_random
+        )
+        if not pending:
+            raise NoCandidates(
+                f"no new legal candidate in {stats['draws']} draws ({stats['outside']} outside "
+                f"the MACs window {_window_text(self.cfg)}, {stats['seen']} seen before)"
+            )
+        self.history.append({"generation": len(self.history), **stats})
+        return pending
+
+    def score(self, candidate: Mapping[str, Any], index: int) -> dict[str, Any]:
+        result = dict(self.evaluate(tuple(candidate["genes"])))
+        if "top1" not in result:
+            raise KeyError(f"{self.name} evolution: evaluate must return 'top1' (val top-1, %)")
+        top1 = float(result["top1"])
+        if not math.isfinite(top1):
+            raise ValueError(
+                f"{self.name} evolution: candidate {index} scored top1={result['top1']}"
+            )
+        return {**result, "top1": top1}
+
+    def update(self, records: Sequence[Record]) -> None:
+        if records and rank_and_world_size()[0] == 0:
+            print(
+                f"[dynlab] {self.name} evolution: generation {records[0]['round']}: "
+                f"{len(records)} candidates, best val top-1 {max(r['top1'] for r in records):.2f}"
+            )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": list(self.history)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.history = list(state["history"])
+
+    def result(self, records: Sequence[Record]) -> dict[str, Any]:
+        """The best candidate (highest val top-1) and the Pareto front of MACs and top-1."""
+        best = best_candidate(records)
+        return {
+            "architecture": list(best["genes"]),
+            "mmacs": best["macs"] / 1e6,
+            "supernet_val_top1": best["top1"],
+            "pareto": [
+                {"genes": list(r["genes"]), "mmacs": r["macs"] / 1e6, "top1": r["top1"]}
+                for r in pareto_front(records)
+            ],
+        }
 
 
-def stop_reason(phase_dir: Path) -> str | None:
+def stop_reason(phase_dir: str | Path) -> str | None:
     """Why the search saved in `phase_dir` stopped before its last generation, else None."""
     ledger = Ledger(phase_dir)
     return ledger.state.get("stopped") if ledger.load() else None
@@ -265,35 +281,6 @@ def _breed(
     # few legal candidates; here it too gives up after tries_factor x (the number wanted) draws.
     fill(cfg.population - len(members), "random", uniform)
     return members, stats
-
-
-def _evaluate_pending(
-    evaluate: Callable[[Genes], dict[str, Any]],
-    pending: list[Record],
-    first: int,
-    generation: int,
-    index: int,
-) -> Record:
-    """Score candidate `index` of the generation whose pending list starts at index `first`."""
-    candidate = pending[index - first]
-    result = dict(evaluate(tuple(candidate["genes"])))
-    clash = RESERVED & result.keys()
-    if clash:
-        raise ValueError(f"spos evolution: evaluate returned reserved fields {sorted(clash)}")
-    if "top1" not in result:
-        raise KeyError("spos evolution: evaluate must return 'top1' (val top-1, %)")
-    top1 = float(result["top1"])
-    if not math.isfinite(top1):
-        raise ValueError(f"spos evolution: candidate {index} scored top1={result['top1']}")
-    return {
-        "genes": list(candidate["genes"]),
-        "macs": candidate["macs"],
-        "generation": generation,
-        "origin": candidate["origin"],
-        "parents": list(candidate["parents"]),
-        **result,
-        "top1": top1,
-    }
 
 
 def _ranked(records: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:

@@ -6,9 +6,10 @@ official code megvii-model/SinglePathOneShot. The search space is the backbone (
 - `supernet` (fit): every step trains one path for the whole global batch; every rank draws the
   same path from (seed, global step), and the choices off the path have no gradient, so SGD gives
   them no momentum and no weight decay (their grads are cleared after DDP's all-reduce);
-- `evolution` (custom): the official evolutionary search under a MACs window; each candidate has
-  its BN statistics recalibrated on a fixed training subset and is scored on the fixed held-out
-  val split (`dynlab.search`), candidates spread over the ranks, checkpointed every round;
+- `evolution` (custom): the official evolutionary search under a MACs window on the search driver
+  (`dynlab.search.driver`); each candidate has its BN statistics recalibrated on a fixed training
+  subset and is scored on the fixed held-out val split, candidates spread over the ranks or sent
+  out as one Slurm job array a generation (`evolution.candidates_on`), checkpointed every round;
 - `retrain` (fit): the winner built standalone with affine BN and trained from scratch.
 `dynlab-search` runs the first two; `technique.arch=[...]` (or `technique.arch_file`) retrains a
 given architecture alone. The deploy form is always a standalone net: the retrained one, or the
@@ -18,7 +19,6 @@ supernet's path cut out with its weights (`SPOSSupernet.child`).
 from __future__ import annotations
 
 import functools
-import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -35,28 +35,19 @@ from dynlab.data.sampling import rank_and_world_size
 from dynlab.logging import log_records
 from dynlab.protocol import StaticExits
 from dynlab.results import atomic_write_text, update_results
-from dynlab.search import (
-    RESULT,
-    SupernetExits,
-    derived_seed,
-    exit_accuracies,
-    read_result,
-    recalibrate_bn,
-    val_exit_probs,
-    write_result,
-)
+from dynlab.search import SupernetExits, derived_seed, read_architecture, recalibrate_bn
+from dynlab.search.driver import Outcome, SearchDriver, data_identity
 from dynlab.techniques.base import Phase, PhaseContext, PhaseKind, dataset_backbone
 from dynlab.techniques.spos.config import EvolutionConfig, SamplerConfig, SPOSConfig
-from dynlab.techniques.spos.evolution import (
-    EVOLUTION_STREAM,  # noqa: F401  (named in the comment on the streams)
-    best_candidate,
-    pareto_front,
-    run_evolution,
-    space_range_problem,
-    stop_reason,
-)
+from dynlab.techniques.spos.evolution import pareto_front, space_range_problem
 from dynlab.techniques.spos.plots import plot_pareto
-from dynlab.techniques.spos.sampling import PathSampler, WindowSampler
+from dynlab.techniques.spos.sampling import PathSampler
+from dynlab.techniques.spos.search import (
+    PathScorer,
+    SPOSEvolution,
+    pareto_markdown,
+    window_sampler,
+)
 from dynlab.techniques.supernet import RETRAIN, SupernetTechnique
 from dynlab.traits import backbone_needed
 
@@ -64,7 +55,7 @@ __all__ = ["SPOSModule"]
 
 SUPERNET, EVOLUTION = "supernet", "evolution"
 # Independent seed streams derived from the technique's seed (`dynlab.search.derived_seed`); the
-# evolution's own is EVOLUTION_STREAM (1).
+# search driver's are 0 (candidates, whose scores draw nothing) and 1 (the evolution's draws).
 PATH_STREAM, VAL_PATH_STREAM, RETRAIN_STREAM = 0, 2, 3
 
 
@@ -108,7 +99,7 @@ class SPOSModule(SupernetTechnique):
         problem = space_range_problem(lo, hi, self.evolution_cfg)
         if problem:
             raise ValueError(problem)
-        self.window = _window_sampler(self.table, self.evolution_cfg)
+        self.window = window_sampler(self.table, self.evolution_cfg)
         self.sampler = PathSampler(self.space, self.table, sampler or SamplerConfig())
         given = _given_arch(arch, arch_file)
         if given is not None:
@@ -193,48 +184,31 @@ class SPOSModule(SupernetTechnique):
     # --- the evolution phase ------------------------------------------------------------------
     def _evolution(self, ctx: PhaseContext) -> None:
         cfg, datamodule = self.evolution_cfg, ctx.datamodule
-        assert isinstance(datamodule, DynlabDataModule)
-        net = self._supernet
-        recalibration = datamodule.stream_loader(self._recalibration_stream(datamodule))
-        val = datamodule.whole_val_loader(cfg.val_images)
-
-        def evaluate(genes: tuple[int, ...]) -> dict[str, Any]:
-            start = time.perf_counter()
-            net.set_path(genes)
-            recalibrate_bn(self.model, recalibration, cfg.recalibration_batches)
-            probs, targets = val_exit_probs(self.model, val)
-            return {
-                "top1": exit_accuracies(probs, targets)[0],
-                "seconds": time.perf_counter() - start,
-            }
-
-        def on_generation(generation: int, records: list[dict[str, Any]]) -> None:
-            if records and _rank_zero():
-                best = max(r["top1"] for r in records)
-                print(
-                    f"[dynlab] spos evolution: generation {generation}: {len(records)} "
-                    f"candidates, best val top-1 {best:.2f}"
-                )
-
-        records = run_evolution(
-            self.space.gene_choices(),
-            self.table.macs,
-            evaluate,
-            cfg,
-            ctx.phase_dir,
-            self.seed,
-            on_generation,
-            self.window.draw if self.window is not None else None,
+        assert isinstance(datamodule, DynlabDataModule) and isinstance(self.model, SupernetExits)
+        scorer = PathScorer(
+            self.model,
+            datamodule,
+            self._recalibration_stream(datamodule),
+            cfg.recalibration_batches,
+            cfg.val_images,
+            str(self.device),
         )
-        if not records:
-            raise RuntimeError(f"spos evolution scored no candidate: {stop_reason(ctx.phase_dir)}")
-        best, front = best_candidate(records), pareto_front(records)
-        self.architecture = tuple(best["genes"])
+        search = SPOSEvolution(
+            self.space,
+            self.table,
+            scorer,
+            cfg,
+            self.signature,
+            data_identity(datamodule),
+            self.window,
+        )
+        outcome = SearchDriver(search, ctx.phase_dir, self.seed, cfg.candidates_on).run()
+        self.architecture = tuple(outcome.result["architecture"])
         # Leave the supernet on the winner with its recalibrated statistics: a search-only run's
         # test evaluation and deploy form are that child.
-        net.set_path(self.architecture)
-        recalibrate_bn(self.model, recalibration, cfg.recalibration_batches)
-        self.search_summary = self._write_search_result(ctx, records, best, front)
+        scorer.use(self.architecture)
+        self.search_summary = {k: v for k, v in outcome.result.items() if k != "pareto"}
+        self._publish_search(ctx, outcome)
 
     def _recalibration_stream(self, datamodule: DynlabDataModule) -> StreamSpec:
         """The fixed training subset every candidate's BN statistics come from: the same images in
@@ -252,62 +226,32 @@ class SPOSModule(SupernetTechnique):
             batch_size=cfg.recalibration_batch_size,
         )
 
-    def _write_search_result(
-        self,
-        ctx: PhaseContext,
-        records: list[dict[str, Any]],
-        best: dict[str, Any],
-        front: list[dict[str, Any]],
-    ) -> dict[str, Any]:
-        """search_result.json and pareto.md (phase dir), the search in results.json,
-        plots/pareto.png and the W&B table of the front."""
-        arch, scales = self.space.split(tuple(best["genes"]))
-        summary = {
-            "genes": list(best["genes"]),
-            "arch": list(arch),
-            "scales": list(scales) if scales is not None else None,
-            "mmacs": best["macs"] / 1e6,
-            "supernet_val_top1": best["top1"],
-            "evaluated": len(records),
-            "space": {
-                "minimum_mmacs": self.table.minimum() / 1e6,
-                "maximum_mmacs": self.table.maximum() / 1e6,
-            },
-            # The MACs window searched and about what share of the space's candidates it holds.
-            "window": {
-                "min_mmacs": self.evolution_cfg.min_mmacs,
-                "max_mmacs": self.evolution_cfg.max_mmacs,
-                "share": self.window.share if self.window is not None else 1.0,
-            },
-            "pareto": [
-                {"genes": list(r["genes"]), "mmacs": r["macs"] / 1e6, "top1": r["top1"]}
-                for r in front
-            ],
-        }
-        if _rank_zero():
-            write_result(ctx.phase_dir, summary)
-            atomic_write_text(ctx.phase_dir / "pareto.md", _pareto_markdown(summary["pareto"]))
-            update_results(ctx.run_dir, search={k: v for k, v in summary.items() if k != "pareto"})
-            plot_pareto(records, front, ctx.run_dir / "plots" / "pareto.png")
-            table = [
-                {"mmacs": r["mmacs"], "top1": r["top1"], "genes": str(r["genes"])}
-                for r in summary["pareto"]
-            ]
-            log_records(
-                ctx.loggers,
-                "spos/pareto",
-                table,
-                "mmacs",
-                "top1",
-                "SPOS Pareto front (supernet val top-1)",
-            )
-            print(_pareto_markdown(summary["pareto"]), end="")
-            print(
-                f"[dynlab] spos search: best {summary['genes']} at {summary['mmacs']:.2f} M MACs, "
-                f"supernet val top-1 {best['top1']:.2f} ({len(records)} candidates); "
-                f"{ctx.phase_dir / RESULT}"
-            )
-        return summary
+    def _publish_search(self, ctx: PhaseContext, outcome: Outcome) -> None:
+        """pareto.md (phase dir), the search in results.json, plots/pareto.png and the W&B table
+        of the front (search_result.json is the driver's)."""
+        if not _rank_zero():
+            return
+        result, front = outcome.result, outcome.result["pareto"]
+        atomic_write_text(ctx.phase_dir / "pareto.md", pareto_markdown(front))
+        update_results(ctx.run_dir, search=self.search_summary)
+        plot_pareto(
+            outcome.records, pareto_front(outcome.records), ctx.run_dir / "plots" / "pareto.png"
+        )
+        table = [{"mmacs": r["mmacs"], "top1": r["top1"], "genes": str(r["genes"])} for r in front]
+        log_records(
+            ctx.loggers,
+            "spos/pareto",
+            table,
+            "mmacs",
+            "top1",
+            "SPOS Pareto front (supernet val top-1)",
+        )
+        print(pareto_markdown(front), end="")
+        print(
+            f"[dynlab] spos search: best {result['architecture']} at {result['mmacs']:.2f} M MACs, "
+            f"supernet val top-1 {result['supernet_val_top1']:.2f} ({result['evaluated']} "
+            f"candidates); {outcome.path}"
+        )
 
     # --- technique state ----------------------------------------------------------------------
     def technique_state(self) -> dict[str, Any]:
@@ -346,35 +290,11 @@ class SPOSModule(SupernetTechnique):
     # --- building -----------------------------------------------------------------------------
 
 
-def _pareto_markdown(front: list[dict[str, Any]]) -> str:
-    """The Pareto front as a markdown table, cheapest first."""
-    lines = ["| M MACs | supernet val top-1 | genes |", "| ---: | ---: | --- |"]
-    lines += [f"| {r['mmacs']:.2f} | {r['top1']:.2f} | {r['genes']} |" for r in front]
-    return "\n".join(lines) + "\n"
-
-
 def _given_arch(arch: list[int] | None, arch_file: str | None) -> tuple[int, ...] | None:
     """The architecture given in the config, or read from a search's search_result.json."""
     if arch is None and arch_file is not None:
-        arch = read_result(arch_file, "genes", "spos technique.arch_file")
+        arch = read_architecture(arch_file, "spos technique.arch_file")
     return tuple(int(g) for g in arch) if arch is not None else None
-
-
-def _window_sampler(table: MacsTable, cfg: EvolutionConfig) -> WindowSampler | None:
-    """The evolution's random draws inside its MACs window (None without one); ValueError naming
-    the nearest candidates when no candidate of the space lies inside it."""
-    if cfg.min_mmacs is None and cfg.max_mmacs is None:
-        return None
-    low, high = (None if b is None else b * 1e6 for b in (cfg.min_mmacs, cfg.max_mmacs))
-    window = WindowSampler(table, low, high)
-    if window.empty():
-        below, above = (f"{m / 1e6:.3f} M" if m is not None else "none" for m in window.nearest())
-        raise ValueError(
-            f"spos evolution: no architecture of the space has its MACs inside the window "
-            f"[min_mmacs={cfg.min_mmacs}, max_mmacs={cfg.max_mmacs}] (the nearest have about "
-            f"{below} below and {above} above); widen evolution.min_mmacs/max_mmacs"
-        )
-    return window
 
 
 def _not_a_supernet(name: str) -> str:

@@ -29,7 +29,7 @@ def plot_pareto(
     points = ax.scatter(
         [r["macs"] / 1e6 for r in records],
         [r["top1"] for r in records],
-        c=[r.get("generation", 0) for r in records],
+        c=[r.get("round", 0) for r in records],
         cmap="viridis",
         s=14,
         alpha=0.8,
