@@ -7,15 +7,17 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
 import torch
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from dynlab.apps._hydra import CONFIG_MODULE
+from dynlab.config import TechniqueConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -73,6 +75,17 @@ def compose_in(overrides: list[str], config_name: str, run_dir: Path) -> DictCon
     with open_dict(cfg):
         del cfg.hydra
     return cfg
+
+
+Schema = TypeVar("Schema", bound=TechniqueConfig)
+
+
+def technique_config(schema: type[Schema], seed: int = 0, **fields: Any) -> Schema:
+    """A technique's typed config as `build_module` hands it to the module: the schema's defaults
+    with `fields` (type-checked), `${seed}` resolved to `seed`."""
+    root = OmegaConf.create({"seed": seed})
+    root.technique = OmegaConf.merge(OmegaConf.structured(schema), fields)
+    return OmegaConf.to_object(root.technique)  # type: ignore[return-value]
 
 
 @pytest.fixture

@@ -21,9 +21,10 @@ from dynlab.nn.dynamic import FReLU, WeightNetConv
 from dynlab.nn.reparam import ACBlock, RepVGGBlock
 from dynlab.protocol import StaticExits
 from dynlab.techniques.s2dnas.analysis import UnsupportedBackboneError
+from dynlab.techniques.s2dnas.config import S2DNASConfig
 from dynlab.techniques.s2dnas.module import S2DNASModule
 from dynlab.validation import ConfigError, check_input_size, validate_config
-from tests.conftest import REPO, TINY
+from tests.conftest import REPO, TINY, technique_config
 from tests.test_fits import LEARN, _fit
 from tests.test_reparam_blocks import inputs, randomize
 
@@ -148,7 +149,7 @@ def test_s2dnas_stages_the_blocks_and_merges_them_stage_by_stage(name, conv, act
     def s2d(conv: str) -> S2DNASModule:
         torch.manual_seed(0)
         backbone = BackboneConfig(name=name, kwargs={"conv": conv, "act": act})
-        return S2DNASModule(backbone, DIGITS, **settings)
+        return S2DNASModule(technique_config(S2DNASConfig, **settings), backbone, DIGITS)
 
     net = randomize(s2d(conv).model, seed=3).double()
     deployed = net.deploy()
@@ -168,7 +169,7 @@ def test_s2dnas_stages_the_blocks_and_merges_them_stage_by_stage(name, conv, act
 def test_s2dnas_refuses_weightnet_by_name() -> None:
     backbone = BackboneConfig(name="cifar_resnet20", kwargs={"conv": "weightnet"})
     with pytest.raises(UnsupportedBackboneError, match="'stages.0.0.conv1' is WeightNet"):
-        S2DNASModule(backbone, DIGITS)
+        S2DNASModule(technique_config(S2DNASConfig), backbone, DIGITS)
 
 
 @pytest.mark.slow

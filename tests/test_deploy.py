@@ -19,12 +19,19 @@ from dynlab.evaluation.early_exit import early_exit_predict
 from dynlab.nn.fuse import conv_bn_pairs, fold_batchnorm
 from dynlab.protocol import DynamicNet, StaticExits
 from dynlab.techniques.base import DynlabModule
+from dynlab.techniques.baseline.config import BaselineConfig
 from dynlab.techniques.baseline.module import BaselineModule
+from dynlab.techniques.s2dnas.config import S2DNASConfig
 from dynlab.techniques.s2dnas.module import S2DNASModule
 
-from .conftest import TINY, run_cli
+from .conftest import TINY, run_cli, technique_config
 
 INFO = DataInfo("synthetic", 10, (3, 32, 32))
+
+
+def baseline(backbone: str = "cifar_resnet20") -> BaselineModule:
+    """An untrained baseline module on `backbone`, with the schema's defaults."""
+    return BaselineModule(BaselineConfig(), BackboneConfig(name=backbone), INFO)
 
 
 def trained(module: DynlabModule, steps: int = 2) -> DynlabModule:
@@ -95,7 +102,7 @@ def assert_deploy_form(module: DynlabModule) -> nn.Module:
 )
 def test_baseline_deploy_form_folds_every_norm(backbone: str) -> None:
     torch.manual_seed(0)
-    module = trained(BaselineModule(BackboneConfig(name=backbone), INFO))
+    module = trained(baseline(backbone))
     deployed = assert_deploy_form(module)
     assert isinstance(deployed, StaticExits)
 
@@ -104,7 +111,7 @@ def test_sync_batchnorm_folds_like_batchnorm() -> None:
     """`trainer.sync_batchnorm=true` (Lightning converts every BatchNorm to SyncBatchNorm) must
     not leave norms in the deploy form."""
     torch.manual_seed(0)
-    module = trained(BaselineModule(BackboneConfig(name="cifar_resnet20"), INFO))
+    module = trained(baseline())
     module.model = nn.SyncBatchNorm.convert_sync_batchnorm(module.model).eval()
     assert any(isinstance(m, nn.SyncBatchNorm) for m in module.model.modules())
     assert_deploy_form(module)
@@ -113,9 +120,8 @@ def test_sync_batchnorm_folds_like_batchnorm() -> None:
 @pytest.mark.parametrize("backbone", ["cifar_resnet20", "cifar_mobilenetv2"])
 def test_s2dnas_deploy_form_folds_norms_into_each_stage_block(backbone: str) -> None:
     torch.manual_seed(0)
-    module = S2DNASModule(
-        BackboneConfig(name=backbone), INFO, split_points=[[2, 5]], concat=[[True], [False]]
-    )
+    config = technique_config(S2DNASConfig, split_points=[[2, 5]], concat=[[True], [False]])
+    module = S2DNASModule(config, BackboneConfig(name=backbone), INFO)
     deployed = assert_deploy_form(trained(module))
     assert deployed.settings == module.model.settings and deployed.num_stages == 3
     assert deployed.programs is not None and module.model.programs is None  # flat stage programs
@@ -149,7 +155,7 @@ def test_only_norms_reading_a_conv_alone_are_folded() -> None:
 
 
 def test_the_training_form_keeps_training_after_deploy() -> None:
-    module = trained(BaselineModule(BackboneConfig(name="cifar_resnet20"), INFO)).train()
+    module = trained(baseline()).train()
     module.deploy()
     assert module.model.training and norms(module.model) == 21
     assert all(p.requires_grad for p in module.model.parameters())
@@ -169,7 +175,7 @@ class NormSpy(pl.Callback):
 
 
 def test_the_test_loop_runs_on_the_deploy_form_and_restores_the_training_form() -> None:
-    module = trained(BaselineModule(BackboneConfig(name="cifar_resnet20"), INFO))
+    module = trained(baseline())
     training_form = module.model
     x, y = inputs(16, seed=4), torch.randint(0, 10, (16,))
     spy = NormSpy()

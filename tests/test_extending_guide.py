@@ -151,6 +151,7 @@ def test_cascade_answers_the_dynamic_model_protocol(mylab: Path) -> None:
 def test_check_run_says_what_the_guide_shows(mylab: Path) -> None:
     """The guide's example error line is the cascade's `check_run` message."""
     from mylab.cascade import CascadeModule
+    from mylab.config import CascadeConfig
 
     shown = next(
         line
@@ -159,7 +160,9 @@ def test_check_run_says_what_the_guide_shows(mylab: Path) -> None:
         if line.startswith("dynlab-train: error: technique=cascade")
     )
     module = CascadeModule(
-        BackboneConfig(name="cifar_resnet20"), DataInfo("arrays", 10, (1, 8, 8)), small_from_epoch=5
+        CascadeConfig(small_from_epoch=5),
+        BackboneConfig(name="cifar_resnet20"),
+        DataInfo("arrays", 10, (1, 8, 8)),
     )
     with pytest.raises(ValueError) as err:
         module.check_run(OmegaConf.create({"trainer": {"max_epochs": 5}}))

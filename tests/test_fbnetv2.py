@@ -266,10 +266,11 @@ def test_the_architecture_loss_is_fbnets_unless_a_target_is_set(compose_cfg) -> 
     draws from (seed, step)."""
     ce, cost = torch.tensor(1.1), torch.tensor(3e6, dtype=torch.float64)
     _, module = build_run(compose_cfg(FBNET))
-    assert module.target_mmacs is None
+    assert module.config.target_mmacs is None
     assert module.arch_loss(ce, cost) == search_loss(ce, cost, 0.2, 0.6)
     _, module = build_run(compose_cfg([*FBNET, "technique.target_mmacs=1.5"]))
-    assert (module.target_mmacs, module.target_weight, module.target_samples) == (1.5, 1.0, 32)
+    config = module.config
+    assert (config.target_mmacs, config.target_weight, config.target_samples) == (1.5, 1.0, 32)
     loss = module.arch_loss(ce, cost)
     assert loss == module.arch_loss(ce, cost)  # the same draws at the same step
     assert 1.1 < float(loss.detach()) < 1.1 + 1.0

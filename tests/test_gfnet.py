@@ -10,14 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
 
 from dynlab import checkpointing as ckpt
 from dynlab import runner
 from dynlab.backbones import create_backbone
-from dynlab.building import constructor_node
+from dynlab.building import technique_config
 from dynlab.data.base import DataInfo
 from dynlab.evaluation.macs import count_macs
 from dynlab.preemption import Preempted, PreemptionHandler
@@ -339,10 +338,9 @@ def test_presets_compose_and_validate(compose_cfg, preset):
 
 def _imagenet_module(compose_cfg, preset: str) -> GFNetModule:
     cfg = compose_cfg([f"+experiment=gfnet/{preset}"])
-    node = constructor_node(cfg, "technique", "phases")
-    backbone = OmegaConf.to_object(cfg.backbone)
-    module = instantiate(node, backbone=backbone, data_info=IMAGENET, _convert_="object")
-    module.set_recipes(OmegaConf.to_object(cfg.technique.phases))
+    config = technique_config(cfg)
+    module = GFNetModule(config, OmegaConf.to_object(cfg.backbone), IMAGENET)
+    module.set_recipes(config.phases)
     return module
 
 
@@ -370,7 +368,7 @@ def test_mobilenet_preset_fine_tunes_the_glance_first_and_cascades(compose_cfg):
     module = _imagenet_module(compose_cfg, "mobilenetv3_p96_imagenet")
     net = module.model
     assert [p.name for p in module.phases("train")] == ["glance", "stage_1", "stage_2", "stage_3"]
-    assert module.recipe("glance").epochs == 30 and module.dsn_weight == 5.0
+    assert module.recipe("glance").epochs == 30 and module.config.dsn_weight == 5.0
     # configs.py: 1280 pooled features, a 960-channel 3x3 map read through a 1x1 conv to 32.
     assert [fc.in_features for fc in net.classifier.fcs] == [1280 * 2, 1280 * 3]
     assert net.policy.encoder[0].in_channels == 960 and net.policy.encoder[3].in_features == 32 * 9

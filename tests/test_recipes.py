@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import inspect
 import math
+import typing
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
 import torch
+from hydra.utils import get_class
 from pytorch_lightning.strategies import DDPStrategy
 from torch import Tensor, nn
 
@@ -29,6 +31,7 @@ from dynlab.optim import build_optimizer, lr_lambda, parameter_groups
 from dynlab.protocol import StaticExits
 from dynlab.runner import build_trainer, run_job
 from dynlab.techniques.base import DynlabModule, Phase, assign_parameters
+from dynlab.techniques.baseline.config import BaselineConfig
 from dynlab.validation import ConfigError, validate_config
 
 from .conftest import TINY
@@ -214,7 +217,7 @@ class TwoOptimisers(DynlabModule):
     """Alternates two optimisers over body and head, as FBNetV2's weights and architecture."""
 
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__(BaselineConfig())  # the optimisers are the recipe's
         self.automatic_optimization = False
         torch.manual_seed(0)
         self.model = StaticExits(
@@ -301,7 +304,7 @@ def test_ema_averages_weights_and_copies_masks(compose_cfg, tmp_path):
     data = SyntheticDataModule(
         num_train=80, num_test=16, val_size=16, batch_size=16, image_size=8, seed=0
     )
-    module = DynlabModule(OptimConfig(lr=0.05, schedule="constant"))
+    module = DynlabModule(BaselineConfig(optim=OptimConfig(lr=0.05, schedule="constant")))
     torch.manual_seed(0)
     module.model = StaticExits(nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 10)))
     module.model.register_buffer("mask", torch.zeros(()))
@@ -322,7 +325,7 @@ def test_ema_averages_weights_and_copies_masks(compose_cfg, tmp_path):
 
 
 def _with_ema() -> DynlabModule:
-    module = DynlabModule(OptimConfig(lr=0.05))
+    module = DynlabModule(BaselineConfig(optim=OptimConfig(lr=0.05)))
     torch.manual_seed(0)
     module.model = StaticExits(nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 10)))
     module.set_recipes({"train": PhaseRecipe(epochs=2, ema=EMAConfig(decay=0.7))})
@@ -347,12 +350,24 @@ def test_dataset_schema_defaults_match_the_datamodule(name):
             assert defaults[param.name] == param.default, (name, param.name)
 
 
+@pytest.mark.parametrize("name", sorted(SCHEMAS["technique"]))
+def test_technique_modules_take_their_schema_object_without_defaults(name):
+    """A technique's defaults are written once, in its schema: its module's constructor takes the
+    schema's object, the backbone and the dataset's info, none of them with a default."""
+    schema = SCHEMAS["technique"][name]
+    init = get_class(schema._target_).__init__
+    params = list(inspect.signature(init).parameters.values())[1:]
+    assert [p.name for p in params] == ["config", "backbone", "data_info"]
+    assert all(p.default is inspect.Parameter.empty for p in params)
+    assert typing.get_type_hints(init)["config"] is schema
+
+
 # --- extra train streams ------------------------------------------------------------------------
 class TwoStreams(DynlabModule):
     """Trains on FBNetV2's split: weights on one stream, a second stream alongside."""
 
     def __init__(self) -> None:
-        super().__init__(OptimConfig(lr=0.05))
+        super().__init__(BaselineConfig(optim=OptimConfig(lr=0.05)))
         self.model = StaticExits(nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 10)))
         self.seen: list[tuple[str, ...]] = []
 

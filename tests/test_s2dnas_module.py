@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -20,10 +21,15 @@ from dynlab.techniques.s2dnas.config import S2DNASConfig, S2DNASSearchConfig
 from dynlab.techniques.s2dnas.layers import StageRun
 from dynlab.techniques.s2dnas.module import S2DNASModule
 from dynlab.techniques.s2dnas.settings import SettingsError
-from tests.conftest import TINY
+from tests.conftest import TINY, technique_config
 
 DIGITS = DataInfo("digits", 10, (3, 32, 32))
 RESNET20 = BackboneConfig(name="cifar_resnet20")
+
+
+def s2dnas(backbone: BackboneConfig = RESNET20, **fields: Any) -> S2DNASModule:
+    """An S2DNAS module for digits from its typed config: the schema's defaults with `fields`."""
+    return S2DNASModule(technique_config(S2DNASConfig, **fields), backbone, DIGITS)
 
 
 def test_config_builds_the_module_and_bad_settings_fail_before_training(compose_cfg) -> None:
@@ -47,18 +53,18 @@ def test_presets_compose_into_valid_s2dnas_configs(compose_cfg, preset: str) -> 
 
 
 def test_exit_losses_weight_each_exit() -> None:
-    module = S2DNASModule(RESNET20, DIGITS, loss_weights=[0.0, 0.5, 2.0])
+    module = s2dnas(loss_weights=[0.0, 0.5, 2.0])
     logits = [torch.randn(4, 10) for _ in range(3)]
     y = torch.tensor([0, 1, 2, 3])
     expected = 0.5 * F.cross_entropy(logits[1], y) + 2.0 * F.cross_entropy(logits[2], y)
     torch.testing.assert_close(module.exit_losses(logits, y), expected)
     with pytest.raises(ValueError, match="2 loss_weights for 3 stages"):
-        S2DNASModule(RESNET20, DIGITS, loss_weights=[1.0, 1.0])
+        s2dnas(loss_weights=[1.0, 1.0])
 
 
 def test_technique_state_rebuilds_the_network_before_its_weights_load() -> None:
-    trained = S2DNASModule(RESNET20, DIGITS, split_points=[[1, 3]], concat=[[False], [True]]).eval()
-    fresh = S2DNASModule(RESNET20, DIGITS).eval()
+    trained = s2dnas(split_points=[[1, 3]], concat=[[False], [True]]).eval()
+    fresh = s2dnas().eval()
     fresh.load_technique_state(trained.technique_state())
     fresh.load_state_dict(trained.state_dict())
     assert fresh.model.settings == trained.model.settings
@@ -71,16 +77,16 @@ def test_init_from_a_static_checkpoint_slices_its_weights(tmp_path: Path) -> Non
     path = tmp_path / "baseline.ckpt"
     torch.save({"state_dict": {f"model.net.{k}": v for k, v in static.state_dict().items()}}, path)
     x = torch.randn(2, 3, 32, 32)
-    one_stage = S2DNASModule(RESNET20, DIGITS, num_stages=1, init_from=str(path)).eval()
+    one_stage = s2dnas(num_stages=1, init_from=str(path)).eval()
     with torch.no_grad():
         torch.testing.assert_close(one_stage(x), static(x), rtol=1e-5, atol=1e-5)
-    three = S2DNASModule(RESNET20, DIGITS, init_from=str(path), split_points=[[2, 5]])
+    three = s2dnas(init_from=str(path), split_points=[[2, 5]])
     stem = three.model.backbone.stem[0]
     torch.testing.assert_close(
         stem.weights[1], static.stem[0].weight[4:10]
     )  # stage 2: groups 2..4 of 16
     with pytest.raises(ValueError, match="do not fit backbone cifar_resnet32"):
-        S2DNASModule(BackboneConfig(name="cifar_resnet32"), DIGITS, init_from=str(path))
+        s2dnas(BackboneConfig(name="cifar_resnet32"), init_from=str(path))
 
 
 def test_search_schedule_runs_end_to_end_and_keeps_the_best_retrained_network(
@@ -111,7 +117,7 @@ def test_search_schedule_runs_end_to_end_and_keeps_the_best_retrained_network(
 
 
 def test_search_needs_more_than_one_stage() -> None:
-    module = S2DNASModule(RESNET20, DIGITS, num_stages=1, search=S2DNASSearchConfig())
+    module = s2dnas(num_stages=1, search=S2DNASSearchConfig())
     assert [p.name for p in module.phases("train")] == ["train"]
     with pytest.raises(ValueError, match="num_stages >= 2"):
         module.phases("search")
@@ -122,13 +128,13 @@ def test_exits_read_their_own_stage_or_all_earlier_stages() -> None:
     its head is as wide as stage k's last map; `all`: stages 1..k. The last head starts from the
     static classifier's columns in both."""
     static = create_backbone("cifar_resnet20", num_classes=10, in_chans=3)
-    own = S2DNASModule(RESNET20, DIGITS, split_points=[[2, 5]]).model
-    every = S2DNASModule(RESNET20, DIGITS, split_points=[[2, 5]], exit_features="all").model
+    own = s2dnas(split_points=[[2, 5]]).model
+    every = s2dnas(split_points=[[2, 5]], exit_features="all").model
     bounds = own.plan.out_bounds  # 64 channels cut at groups 2 and 5 of 8: 16, 24, 24
     assert [h.in_features for h in own.heads] == [hi - lo for lo, hi in bounds] == [16, 24, 24]
     assert [h.in_features for h in every.heads] == [16, 40, 64]
     assert own.exit_macs((3, 32, 32))[0] < every.exit_macs((3, 32, 32))[-1]
-    one = S2DNASModule(RESNET20, DIGITS, num_stages=1, exit_features="own").model
+    one = s2dnas(num_stages=1, exit_features="own").model
     assert one.heads[0].in_features == static.get_classifier().in_features
     # exit 2 of `own` ignores stage 1's pooled features: perturbing them leaves it unchanged
     run = StageRun(torch.randn(2, 3, 32, 32))
@@ -143,10 +149,10 @@ def test_exits_read_their_own_stage_or_all_earlier_stages() -> None:
 
 
 def test_checkpoints_from_before_per_stage_exits_load_as_all(tmp_path: Path) -> None:
-    old = S2DNASModule(RESNET20, DIGITS, split_points=[[2, 5]], exit_features="all").eval()
+    old = s2dnas(split_points=[[2, 5]], exit_features="all").eval()
     state = old.technique_state()
     del state["exit_features"]  # what a checkpoint written before the option holds
-    fresh = S2DNASModule(RESNET20, DIGITS).eval()
+    fresh = s2dnas().eval()
     fresh.load_technique_state(state)
     fresh.load_state_dict(old.state_dict())
     x = torch.randn(2, 3, 32, 32)
@@ -155,13 +161,11 @@ def test_checkpoints_from_before_per_stage_exits_load_as_all(tmp_path: Path) -> 
 
 def test_a_search_that_needs_a_static_model_is_refused_without_one(tmp_path: Path) -> None:
     search = S2DNASSearchConfig(require_static=True)
-    module = S2DNASModule(RESNET20, DIGITS, search=search)
+    module = s2dnas(search=search)
     with pytest.raises(ValueError, match="technique.init_from=<static run>"):
         module.check_run(OmegaConf.create({"mode": "search"}))
     module.check_run(OmegaConf.create({"mode": "train"}))  # training given settings: no search
     static = create_backbone("cifar_resnet20", num_classes=10, in_chans=3)
     torch.save(static.state_dict(), tmp_path / "static.pt")
-    with_static = S2DNASModule(
-        RESNET20, DIGITS, search=search, init_from=str(tmp_path / "static.pt")
-    )
+    with_static = s2dnas(search=search, init_from=str(tmp_path / "static.pt"))
     with_static.check_run(OmegaConf.create({"mode": "search"}))

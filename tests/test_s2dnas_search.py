@@ -29,7 +29,12 @@ from dynlab.search.ledger import RECORDS as CANDIDATES
 from dynlab.search.ledger import STATE as SEARCH_STATE
 from dynlab.techniques.base import Phase, PhaseContext, PhaseKind
 from dynlab.techniques.s2dnas import search as search_module
-from dynlab.techniques.s2dnas.config import ExitRule, RewardForm, S2DNASSearchConfig
+from dynlab.techniques.s2dnas.config import (
+    ExitRule,
+    RewardForm,
+    S2DNASConfig,
+    S2DNASSearchConfig,
+)
 from dynlab.techniques.s2dnas.controller import Controller, Reinforce
 from dynlab.techniques.s2dnas.module import S2DNASModule
 from dynlab.techniques.s2dnas.reward import (
@@ -42,7 +47,7 @@ from dynlab.techniques.s2dnas.reward import (
 from dynlab.techniques.s2dnas.search import ControllerSearch
 from dynlab.techniques.s2dnas.settings import S2DSettings
 
-from .conftest import S2D_SEARCH
+from .conftest import S2D_SEARCH, technique_config
 
 SEARCH_PHASES = ("search", "retrain_1")
 DIGITS = DataInfo("digits", 10, (3, 32, 32))
@@ -56,13 +61,8 @@ def search_in(
 ) -> tuple[S2DNASModule, list[dict[str, Any]]]:
     """Run the search phase of a digits S2DNAS module in `run_dir`; the module and its records."""
     datamodule = DigitsDataModule(val_size=val_size, batch_size=16, eval_batch_size=48)
-    module = S2DNASModule(
-        BackboneConfig(name="cifar_resnet20"),
-        datamodule.info,
-        num_stages=2,
-        groups=groups,
-        search=TINY_SEARCH,
-    )
+    config = technique_config(S2DNASConfig, num_stages=2, groups=groups, search=TINY_SEARCH)
+    module = S2DNASModule(config, BackboneConfig(name="cifar_resnet20"), datamodule.info)
     phase_dir = run_dir / "search"
     module.start_phase(Phase("search", PhaseKind.custom))
     module.run_custom_phase(
@@ -117,8 +117,9 @@ def test_per_stage_thresholds_change_which_exit_samples_take() -> None:
 def test_a_threshold_list_of_the_wrong_length_is_refused_before_training() -> None:
     probs, targets = three_exit_probs()
     two = S2DNASSearchConfig(threshold=[0.5, 0.95])
+    config = technique_config(S2DNASConfig, num_stages=4, search=two)
     with pytest.raises(ValueError, match=r"has 2 values for 4 stages: give one per early exit"):
-        S2DNASModule(BackboneConfig(name="cifar_resnet20"), DIGITS, num_stages=4, search=two)
+        S2DNASModule(config, BackboneConfig(name="cifar_resnet20"), DIGITS)
     with pytest.raises(ValueError, match=r"search.threshold has 1 values for 3 stages"):
         dynamic_score(probs, targets, MACS3, STATIC3, S2DNASSearchConfig(threshold=[0.9]))
     with pytest.raises(ValueError, match=r"search.threshold must be in \(0, 1\]"):
@@ -199,9 +200,8 @@ def test_the_test_loop_reports_early_exit_at_the_val_thresholds() -> None:
         num_train=32, num_test=40, val_size=24, batch_size=16, eval_batch_size=64
     )
     cfg = S2DNASSearchConfig(exit_rule=ExitRule.searched, cost_weight=0.1)
-    module = S2DNASModule(
-        BackboneConfig(name="cifar_resnet20"), datamodule.info, num_stages=3, groups=4, search=cfg
-    )
+    config = technique_config(S2DNASConfig, num_stages=3, groups=4, search=cfg)
+    module = S2DNASModule(config, BackboneConfig(name="cifar_resnet20"), datamodule.info)
     trainer = pl.Trainer(
         accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
     )

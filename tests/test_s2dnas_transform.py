@@ -13,11 +13,14 @@ from dynlab.config import BackboneConfig
 from dynlab.data.base import DataInfo
 from dynlab.evaluation.macs import count_macs
 from dynlab.techniques.s2dnas.analysis import UnsupportedBackboneError, analyse_backbone
+from dynlab.techniques.s2dnas.config import S2DNASConfig
 from dynlab.techniques.s2dnas.layers import StagedBatchNorm2d, StagedConv2d, StageRun
 from dynlab.techniques.s2dnas.model import S2DNet
 from dynlab.techniques.s2dnas.module import S2DNASModule
 from dynlab.techniques.s2dnas.settings import S2DSettings, SettingsError, resolve_settings
 from dynlab.techniques.s2dnas.transform import stage_bounds
+
+from .conftest import technique_config
 
 SIZE = (3, 32, 32)
 DIGITS = DataInfo("digits", 10, SIZE)
@@ -224,9 +227,8 @@ def test_s2dnas_builds_with_different_split_points_per_layer_group(
     """The build-time check (stages == masked backbone) passes with every layer group cut at its
     own points, and every BN takes its own group's points."""
     points = POINTS[: len(sizes)]
-    module = S2DNASModule(
-        BackboneConfig(name=name, kwargs=kwargs), DIGITS, groups=8, split_points=points
-    )
+    config = technique_config(S2DNASConfig, groups=8, split_points=points)
+    module = S2DNASModule(config, BackboneConfig(name=name, kwargs=kwargs), DIGITS)
     layout, net = module.layout, module.model
     assert layout.group_sizes == tuple(tuple(MAPS[n] for n in group) for group in sizes)
     for norm in layout.norms:

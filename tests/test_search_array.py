@@ -42,11 +42,11 @@ from dynlab.search.ledger import RECORDS as CANDIDATES
 from dynlab.search.ledger import STATE as SEARCH_STATE
 from dynlab.techniques.base import Phase, PhaseContext, PhaseKind
 from dynlab.techniques.s2dnas import module as s2dnas_module
-from dynlab.techniques.s2dnas.config import S2DNASSearchConfig
+from dynlab.techniques.s2dnas.config import S2DNASConfig, S2DNASSearchConfig
 from dynlab.techniques.s2dnas.module import S2DNASModule
 from dynlab.validation import build_run
 
-from .conftest import S2D_SEARCH, compose_in
+from .conftest import S2D_SEARCH, compose_in, technique_config
 from .test_slurm import JOB_TIMEOUT_S, cluster, dynlab, logs, results, slurm, slurm_env  # noqa: F401
 
 # Array tasks unpickle this module's helpers by value: they need not import the tests package.
@@ -61,9 +61,8 @@ def search_in(run_dir: Path) -> list[dict[str, Any]]:
     """The search phase of a tiny digits S2DNAS run in `run_dir`; its records."""
     torch.manual_seed(0)
     datamodule = DigitsDataModule(val_size=48, batch_size=16, eval_batch_size=48)
-    module = S2DNASModule(
-        BackboneConfig(name="cifar_resnet20"), datamodule.info, num_stages=2, groups=4, search=TINY
-    )
+    config = technique_config(S2DNASConfig, num_stages=2, groups=4, search=TINY)
+    module = S2DNASModule(config, BackboneConfig(name="cifar_resnet20"), datamodule.info)
     module.start_phase(SEARCH)
     module.run_custom_phase(SEARCH, PhaseContext(run_dir, run_dir / "search", datamodule, None))
     return json.loads((run_dir / "search" / CANDIDATES).read_text())

@@ -187,7 +187,7 @@ def test_one_path_per_step_and_no_update_off_the_path(compose_cfg) -> None:
 
     trainer.callbacks.append(ResumableLoaderCallback())
     trainer.fit(module, datamodule=datamodule)
-    rng = np.random.default_rng(derived_seed(module.seed, PATH_STREAM, 0))
+    rng = np.random.default_rng(derived_seed(module.config.seed, PATH_STREAM, 0))
     path = module.sampler.sample(rng)
     net = module.model.net
     changed = {n for n, p in module.named_parameters() if not torch.equal(p, before[n])}

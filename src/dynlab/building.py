@@ -10,10 +10,10 @@ import copy
 from typing import TYPE_CHECKING, Any
 
 from hydra.errors import InstantiationException
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from dynlab.config import BackboneConfig
+from dynlab.config import BackboneConfig, TechniqueConfig
 
 if TYPE_CHECKING:
     from dynlab.data.base import DynlabDataModule
@@ -26,38 +26,47 @@ def build_datamodule(cfg: DictConfig) -> DynlabDataModule:
 
 
 def build_module(cfg: DictConfig, datamodule: DynlabDataModule) -> DynlabModule:
-    """The technique's LightningModule on the chosen backbone, sized for the dataset, with the
-    technique's phase recipes."""
+    """The technique's LightningModule (the class its `_target_` names) built from its typed config
+    on the chosen backbone, sized for the dataset, with the technique's phase recipes."""
     backbone = OmegaConf.to_object(cfg.backbone)
     assert isinstance(backbone, BackboneConfig)
-    technique = constructor_node(cfg, "technique", "phases")
-    module = _instantiate(
-        technique, backbone=backbone, data_info=datamodule.info, _convert_="object"
-    )
-    recipes = OmegaConf.to_object(cfg.technique.phases) if "phases" in cfg.technique else {}
-    module.set_recipes(recipes)  # type: ignore[arg-type]
+    config = technique_config(cfg)
+    module = get_class(config._target_)(config, backbone, datamodule.info)
+    module.set_recipes(config.phases)
     return module
 
 
-def _instantiate(node: DictConfig, **kwargs: Any) -> Any:
-    """`hydra.utils.instantiate`, letting the constructor's own error (a missing data root, an
-    incompatible backbone) reach the user instead of Hydra's wrapper around it."""
+def technique_config(cfg: DictConfig) -> TechniqueConfig:
+    """The technique's node as its schema's object, interpolations (`${seed}`) resolved: what its
+    module is built from."""
+    config = OmegaConf.to_object(cfg.technique)
+    if not isinstance(config, TechniqueConfig):
+        raise ValueError(
+            f"technique={cfg.technique.get('name')} has no schema: its config file must start from "
+            "one (defaults: [/schema/technique/<name>@_here_]), a TechniqueConfig registered "
+            "with dynlab.config.register_schema"
+        )
+    return config
+
+
+def _instantiate(node: DictConfig) -> Any:
+    """`hydra.utils.instantiate`, letting the constructor's own error (a missing data root) reach
+    the user instead of Hydra's wrapper around it."""
     try:
-        return instantiate(node, **kwargs)
+        return instantiate(node)
     except InstantiationException as err:
         if err.__cause__ is not None:
             raise err.__cause__ from None
         raise
 
 
-def constructor_node(cfg: DictConfig, group: str, *spine_keys: str) -> DictConfig:
-    """A group's node minus its `name` (which identifies the choice) and the `spine_keys` the
-    runner consumes itself: none of them is a constructor argument.
+def constructor_node(cfg: DictConfig, group: str) -> DictConfig:
+    """A group's node minus its `name`, which identifies the choice and is no constructor
+    argument.
 
     Copied with its root so interpolations such as `${seed}` still resolve.
     """
     root = copy.deepcopy(cfg)
     with open_dict(root[group]):
-        for key in ("name", *spine_keys):
-            root[group].pop(key, None)
+        root[group].pop("name", None)
     return root[group]

@@ -22,6 +22,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 from pytorch_lightning.loggers import Logger
 from torch import Tensor, nn
 from torchmetrics import MeanMetric, Metric
@@ -97,9 +98,15 @@ class DynlabModule(pl.LightningModule):
     # Every phase name the technique's schedules can hold: its config schema's PHASES.
     phase_names: tuple[str, ...] = TechniqueConfig.PHASES
 
-    def __init__(self, optim: OptimConfig | None = None) -> None:
+    def __init__(self, config: TechniqueConfig, backbone: BackboneConfig | None = None) -> None:
+        """`config` is the technique's typed config (its schema's object, so every default is
+        the schema's); it and the backbone's (None: a model set by hand) are the checkpoints' and
+        loggers' hyperparameters, as plain dicts."""
         super().__init__()
-        self.optim = optim or OptimConfig()
+        self.config = config
+        self.save_hyperparameters(
+            {"technique": plain(config)} | ({"backbone": plain(backbone)} if backbone else {})
+        )
         self.model: nn.Module
         self.current_phase: str | None = None
         self.recipes: dict[str, PhaseRecipe] = {}
@@ -201,7 +208,7 @@ class DynlabModule(pl.LightningModule):
     # --- training -----------------------------------------------------------------------------
     def exit_losses(self, logits: list[Tensor], y: Tensor) -> Tensor:
         """Training loss from the exits' logits; the last exit's cross-entropy by default."""
-        return F.cross_entropy(logits[-1], y, label_smoothing=self.optim.label_smoothing)
+        return F.cross_entropy(logits[-1], y, label_smoothing=self.config.optim.label_smoothing)
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
@@ -269,7 +276,7 @@ class DynlabModule(pl.LightningModule):
 
     def phase_optimizers(self) -> dict[str, OptimConfig]:
         """The current phase's named optimisers: its recipe's, else {"main": technique.optim}."""
-        return dict(self.recipe().optimizers) or {"main": self.optim}
+        return dict(self.recipe().optimizers) or {"main": self.config.optim}
 
     def _apply_freeze(self) -> None:
         """Freeze what the current recipe says and release what the previous phase froze."""
@@ -334,6 +341,14 @@ def dataset_backbone(backbone: BackboneConfig, data_info: DataInfo) -> nn.Module
         in_chans=data_info.input_size[0],
         **dict(backbone.kwargs),
     )
+
+
+def plain(config: Any) -> dict[str, Any]:
+    """A config dataclass as plain dicts, lists and scalars (enums by their names): what a
+    checkpoint's hyperparameters hold, readable without dynlab's classes."""
+    container = OmegaConf.to_container(OmegaConf.structured(config), enum_to_str=True)
+    assert isinstance(container, dict)
+    return container  # type: ignore[return-value]
 
 
 def _metric_key(name: str) -> str:

@@ -76,5 +76,5 @@ class SupernetTechnique(DynlabModule):
 
     def _standalone(self, architecture: Any) -> StaticExits:
         """A fresh standalone net of `architecture` (affine BN), from its own seed stream."""
-        with seeded(derived_seed(self.seed, self.retrain_stream)):  # type: ignore[attr-defined]
+        with seeded(derived_seed(self.config.seed, self.retrain_stream)):  # type: ignore[attr-defined]
             return StaticExits(self._supernet.standalone(architecture))

@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-from dynlab.config import BackboneConfig, OptimConfig
+from dynlab.config import BackboneConfig
 from dynlab.data.base import DataInfo
 from dynlab.protocol import StaticExits
 from dynlab.techniques.base import DynlabModule, dataset_backbone
+from dynlab.techniques.baseline.config import BaselineConfig
 
 
 class BaselineModule(DynlabModule):
     def __init__(
-        self,
-        backbone: BackboneConfig,
-        data_info: DataInfo,
-        optim: OptimConfig | None = None,
+        self, config: BaselineConfig, backbone: BackboneConfig, data_info: DataInfo
     ) -> None:
-        super().__init__(optim)
-        self.save_hyperparameters(ignore=["data_info"])
+        super().__init__(config, backbone)
         self.model = StaticExits(dataset_backbone(backbone, data_info))

@@ -21,7 +21,6 @@ architecture alone. The deploy form is always the standalone network.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dynlab.backbones.fbnetv2 import CHOICE_KEYS, FBNetV2Supernet
-from dynlab.config import BackboneConfig, OptimConfig
+from dynlab.config import BackboneConfig
 from dynlab.data.base import DataInfo, DynlabDataModule, StreamSpec
 from dynlab.data.sampling import rank_and_world_size
 from dynlab.evaluation.macs import count_macs
@@ -100,43 +99,25 @@ class FBNetV2Module(SupernetTechnique):
     phase_names = FBNetV2Config.PHASES
     technique, given_option, retrain_stream = "fbnetv2", "technique.choices", RETRAIN_STREAM
 
+    config: FBNetV2Config
+
     def __init__(
-        self,
-        backbone: BackboneConfig,
-        data_info: DataInfo,
-        optim: OptimConfig | None = None,
-        cost: CostKind = CostKind.macs,
-        alpha: float = 0.2,
-        beta: float = 0.6,
-        temperature: float = 5.0,
-        temperature_decay: float = math.exp(-0.045),
-        warmup_epochs: int = 10,
-        recalibration_batches: int = 20,
-        choices: dict[str, Any] | None = None,
-        choices_file: str | None = None,
-        seed: int = 0,
-        *,
-        target_mmacs: float | None,
-        target_weight: float,
-        target_samples: int,
+        self, config: FBNetV2Config, backbone: BackboneConfig, data_info: DataInfo
     ) -> None:
-        super().__init__(optim)
-        self.save_hyperparameters(ignore=["data_info"])
-        self.data_info, self.seed = data_info, seed
-        self.cost_kind, self.alpha, self.beta = CostKind(cost), alpha, beta
-        self.target_mmacs, self.target_weight = target_mmacs, target_weight
-        self.target_samples = target_samples
-        self.temperature, self.temperature_decay = temperature, temperature_decay
-        self.warmup_epochs, self.recalibration_batches = warmup_epochs, recalibration_batches
+        super().__init__(config, backbone)
+        self.data_info = data_info
+        self.cost_kind = CostKind(config.cost)
         net = dataset_backbone(backbone, data_info)
         if not isinstance(net, FBNetV2Supernet):
             raise ValueError(_not_a_supernet(backbone.name))
-        problem = net.space_problem(data_info.input_size) or _target_problem(net, target_mmacs)
+        problem = net.space_problem(data_info.input_size)
+        problem = problem or _target_problem(net, config.target_mmacs)
         if problem:
             raise ValueError(f"fbnetv2 on backbone={backbone.name}: {problem}")
         self.signature = net.signature()
-        if choices is None and choices_file is not None:
-            choices = read_architecture(choices_file, "fbnetv2 technique.choices_file")
+        choices = config.choices
+        if choices is None and config.choices_file is not None:
+            choices = read_architecture(config.choices_file, "fbnetv2 technique.choices_file")
         if choices is not None:
             choices = dict(choices)
             problem = net.choice_problem(choices)
@@ -159,10 +140,10 @@ class FBNetV2Module(SupernetTechnique):
             return
         recipe = self.recipe(SEARCH)
         epochs = recipe.epochs or cfg.trainer.max_epochs
-        if epochs <= self.warmup_epochs:
+        if epochs <= self.config.warmup_epochs:
             raise ValueError(
                 f"fbnetv2: the search runs {epochs} epochs, not more than its warm-up of "
-                f"{self.warmup_epochs}, so the architecture would never train; set "
+                f"{self.config.warmup_epochs}, so the architecture would never train; set "
                 f"technique.phases.search.epochs above technique.warmup_epochs (or lower it)"
             )
         missing = {WEIGHTS, ARCH} - set(recipe.optimizers)
@@ -183,7 +164,7 @@ class FBNetV2Module(SupernetTechnique):
     @property
     def tau(self) -> float:
         """This epoch's Gumbel-softmax temperature."""
-        return self.temperature * self.temperature_decay**self.current_epoch
+        return self.config.temperature * self.config.temperature_decay**self.current_epoch
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
         if self.current_phase != SEARCH:
@@ -194,7 +175,7 @@ class FBNetV2Module(SupernetTechnique):
         ce, cost = self._ce_and_cost(batch[WEIGHTS], 0)
         self.manual_step(WEIGHTS, ce)
         logs = {"search/ce": ce.detach(), "search/tau": self.tau}
-        if self.current_epoch >= self.warmup_epochs:
+        if self.current_epoch >= self.config.warmup_epochs:
             arch_ce, cost = self._ce_and_cost(batch[ARCH], 1)
             arch_loss = self.arch_loss(arch_ce, cost)
             self.manual_step(ARCH, arch_loss)
@@ -212,22 +193,22 @@ class FBNetV2Module(SupernetTechnique):
         each draw rewards a distribution concentrated near the target. On the small space (random
         data, 200 architecture steps, Adam): a 10 M target left the argmax at 25-29 M with the
         former (lr 0.01); the latter landed it at 10.2 M, and a 20 M one at 20.5 M (lr 0.05)."""
-        if self.target_mmacs is None:
-            return search_loss(ce, cost, self.alpha, self.beta)
-        with seeded(derived_seed(self.seed, TARGET_STREAM, self.global_step)):
+        if self.config.target_mmacs is None:
+            return search_loss(ce, cost, self.config.alpha, self.config.beta)
+        with seeded(derived_seed(self.config.seed, TARGET_STREAM, self.global_step)):
             distance = sampled_distance(
-                self._supernet, self.target_mmacs * 1e6, self.target_samples
+                self._supernet, self.config.target_mmacs * 1e6, self.config.target_samples
             )
-        return ce + self.target_weight * distance.to(ce.dtype)
+        return ce + self.config.target_weight * distance.to(ce.dtype)
 
     def _ce_and_cost(self, batch: tuple[Tensor, Tensor], stream: int) -> tuple[Tensor, Tensor]:
         """Cross-entropy on one stream's batch, with Gumbel noise from (seed, step, stream), and
         the expected cost of the architecture that forward sampled."""
         x, y = batch
         self._supernet.tau = self.tau  # every step: a resumed epoch has no epoch start
-        with seeded(derived_seed(self.seed, GUMBEL_STREAM, self.global_step, stream)):
+        with seeded(derived_seed(self.config.seed, GUMBEL_STREAM, self.global_step, stream)):
             logits = self.model.forward_exits(x)[-1]
-        ce = F.cross_entropy(logits, y, label_smoothing=self.optim.label_smoothing)
+        ce = F.cross_entropy(logits, y, label_smoothing=self.config.optim.label_smoothing)
         return ce, self._expected_cost().to(ce.dtype)
 
     def _expected_cost(self) -> Tensor:
@@ -255,7 +236,9 @@ class FBNetV2Module(SupernetTechnique):
         )
         net.fix(net.choices())
         try:
-            recalibrate_bn(self.model, datamodule.stream_loader(stream), self.recalibration_batches)
+            recalibrate_bn(
+                self.model, datamodule.stream_loader(stream), self.config.recalibration_batches
+            )
         finally:
             net.unfix()
 
@@ -266,7 +249,7 @@ class FBNetV2Module(SupernetTechnique):
             return
         net = self._supernet
         choices = net.choices()
-        with seeded(self.seed):  # a throwaway network: the run's RNG must not move
+        with seeded(self.config.seed):  # a throwaway network: the run's RNG must not move
             child = net.child(choices)
         with torch.no_grad():
             expected = float(net.expected_cost("macs", net.softmax_weights())) / 1e6
@@ -287,7 +270,8 @@ class FBNetV2Module(SupernetTechnique):
         """At the end of the search: the argmax architecture becomes the result."""
         if self.current_phase != SEARCH or not self.history:
             return
-        last = {**self.history[-1], "target_mmacs": self.target_mmacs}
+        target_mmacs = self.config.target_mmacs
+        last = {**self.history[-1], "target_mmacs": target_mmacs}
         self.architecture = last["choices"]
         self._recalibrate(self.trainer.datamodule)  # type: ignore[attr-defined]
         summary = {
@@ -301,7 +285,7 @@ class FBNetV2Module(SupernetTechnique):
         if rank_and_world_size()[0] == 0:
             path = write_result(phase_dir, summary)
             update_results(phase_dir.parents[1], search=last)
-            target = "" if self.target_mmacs is None else f" (target {self.target_mmacs:g} M)"
+            target = "" if target_mmacs is None else f" (target {target_mmacs:g} M)"
             print(
                 f"[dynlab] fbnetv2 search: {last['mmacs']:.2f} M MACs{target}, "
                 f"{last['mparams']:.3f} M parameters (the search's softmax expects "

@@ -23,10 +23,10 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from dynlab.checkpointing import load_static_weights
-from dynlab.config import BackboneConfig, OptimConfig
+from dynlab.config import BackboneConfig
 from dynlab.data.base import DataInfo
 from dynlab.techniques.base import DynlabModule, Phase, dataset_backbone
-from dynlab.techniques.gfnet.config import ClassifierKind, GFNetConfig, PolicyEncoder, PPOConfig
+from dynlab.techniques.gfnet.config import GFNetConfig
 from dynlab.techniques.gfnet.model import GFNet, Locate, StepOutput
 from dynlab.techniques.gfnet.plots import patch_sequences
 from dynlab.techniques.gfnet.ppo import episode, ppo_loss, true_class_confidence
@@ -40,57 +40,36 @@ class GFNetModule(DynlabModule):
     """GFNet on two copies of the backbone, trained in the official three stages."""
 
     phase_names = GFNetConfig.PHASES
+    config: GFNetConfig
 
-    def __init__(
-        self,
-        backbone: BackboneConfig,
-        data_info: DataInfo,
-        optim: OptimConfig | None = None,
-        patch_size: int = 96,
-        T: int = 5,  # noqa: N803 (the paper's name)
-        glance_interpolation: str = "bicubic",
-        classifier: ClassifierKind = ClassifierKind.gru,
-        classifier_hidden: int = 1024,
-        policy_encoder: PolicyEncoder = PolicyEncoder.linear,
-        policy_hidden: int = 1024,
-        policy_width: int = 2048,
-        policy_conv_channels: int = 32,
-        action_std: float = 0.1,
-        dsn_weight: float = 1.0,
-        train_glance: bool = True,
-        init_from: str | None = None,
-        glance_init_from: str | None = None,
-        ppo: PPOConfig | None = None,
-    ) -> None:
-        super().__init__(optim)
-        self.save_hyperparameters(ignore=["data_info"])
-        self.dsn_weight, self.train_glance = dsn_weight, train_glance
-        self.ppo = ppo or PPOConfig()
+    def __init__(self, config: GFNetConfig, backbone: BackboneConfig, data_info: DataInfo) -> None:
+        super().__init__(config, backbone)
         _, h, w = data_info.input_size
-        if patch_size >= min(h, w):
+        if config.patch_size >= min(h, w):
             raise ValueError(
-                f"technique.patch_size={patch_size} is not smaller than {data_info.name}'s "
+                f"technique.patch_size={config.patch_size} is not smaller than {data_info.name}'s "
                 f"{h}x{w} images: the glance sees the whole image at PxP and a focus patch is a "
                 f"part of it; set technique.patch_size below {min(h, w)} (e.g. {min(h, w) // 2})"
             )
         nets = [dataset_backbone(backbone, data_info) for _ in range(2)]
-        for net, path in zip(nets, (glance_init_from or init_from, init_from), strict=True):
+        init_from = config.init_from
+        for net, path in zip(nets, (config.glance_init_from or init_from, init_from), strict=True):
             if path:
                 net.load_state_dict(load_static_weights(path))
         self.model = GFNet(
             *nets,
             num_classes=data_info.num_classes,
             input_size=data_info.input_size,
-            patch_size=patch_size,
-            steps=T,
-            interpolation=glance_interpolation,
-            classifier=classifier,
-            classifier_hidden=classifier_hidden,
-            policy_encoder=policy_encoder,
-            policy_hidden=policy_hidden,
-            policy_width=policy_width,
-            policy_conv_channels=policy_conv_channels,
-            action_std=action_std,
+            patch_size=config.patch_size,
+            steps=config.T,
+            interpolation=config.glance_interpolation,
+            classifier=config.classifier,
+            classifier_hidden=config.classifier_hidden,
+            policy_encoder=config.policy_encoder,
+            policy_hidden=config.policy_hidden,
+            policy_width=config.policy_width,
+            policy_conv_channels=config.policy_conv_channels,
+            action_std=config.action_std,
         )
         self._idle: list[nn.Module] = []  # parts kept in eval mode during the current phase
 
@@ -98,7 +77,8 @@ class GFNetModule(DynlabModule):
     def phases(self, mode: str) -> list[Phase]:
         if mode != "train":
             return super().phases(mode)
-        schedule = [] if self.train_glance or self.hparams.glance_init_from else [Phase(GLANCE)]
+        glance_ready = self.config.train_glance or self.config.glance_init_from
+        schedule = [] if glance_ready else [Phase(GLANCE)]
         schedule.append(Phase(STAGE_1))
         if self.model.policy is not None:  # T = 1: a glance alone has no patch to choose
             schedule += [Phase(STAGE_2), Phase(STAGE_3)]
@@ -108,7 +88,7 @@ class GFNetModule(DynlabModule):
         """Freeze what the stage does not train; frozen encoders and classifier stay in eval mode."""
         super().start_phase(phase)
         m = self.model
-        fine_tuned = [m.local, m.classifier, *([m.glance] if self.train_glance else [])]
+        fine_tuned = [m.local, m.classifier, *([m.glance] if self.config.train_glance else [])]
         trains = {GLANCE: [m.glance], STAGE_1: fine_tuned, STAGE_2: [m.policy], STAGE_3: fine_tuned}
         trained = trains[phase.name]
         parts = [m.glance, m.local, m.classifier, *([m.policy] if m.policy is not None else [])]
@@ -133,14 +113,14 @@ class GFNetModule(DynlabModule):
         if self.current_phase == GLANCE:
             glance = self.model.glance
             logits = glance.own_logits(glance(self.model.glimpse(x))[0])
-            loss = F.cross_entropy(logits, y, label_smoothing=self.optim.label_smoothing)
+            loss = F.cross_entropy(logits, y, label_smoothing=self.config.optim.label_smoothing)
             self._log_train(loss, [logits], y)
             return loss
         locate = TRAIN_LOCATIONS[self.current_phase or STAGE_1]
         if self.current_phase == STAGE_2:
             with torch.no_grad():
                 steps = self.model.rollout(x, locate)
-            loss, stats = ppo_loss(self.model.policy, episode(steps, y), self.ppo)
+            loss, stats = ppo_loss(self.model.policy, episode(steps, y), self.config.ppo)
             self.log("train/reward", stats["reward"], prog_bar=True)
         else:
             steps = self.model.rollout(x, locate, own_head=True)
@@ -150,10 +130,10 @@ class GFNetModule(DynlabModule):
 
     def stage_loss(self, steps: list[StepOutput], y: Tensor) -> Tensor:
         """(1/T) sum_t [CE(f_C at t) + lambda CE(encoder's own head at t)] (official train.py)."""
-        ls = self.optim.label_smoothing
+        ls = self.config.optim.label_smoothing
         total = sum(
             F.cross_entropy(s.logits, y, label_smoothing=ls)
-            + self.dsn_weight * F.cross_entropy(s.own_logits, y, label_smoothing=ls)  # type: ignore[arg-type]
+            + self.config.dsn_weight * F.cross_entropy(s.own_logits, y, label_smoothing=ls)  # type: ignore[arg-type]
             for s in steps
         )
         return total / len(steps)  # type: ignore[return-value]

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from dynlab.checkpointing import FINAL, load_static_weights, phase_dir
-from dynlab.config import BackboneConfig, OptimConfig
+from dynlab.config import BackboneConfig
 from dynlab.data.base import DataInfo, DynlabDataModule
 from dynlab.evaluation.macs import count_macs
 from dynlab.results import atomic_write_text
@@ -26,7 +26,7 @@ from dynlab.search import CandidateTrainer, derived_seed, seeded, val_exit_probs
 from dynlab.search.driver import SearchDriver, data_identity
 from dynlab.techniques.base import DynlabModule, Phase, PhaseContext, PhaseKind, dataset_backbone
 from dynlab.techniques.s2dnas.analysis import analyse_backbone
-from dynlab.techniques.s2dnas.config import S2DNASConfig, S2DNASSearchConfig, SelectBy
+from dynlab.techniques.s2dnas.config import S2DNASConfig, SelectBy
 from dynlab.techniques.s2dnas.controller import Controller, Reinforce
 from dynlab.techniques.s2dnas.model import S2DNet, multi_exit_loss
 from dynlab.techniques.s2dnas.reward import dynamic_score, inference_record, reward
@@ -46,41 +46,32 @@ class S2DNASModule(DynlabModule):
 
     phase_names = S2DNASConfig.PHASES  # train, search, retrain_*, select
 
-    def __init__(
-        self,
-        backbone: BackboneConfig,
-        data_info: DataInfo,
-        optim: OptimConfig | None = None,
-        name: str = "s2dnas",
-        num_stages: int = 3,
-        groups: int = 8,
-        split_points: list[list[int]] | None = None,
-        concat: list[Any] | None = None,
-        loss_weights: list[float] | None = None,
-        exit_features: str = "own",
-        init_from: str | None = None,
-        seed: int = 0,
-        search: S2DNASSearchConfig | None = None,
-    ) -> None:
-        super().__init__(optim)
-        self.save_hyperparameters(ignore=["data_info"])
+    config: S2DNASConfig
+
+    def __init__(self, config: S2DNASConfig, backbone: BackboneConfig, data_info: DataInfo) -> None:
+        super().__init__(config, backbone)
         self.backbone_cfg, self.data_info = backbone, data_info
-        self.groups, self.seed, self.exit_features = groups, seed, str(exit_features)
-        self.search_cfg = search or S2DNASSearchConfig()
+        self.exit_features = str(config.exit_features)
+        num_stages, loss_weights = config.num_stages, config.loss_weights
         self.loss_weights = [1.0] * num_stages if loss_weights is None else list(loss_weights)
         if len(self.loss_weights) != num_stages:
             raise ValueError(
                 f"s2dnas: {len(self.loss_weights)} loss_weights for {num_stages} stages"
             )
-        self.search_cfg.stage_thresholds(num_stages)  # a threshold list: one per early exit
+        config.search.stage_thresholds(num_stages)  # a threshold list: one per early exit
+        init_from = config.init_from
         self.static_weights = load_static_weights(init_from) if init_from else None
         net = self._new_backbone()
         self.layout = analyse_backbone(net, data_info.input_size, backbone.name)
         settings = resolve_settings(
-            split_points, concat, num_stages, self.layout.num_layer_groups, groups
+            config.split_points,
+            config.concat,
+            num_stages,
+            self.layout.num_layer_groups,
+            config.groups,
         )
         self.model = S2DNet(
-            net, self.layout, settings, groups, data_info.input_size, self.exit_features
+            net, self.layout, settings, config.groups, data_info.input_size, self.exit_features
         )
         self.top_k: list[dict[str, Any]] = []  # the search's best candidates (settings, reward)
         self.retrained: dict[str, dict[str, Any]] = {}  # retrain phase -> its val score
@@ -90,13 +81,13 @@ class S2DNASModule(DynlabModule):
 
     # --- training -----------------------------------------------------------------------------
     def exit_losses(self, logits: list[Tensor], y: Tensor) -> Tensor:
-        return multi_exit_loss(logits, y, self.loss_weights, self.optim.label_smoothing)
+        return multi_exit_loss(logits, y, self.loss_weights, self.config.optim.label_smoothing)
 
     def check_run(self, cfg: Any) -> None:
         """A search that must start from a trained static model has one (`search.require_static`)."""
         if (
             cfg.get("mode") == "search"
-            and self.search_cfg.require_static
+            and self.config.search.require_static
             and not self.static_weights
         ):
             raise ValueError(
@@ -115,7 +106,7 @@ class S2DNASModule(DynlabModule):
             )
         schedule = [Phase(SEARCH, PhaseKind.custom)]
         if self.top_k:
-            retrain_epochs = self.search_cfg.retrain_epochs
+            retrain_epochs = self.config.search.retrain_epochs
             schedule += [
                 Phase(f"{RETRAIN}{i}", max_epochs=retrain_epochs)
                 for i in range(1, len(self.top_k) + 1)
@@ -131,7 +122,7 @@ class S2DNASModule(DynlabModule):
             i = int(phase.name.removeprefix(RETRAIN))
             settings = S2DSettings.from_dict(self.top_k[i - 1]["settings"])
             if settings != self.model.settings:
-                self._use(settings, derived_seed(self.seed, RETRAIN_STREAM, i))
+                self._use(settings, derived_seed(self.config.seed, RETRAIN_STREAM, i))
 
     def run_custom_phase(self, phase: Phase, ctx: PhaseContext) -> None:
         if phase.name == SEARCH:
@@ -166,7 +157,7 @@ class S2DNASModule(DynlabModule):
         exit_features = state.get("exit_features", "all")
         if settings != self.model.settings or exit_features != self.exit_features:
             self.exit_features = exit_features
-            self._use(settings, self.seed)
+            self._use(settings, self.config.seed)
         self.top_k = state.get("top_k", [])
         self.retrained = state.get("retrained", {})
         self.selected = state.get("selected")
@@ -189,7 +180,7 @@ class S2DNASModule(DynlabModule):
             self._new_backbone(),
             self.layout,
             settings,
-            self.groups,
+            self.config.groups,
             self.data_info.input_size,
             self.exit_features,
         )
@@ -204,18 +195,18 @@ class S2DNASModule(DynlabModule):
 
     # --- search and selection -----------------------------------------------------------------
     def _search(self, ctx: PhaseContext) -> None:
-        cfg = self.search_cfg
-        with seeded(derived_seed(self.seed, CONTROLLER_STREAM)):
+        cfg = self.config.search
+        with seeded(derived_seed(self.config.seed, CONTROLLER_STREAM)):
             controller = Controller(
                 self.layout.num_layer_groups,
                 self.model.num_stages,
-                self.groups,
+                self.config.groups,
                 cfg.controller_hidden,
             )
         evaluate = CandidateEvaluator(
             build=self._build,
             datamodule=ctx.datamodule,  # type: ignore[arg-type]
-            optim=self.optim,
+            optim=self.config.optim,
             loss_weights=self.loss_weights,
             input_size=self.data_info.input_size,
             static_macs=self._static_macs(),
@@ -228,7 +219,7 @@ class S2DNASModule(DynlabModule):
         search = ControllerSearch(
             controller, reinforce, evaluate, cfg, self._space(), data_identity(ctx.datamodule)
         )
-        outcome = SearchDriver(search, ctx.phase_dir, self.seed, cfg.candidates_on).run()
+        outcome = SearchDriver(search, ctx.phase_dir, self.config.seed, cfg.candidates_on).run()
         self.top_k = outcome.result["top_k"]
 
     def _space(self) -> dict[str, Any]:
@@ -240,21 +231,21 @@ class S2DNASModule(DynlabModule):
             "from_static": self.static_weights is not None,
             "layer_groups": self.layout.num_layer_groups,
             "num_stages": self.model.num_stages,
-            "groups": self.groups,
+            "groups": self.config.groups,
             "exit_features": self.exit_features,
             "loss_weights": self.loss_weights,
-            "optim": json.loads(json.dumps(asdict(self.optim), default=str)),
+            "optim": json.loads(json.dumps(asdict(self.config.optim), default=str)),
         }
 
     def _val_score(self, datamodule: DynlabDataModule) -> dict[str, Any]:
         """Val accuracy under dynamic inference, average MACs and reward, as for a candidate."""
         probs, targets = val_exit_probs(self.model, datamodule.whole_val_loader())
         macs = self.model.exit_macs(self.data_info.input_size)
-        score = dynamic_score(probs, targets, macs, self._static_macs(), self.search_cfg)
+        score = dynamic_score(probs, targets, macs, self._static_macs(), self.config.search)
         return {
             "settings": self.model.settings.to_dict(),
-            "reward": reward(score, self.search_cfg),
-            "rule": str(self.search_cfg.exit_rule),
+            "reward": reward(score, self.config.search),
+            "rule": str(self.config.search.exit_rule),
             **score.as_dict(),
         }
 
@@ -262,13 +253,13 @@ class S2DNASModule(DynlabModule):
         """Load the retrained network with the best val reward (or val accuracy, `select_by`)."""
         if not self.retrained:
             raise RuntimeError("s2dnas select: no retrain phase has recorded a val score")
-        key = "reward" if self.search_cfg.select_by == SelectBy.reward else "accuracy"
+        key = "reward" if self.config.search.select_by == SelectBy.reward else "accuracy"
         best = max(self.retrained, key=lambda p: self.retrained[p][key])
         checkpoint = torch.load(
             phase_dir(ctx.run_dir, best) / FINAL, map_location="cpu", weights_only=False
         )
         settings = S2DSettings.from_dict(checkpoint["dynlab"]["technique"]["settings"])
-        self._use(settings, self.seed)
+        self._use(settings, self.config.seed)
         self.load_state_dict(checkpoint["state_dict"])
         self.selected = best
         summary = {
@@ -302,7 +293,7 @@ class S2DNASModule(DynlabModule):
             exit_outputs(trainer, model, datamodule, "test"),
             model.exit_macs(input_size(datamodule)),
             self._static_macs(),
-            self.search_cfg,
+            self.config.search,
         )
         if trainer.is_global_zero:
             shown = ", ".join(f"{t:.3g}" for t in record["thresholds"])

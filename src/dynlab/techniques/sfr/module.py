@@ -23,7 +23,7 @@ from typing import Any, Self
 
 from torch import Tensor, nn
 
-from dynlab.config import BackboneConfig, OptimConfig
+from dynlab.config import BackboneConfig
 from dynlab.data.base import DataInfo
 from dynlab.logging import log_records
 from dynlab.nn.condense import LearnedGroupConv, SparseFeatureReactivation
@@ -90,22 +90,14 @@ class SFRModule(DynlabModule):
     """A CondenseNetV2-style backbone trained while its LGC/SFR connections are pruned."""
 
     phase_names = SFRConfig.PHASES
+    config: SFRConfig
 
-    def __init__(
-        self,
-        backbone: BackboneConfig,
-        data_info: DataInfo,
-        optim: OptimConfig | None = None,
-        sparsify_fraction: float = 0.5,
-        group_lasso: float = 0.0,
-    ) -> None:
-        super().__init__(optim)
-        self.save_hyperparameters(ignore=["data_info"])
+    def __init__(self, config: SFRConfig, backbone: BackboneConfig, data_info: DataInfo) -> None:
+        super().__init__(config, backbone)
         net = dataset_backbone(backbone, data_info)
         if not sparse_layers(net):
             raise ValueError(backbone_needed("sfr", backbone.name))
         self.model = SparseNet(net)
-        self.fraction, self.group_lasso = sparsify_fraction, group_lasso
         self.drop_history: list[dict[str, Any]] = []
 
     @property
@@ -120,20 +112,21 @@ class SFRModule(DynlabModule):
     def check_run(self, cfg: Any) -> None:
         """Enough epochs for the schedule: one per sparsification stage within its fraction."""
         epochs = self.phase_epochs(Phase("train")) or int(cfg.trainer.max_epochs)
-        need = math.ceil(self.stages / self.fraction)
+        fraction = self.config.sparsify_fraction
+        need = math.ceil(self.stages / fraction)
         if epochs < need:
             raise ValueError(
                 f"{epochs} training epochs are fewer than the {need} its schedule "
                 f"needs: {self.stages} sparsification stages (the backbone's largest condense/"
-                f"sparse factor minus 1), one epoch each within the first {self.fraction:.0%} of "
+                f"sparse factor minus 1), one epoch each within the first {fraction:.0%} of "
                 f"training, then fixed masks; set trainer.max_epochs={need} or more"
             )
 
     # --- training -----------------------------------------------------------------------------
     def exit_losses(self, logits: list[Tensor], y: Tensor) -> Tensor:
         loss = super().exit_losses(logits, y)
-        if self.group_lasso:
-            loss = loss + self.group_lasso * sum(m.group_lasso() for _, m in self.layers)
+        if self.config.group_lasso:
+            loss = loss + self.config.group_lasso * sum(m.group_lasso() for _, m in self.layers)
         return loss
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
@@ -151,7 +144,7 @@ class SFRModule(DynlabModule):
         total = self._total_steps()
         dropped = False
         for _, layer in self.layers:
-            due = drops_due(step, total, layer.stages, self.fraction)
+            due = drops_due(step, total, layer.stages, self.config.sparsify_fraction)
             while int(layer.drop_stage) < due:
                 layer.drop()
                 dropped = True

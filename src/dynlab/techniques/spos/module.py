@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from dynlab.backbones import BackboneArgumentError
 from dynlab.backbones.spos_shufflenetv2 import MacsTable, SPOSSupernet
-from dynlab.config import BackboneConfig, OptimConfig
+from dynlab.config import BackboneConfig
 from dynlab.data.base import DataInfo, DynlabDataModule, StreamSpec
 from dynlab.data.sampling import rank_and_world_size
 from dynlab.logging import log_records
@@ -38,7 +38,7 @@ from dynlab.results import atomic_write_text, update_results
 from dynlab.search import SupernetExits, derived_seed, read_architecture, recalibrate_bn
 from dynlab.search.driver import Outcome, SearchDriver, data_identity
 from dynlab.techniques.base import Phase, PhaseContext, PhaseKind, dataset_backbone
-from dynlab.techniques.spos.config import EvolutionConfig, SamplerConfig, SPOSConfig
+from dynlab.techniques.spos.config import SPOSConfig
 from dynlab.techniques.spos.evolution import pareto_front, space_range_problem
 from dynlab.techniques.spos.plots import plot_pareto
 from dynlab.techniques.spos.sampling import PathSampler
@@ -65,27 +65,13 @@ class SPOSModule(SupernetTechnique):
     phase_names = SPOSConfig.PHASES
     technique, retrain_stream = "spos", RETRAIN_STREAM
 
-    def __init__(
-        self,
-        backbone: BackboneConfig,
-        data_info: DataInfo,
-        optim: OptimConfig | None = None,
-        channel_search: bool | None = None,
-        arch: list[int] | None = None,
-        arch_file: str | None = None,
-        retrain_bn_recalibration: bool = True,
-        sampler: SamplerConfig | None = None,
-        evolution: EvolutionConfig | None = None,
-        seed: int = 0,
-    ) -> None:
-        super().__init__(optim)
-        self.save_hyperparameters(ignore=["data_info"])
-        self.data_info, self.seed = data_info, seed
-        self.evolution_cfg = evolution or EvolutionConfig()
-        self.retrain_bn_recalibration = retrain_bn_recalibration
+    config: SPOSConfig
+
+    def __init__(self, config: SPOSConfig, backbone: BackboneConfig, data_info: DataInfo) -> None:
+        super().__init__(config, backbone)
         kwargs = dict(backbone.kwargs)
-        if channel_search is not None:  # None: the backbone's own setting
-            kwargs["channel_search"] = channel_search
+        if config.channel_search is not None:  # None: the backbone's own setting
+            kwargs["channel_search"] = config.channel_search
         try:
             net = dataset_backbone(replace(backbone, kwargs=kwargs), data_info)
         except (TypeError, BackboneArgumentError) as err:  # no `channel_search` argument
@@ -96,12 +82,12 @@ class SPOSModule(SupernetTechnique):
         self.signature = net.signature()
         self.table = MacsTable.measure(net, data_info.input_size)
         lo, hi = self.table.minimum(), self.table.maximum()
-        problem = space_range_problem(lo, hi, self.evolution_cfg)
+        problem = space_range_problem(lo, hi, config.evolution)
         if problem:
             raise ValueError(problem)
-        self.window = window_sampler(self.table, self.evolution_cfg)
-        self.sampler = PathSampler(self.space, self.table, sampler or SamplerConfig())
-        given = _given_arch(arch, arch_file)
+        self.window = window_sampler(self.table, config.evolution)
+        self.sampler = PathSampler(self.space, self.table, config.sampler)
+        given = _given_arch(config.arch, config.arch_file)
         if given is not None:
             problem = self.space.problem(given)
             if problem:
@@ -112,7 +98,7 @@ class SPOSModule(SupernetTechnique):
         self.use_supernet(net, given)
         if given is None:
             self.val_path = self.sampler.uniform(
-                np.random.default_rng(derived_seed(seed, VAL_PATH_STREAM))
+                np.random.default_rng(derived_seed(config.seed, VAL_PATH_STREAM))
             )
             net.set_path(self.val_path)
 
@@ -141,7 +127,9 @@ class SPOSModule(SupernetTechnique):
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         if self.current_phase == SUPERNET:
             # Same path on every rank and after a resume: drawn from (seed, global step).
-            rng = np.random.default_rng(derived_seed(self.seed, PATH_STREAM, self.global_step))
+            rng = np.random.default_rng(
+                derived_seed(self.config.seed, PATH_STREAM, self.global_step)
+            )
             self._supernet.set_path(self.sampler.sample(rng))
         return super().training_step(batch, batch_idx)
 
@@ -175,7 +163,7 @@ class SPOSModule(SupernetTechnique):
         """After retraining, BN statistics as an exact average over one pass of the augmented
         train split, the same on every rank (official Evaluation train.py's final `bn_process`
         epoch at lr 0); deterministic, so a resumed run that repeats it gets the same."""
-        if self.current_phase != RETRAIN or not self.retrain_bn_recalibration:
+        if self.current_phase != RETRAIN or not self.config.retrain_bn_recalibration:
             return
         datamodule = self.trainer.datamodule  # type: ignore[attr-defined]
         stream = StreamSpec("spos/retrain_bn", sharded=False)
@@ -183,7 +171,7 @@ class SPOSModule(SupernetTechnique):
 
     # --- the evolution phase ------------------------------------------------------------------
     def _evolution(self, ctx: PhaseContext) -> None:
-        cfg, datamodule = self.evolution_cfg, ctx.datamodule
+        cfg, datamodule = self.config.evolution, ctx.datamodule
         assert isinstance(datamodule, DynlabDataModule) and isinstance(self.model, SupernetExits)
         scorer = PathScorer(
             self.model,
@@ -202,7 +190,7 @@ class SPOSModule(SupernetTechnique):
             data_identity(datamodule),
             self.window,
         )
-        outcome = SearchDriver(search, ctx.phase_dir, self.seed, cfg.candidates_on).run()
+        outcome = SearchDriver(search, ctx.phase_dir, self.config.seed, cfg.candidates_on).run()
         self.architecture = tuple(outcome.result["architecture"])
         # Leave the supernet on the winner with its recalibrated statistics: a search-only run's
         # test evaluation and deploy form are that child.
@@ -214,7 +202,7 @@ class SPOSModule(SupernetTechnique):
         """The fixed training subset every candidate's BN statistics come from: the same images in
         the same order on every rank, without augmentation (official tester.py uses the train
         loader, augmented, for 200 batches of 128; fixing the images makes scores comparable)."""
-        cfg = self.evolution_cfg
+        cfg = self.config.evolution
         available = len(datamodule.stream_indices(StreamSpec("spos/recalibration")))
         size = min(available, cfg.recalibration_batches * cfg.recalibration_batch_size)
         return StreamSpec(
