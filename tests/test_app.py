@@ -15,7 +15,7 @@ from omegaconf.errors import ValidationError
 from dynlab import checkpointing as ckpt
 from dynlab import runner
 from dynlab.apps._hydra import CONFIG_DIR
-from dynlab.backbones import UnknownBackboneError
+from dynlab.backbones import UnknownBackboneError, backbone_capabilities, list_backbones
 from dynlab.building import build_datamodule, build_module
 from dynlab.data.base import DataRootError
 from dynlab.preemption import Preempted, PreemptionHandler
@@ -62,10 +62,12 @@ PAIRS = sorted(
 @pytest.mark.parametrize(("technique", "backbone", "dataset"), PAIRS)
 def test_every_pair_of_choices_composes_and_validates(compose_cfg, technique, backbone, dataset):
     cfg = compose_cfg([f"technique={technique}", f"backbone={backbone}", f"dataset={dataset}"])
-    needs = technique_traits(technique).backbones
-    # dynlab's own backbones are refused before building; any other model (backbone=timm) when
-    # the technique's module sees the built network (test_every_technique_builds_on_backbones).
-    if needs is not None and cfg.backbone.name not in needs.names and backbone != "timm":
+    needs = technique_traits(technique).needs
+    # dynlab's own backbones are refused before building, from what they declare; any other model
+    # (backbone=timm) when the technique's module sees the built network
+    # (test_every_technique_builds_on_backbones).
+    declared = cfg.backbone.name in list_backbones()
+    if needs is not None and declared and needs not in backbone_capabilities(cfg.backbone.name):
         with pytest.raises(ConfigError, match=f"as its backbone and {cfg.backbone.name} is none"):
             validate_config(cfg)
         return

@@ -7,15 +7,22 @@ import math
 import pytest
 import timm
 import torch
+from timm.models import model_entrypoint
 from torch import nn
 
 from dynlab.backbones import (
+    BackboneArgumentError,
+    Capability,
     UnknownBackboneError,
+    backbone_capabilities,
     create_backbone,
     is_known_backbone,
     list_backbones,
 )
+from dynlab.backbones.fbnetv2 import FBNetV2Supernet
+from dynlab.backbones.spos_shufflenetv2 import SPOSSupernet
 from dynlab.evaluation.macs import count_macs
+from dynlab.techniques.sfr.module import sparse_layers
 
 CIFAR_NAMES = [
     "cifar_mobilenetv2",
@@ -54,6 +61,41 @@ def test_list_backbones_names_dynlab_nets_only() -> None:
     names = list_backbones()
     assert set(CIFAR_NAMES) <= set(names)
     assert "resnet18" not in names and names == sorted(names)
+
+
+def test_every_timm_entry_point_of_dynlab_declares_its_capabilities() -> None:
+    """An entry point registered with timm's plain `register_model` would escape the
+    declarations (and so validation's pairing check): every one of dynlab's goes through
+    `register_backbone`."""
+    ours = {
+        name
+        for name in timm.list_models()
+        if model_entrypoint(name).__module__.startswith("dynlab.backbones.")
+    }
+    assert ours == set(list_backbones())
+
+
+def _takes_conv_options(name: str) -> bool:
+    try:
+        create_backbone(name, num_classes=10, conv="plain")
+    except BackboneArgumentError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("name", list_backbones())
+def test_a_backbone_declares_exactly_the_capabilities_it_has(name: str) -> None:
+    """Judged as their users judge them: the techniques' modules on the built network, the
+    factory on the `conv` keyword."""
+    net = create_backbone(name, num_classes=10)
+    has = {
+        Capability.conv_act_options: _takes_conv_options(name),
+        Capability.sparse_layers: bool(sparse_layers(net)),
+        Capability.spos_supernet: isinstance(net, SPOSSupernet),
+        Capability.dmasking_supernet: isinstance(net, FBNetV2Supernet),
+    }
+    assert set(has) == set(Capability)
+    assert backbone_capabilities(name) == {c for c, yes in has.items() if yes}
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_SIZE))

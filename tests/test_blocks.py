@@ -13,7 +13,6 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from dynlab.backbones import create_backbone
-from dynlab.backbones.factory import block_options
 from dynlab.building import build_datamodule, build_module
 from dynlab.config import BackboneConfig
 from dynlab.data.base import DataInfo
@@ -74,9 +73,14 @@ def test_deploy_form_equals_the_training_form(name: str, conv: str, act: str) ->
     assert (actual - expected).abs().max().item() < 1e-5 * max(1.0, expected.abs().max().item())
 
 
-@pytest.mark.parametrize("name", ["cifar_resnet20", "cifar_mobilenetv2", "cifar_repvgg_a0"])
-def test_reparameterised_blocks_deploy_to_exactly_the_plain_networks_size(name: str) -> None:
-    act = block_options(name)[1][0]  # type: ignore[index]
+# (backbone, its default activation)
+@pytest.mark.parametrize(
+    ("name", "act"),
+    [("cifar_resnet20", "relu"), ("cifar_mobilenetv2", "relu6"), ("cifar_repvgg_a0", "relu")],
+)
+def test_reparameterised_blocks_deploy_to_exactly_the_plain_networks_size(
+    name: str, act: str
+) -> None:
     plain = build(name, "plain", act).deploy()
     plain_size = (params(plain), plain.exit_macs(SIZE))
     for conv in ("acnet", "repvgg"):

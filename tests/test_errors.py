@@ -23,6 +23,7 @@ from dynlab.backbones import UnknownBackboneError
 from dynlab.data.base import DataRootError
 from dynlab.divergence import DivergenceGuard
 from dynlab.errors import CheckpointError, TrainingDiverged, UserError, reporting_user_errors
+from dynlab.traits import TECHNIQUE_TRAITS
 from dynlab.validation import (
     ConfigError,
     build_run,
@@ -373,6 +374,10 @@ BAD_COMMANDS = {
         ["Error parsing override 'ckpt_path'", "missing EQUAL"],
     ),
     "unknown_phase": ("train", [*TINY, "phase=trian"], {}, ["phase=trian", "its phases: train"]),
+}
+# Bad pairings of technique and backbone: found from what the backbones declare, so after timm and
+# dynlab's backbones load (the last of validation's checks), still before anything is built.
+BACKBONE_COMMANDS = {
     "sfr_without_sfr_layers": (
         "train",
         [*TINY, "technique=sfr"],
@@ -460,7 +465,8 @@ def _machine_commands(
 
 
 def _bad_command(tmp_path: Path, name: str) -> tuple[str, list[str], dict[str, str], list[str]]:
-    return BAD_COMMANDS.get(name) or _machine_commands(tmp_path)[name]
+    known = BAD_COMMANDS | BACKBONE_COMMANDS
+    return known.get(name) or _machine_commands(tmp_path)[name]
 
 
 MACHINE_CASES = [
@@ -477,7 +483,7 @@ MACHINE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("name", [*BAD_COMMANDS, *MACHINE_CASES])
+@pytest.mark.parametrize("name", [*BAD_COMMANDS, *BACKBONE_COMMANDS, *MACHINE_CASES])
 def test_a_bad_command_is_one_line_with_exit_status_2(tmp_path, name):
     """As a user types it: `<app>: error: <the bad setting and what would work>`, nothing else."""
     app, args, env, says = _bad_command(tmp_path, name)
@@ -612,28 +618,40 @@ def test_declared_train_split_sizes_are_the_datamodules():
     assert len(datamodule.splits.train) + len(datamodule.splits.val) == DigitsConfig.TRAIN_SIZE
 
 
-def test_declared_backbone_kinds_are_the_registered_backbones_that_are_of_that_kind():
-    """`traits.TECHNIQUE_TRAITS` says without torch which backbones SFR, SPOS and FBNetV2 run on;
-    it must list exactly the registered backbones their modules accept."""
-    from dynlab.backbones import create_backbone, list_backbones
-    from dynlab.backbones.fbnetv2 import FBNetV2Supernet
-    from dynlab.backbones.spos_shufflenetv2 import SPOSSupernet
-    from dynlab.techniques.sfr.module import sparse_layers
-    from dynlab.traits import FBNETV2_SUPERNETS, SPARSE_BACKBONES, SPOS_SUPERNETS
+@pytest.mark.parametrize("technique", sorted(t for t, v in TECHNIQUE_TRAITS.items() if v.needs))
+def test_a_refused_pairing_names_exactly_the_backbones_declaring_what_the_technique_needs(
+    compose_cfg, technique
+):
+    from dynlab.backbones import backbones_with
 
-    accepted: dict[str, set[str]] = {"sparse": set(), "spos": set(), "fbnetv2": set()}
-    for name in list_backbones():
-        net = create_backbone(name, num_classes=10)
-        for kind, accepts in (
-            ("sparse", bool(sparse_layers(net))),
-            ("spos", isinstance(net, SPOSSupernet)),
-            ("fbnetv2", isinstance(net, FBNetV2Supernet)),
-        ):
-            if accepts:
-                accepted[kind].add(name)
-    assert accepted["sparse"] == set(SPARSE_BACKBONES.names)
-    assert accepted["spos"] == set(SPOS_SUPERNETS.names)
-    assert accepted["fbnetv2"] == set(FBNETV2_SUPERNETS.names)
+    needs = TECHNIQUE_TRAITS[technique].needs
+    with pytest.raises(ConfigError) as err:
+        validate_config(compose_cfg([*TINY, f"technique={technique}"]))
+    message = str(err.value)
+    assert f"technique={technique} needs {needs.value} as its backbone" in message
+    named = message.rpartition("set backbone.name to ")[2].replace(" or ", ", ").split(", ")
+    assert named == backbones_with(needs) and named
+
+
+def test_a_backbone_a_user_declares_is_judged_before_building(compose_cfg, monkeypatch):
+    """A model registered with `register_backbone` is judged on its declaration, like dynlab's:
+    refused before building when it lacks what the technique needs, and named when it has it."""
+    from dynlab.backbones import Capability, create_backbone, register_backbone, registry
+
+    monkeypatch.setattr(registry, "_DECLARED", dict(registry._DECLARED))  # undone after the test
+
+    @register_backbone(Capability.spos_supernet)
+    def users_declared_spos_supernet(pretrained: bool = False, **kwargs):
+        return create_backbone("cifar_spos_supernet_tiny", **kwargs)
+
+    @register_backbone()
+    def users_declared_plain_net(pretrained: bool = False, **kwargs):
+        return create_backbone("cifar_resnet20", **kwargs)
+
+    base = [*TINY, "technique=spos", "backbone=timm"]
+    validate_config(compose_cfg([*base, "backbone.name=users_declared_spos_supernet"]))
+    with pytest.raises(ConfigError, match="plain_net is none: .*users_declared_spos_supernet"):
+        validate_config(compose_cfg([*base, "backbone.name=users_declared_plain_net"]))
 
 
 def test_a_users_own_supernet_is_judged_on_the_built_model(compose_cfg):

@@ -2,10 +2,11 @@
 
 Hydra's structured configs already reject a misspelt key or a wrong type at composition. Then:
 1. `validate_config` (light: no torch) checks combinations, the schemas' own `__post_init__`
-   rules, the technique's schedule for the app's mode, `phase=` and its backbone (as declared in
-   `traits.TECHNIQUE_TRAITS`), then that the backbone name exists (imports timm, so last). The
-   apps call `validate_run`: the same plus what the run needs of this machine (sbatch for
-   `hydra/launcher=slurm`, the data root, `ckpt_path`), all before timm and torch load;
+   rules, the technique's schedule for the app's mode and `phase=`, then the backbone (imports
+   timm and dynlab's backbones, so last): its name exists, and it declares the capability the
+   technique needs (`traits.TECHNIQUE_TRAITS`). The apps call `validate_run`: the same with what
+   the run needs of this machine (sbatch for `hydra/launcher=slurm`, the data root, `ckpt_path`)
+   before the backbone, so only the backbone's errors wait for timm and torch to load;
 2. `build_run` builds the datamodule, runs one zero image of the dataset's size through the bare
    backbone (a model that cannot take it fails here, saying what to set), then builds the
    technique's module and asks it to check the rest of the run (`check_run`: e.g. enough epochs for
@@ -53,15 +54,15 @@ def validate_config(cfg: DictConfig) -> None:
     """Checks beyond the schemas' types: names that must exist and settings that must agree
     (a preset validates on any machine: no data or checkpoint needed)."""
     check_config(cfg)
-    check_backbone_name(cfg)
+    check_backbone(cfg)
 
 
 def validate_run(cfg: DictConfig) -> None:
-    """`validate_config` plus what this run needs of the machine, all before timm loads: what
-    the apps call before importing torch."""
+    """`validate_config` plus what this run needs of the machine, checked before the backbone
+    (which loads timm): what the apps call before importing the runner."""
     check_config(cfg)
     check_machine(cfg)
-    check_backbone_name(cfg)
+    check_backbone(cfg)
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -70,7 +71,6 @@ def check_config(cfg: DictConfig) -> None:
     check_schema_rules(cfg)
     check_schedule(cfg)
     check_held_out(cfg)
-    check_technique_backbone(cfg)
 
 
 def check_machine(cfg: DictConfig) -> None:
@@ -170,24 +170,6 @@ def check_schedule(cfg: DictConfig) -> None:
         )
 
 
-def check_technique_backbone(cfg: DictConfig) -> None:
-    """The technique runs on the backbone, as its traits declare (no model built). Only dynlab's
-    own backbone options are judged here; any other model (a user's registered supernet, a timm
-    name) is judged by the technique's module on the built network."""
-    kind = technique_traits(cfg.technique.name).backbones
-    name = cfg.backbone.name
-    if kind is not None and name not in kind.names and name in dynlab_backbone_options():
-        raise ConfigError(backbone_needed(cfg.technique.name, name))
-
-
-def dynlab_backbone_options() -> set[str]:
-    """The backbones of dynlab's `backbone=` group (its config files), read without timm."""
-    import dynlab.conf
-
-    folder = Path(dynlab.conf.__file__).parent / "backbone"
-    return {path.stem for path in folder.glob("*.yaml")} - {"timm"}
-
-
 def check_launcher(cfg: DictConfig) -> None:
     """`hydra/launcher=slurm` needs Slurm's sbatch (a search sends its candidates as job arrays):
     refused here, not in sbatch's traceback later. Jobs that Slurm started are not asked."""
@@ -233,12 +215,25 @@ def check_start_checkpoint(cfg: DictConfig) -> None:
         raise CheckpointError(f"ckpt_path={path}: {problem}")
 
 
-def check_backbone_name(cfg: DictConfig) -> None:
-    """The backbone exists in dynlab's or timm's registry (imports timm, so it comes last)."""
-    from dynlab.backbones import UnknownBackboneError, is_known_backbone
+def check_backbone(cfg: DictConfig) -> None:
+    """The backbone exists in dynlab's or timm's registry, and has the capability the technique
+    needs as the backbone declares it (no model built; imports timm and dynlab's backbones, so it
+    comes last). A model registered without declarations (a user's supernet, a timm name) is
+    judged by the technique's module on the built network."""
+    from dynlab.backbones import (
+        UnknownBackboneError,
+        backbone_capabilities,
+        is_known_backbone,
+        list_backbones,
+    )
 
-    if not is_known_backbone(cfg.backbone.name):
-        raise UnknownBackboneError(cfg.backbone.name)
+    name, technique = cfg.backbone.name, cfg.technique.name
+    if not is_known_backbone(name):
+        raise UnknownBackboneError(name)
+    needs = technique_traits(technique).needs
+    declared = name in list_backbones()
+    if needs is not None and declared and needs not in backbone_capabilities(name):
+        raise ConfigError(backbone_needed(technique, name))
 
 
 @contextmanager

@@ -1,6 +1,8 @@
-"""dynlab's CIFAR networks, registered in timm's registry on import, and a checked factory.
+"""dynlab's CIFAR networks, registered in timm's registry on import with the capabilities each
+declares (`registry`), and a checked factory.
 
-`import dynlab.backbones` makes `timm.create_model("cifar_resnet56", num_classes=10)` work.
+`import dynlab.backbones` makes `timm.create_model("cifar_resnet56", num_classes=10)` work, and
+`backbone_capabilities("cifar_condensenetv2_110")` say what that backbone can do.
 """
 
 from dynlab.backbones import (  # noqa: F401  (registers)
@@ -18,13 +20,23 @@ from dynlab.backbones.factory import (
     UnknownBackboneError,
     create_backbone,
     is_known_backbone,
-    list_backbones,
 )
+from dynlab.backbones.registry import (
+    backbone_capabilities,
+    backbones_with,
+    list_backbones,
+    register_backbone,
+)
+from dynlab.capabilities import Capability
 
 __all__ = [
     "BackboneArgumentError",
+    "Capability",
     "UnknownBackboneError",
+    "backbone_capabilities",
+    "backbones_with",
     "create_backbone",
     "is_known_backbone",
     "list_backbones",
+    "register_backbone",
 ]

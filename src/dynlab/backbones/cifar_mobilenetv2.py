@@ -16,10 +16,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs
 from torch import Tensor, nn
 
 from dynlab.backbones._base import CifarClassifier, cifar_cfg, init_weights
+from dynlab.backbones.registry import register_backbone
+from dynlab.capabilities import Capability
 from dynlab.nn.blocks import activation, check_block_options, conv_norm, init_block_parameters
 
 __all__ = ["CifarMobileNetV2", "InvertedResidual"]
@@ -107,7 +109,7 @@ class CifarMobileNetV2(CifarClassifier):
 default_cfgs = generate_default_cfgs({"cifar_mobilenetv2": cifar_cfg((4, 4), "stem.0")})
 
 
-@register_model
+@register_backbone(Capability.conv_act_options)
 def cifar_mobilenetv2(pretrained: bool = False, **kwargs: Any) -> CifarMobileNetV2:
     """MobileNetV2 for CIFAR: 2.24 M parameters, 88 M MACs."""
     return build_model_with_cfg(CifarMobileNetV2, "cifar_mobilenetv2", pretrained, **kwargs)

@@ -17,10 +17,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs
 from torch import Tensor, nn
 
 from dynlab.backbones._base import CifarClassifier, cifar_cfg
+from dynlab.backbones.registry import register_backbone
+from dynlab.capabilities import Capability
 from dynlab.nn.blocks import activation, check_block_options, conv_norm
 
 __all__ = ["CifarRepVGG"]
@@ -93,13 +95,13 @@ def _create(arch: str, pretrained: bool, **kwargs: Any) -> CifarRepVGG:
     )
 
 
-@register_model
+@register_backbone(Capability.conv_act_options)
 def cifar_repvgg_a0(pretrained: bool = False, **kwargs: Any) -> CifarRepVGG:
     """RepVGG-A0 widths for CIFAR: 7.04 M parameters, 111 M MACs deployed."""
     return _create("a0", pretrained, **kwargs)
 
 
-@register_model
+@register_backbone(Capability.conv_act_options)
 def cifar_repvgg_b0(pretrained: bool = False, **kwargs: Any) -> CifarRepVGG:
     """RepVGG-B0 widths for CIFAR: 13.07 M parameters, 249 M MACs deployed."""
     return _create("b0", pretrained, **kwargs)

@@ -18,10 +18,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs
 from torch import Tensor, nn
 
 from dynlab.backbones._base import CifarClassifier, cifar_cfg, init_weights
+from dynlab.backbones.registry import register_backbone
+from dynlab.capabilities import Capability
 from dynlab.nn.blocks import activation, check_block_options, conv_norm, init_block_parameters
 
 __all__ = ["BasicBlock", "CifarResNet"]
@@ -109,43 +111,43 @@ def _create(variant: str, depth: int, pretrained: bool, **kwargs: Any) -> CifarR
     return build_model_with_cfg(CifarResNet, variant, pretrained, depth=depth, **kwargs)
 
 
-@register_model
+@register_backbone(Capability.conv_act_options)
 def cifar_resnet8(pretrained: bool = False, **kwargs: Any) -> CifarResNet:
     """ResNet-8 (n=1): the shallowest of the family, a static point below ResNet-20's cost."""
     return _create("cifar_resnet8", 8, pretrained, **kwargs)
 
 
-@register_model
+@register_backbone(Capability.conv_act_options)
 def cifar_resnet14(pretrained: bool = False, **kwargs: Any) -> CifarResNet:
     """ResNet-14 (n=2)."""
     return _create("cifar_resnet14", 14, pretrained, **kwargs)
 
 
-@register_model
+@register_backbone(Capability.conv_act_options)
 def cifar_resnet20(pretrained: bool = False, **kwargs: Any) -> CifarResNet:
     """ResNet-20 (n=3): 0.27 M parameters, 41 M MACs."""
     return _create("cifar_resnet20", 20, pretrained, **kwargs)
 
 
-@register_model
+@register_backbone(Capability.conv_act_options)
 def cifar_resnet32(pretrained: bool = False, **kwargs: Any) -> CifarResNet:
     """ResNet-32 (n=5): 0.47 M parameters, 69 M MACs."""
     return _create("cifar_resnet32", 32, pretrained, **kwargs)
 
 
-@register_model
+@register_backbone(Capability.conv_act_options)
 def cifar_resnet44(pretrained: bool = False, **kwargs: Any) -> CifarResNet:
     """ResNet-44 (n=7): 0.66 M parameters, 97 M MACs."""
     return _create("cifar_resnet44", 44, pretrained, **kwargs)
 
 
-@register_model
+@register_backbone(Capability.conv_act_options)
 def cifar_resnet56(pretrained: bool = False, **kwargs: Any) -> CifarResNet:
     """ResNet-56 (n=9): 0.86 M parameters, 126 M MACs."""
     return _create("cifar_resnet56", 56, pretrained, **kwargs)
 
 
-@register_model
+@register_backbone(Capability.conv_act_options)
 def cifar_resnet110(pretrained: bool = False, **kwargs: Any) -> CifarResNet:
     """ResNet-110 (n=18): 1.73 M parameters, 253 M MACs."""
     return _create("cifar_resnet110", 110, pretrained, **kwargs)

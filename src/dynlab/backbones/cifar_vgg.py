@@ -14,10 +14,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs
 from torch import Tensor, nn
 
 from dynlab.backbones._base import CifarClassifier, cifar_cfg, init_weights
+from dynlab.backbones.registry import register_backbone
+from dynlab.capabilities import Capability
 from dynlab.nn.blocks import activation, check_block_options, conv_norm, init_block_parameters
 
 __all__ = ["CifarVGG"]
@@ -64,7 +66,7 @@ class CifarVGG(CifarClassifier):
 default_cfgs = generate_default_cfgs({"cifar_vgg16_bn": cifar_cfg((1, 1), "features.0")})
 
 
-@register_model
+@register_backbone(Capability.conv_act_options)
 def cifar_vgg16_bn(pretrained: bool = False, **kwargs: Any) -> CifarVGG:
     """VGG-16-BN for CIFAR: 14.72 M parameters, 313 M MACs."""
     return build_model_with_cfg(

@@ -25,10 +25,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs
 from torch import Tensor, nn
 
 from dynlab.backbones._base import cifar_cfg, imagenet_cfg
+from dynlab.backbones.registry import register_backbone
+from dynlab.capabilities import Capability
 from dynlab.nn.condense import ACTIVATIONS, LearnedGroupConv, SparseFeatureReactivation
 
 __all__ = ["CondenseNetV2", "DenseLayer", "SELayer"]
@@ -256,37 +258,37 @@ def _create(variant: str, pretrained: bool, **kwargs: Any) -> CondenseNetV2:
     )  # fmt: skip
 
 
-@register_model
+@register_backbone(Capability.sparse_layers)
 def condensenetv2_a(pretrained: bool = False, **kwargs: Any) -> CondenseNetV2:
     """CondenseNetV2-A (ImageNet): 46M MACs / 2.0M parameters converted (official README)."""
     return _create("condensenetv2_a", pretrained, **kwargs)
 
 
-@register_model
+@register_backbone(Capability.sparse_layers)
 def condensenetv2_b(pretrained: bool = False, **kwargs: Any) -> CondenseNetV2:
     """CondenseNetV2-B (ImageNet): 146M MACs / 3.6M parameters converted (official README)."""
     return _create("condensenetv2_b", pretrained, **kwargs)
 
 
-@register_model
+@register_backbone(Capability.sparse_layers)
 def condensenetv2_c(pretrained: bool = False, **kwargs: Any) -> CondenseNetV2:
     """CondenseNetV2-C (ImageNet): 309M MACs / 6.1M parameters converted (official README)."""
     return _create("condensenetv2_c", pretrained, **kwargs)
 
 
-@register_model
+@register_backbone(Capability.sparse_layers)
 def cifar_condensenetv2_110(pretrained: bool = False, **kwargs: Any) -> CondenseNetV2:
     """CondenseNetV2-110 (CIFAR, inferred config): official 41M MACs / 0.48M parameters."""
     return _create("cifar_condensenetv2_110", pretrained, **kwargs)
 
 
-@register_model
+@register_backbone(Capability.sparse_layers)
 def cifar_condensenetv2_146(pretrained: bool = False, **kwargs: Any) -> CondenseNetV2:
     """CondenseNetV2-146 (CIFAR, inferred config): official 62M MACs / 0.78M parameters."""
     return _create("cifar_condensenetv2_146", pretrained, **kwargs)
 
 
-@register_model
+@register_backbone(Capability.sparse_layers)
 def cifar_condensenetv2_tiny(pretrained: bool = False, **kwargs: Any) -> CondenseNetV2:
     """A 6-layer CondenseNetV2 (growth 8-16-32, G = C = S = 4) for tests and CPU runs."""
     return _create("cifar_condensenetv2_tiny", pretrained, **kwargs)

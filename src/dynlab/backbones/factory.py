@@ -7,16 +7,15 @@ instead of timm's bare `Unknown model`.
 from __future__ import annotations
 
 import difflib
-import sys
 from typing import Any
 
 import timm
-from timm.models import is_model, model_entrypoint
+from timm.models import is_model
 from torch import nn
 
+from dynlab.backbones.registry import backbones_with, list_backbones
+from dynlab.capabilities import Capability
 from dynlab.errors import UserError
-
-_DYNLAB_PACKAGE = __name__.rpartition(".")[0]
 
 
 class UnknownBackboneError(UserError, ValueError):
@@ -31,28 +30,9 @@ class BackboneArgumentError(ValueError):
     """A keyword the backbone's constructor does not take (raised instead of its TypeError)."""
 
 
-def list_backbones() -> list[str]:
-    """The backbones dynlab itself registers in timm (any module under dynlab.backbones), sorted."""
-    return sorted(
-        name
-        for name in timm.list_models()
-        if model_entrypoint(name).__module__.startswith(_DYNLAB_PACKAGE + ".")
-    )
-
-
 def is_known_backbone(name: str) -> bool:
     """Whether `create_backbone(name, ...)` can build `name` (cheap: a registry look-up)."""
     return is_model(name)
-
-
-def block_options(name: str) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
-    """The (conv, act) options backbone `name` takes (`dynlab.nn.blocks`: ACNet, RepVGG,
-    WeightNet, FReLU), as its module declares them in CONVS and ACTS; None if it takes none."""
-    if not is_known_backbone(name):
-        return None
-    module = sys.modules[model_entrypoint(name).__module__]
-    convs, acts = getattr(module, "CONVS", None), getattr(module, "ACTS", None)
-    return (tuple(convs), tuple(acts)) if convs and acts else None
 
 
 def create_backbone(name: str, num_classes: int, in_chans: int = 3, **kwargs: Any) -> nn.Module:
@@ -81,7 +61,7 @@ def create_backbone(name: str, num_classes: int, in_chans: int = 3, **kwargs: An
             raise
         hint = ""
         if unknown in ("conv", "act"):
-            takes = [b for b in list_backbones() if block_options(b) is not None]
+            takes = backbones_with(Capability.conv_act_options)
             hint = f"; backbones with conv/act options: {', '.join(takes)}"
         raise BackboneArgumentError(f"{name} takes no argument {unknown!r}{hint}") from err
 

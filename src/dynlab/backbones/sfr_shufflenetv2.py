@@ -16,10 +16,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs
 from torch import Tensor, nn
 
 from dynlab.backbones._base import CifarClassifier, cifar_cfg, imagenet_cfg, init_weights
+from dynlab.backbones.registry import register_backbone
+from dynlab.capabilities import Capability
 from dynlab.nn.condense import SparseFeatureReactivation
 
 __all__ = ["SFRShuffleNetV2", "ShuffleUnit"]
@@ -129,13 +131,13 @@ default_cfgs = generate_default_cfgs(
 )
 
 
-@register_model
+@register_backbone(Capability.sparse_layers)
 def sfr_shufflenetv2_x1_0(pretrained: bool = False, **kwargs: Any) -> SFRShuffleNetV2:
     """SFR-ShuffleNetV2 1.0x for ImageNet (224x224)."""
     return build_model_with_cfg(SFRShuffleNetV2, "sfr_shufflenetv2_x1_0", pretrained, **kwargs)
 
 
-@register_model
+@register_backbone(Capability.sparse_layers)
 def cifar_sfr_shufflenetv2(pretrained: bool = False, **kwargs: Any) -> SFRShuffleNetV2:
     """SFR-ShuffleNetV2 1.0x with a stride-1 stem and no max pool, for 32x32 inputs."""
     return build_model_with_cfg(

@@ -36,10 +36,12 @@ from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs
 from torch import Tensor, nn
 
 from dynlab.backbones._base import CifarClassifier, cifar_cfg, imagenet_cfg
+from dynlab.backbones.registry import register_backbone
+from dynlab.capabilities import Capability
 from dynlab.evaluation.macs import count_macs
 
 __all__ = [
@@ -723,13 +725,13 @@ default_cfgs = generate_default_cfgs(
 )
 
 
-@register_model
+@register_backbone(Capability.spos_supernet)
 def spos_supernet(pretrained: bool = False, **kwargs: Any) -> SPOSSupernet:
     """The SPOS ShuffleNetV2 one-shot supernet for ImageNet (224x224)."""
     return build_model_with_cfg(SPOSSupernet, "spos_supernet", pretrained, **kwargs)
 
 
-@register_model
+@register_backbone(Capability.spos_supernet)
 def cifar_spos_supernet(pretrained: bool = False, **kwargs: Any) -> SPOSSupernet:
     """The SPOS supernet with a stride-1 stem, for 32x32 inputs."""
     return build_model_with_cfg(
@@ -747,7 +749,7 @@ _TINY_SPACE: dict[str, Any] = {
 }
 
 
-@register_model
+@register_backbone(Capability.spos_supernet)
 def cifar_spos_supernet_tiny(pretrained: bool = False, **kwargs: Any) -> SPOSSupernet:
     """The tiny SPOS space (`_TINY_SPACE`) with a stride-1 stem, for 32x32 inputs on CPU."""
     return build_model_with_cfg(
@@ -774,7 +776,7 @@ _SMALL_SPACE: dict[str, Any] = {
 }
 
 
-@register_model
+@register_backbone(Capability.spos_supernet)
 def cifar_spos_supernet_small(pretrained: bool = False, **kwargs: Any) -> SPOSSupernet:
     """The small SPOS space (`_SMALL_SPACE`, channel search on) for 32x32 inputs on CPU."""
     return build_model_with_cfg(
@@ -786,13 +788,13 @@ def cifar_spos_supernet_small(pretrained: bool = False, **kwargs: Any) -> SPOSSu
     )
 
 
-@register_model
+@register_backbone()
 def spos_shufflenetv2(pretrained: bool = False, **kwargs: Any) -> SPOSNet:
     """A standalone SPOS network for ImageNet; by default the official searched architecture."""
     return build_model_with_cfg(SPOSNet, "spos_shufflenetv2", pretrained, **kwargs)
 
 
-@register_model
+@register_backbone()
 def cifar_spos_shufflenetv2(pretrained: bool = False, **kwargs: Any) -> SPOSNet:
     """A standalone SPOS network with a stride-1 stem, for 32x32 inputs."""
     return build_model_with_cfg(

@@ -5,11 +5,13 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs
 
 from dynlab.backbones._base import cifar_cfg, imagenet_cfg
 from dynlab.backbones.fbnetv2.net import FBNetV2Net, published_kwargs
 from dynlab.backbones.fbnetv2.supernet import FBNetV2Supernet
+from dynlab.backbones.registry import register_backbone
+from dynlab.capabilities import Capability
 
 
 def _published_cfg(resolution: int, resize: int) -> dict[str, Any]:
@@ -38,7 +40,7 @@ default_cfgs = generate_default_cfgs(
 )
 
 
-@register_model
+@register_backbone(Capability.dmasking_supernet)
 def fbnetv2_f_supernet(pretrained: bool = False, **kwargs: Any) -> FBNetV2Supernet:
     """The DMaskingNAS supernet over an FBNetV2-F-like ImageNet space."""
     return build_model_with_cfg(
@@ -46,7 +48,7 @@ def fbnetv2_f_supernet(pretrained: bool = False, **kwargs: Any) -> FBNetV2Supern
     )
 
 
-@register_model
+@register_backbone(Capability.dmasking_supernet)
 def cifar_fbnetv2_supernet(pretrained: bool = False, **kwargs: Any) -> FBNetV2Supernet:
     """The DMaskingNAS supernet over dynlab's 32x32 space (stride-1 stem, 4x4 final map)."""
     return build_model_with_cfg(
@@ -69,7 +71,7 @@ _CIFAR_TINY = {
 }
 
 
-@register_model
+@register_backbone(Capability.dmasking_supernet)
 def cifar_fbnetv2_supernet_tiny(pretrained: bool = False, **kwargs: Any) -> FBNetV2Supernet:
     """The tiny DMaskingNAS space (`_CIFAR_TINY`) for 32x32 inputs on CPU."""
     return build_model_with_cfg(
@@ -97,7 +99,7 @@ _CIFAR_SMALL = {
 }
 
 
-@register_model
+@register_backbone(Capability.dmasking_supernet)
 def cifar_fbnetv2_supernet_small(pretrained: bool = False, **kwargs: Any) -> FBNetV2Supernet:
     """The small DMaskingNAS space (`_CIFAR_SMALL`) for 32x32 inputs on CPU."""
     return build_model_with_cfg(
@@ -115,25 +117,25 @@ def _published(name: str, pretrained: bool, kwargs: dict[str, Any]) -> FBNetV2Ne
     )
 
 
-@register_model
+@register_backbone()
 def fbnetv2_f1(pretrained: bool = False, **kwargs: Any) -> FBNetV2Net:
     """FBNetV2-F1 (mobile-vision; 128x128, 56.41 MFLOPs, 68.3% top-1)."""
     return _published("fbnetv2_f1", pretrained, kwargs)
 
 
-@register_model
+@register_backbone()
 def fbnetv2_f2(pretrained: bool = False, **kwargs: Any) -> FBNetV2Net:
     """FBNetV2-F2 (F1's blocks at 160x160; 85.44 MFLOPs, 71.0%)."""
     return _published("fbnetv2_f2", pretrained, kwargs)
 
 
-@register_model
+@register_backbone()
 def fbnetv2_f3(pretrained: bool = False, **kwargs: Any) -> FBNetV2Net:
     """FBNetV2-F3 (F1's blocks, 1984 head, 192x192; 121.82 MFLOPs, 73.0%)."""
     return _published("fbnetv2_f3", pretrained, kwargs)
 
 
-@register_model
+@register_backbone()
 def fbnetv2_f4(pretrained: bool = False, **kwargs: Any) -> FBNetV2Net:
     """FBNetV2-F4 (224x224; 238.35 MFLOPs, 6.995 M params, 75.8% top-1)."""
     return _published("fbnetv2_f4", pretrained, kwargs)

@@ -23,6 +23,7 @@ from typing import Any, Self
 
 from torch import Tensor, nn
 
+from dynlab.backbones import Capability, backbones_with
 from dynlab.config import BackboneConfig
 from dynlab.data.base import DataInfo
 from dynlab.logging import log_records
@@ -31,7 +32,7 @@ from dynlab.nn.reparam import fold_and_merge
 from dynlab.protocol import StaticExits
 from dynlab.techniques.base import DynlabModule, Phase, dataset_backbone, optimizer_steps_per_epoch
 from dynlab.techniques.sfr.config import SFRConfig
-from dynlab.traits import SPARSE_BACKBONES, backbone_needed
+from dynlab.traits import backbone_needed
 
 SPARSE_LAYERS = (LearnedGroupConv, SparseFeatureReactivation)
 
@@ -42,9 +43,9 @@ def sparse_layers(net: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def sparse_backbones() -> list[str]:
-    """The registered backbones built from LGC/SFR layers (what `technique=sfr` runs on), as
-    declared for validation (`traits.SPARSE_BACKBONES`)."""
-    return list(SPARSE_BACKBONES.names)
+    """The registered backbones built from LGC/SFR layers (what `technique=sfr` runs on), as they
+    declare it."""
+    return backbones_with(Capability.sparse_layers)
 
 
 def drops_due(step: int, total: int, stages: int, fraction: float) -> int:
