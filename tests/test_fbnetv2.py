@@ -89,7 +89,7 @@ def test_the_searched_network_retrained_learns_and_costs_what_was_measured(
     cfg = compose_cfg(
         [
             *FBNET,
-            f"technique.choices_file={choices_file}",
+            f"technique.architecture_file={choices_file}",
             "trainer.max_epochs=5",
             "trainer.limit_train_batches=null",
         ]

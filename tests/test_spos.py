@@ -101,8 +101,8 @@ def test_search_finds_a_legal_architecture_within_the_limit(searched: Path) -> N
 def test_the_winner_retrained_from_the_search_output_learns_and_costs_what_was_recorded(
     compose_cfg, searched: Path
 ) -> None:
-    arch_file = searched / "checkpoints" / "evolution" / RESULT
-    cfg = compose_cfg([*SPOS, f"technique.arch_file={arch_file}", "trainer.max_epochs=6"])
+    result = searched / "checkpoints" / "evolution" / RESULT
+    cfg = compose_cfg([*SPOS, f"technique.architecture_file={result}", "trainer.max_epochs=6"])
     run_job(cfg)
     results = read_results(Path(cfg.run_dir))
     assert results["status"] == "completed"
@@ -114,7 +114,7 @@ def test_the_winner_retrained_from_the_search_output_learns_and_costs_what_was_r
     state = torch.load(
         Path(cfg.run_dir) / "checkpoints" / "retrain" / "final.ckpt", weights_only=False
     )
-    assert state["dynlab"]["technique"]["arch"] == _result(searched)["architecture"]
+    assert state["dynlab"]["technique"]["architecture"] == _result(searched)["architecture"]
     assert not (Path(cfg.run_dir) / "checkpoints" / "supernet").exists()
 
 
@@ -208,8 +208,8 @@ def test_one_path_per_step_and_no_update_off_the_path(compose_cfg) -> None:
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("technique.arch=[0,1,2]", "expected 5 genes"),
-        ("technique.arch=[0,1,2,3,4]", "expected an int in 0..3"),
+        ("technique.architecture=[0,1,2]", "expected 5 genes"),
+        ("technique.architecture=[0,1,2,3,4]", "expected an int in 0..3"),
         ("technique.evolution.max_mmacs=0.01", "the space"),
         ("technique.evolution.min_mmacs=1000 technique.evolution.max_mmacs=null", "the space"),
         ("technique.evolution.min_mmacs=0.8 technique.evolution.max_mmacs=0.8", "window is empty"),
@@ -266,7 +266,7 @@ def test_the_small_space_searches_with_channel_search_inside_a_20m_window(compos
 
 
 def test_a_search_of_a_given_architecture_is_refused_before_anything_runs(compose_cfg) -> None:
-    cfg = compose_cfg([*SPOS, "technique.arch=[0,1,2,3,0]"], config_name="search")
+    cfg = compose_cfg([*SPOS, "technique.architecture=[0,1,2,3,0]"], config_name="search")
     with pytest.raises(ConfigError, match="nothing to search"):
         build_run(cfg)
 

@@ -18,6 +18,7 @@ without torch.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import zipfile
@@ -33,7 +34,10 @@ from omegaconf.errors import OmegaConfBaseException
 
 from dynlab.config import SettingError, TechniqueConfig
 from dynlab.errors import CheckpointError, ConfigError, UserError, full_error, require_data_root
+from dynlab.techniques.supernet_config import deprecated_settings
 from dynlab.traits import backbone_needed, no_schedule, technique_traits
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -69,6 +73,7 @@ def check_config(cfg: DictConfig) -> None:
     """The config's own light checks (no torch), cheapest first."""
     check_devices(cfg)
     check_schema_rules(cfg)
+    note_deprecated(cfg)
     check_schedule(cfg)
     check_held_out(cfg)
 
@@ -89,6 +94,12 @@ def check_devices(cfg: DictConfig) -> None:
             f"trainer.devices={devices} on CPU needs a DDP strategy: use trainer=ddp_cpu "
             "(or trainer.strategy=ddp)"
         )
+
+
+def note_deprecated(cfg: DictConfig) -> None:
+    """One line for each deprecated setting the run uses (it still works under its new name)."""
+    for line in deprecated_settings(cfg.technique, technique_schema(cfg)):
+        log.warning(line)
 
 
 def check_schema_rules(cfg: DictConfig) -> None:

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, ClassVar
 
-from dynlab.config import TechniqueConfig, register_schema
+from dynlab.config import register_schema
+from dynlab.techniques.supernet_config import SupernetConfig
 
 
 class CostKind(StrEnum):
@@ -20,7 +21,11 @@ class CostKind(StrEnum):
 
 
 @dataclass
-class FBNetV2Config(TechniqueConfig):
+class FBNetV2Config(SupernetConfig):
+    DEPRECATED: ClassVar[dict[str, str]] = {
+        "choices": "architecture",
+        "choices_file": "architecture_file",
+    }
     PHASES: ClassVar[tuple[str, ...]] = ("search", "retrain")
 
     _target_: str = "dynlab.techniques.fbnetv2.module.FBNetV2Module"
@@ -56,7 +61,8 @@ class FBNetV2Config(TechniqueConfig):
     # statistics mix every resolution and width the Gumbel samples passed through. The paper does
     # not say how it evaluates during the search; this is dynlab's choice.
     recalibration_batches: int = 20
-    # A given architecture (the `choices` dict a search writes): the schedule is `retrain` alone.
+    # Deprecated names of `architecture` (the choices dict a search writes) and
+    # `architecture_file` (SupernetConfig).
     choices: dict[str, Any] | None = None
     choices_file: str | None = None
     seed: int = "${seed}"  # type: ignore[assignment]
@@ -97,8 +103,6 @@ class FBNetV2Config(TechniqueConfig):
             )
         if self.warmup_epochs < 0:
             raise ValueError(f"fbnetv2 warmup_epochs must be >= 0, got {self.warmup_epochs}")
-        if self.choices is not None and self.choices_file is not None:
-            raise ValueError("fbnetv2: give technique.choices or technique.choices_file, not both")
 
 
 register_schema("technique", "fbnetv2", FBNetV2Config)

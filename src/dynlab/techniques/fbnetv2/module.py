@@ -15,13 +15,13 @@ placed back by interspersed zeros). The schedule:
   rank samples the same architecture and a resumed search the same noise;
 - `retrain` (fit): the argmax architecture exported as a standalone network (`FBNetV2Net`, its MACs
   measured) and trained from scratch.
-`dynlab-search` runs the search alone; `technique.choices` (or `choices_file`) retrains a given
+`dynlab-search` runs the search alone; `technique.architecture` (or `_file`) retrains a given
 architecture alone. The deploy form is always the standalone network.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +34,9 @@ from dynlab.config import BackboneConfig
 from dynlab.data.base import DataInfo, DynlabDataModule, StreamSpec
 from dynlab.data.sampling import rank_and_world_size
 from dynlab.evaluation.macs import count_macs
-from dynlab.protocol import StaticExits
 from dynlab.results import update_results
 from dynlab.search import (
     derived_seed,
-    read_architecture,
     recalibrate_bn,
     seeded,
     write_result,
@@ -97,7 +95,8 @@ class FBNetV2Module(SupernetTechnique):
     """The DMaskingNAS supernet, its search and the retraining of the searched network."""
 
     phase_names = FBNetV2Config.PHASES
-    technique, given_option, retrain_stream = "fbnetv2", "technique.choices", RETRAIN_STREAM
+    technique, retrain_stream, old_state_key = "fbnetv2", RETRAIN_STREAM, "choices"
+    space_fields = "backbone, its kwargs and dataset"
 
     config: FBNetV2Config
 
@@ -114,19 +113,10 @@ class FBNetV2Module(SupernetTechnique):
         problem = problem or _target_problem(net, config.target_mmacs)
         if problem:
             raise ValueError(f"fbnetv2 on backbone={backbone.name}: {problem}")
-        self.signature = net.signature()
-        choices = config.choices
-        if choices is None and config.choices_file is not None:
-            choices = read_architecture(config.choices_file, "fbnetv2 technique.choices_file")
-        if choices is not None:
-            choices = dict(choices)
-            problem = net.choice_problem(choices)
-            if problem:
-                raise ValueError(f"fbnetv2 technique.choices: {problem}")
         self.history: list[dict[str, Any]] = []  # the argmax architecture after every epoch
         # The search's result or the given architecture (a `choices` dict).
         self.architecture: dict[str, Any] | None
-        self.use_supernet(net, choices)
+        self.use_supernet(net)
 
     # --- phases -------------------------------------------------------------------------------
     def search_phases(self) -> list[Phase]:
@@ -293,27 +283,19 @@ class FBNetV2Module(SupernetTechnique):
             )
 
     # --- technique state ----------------------------------------------------------------------
-    def technique_state(self) -> dict[str, Any]:
-        return {
-            "space": self.signature,
-            "choices": self.architecture,
-            "standalone": isinstance(self.model, StaticExits),
-            "history": self.history,
-        }
+    def architecture_problem(self, architecture: Any) -> str | None:
+        if not isinstance(architecture, Mapping):
+            return f"{architecture!r} is not a dict of choices (as a search's result holds)"
+        return self._supernet.choice_problem(dict(architecture))
 
-    def load_technique_state(self, state: dict[str, Any]) -> None:
-        """Check the space, then rebuild the standalone net when the saved model is one."""
-        if not state:
-            return
-        if state["space"] != self.signature:
-            raise ValueError(
-                "fbnetv2: the checkpoint holds a supernet of another search space; run with the "
-                "backbone, its kwargs and dataset it was searched with"
-            )
-        if not self.given:
-            self.architecture = state.get("choices")
+    def parse_architecture(self, architecture: Any) -> dict[str, Any]:
+        return dict(architecture)
+
+    def search_state(self) -> dict[str, Any]:
+        return {"history": self.history}
+
+    def load_search_state(self, state: dict[str, Any]) -> None:
         self.history = state.get("history", [])
-        self.restore_standalone(state)
 
 
 def extreme_choices(net: FBNetV2Supernet, pick: Callable[[Sequence[Any]], Any]) -> dict[str, Any]:

@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import ClassVar
 
-from dynlab.config import CandidatesOn, TechniqueConfig, register_schema
+from dynlab.config import CandidatesOn, register_schema
+from dynlab.techniques.supernet_config import SupernetConfig
 
 
 class PathSampler(StrEnum):
@@ -104,7 +105,11 @@ class EvolutionConfig:
 
 
 @dataclass
-class SPOSConfig(TechniqueConfig):
+class SPOSConfig(SupernetConfig):
+    DEPRECATED: ClassVar[dict[str, str]] = {
+        "arch": "architecture",
+        "arch_file": "architecture_file",
+    }
     PHASES: ClassVar[tuple[str, ...]] = ("supernet", "evolution", "retrain")
     HELD_OUT_USES: ClassVar[dict[str, str]] = dict.fromkeys(
         ("train", "search"), "the evolution scores candidates on it"
@@ -116,8 +121,8 @@ class SPOSConfig(TechniqueConfig):
     # code never released it, official issue #1). Passed to the supernet backbone; null: the
     # backbone's own setting (off, except cifar_spos_supernet_small).
     channel_search: bool | None = None
-    # A given architecture (block ids, then scale ids with channel search): the schedule is then
-    # `retrain` alone. arch_file: a search's `search_result.json` to take the architecture from.
+    # Deprecated names of `architecture` (block ids, then scale ids with channel search) and
+    # `architecture_file` (SupernetConfig).
     arch: list[int] | None = None
     arch_file: str | None = None
     # After the retrain phase, BN statistics recomputed as an exact average over one pass of the
@@ -127,11 +132,6 @@ class SPOSConfig(TechniqueConfig):
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     evolution: EvolutionConfig = field(default_factory=EvolutionConfig)
     seed: int = "${seed}"  # type: ignore[assignment]
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.arch is not None and self.arch_file is not None:
-            raise ValueError("spos: give technique.arch or technique.arch_file, not both")
 
 
 register_schema("technique", "spos", SPOSConfig)

@@ -11,7 +11,7 @@ official code megvii-model/SinglePathOneShot. The search space is the backbone (
   subset and is scored on the fixed held-out val split, candidates spread over the ranks or sent
   out as one Slurm job array a generation (`evolution.candidates_on`), checkpointed every round;
 - `retrain` (fit): the winner built standalone with affine BN and trained from scratch.
-`dynlab-search` runs the first two; `technique.arch=[...]` (or `technique.arch_file`) retrains a
+`dynlab-search` runs the first two; `technique.architecture=[...]` (or `_file`) retrains a
 given architecture alone. The deploy form is always a standalone net: the retrained one, or the
 supernet's path cut out with its weights (`SPOSSupernet.child`).
 """
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,9 +32,8 @@ from dynlab.config import BackboneConfig
 from dynlab.data.base import DataInfo, DynlabDataModule, StreamSpec
 from dynlab.data.sampling import rank_and_world_size
 from dynlab.logging import log_records
-from dynlab.protocol import StaticExits
 from dynlab.results import atomic_write_text, update_results
-from dynlab.search import SupernetExits, derived_seed, read_architecture, recalibrate_bn
+from dynlab.search import SupernetExits, derived_seed, recalibrate_bn
 from dynlab.search.driver import Outcome, SearchDriver, data_identity
 from dynlab.techniques.base import Phase, PhaseContext, PhaseKind, dataset_backbone
 from dynlab.techniques.spos.config import SPOSConfig
@@ -63,7 +61,8 @@ class SPOSModule(SupernetTechnique):
     """A one-shot supernet, its evolutionary search and the retraining of the winner."""
 
     phase_names = SPOSConfig.PHASES
-    technique, retrain_stream = "spos", RETRAIN_STREAM
+    technique, retrain_stream, old_state_key = "spos", RETRAIN_STREAM, "arch"
+    space_fields = "backbone, its kwargs, technique.channel_search and dataset"
 
     config: SPOSConfig
 
@@ -79,7 +78,6 @@ class SPOSModule(SupernetTechnique):
         if not isinstance(net, SPOSSupernet):
             raise ValueError(_not_a_supernet(backbone.name))
         self.space = net.space
-        self.signature = net.signature()
         self.table = MacsTable.measure(net, data_info.input_size)
         lo, hi = self.table.minimum(), self.table.maximum()
         problem = space_range_problem(lo, hi, config.evolution)
@@ -87,16 +85,11 @@ class SPOSModule(SupernetTechnique):
             raise ValueError(problem)
         self.window = window_sampler(self.table, config.evolution)
         self.sampler = PathSampler(self.space, self.table, config.sampler)
-        given = _given_arch(config.arch, config.arch_file)
-        if given is not None:
-            problem = self.space.problem(given)
-            if problem:
-                raise ValueError(f"spos technique.arch: {problem}")
         self.search_summary: dict[str, Any] = {}
         # The search's winner or the given architecture (genes).
         self.architecture: tuple[int, ...] | None
-        self.use_supernet(net, given)
-        if given is None:
+        self.use_supernet(net)
+        if not self.given:
             self.val_path = self.sampler.uniform(
                 np.random.default_rng(derived_seed(config.seed, VAL_PATH_STREAM))
             )
@@ -111,17 +104,6 @@ class SPOSModule(SupernetTechnique):
             self._evolution(ctx)
         else:
             super().run_custom_phase(phase, ctx)
-
-    def check_run(self, cfg: Any) -> None:
-        """A `ckpt_path` holding a supernet of another space is refused before anything runs."""
-        super().check_run(cfg)
-        path = cfg.get("ckpt_path") if cfg is not None else None
-        if not path or not Path(path).is_file():
-            return
-        state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-        saved = state.get("dynlab", {}).get("technique", {}).get("space")
-        if saved is not None:
-            self._check_space(saved, f"ckpt_path {path}")
 
     # --- the supernet phase: one path per step ------------------------------------------------
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
@@ -242,47 +224,18 @@ class SPOSModule(SupernetTechnique):
         )
 
     # --- technique state ----------------------------------------------------------------------
-    def technique_state(self) -> dict[str, Any]:
-        return {
-            "space": self.signature,
-            "arch": list(self.architecture) if self.architecture is not None else None,
-            "standalone": isinstance(self.model, StaticExits),
-            "path": list(self._supernet.path),
-            "search": self.search_summary,
-        }
+    def architecture_problem(self, architecture: Any) -> str | None:
+        return self.space.problem(architecture)
 
-    def load_technique_state(self, state: dict[str, Any]) -> None:
-        """Check the space, then rebuild the standalone net when the saved model is one."""
-        if not state:
-            return
-        self._check_space(state["space"], "the checkpoint")
+    def parse_architecture(self, architecture: Any) -> tuple[int, ...]:
+        return tuple(int(g) for g in architecture)
+
+    def search_state(self) -> dict[str, Any]:
+        return {"path": list(self._supernet.path), "search": self.search_summary}
+
+    def load_search_state(self, state: dict[str, Any]) -> None:
         self.search_summary = state.get("search", {})
-        if not self.given and state.get("arch") is not None:
-            self.architecture = tuple(state["arch"])
         self._supernet.set_path(tuple(state["path"]))
-        self.restore_standalone(state)
-
-    def _check_space(self, saved: dict[str, Any], where: str) -> None:
-        if saved == self.signature:
-            return
-        diff = ", ".join(
-            f"{k}: {saved.get(k)!r} there, {self.signature.get(k)!r} here"
-            for k in sorted(set(saved) | set(self.signature))
-            if saved.get(k) != self.signature.get(k)
-        )
-        raise ValueError(
-            f"spos: {where} holds a supernet of another search space ({diff}); run with the "
-            "backbone, its kwargs, technique.channel_search and dataset it was trained with"
-        )
-
-    # --- building -----------------------------------------------------------------------------
-
-
-def _given_arch(arch: list[int] | None, arch_file: str | None) -> tuple[int, ...] | None:
-    """The architecture given in the config, or read from a search's search_result.json."""
-    if arch is None and arch_file is not None:
-        arch = read_architecture(arch_file, "spos technique.arch_file")
-    return tuple(int(g) for g in arch) if arch is not None else None
 
 
 def _not_a_supernet(name: str) -> str:
