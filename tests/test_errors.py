@@ -20,6 +20,7 @@ from torch import nn
 
 from dynlab import logging as dlog
 from dynlab.backbones import UnknownBackboneError
+from dynlab.capabilities import Capability
 from dynlab.data.base import DataRootError
 from dynlab.divergence import DivergenceGuard
 from dynlab.errors import CheckpointError, TrainingDiverged, UserError, reporting_user_errors
@@ -374,10 +375,6 @@ BAD_COMMANDS = {
         ["Error parsing override 'ckpt_path'", "missing EQUAL"],
     ),
     "unknown_phase": ("train", [*TINY, "phase=trian"], {}, ["phase=trian", "its phases: train"]),
-}
-# Bad pairings of technique and backbone: found from what the backbones declare, so after timm and
-# dynlab's backbones load (the last of validation's checks), still before anything is built.
-BACKBONE_COMMANDS = {
     "sfr_without_sfr_layers": (
         "train",
         [*TINY, "technique=sfr"],
@@ -465,8 +462,7 @@ def _machine_commands(
 
 
 def _bad_command(tmp_path: Path, name: str) -> tuple[str, list[str], dict[str, str], list[str]]:
-    known = BAD_COMMANDS | BACKBONE_COMMANDS
-    return known.get(name) or _machine_commands(tmp_path)[name]
+    return BAD_COMMANDS.get(name) or _machine_commands(tmp_path)[name]
 
 
 MACHINE_CASES = [
@@ -483,7 +479,7 @@ MACHINE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("name", [*BAD_COMMANDS, *BACKBONE_COMMANDS, *MACHINE_CASES])
+@pytest.mark.parametrize("name", [*BAD_COMMANDS, *MACHINE_CASES])
 def test_a_bad_command_is_one_line_with_exit_status_2(tmp_path, name):
     """As a user types it: `<app>: error: <the bad setting and what would work>`, nothing else."""
     app, args, env, says = _bad_command(tmp_path, name)
@@ -631,6 +627,20 @@ def test_a_refused_pairing_names_exactly_the_backbones_declaring_what_the_techni
     assert f"technique={technique} needs {needs.value} as its backbone" in message
     named = message.rpartition("set backbone.name to ")[2].replace(" or ", ", ").split(", ")
     assert named == backbones_with(needs) and named
+
+
+def test_the_declarations_read_from_source_are_those_the_registry_holds():
+    """Validation reads the backbones' declarations from their source (no torch); importing the
+    backbones registers the same ones."""
+    from dynlab.backbones import backbone_capabilities, list_backbones
+    from dynlab.capabilities import declared_backbones
+
+    declared = declared_backbones()
+    assert declared == {name: backbone_capabilities(name) for name in list_backbones()}
+    assert {n for n, caps in declared.items() if Capability.sparse_layers in caps} >= {
+        "cifar_condensenetv2_110",
+        "sfr_shufflenetv2_x1_0",
+    }
 
 
 def test_a_backbone_a_user_declares_is_judged_before_building(compose_cfg, monkeypatch):

@@ -4,7 +4,9 @@ say which one they need (`dynlab.traits`), so no backbone is recognised by its n
 
 from __future__ import annotations
 
+import ast
 from enum import Enum
+from pathlib import Path
 
 
 class Capability(Enum):
@@ -14,3 +16,29 @@ class Capability(Enum):
     sparse_layers = "a network of LGC/SFR layers"
     spos_supernet = "an SPOS one-shot supernet"
     dmasking_supernet = "a DMaskingNAS supernet"
+
+
+def declared_backbones() -> dict[str, frozenset[Capability]]:
+    """dynlab's own backbones and the capabilities each declares, read from the
+    `@register_backbone(...)` decorators in `dynlab/backbones` without importing it (no torch,
+    no timm: validation refuses a wrong pairing in about a second). The same declarations fill
+    the registry when the backbones are imported; a test keeps the two equal."""
+    declared: dict[str, frozenset[Capability]] = {}
+    for path in sorted((Path(__file__).parent / "backbones").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not isinstance(node, ast.FunctionDef):
+                continue
+            for decorator in node.decorator_list:
+                if isinstance(decorator, ast.Call) and _called(decorator) == "register_backbone":
+                    declared[node.name] = frozenset(
+                        Capability[arg.attr]
+                        for arg in decorator.args
+                        if isinstance(arg, ast.Attribute)
+                    )
+    return declared
+
+
+def _called(call: ast.Call) -> str:
+    """The name a call's function goes by (`f(...)` or `module.f(...)`)."""
+    func = call.func
+    return func.id if isinstance(func, ast.Name) else getattr(func, "attr", "")

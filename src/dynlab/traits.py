@@ -5,9 +5,10 @@ training. Which backbones have that capability, they declare themselves (`regist
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
-from dynlab.capabilities import Capability
+from dynlab.capabilities import Capability, declared_backbones
 
 
 @dataclass(frozen=True)
@@ -45,14 +46,15 @@ def no_schedule(technique: str, mode: str) -> str | None:
     )
 
 
-def backbone_needed(technique: str, backbone: str) -> str:
-    """What `technique` needs of its backbone, and the registered backbones that declare it (not
-    `backbone`). Reads the backbones' declarations, so it imports dynlab.backbones (torch)."""
-    from dynlab.backbones import backbones_with
-
+def backbone_needed(
+    technique: str, backbone: str, declared: Mapping[str, frozenset[Capability]] | None = None
+) -> str:
+    """What `technique` needs of its backbone, and the backbones `declared` to have it (default:
+    dynlab's own, read torch-free from their source by `declared_backbones`)."""
     needs = technique_traits(technique).needs
     assert needs is not None, f"{technique} needs no capability of its backbone"
-    *others, last = backbones_with(needs)
+    declared = declared_backbones() if declared is None else declared
+    *others, last = sorted(n for n, caps in declared.items() if needs in caps)
     choice = f"{', '.join(others)} or {last}" if others else last
     return (
         f"technique={technique} needs {needs.value} as its backbone and {backbone} is none: set "

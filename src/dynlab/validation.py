@@ -32,6 +32,7 @@ from hydra.types import RunMode
 from omegaconf import Container, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from dynlab.capabilities import declared_backbones
 from dynlab.config import SettingError, TechniqueConfig
 from dynlab.errors import CheckpointError, ConfigError, UserError, full_error, require_data_root
 from dynlab.techniques.supernet_config import deprecated_settings
@@ -75,6 +76,7 @@ def check_config(cfg: DictConfig) -> None:
     check_schema_rules(cfg)
     note_deprecated(cfg)
     check_schedule(cfg)
+    check_pairing(cfg)
     check_held_out(cfg)
 
 
@@ -226,6 +228,16 @@ def check_start_checkpoint(cfg: DictConfig) -> None:
         raise CheckpointError(f"ckpt_path={path}: {problem}")
 
 
+def check_pairing(cfg: DictConfig) -> None:
+    """One of dynlab's backbones has the capability the technique needs, as its source declares
+    it (torch-free, so a wrong pairing is refused in about a second; `check_backbone` judges
+    other registered models once timm has loaded)."""
+    name, technique = cfg.backbone.name, cfg.technique.name
+    needs, declared = technique_traits(technique).needs, declared_backbones()
+    if needs is not None and name in declared and needs not in declared[name]:
+        raise ConfigError(backbone_needed(technique, name))
+
+
 def check_backbone(cfg: DictConfig) -> None:
     """The backbone exists in dynlab's or timm's registry, and has the capability the technique
     needs as the backbone declares it (no model built; imports timm and dynlab's backbones, so it
@@ -244,7 +256,8 @@ def check_backbone(cfg: DictConfig) -> None:
     needs = technique_traits(technique).needs
     declared = name in list_backbones()
     if needs is not None and declared and needs not in backbone_capabilities(name):
-        raise ConfigError(backbone_needed(technique, name))
+        registered = {n: backbone_capabilities(n) for n in list_backbones()}
+        raise ConfigError(backbone_needed(technique, name, registered))
 
 
 @contextmanager
