@@ -236,6 +236,9 @@ class TechniqueConfig:
     # Several exits whose thresholds the budgeted evaluation calibrates on the held-out split
     # (which then must exist, and must not have been trained on).
     CALIBRATED_EXITS: ClassVar[bool] = False
+    # Older field names -> their names now: a run that sets an older one gets a one-line note
+    # (validation's `note_deprecated`) and the value moves to the new field.
+    DEPRECATED: ClassVar[dict[str, str]] = {}
 
     _target_: str = MISSING
     name: str = MISSING
@@ -246,6 +249,16 @@ class TechniqueConfig:
 
     def __post_init__(self) -> None:
         check_recipe_phases(self.phases, self.PHASES, self.name)
+        for old, new in self.DEPRECATED.items():
+            value = getattr(self, old)
+            if value is None:
+                continue
+            if getattr(self, new) is not None:
+                raise ValueError(
+                    f"{self.name}: give technique.{new} only (technique.{old} is its older name)"
+                )
+            setattr(self, new, value)
+            setattr(self, old, None)
 
 
 def check_recipe_phases(recipes: Any, phase_names: tuple[str, ...], technique: str) -> None:

@@ -35,7 +35,6 @@ from omegaconf.errors import OmegaConfBaseException
 from dynlab.capabilities import declared_backbones
 from dynlab.config import SettingError, TechniqueConfig
 from dynlab.errors import CheckpointError, ConfigError, UserError, full_error, require_data_root
-from dynlab.techniques.supernet_config import deprecated_settings
 from dynlab.traits import backbone_needed, no_schedule, technique_traits
 
 log = logging.getLogger(__name__)
@@ -100,8 +99,12 @@ def check_devices(cfg: DictConfig) -> None:
 
 def note_deprecated(cfg: DictConfig) -> None:
     """One line for each deprecated setting the run uses (it still works under its new name)."""
-    for line in deprecated_settings(cfg.technique, technique_schema(cfg)):
-        log.warning(line)
+    for old, new in technique_schema(cfg).DEPRECATED.items():
+        if cfg.technique.get(old) is not None:
+            log.warning(
+                f"technique.{old} is deprecated: it still works, as technique.{new}; write that "
+                "instead"
+            )
 
 
 def check_schema_rules(cfg: DictConfig) -> None:

@@ -101,12 +101,8 @@ class ControllerSearch(Search):
         space: Mapping[str, Any],
         data: Mapping[str, Any],
     ) -> None:
-        self.controller, self.reinforce, self.evaluate, self.cfg = (
-            controller,
-            reinforce,
-            evaluate,
-            cfg,
-        )
+        self.controller, self.reinforce = controller, reinforce
+        self.evaluate, self.cfg = evaluate, cfg
         self._identity = {
             "space": dict(space),
             "data": dict(data),
