@@ -76,6 +76,9 @@ def test_a_strong_cost_weight_searches_a_cheaper_network(searches: dict[str, Pat
         # The argmax network's MACs and the expected MACs of the search's softmax, every epoch.
         search = results["search"]
         assert search["target_mmacs"] is None and search["expected_mmacs"] > 0
+        assert (
+            search["architecture"] == _result(run)["architecture"] and search["search"] == "fbnetv2"
+        )
         assert all(h["expected_mmacs"] > 0 for h in _result(run)["history"])
         # The search-only run is evaluated on the exported argmax network, its MACs measured.
         assert results["exit_macs"][0] == pytest.approx(_result(run)["mmacs"] * 1e6)

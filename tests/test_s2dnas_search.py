@@ -245,13 +245,13 @@ def test_tiny_search_on_digits_records_every_candidate_and_grows_the_schedule(
     assert (tmp_path / "search" / SEARCH_STATE).exists()
 
 
-def killed_at(candidate: int, monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
-    """Candidate training that raises at the `candidate`-th call; the calls so far (`n`)."""
+def killed_at_call(call: int, monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Candidate training that raises at its `call`-th call (from 1); the calls so far (`n`)."""
     train, calls = search_module.train_candidate, {"n": 0}
 
     def killed(*args: Any, **kwargs: Any) -> None:
         calls["n"] += 1
-        if calls["n"] == candidate:
+        if calls["n"] == call:
             raise RuntimeError("killed")
         train(*args, **kwargs)
 
@@ -264,7 +264,7 @@ def test_killed_search_resumes_with_the_samples_of_an_uninterrupted_one(
 ) -> None:
     _, uninterrupted = search_in(tmp_path / "whole")
     train = search_module.train_candidate
-    killed_at(3, monkeypatch)
+    killed_at_call(3, monkeypatch)
     with pytest.raises(RuntimeError, match="killed"):
         search_in(tmp_path / "killed")
     partial = json.loads((tmp_path / "killed" / "search" / CANDIDATES).read_text())
@@ -282,7 +282,7 @@ def test_killed_search_resumes_with_the_samples_of_an_uninterrupted_one(
 def test_a_resumed_search_of_other_data_or_space_is_refused_before_a_candidate_trains(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    trained = killed_at(2, monkeypatch)
+    trained = killed_at_call(2, monkeypatch)
     with pytest.raises(RuntimeError, match="killed"):
         search_in(tmp_path)
     with pytest.raises(SearchMismatch, match=r"\(data.val_size: 48 there, 64 here\); resume it"):

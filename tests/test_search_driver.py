@@ -14,8 +14,14 @@ import pytest
 import torch
 
 from dynlab.errors import SearchMismatch, UserError
-from dynlab.search import RESULT, Ledger
-from dynlab.search.driver import NoCandidates, Search, SearchDriver, SearchRNG
+from dynlab.search import RESULT, Ledger, derived_seed, seeded
+from dynlab.search.driver import (
+    CANDIDATE_STREAM,
+    NoCandidates,
+    Search,
+    SearchDriver,
+    SearchRNG,
+)
 
 CHOICES, PER_ROUND, ROUNDS = 6, 3, 4
 
@@ -35,11 +41,13 @@ class Toy(Search):
         self,
         rounds: int = ROUNDS,
         kill_at: int | None = None,
+        kill_in_update: int | None = None,
         space: Mapping[str, Any] | None = None,
         data: Mapping[str, Any] | None = None,
         exhaust_after: int | None = None,
     ) -> None:
         self._rounds, self.kill_at, self.exhaust_after = rounds, kill_at, exhaust_after
+        self.kill_in_update = kill_in_update
         self.space = dict(space or {"choices": CHOICES})
         self.data = dict(data or {"dataset": "digits", "val_size": 100})
         self.total = 0.0
@@ -67,7 +75,9 @@ class Toy(Search):
         return {"value": candidate["a"] * 10 + candidate["b"] + float(torch.rand(()))}
 
     def update(self, records: Sequence[dict[str, Any]]) -> None:
-        self.total += max(r["value"] for r in records)
+        self.total += max(r["value"] for r in records)  # learnt before a kill inside update
+        if records[0]["round"] == self.kill_in_update:
+            raise Killed
 
     def state_dict(self) -> dict[str, Any]:
         return {"total": self.total}
@@ -107,13 +117,31 @@ def test_a_search_killed_at_any_candidate_resumes_as_an_uninterrupted_one(
     assert saved["search"] == "toy" and saved["evaluated"] == 12
 
 
-def test_records_depend_on_the_seed_and_the_candidate_seed_reaches_the_score(
+@pytest.mark.parametrize("round_", range(ROUNDS))
+def test_a_search_killed_inside_its_update_resumes_as_an_uninterrupted_one(
+    tmp_path: Path, round_: int
+) -> None:
+    """The update's learning is saved only with the round's end: a resumed search redoes it from
+    the state saved with the proposal, and never scores a candidate twice."""
+    whole = drive(Toy(), tmp_path / "whole")
+    killed = Toy(kill_in_update=round_)
+    with pytest.raises(Killed):
+        drive(killed, tmp_path / "killed")
+    resumed = Toy()
+    outcome = drive(resumed, tmp_path / "killed")
+    assert outcome.records == whole.records and outcome.result == whole.result
+    assert sorted(killed.scored + resumed.scored) == list(range(PER_ROUND * ROUNDS))
+
+
+def test_records_depend_on_the_seed_and_each_candidate_is_scored_under_its_own_seed(
     tmp_path: Path,
 ) -> None:
     one, two = drive(Toy(), tmp_path / "one", seed=0), drive(Toy(), tmp_path / "two", seed=1)
     assert [(r["a"], r["b"]) for r in one.records] != [(r["a"], r["b"]) for r in two.records]
-    fractions = [r["value"] % 1 for r in one.records]
-    assert len(set(fractions)) == len(fractions)  # a fresh draw per candidate, not one stream
+    for r in one.records:  # torch's draw inside score is the one of the candidate's own seed
+        with seeded(derived_seed(0, CANDIDATE_STREAM, r["index"])):
+            draw = float(torch.rand(()))
+        assert r["value"] == r["a"] * 10 + r["b"] + draw
 
 
 @pytest.mark.parametrize(
@@ -170,6 +198,22 @@ def test_a_finished_search_given_more_rounds_goes_on_from_where_it_ended(tmp_pat
     outcome = drive(extended, tmp_path / "short")
     assert extended.scored == list(range(2 * PER_ROUND, ROUNDS * PER_ROUND))
     assert outcome.records == drive(Toy(), tmp_path / "whole").records
+
+
+class Empty(Toy):
+    def propose(self, rng: SearchRNG, records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [] if records else super().propose(rng, records)
+
+
+class ProposesReserved(Toy):
+    def propose(self, rng: SearchRNG, records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [{**c, "index": 0} for c in super().propose(rng, records)]
+
+
+def test_an_empty_proposal_stops_the_search_and_a_reserved_field_is_refused(tmp_path: Path) -> None:
+    assert drive(Empty(), tmp_path / "empty").stopped == "round 1: it proposed no candidate"
+    with pytest.raises(ValueError, match=r"propose returned reserved fields \['index'\]"):
+        drive(ProposesReserved(), tmp_path / "reserved")
 
 
 class Reserved(Toy):

@@ -28,7 +28,6 @@ from dynlab.techniques.spos.evolution import (
     best_candidate,
     pareto_front,
     space_range_problem,
-    stop_reason,
 )
 from dynlab.techniques.spos.plots import plot_pareto
 from dynlab.techniques.spos.sampling import WindowSampler
@@ -47,6 +46,13 @@ def macs_of(genes: tuple[int, ...]) -> float:
 
 def top1_of(genes: tuple[int, ...]) -> dict[str, Any]:
     return {"top1": float(sum(SCORE[i, g] for i, g in enumerate(genes)))}
+
+
+def stop_reason(phase_dir: Path) -> str | None:
+    """Why the search saved in `phase_dir` stopped before its last generation (its ledger)."""
+    ledger = Ledger(phase_dir)
+    assert ledger.load()
+    return ledger.state["stopped"]
 
 
 def run_evolution(

@@ -380,14 +380,12 @@ def evaluate_array(
     evaluate: Callable[[int], dict[str, Any]],
     ledger: Ledger,
     config: ArrayConfig,
-    on_round: Callable[[], None] | None = None,
 ) -> None:
     """Evaluate candidates `todo` (indices) as one Slurm job array, adding each record (with its
     `index` and the `slurm_job` that ran it) to `ledger` as it arrives, saved each time.
 
-    The counterpart of `ranks.evaluate_spread` for a one-process controller: `on_round` runs after
-    each record is in, before the save; the tasks in flight are kept in `ledger.state[ARRAY_JOBS]`
-    so a resumed search waits for them. A Slurm signal to the controller stops it between polls
+    The counterpart of `ranks.evaluate_spread` for a one-process controller: the tasks in flight
+    are kept in `ledger.state[ARRAY_JOBS]` so a resumed search waits for them. A Slurm signal to the controller stops it between polls
     (`Preempted`, after the ledger is saved); the tasks keep running.
     """
     if rank_and_world_size()[1] != 1:
@@ -400,8 +398,6 @@ def evaluate_array(
 
     def arrived(key: int, record: dict[str, Any], job_id: str) -> None:
         ledger.add([{**record, "index": key, "slurm_job": job_id}])
-        if on_round is not None:
-            on_round()
         ledger.save()
 
     def waiting() -> None:

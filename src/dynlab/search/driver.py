@@ -21,6 +21,7 @@ hands the scored round to `Search.update` (a controller's step). What the driver
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -36,7 +37,7 @@ import torch
 
 from dynlab.config import CandidatesOn
 from dynlab.data.sampling import rank_and_world_size
-from dynlab.errors import SearchMismatch
+from dynlab.errors import ConfigError, SearchMismatch
 from dynlab.search.array import ArrayConfig, evaluate_array, hydra_slurm_launcher
 from dynlab.search.ledger import Ledger
 from dynlab.search.ranks import evaluate_spread
@@ -53,12 +54,14 @@ __all__ = [
     "SearchDriver",
     "SearchRNG",
     "data_identity",
+    "for_array_task",
     "settings_identity",
 ]
 
 log = logging.getLogger(__name__)
 
-# The driver's seed streams (`derived_seed(seed, stream, ...)`); a technique's own start at 2.
+# The driver's seed streams (`derived_seed(seed, stream, ...)`); a technique's own start at 2
+# (SPOS keeps 0 for its supernet's paths, from before the driver: its scores draw nothing).
 CANDIDATE_STREAM, PROPOSAL_STREAM = 0, 1
 ARRAY_FOLDER = ".submitit"  # submitit's files and the array tasks' logs, in the phase dir
 # Fields the driver writes into every record; neither a candidate nor a score may hold them.
@@ -159,7 +162,7 @@ class Outcome:
 
 def data_identity(datamodule: Any) -> dict[str, Any]:
     """The part of a search's identity that fixes its data: dataset, input size, classes, the
-    held-out split (size and seed) and the train subset."""
+    held-out split (size and seed), the train subset, the batch size and augmentation."""
     info = datamodule.info
     return {
         "dataset": info.name,
@@ -168,6 +171,8 @@ def data_identity(datamodule: Any) -> dict[str, Any]:
         "val_size": datamodule.val_size,
         "split_seed": datamodule.seed,
         "train_subset": datamodule.train_subset,
+        "batch_size": datamodule.batch_size,
+        "augment": datamodule.augment,
     }
 
 
@@ -215,11 +220,14 @@ class SearchDriver:
             if state["pending"] is None:
                 try:
                     pending = search.propose(rng, ledger.records)
+                    if not pending:
+                        raise NoCandidates("it proposed no candidate")
                 except NoCandidates as stop:
                     state["stopped"] = f"{search.round_name} {state['round']}: {stop}"
                     log.warning("%s search stopped early: %s", search.name, state["stopped"])
                     ledger.save()
                     break
+                _check_proposal(search, pending)
                 state["pending"], state["first"] = pending, len(ledger.records)
                 state["rng"], state["search"] = rng.state(), search.state_dict()
                 ledger.save()
@@ -262,7 +270,7 @@ class SearchDriver:
                 log.info("%s search: candidates over the job's %d ranks", search.name, world)
                 return None
         if world > 1:
-            raise ValueError(
+            raise ConfigError(
                 f"{search.name} search: a job array of candidates needs a one-process controller, "
                 f"this job has {world} ranks (trainer.devices=1, or candidates_on=ranks)"
             )
@@ -270,6 +278,21 @@ class SearchDriver:
             return self.array
         folder = Path(self.phase_dir) / ARRAY_FOLDER
         return ArrayConfig.from_hydra(folder, gpus_per_task=search.gpus_per_task())
+
+
+def _check_proposal(search: Search, pending: Sequence[Mapping[str, Any]]) -> None:
+    """A proposal's candidates must not hold the fields the driver writes."""
+    clash = RESERVED & {key for candidate in pending for key in candidate}
+    if clash:
+        raise ValueError(f"{search.name} search: propose returned reserved fields {sorted(clash)}")
+
+
+def for_array_task(datamodule: Any) -> Any:
+    """A copy of `datamodule` for a Slurm array task: without the controller's Trainer and without
+    its loaded splits (the task loads the same seeded splits itself, so they are not pickled)."""
+    task = copy.copy(datamodule)
+    task.trainer, task.splits = None, None
+    return task
 
 
 def _score(
@@ -297,7 +320,7 @@ def _check_same_search(
     """Refuse, in one line naming what differs, a ledger another search wrote."""
     if saved == identity:
         return
-    if saved is None:
+    if saved is None or "search" not in saved:  # no identity, or an earlier version's
         raise SearchMismatch(
             f"{name} search: the ledger in {phase_dir} was written by an older dynlab, without "
             "the identity of its search; start the search in a new run directory"

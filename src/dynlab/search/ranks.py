@@ -34,13 +34,10 @@ def evaluate_spread(
     todo: Sequence[int],
     evaluate: Callable[[int], dict[str, Any]],
     ledger: Ledger,
-    on_round: Callable[[], None] | None = None,
 ) -> None:
     """Evaluate candidates `todo` (indices) spread over the ranks, adding each record (with its
-    `index` and the `rank` that ran it) to `ledger`, saved after every round.
-
-    `on_round` runs on every rank after each round's records are in, before the save (a search
-    updates its own ledger state there). Raises `Preempted` at a round boundary after a signal.
+    `index` and the `rank` that ran it) to `ledger`, saved after every round. Raises `Preempted`
+    at a round boundary after a signal.
     """
     rank, world = rank_and_world_size()
     for start in range(0, len(todo), world):
@@ -49,7 +46,5 @@ def evaluate_spread(
         if rank < len(batch):
             record = {**evaluate(batch[rank]), "index": batch[rank], "rank": rank}
         ledger.add(r for r in all_gather_objects(record) if r is not None)
-        if on_round is not None:
-            on_round()
         ledger.save()
         stop_if_signalled(f"after candidate {batch[-1]}; ledger {ledger.path}")

@@ -40,9 +40,10 @@ def read_architecture(path: str | Path, option: str) -> Any:
         )
     try:
         result = json.loads(path.read_text())
-        key = next(k for k in (ARCHITECTURE, *_OLD_KEYS) if k in result)
-        return result[key]
-    except (StopIteration, TypeError, ValueError) as err:
-        raise ValueError(
-            f"{option}={path}: not a search result with an '{ARCHITECTURE}' ({err!r})"
-        ) from err
+    except ValueError as err:
+        raise ValueError(f"{option}={path}: not JSON ({err})") from err
+    for key in (ARCHITECTURE, *_OLD_KEYS):
+        if isinstance(result, dict) and key in result:
+            return result[key]
+    keys = sorted(result) if isinstance(result, dict) else type(result).__name__
+    raise ValueError(f"{option}={path}: not a search result: no '{ARCHITECTURE}' among {keys}")

@@ -274,7 +274,9 @@ class FBNetV2Module(SupernetTechnique):
         phase_dir = Path(self.trainer.default_root_dir)  # <run dir>/checkpoints/search
         if rank_and_world_size()[0] == 0:
             path = write_result(phase_dir, summary)
-            update_results(phase_dir.parents[1], search=last)
+            update_results(
+                phase_dir.parents[1], search={k: v for k, v in summary.items() if k != "history"}
+            )
             target = "" if target_mmacs is None else f" (target {target_mmacs:g} M)"
             print(
                 f"[dynlab] fbnetv2 search: {last['mmacs']:.2f} M MACs{target}, "

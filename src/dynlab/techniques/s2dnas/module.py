@@ -216,19 +216,25 @@ class S2DNASModule(DynlabModule):
             ),
         )
         reinforce = Reinforce(controller, cfg.controller_lr, cfg.baseline_decay, cfg.entropy_weight)
+        trainer = evaluate.trainer
+        space = {
+            **self._space(),
+            "precision": str(trainer.precision),
+            "gradient_clip_val": trainer.gradient_clip_val,
+        }
         search = ControllerSearch(
-            controller, reinforce, evaluate, cfg, self._space(), data_identity(ctx.datamodule)
+            controller, reinforce, evaluate, cfg, space, data_identity(ctx.datamodule)
         )
         outcome = SearchDriver(search, ctx.phase_dir, self.config.seed, cfg.candidates_on).run()
         self.top_k = outcome.result["top_k"]
 
     def _space(self) -> dict[str, Any]:
-        """What the search space is: the backbone (trained or not), the stages and groups,
-        what the exits read, the loss weights and the candidates' optimiser."""
+        """What the search space is: the backbone (and the static weights it starts from), the
+        stages and groups, what the exits read, the loss weights and the candidates' optimiser."""
         return {
             "backbone": self.backbone_cfg.name,
             "backbone_kwargs": dict(self.backbone_cfg.kwargs),
-            "from_static": self.static_weights is not None,
+            "init_from": self.config.init_from,
             "layer_groups": self.layout.num_layer_groups,
             "num_stages": self.model.num_stages,
             "groups": self.config.groups,

@@ -24,7 +24,7 @@ from torch import nn
 from dynlab.config import OptimConfig
 from dynlab.data.base import DynlabDataModule, StreamSpec
 from dynlab.search import CandidateTrainer, train_candidate, val_exit_probs
-from dynlab.search.driver import Search, SearchRNG, settings_identity
+from dynlab.search.driver import Search, SearchRNG, for_array_task, settings_identity
 from dynlab.techniques.s2dnas.config import S2DNASSearchConfig
 from dynlab.techniques.s2dnas.controller import Controller, Reinforce
 from dynlab.techniques.s2dnas.model import multi_exit_loss
@@ -150,12 +150,10 @@ class ControllerSearch(Search):
         attached to the datamodule (it stays in the controller's process)."""
         if not isinstance(self.evaluate, CandidateEvaluator):
             return self
-        datamodule = copy.copy(self.evaluate.datamodule)
-        datamodule.trainer = None
         task = copy.copy(self)
         task.evaluate = replace(
             self.evaluate,
-            datamodule=datamodule,
+            datamodule=for_array_task(self.evaluate.datamodule),
             trainer=replace(self.evaluate.trainer, device_index=0),
         )
         return task

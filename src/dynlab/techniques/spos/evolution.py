@@ -20,13 +20,11 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from dynlab.data.sampling import rank_and_world_size
-from dynlab.search import Ledger
 from dynlab.search.driver import NoCandidates, Search, SearchRNG, settings_identity
 from dynlab.techniques.spos.config import EvolutionConfig
 
@@ -35,7 +33,6 @@ __all__ = [
     "best_candidate",
     "pareto_front",
     "space_range_problem",
-    "stop_reason",
 ]
 
 log = logging.getLogger(__name__)
@@ -150,12 +147,6 @@ class Evolution(Search):
                 for r in pareto_front(records)
             ],
         }
-
-
-def stop_reason(phase_dir: str | Path) -> str | None:
-    """Why the search saved in `phase_dir` stopped before its last generation, else None."""
-    ledger = Ledger(phase_dir)
-    return ledger.state.get("stopped") if ledger.load() else None
 
 
 def best_candidate(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:

@@ -9,7 +9,7 @@ official code megvii-model/SinglePathOneShot. The search space is the backbone (
 - `evolution` (custom): the official evolutionary search under a MACs window on the search driver
   (`dynlab.search.driver`); each candidate has its BN statistics recalibrated on a fixed training
   subset and is scored on the fixed held-out val split, candidates spread over the ranks or sent
-  out as one Slurm job array a generation (`evolution.candidates_on`), checkpointed every round;
+  out as one Slurm job array a generation (`technique.evolution.candidates_on`), checkpointed every round;
 - `retrain` (fit): the winner built standalone with affine BN and trained from scratch.
 `dynlab-search` runs the first two; `technique.architecture=[...]` (or `_file`) retrains a
 given architecture alone. The deploy form is always a standalone net: the retrained one, or the

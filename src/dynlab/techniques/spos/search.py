@@ -7,14 +7,16 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
+from torch.utils.data import DataLoader
 
 from dynlab.backbones.spos_shufflenetv2 import MacsTable, SearchSpace
 from dynlab.data.base import DynlabDataModule, StreamSpec
 from dynlab.search import SupernetExits, exit_accuracies, recalibrate_bn, val_exit_probs
+from dynlab.search.driver import for_array_task
 from dynlab.techniques.spos.config import EvolutionConfig
 from dynlab.techniques.spos.evolution import Evolution, Genes, Record
 from dynlab.techniques.spos.sampling import WindowSampler
@@ -34,13 +36,13 @@ class PathScorer:
     batches: int
     val_images: int | None
     device: str = "cpu"
+    # The two loaders, made at the first candidate and reused (their workers with them).
+    _loaders: dict[str, DataLoader] = field(default_factory=dict, repr=False, compare=False)
 
     def __call__(self, genes: Genes) -> dict[str, Any]:
         start = time.perf_counter()
         self.use(genes)
-        probs, targets = val_exit_probs(
-            self.model, self.datamodule.whole_val_loader(self.val_images)
-        )
+        probs, targets = val_exit_probs(self.model, self._loader("val"))
         return {
             "top1": exit_accuracies(probs, targets)[0],
             "seconds": time.perf_counter() - start,
@@ -50,16 +52,25 @@ class PathScorer:
         """Set the supernet to the path `genes`, with BN statistics recalibrated for it."""
         self.model.to(self.device)
         self.model.net.set_path(genes)  # type: ignore[operator]
-        recalibrate_bn(self.model, self.datamodule.stream_loader(self.recalibration), self.batches)
+        recalibrate_bn(self.model, self._loader("recalibration"), self.batches)
+
+    def _loader(self, which: str) -> DataLoader:
+        if which not in self._loaders:
+            self._loaders[which] = (
+                self.datamodule.whole_val_loader(self.val_images)
+                if which == "val"
+                else self.datamodule.stream_loader(self.recalibration)
+            )
+        return self._loaders[which]
 
     def detached(self) -> PathScorer:
         """A copy for a Slurm array task: the supernet on the CPU until the task moves it to its
-        own GPU (index 0), and the datamodule without the controller's Trainer."""
-        datamodule = copy.copy(self.datamodule)
-        datamodule.trainer = None
-        model = copy.deepcopy(self.model).cpu()
+        own GPU (index 0), the datamodule without the controller's Trainer and splits, no loaders."""
+        model = copy.deepcopy(self.model.cpu())
+        self.model.to(self.device)
         device = "cuda:0" if torch.device(self.device).type == "cuda" else "cpu"
-        return replace(self, model=model, datamodule=datamodule, device=device)
+        datamodule = for_array_task(self.datamodule)
+        return replace(self, model=model, datamodule=datamodule, device=device, _loaders={})
 
 
 class SPOSEvolution(Evolution):
