@@ -201,7 +201,7 @@ def test_an_exhausted_space_or_an_empty_window_stops_early_and_says_why(tmp_path
         run_evolution([3] * 4, macs_of, evaluate, empty, tmp_path / "empty", seed=0)
     reason = stop_reason(tmp_path / "empty")
     assert reason == (
-        "generation 0: no new legal candidate in 40 draws (40 outside the MACs window "
+        "generation 0: no new legal candidate in 40 draws (40 outside the window "
         "[min_mmacs=none, max_mmacs=1], 0 seen before)"
     )
     with pytest.raises(SearchMismatch, match=r"another search \(seed: 0 there, 1 here\)"):

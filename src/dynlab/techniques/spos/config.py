@@ -67,6 +67,13 @@ class EvolutionConfig:
     # Val images a candidate is scored on: the first N of the fixed held-out val split (never
     # test); null: all of it.
     val_images: int | None = 8000
+    # A time window (ms per image at batch 1, eager PyTorch on this machine's CPU with
+    # `latency_threads` threads), on the latency table's prediction (`techniques/spos/latency.py`:
+    # each choice block timed in isolation, the candidate's ops summed; built once per device and
+    # cached); null: no bound. Candidates outside it are never scored, as outside the MACs window.
+    min_latency_ms: float | None = None
+    max_latency_ms: float | None = None
+    latency_threads: int = 1
     # Where candidates are scored: this job's ranks, or one Slurm job array a generation (auto: an
     # array when launched with hydra/launcher=slurm on one rank).
     candidates_on: CandidatesOn = CandidatesOn.auto
@@ -92,6 +99,23 @@ class EvolutionConfig:
         if self.val_images is not None and self.val_images < 1:
             raise ValueError(
                 f"spos evolution.val_images must be >= 1 or null, got {self.val_images}"
+            )
+        for name in ("min_latency_ms", "max_latency_ms"):
+            bound = getattr(self, name)
+            if bound is not None and not (math.isfinite(bound) and bound > 0):
+                raise ValueError(f"spos evolution.{name} must be > 0 or null, got {bound}")
+        if (
+            self.min_latency_ms is not None
+            and self.max_latency_ms is not None
+            and self.min_latency_ms >= self.max_latency_ms
+        ):
+            raise ValueError(
+                f"spos evolution: the time window is empty: min_latency_ms={self.min_latency_ms} "
+                f"must be below max_latency_ms={self.max_latency_ms}"
+            )
+        if self.latency_threads < 1:
+            raise ValueError(
+                f"spos evolution.latency_threads must be >= 1, got {self.latency_threads}"
             )
         lo, hi = self.min_mmacs, self.max_mmacs
         for name, bound in (("min_mmacs", lo), ("max_mmacs", hi)):

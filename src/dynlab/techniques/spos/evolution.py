@@ -67,18 +67,15 @@ class Evolution(Search):
         space: Mapping[str, Any] | None = None,
         data: Mapping[str, Any] | None = None,
         draw_random: Callable[[np.random.Generator], Genes] | None = None,
+        latency_of: Callable[[Genes], float] | None = None,
     ) -> None:
         self.choices = [int(c) for c in gene_choices]
         if not self.choices or min(self.choices) < 1:
             raise ValueError(
                 f"{self.name} evolution: every gene needs >= 1 choice, got {self.choices}"
             )
-        self.macs_of, self.evaluate, self.cfg, self.draw_random = (
-            macs_of,
-            evaluate,
-            cfg,
-            draw_random,
-        )
+        self.macs_of, self.latency_of, self.draw_random = macs_of, latency_of, draw_random
+        self.evaluate, self.cfg = evaluate, cfg
         self._identity = {
             "space": {"gene_choices": self.choices, **(space or {})},
             "data": dict(data or {}),
@@ -101,12 +98,19 @@ class Evolution(Search):
         parents = [(r["index"], tuple(r["genes"])) for r in _ranked(records)[: self.cfg.parents]]
         seen = {tuple(r["genes"]) for r in records}
         pending, stats = _breed(
-            rng.numpy, self.choices, self.macs_of, self.cfg, parents, seen, self.draw_random
+            rng.numpy,
+            self.choices,
+            self.macs_of,
+            self.cfg,
+            parents,
+            seen,
+            self.draw_random,
+            self.latency_of,
         )
         if not pending:
             raise NoCandidates(
                 f"no new legal candidate in {stats['draws']} draws ({stats['outside']} outside "
-                f"the MACs window {_window_text(self.cfg)}, {stats['seen']} seen before)"
+                f"the window {_window_text(self.cfg)}, {stats['seen']} seen before)"
             )
         self.history.append({"generation": len(self.history), **stats})
         return pending
@@ -138,9 +142,11 @@ class Evolution(Search):
     def result(self, records: Sequence[Record]) -> dict[str, Any]:
         """The best candidate (highest val top-1) and the Pareto front of MACs and top-1."""
         best = best_candidate(records)
+        latency = {"predicted_ms": best["latency_ms"]} if "latency_ms" in best else {}
         return {
             "architecture": list(best["genes"]),
             "mmacs": best["macs"] / 1e6,
+            **latency,
             "supernet_val_top1": best["top1"],
             "pareto": [
                 {"genes": list(r["genes"]), "mmacs": r["macs"] / 1e6, "top1": r["top1"]}
@@ -206,6 +212,7 @@ def _breed(
     parents: list[tuple[int, Genes]],
     seen: set[Genes],
     draw_random: Callable[[np.random.Generator], Genes] | None = None,
+    latency_of: Callable[[Genes], float] | None = None,
 ) -> tuple[list[Record], dict[str, int]]:
     """The next generation's candidates (pending records without scores) and how many draws it
     took: mutants, then crossover children, then random ones (official `search`: `mutation +
@@ -231,15 +238,17 @@ def _breed(
                 stats["seen"] += 1
                 continue
             macs = float(macs_of(genes))
-            if (low_macs is not None and macs < low_macs) or (
-                high_macs is not None and macs > high_macs
-            ):
+            if not _inside(macs, low_macs, high_macs):
                 stats["outside"] += 1
                 continue
+            member = {"genes": list(genes), "macs": macs, "origin": origin, "parents": bred_from}
+            if latency_of is not None:  # the time window, on the latency table's prediction
+                member["latency_ms"] = float(latency_of(genes))
+                if not _inside(member["latency_ms"], cfg.min_latency_ms, cfg.max_latency_ms):
+                    stats["outside"] += 1
+                    continue
             seen.add(genes)
-            members.append(
-                {"genes": list(genes), "macs": macs, "origin": origin, "parents": bred_from}
-            )
+            members.append(member)
             stats[origin] += 1
             added += 1
 
@@ -274,6 +283,10 @@ def _breed(
     return members, stats
 
 
+def _inside(value: float, low: float | None, high: float | None) -> bool:
+    return (low is None or value >= low) and (high is None or value <= high)
+
+
 def _ranked(records: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
     """Records by decreasing top-1, the earlier index first among equals."""
     return sorted(records, key=lambda r: (-r["top1"], r["index"]))
@@ -285,6 +298,11 @@ def _window(cfg: EvolutionConfig) -> list[float | None]:
 
 
 def _window_text(cfg: EvolutionConfig) -> str:
-    """The window as the config spells it, e.g. [min_mmacs=none, max_mmacs=330]."""
+    """The window as the config spells it, e.g. [min_mmacs=none, max_mmacs=330] (and its
+    latency bounds when it has any)."""
     low, high = (("none" if b is None else f"{b:g}") for b in _window(cfg))
-    return f"[min_mmacs={low}, max_mmacs={high}]"
+    text = f"min_mmacs={low}, max_mmacs={high}"
+    for name in ("min_latency_ms", "max_latency_ms"):
+        if getattr(cfg, name) is not None:
+            text += f", {name}={getattr(cfg, name):g}"
+    return f"[{text}]"

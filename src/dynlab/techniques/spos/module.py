@@ -31,13 +31,16 @@ from dynlab.backbones.spos_shufflenetv2 import MacsTable, SPOSSupernet
 from dynlab.config import BackboneConfig
 from dynlab.data.base import DataInfo, DynlabDataModule, StreamSpec
 from dynlab.data.sampling import rank_and_world_size
+from dynlab.errors import ConfigError
 from dynlab.logging import log_records
 from dynlab.results import atomic_write_text, update_results
 from dynlab.search import SupernetExits, derived_seed, recalibrate_bn
 from dynlab.search.driver import Outcome, SearchDriver, data_identity
+from dynlab.search.latency_table import TimingConfig
 from dynlab.techniques.base import Phase, PhaseContext, PhaseKind, dataset_backbone
 from dynlab.techniques.spos.config import SPOSConfig
 from dynlab.techniques.spos.evolution import pareto_front, space_range_problem
+from dynlab.techniques.spos.latency import SPOSLatency
 from dynlab.techniques.spos.plots import plot_pareto
 from dynlab.techniques.spos.sampling import PathSampler
 from dynlab.techniques.spos.search import (
@@ -105,6 +108,13 @@ class SPOSModule(SupernetTechnique):
         else:
             super().run_custom_phase(phase, ctx)
 
+    def check_run(self, cfg: Any) -> None:
+        """Also a time window that holds none of the space's architectures on this machine: its
+        latency table is built (or read from the cache) now, before anything trains."""
+        super().check_run(cfg)
+        if not self.given:
+            self._latency()
+
     # --- the supernet phase: one path per step ------------------------------------------------
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         if self.current_phase == SUPERNET:
@@ -171,6 +181,7 @@ class SPOSModule(SupernetTechnique):
             self.signature,
             data_identity(datamodule),
             self.window,
+            self._latency(),
         )
         outcome = SearchDriver(search, ctx.phase_dir, self.config.seed, cfg.candidates_on).run()
         self.architecture = tuple(outcome.result["architecture"])
@@ -179,6 +190,19 @@ class SPOSModule(SupernetTechnique):
         scorer.use(self.architecture)
         self.search_summary = {k: v for k, v in outcome.result.items() if k != "pareto"}
         self._publish_search(ctx, outcome)
+
+    def _latency(self) -> SPOSLatency | None:
+        """The space's latency table on this machine when the evolution has a time window (built
+        once per device and cached), checked against the window; else None."""
+        cfg = self.config.evolution
+        if cfg.min_latency_ms is None and cfg.max_latency_ms is None:
+            return None
+        timing = TimingConfig(threads=cfg.latency_threads)
+        latency = SPOSLatency.build(self._supernet, self.table.input_size, timing)
+        problem = latency.window_problem(cfg.min_latency_ms, cfg.max_latency_ms)
+        if problem:
+            raise ConfigError(problem)
+        return latency
 
     def _recalibration_stream(self, datamodule: DynlabDataModule) -> StreamSpec:
         """The fixed training subset every candidate's BN statistics come from: the same images in

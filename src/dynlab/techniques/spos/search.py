@@ -8,6 +8,7 @@ import copy
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any
 
 import torch
@@ -19,6 +20,7 @@ from dynlab.search import SupernetExits, exit_accuracies, recalibrate_bn, val_ex
 from dynlab.search.driver import for_array_task
 from dynlab.techniques.spos.config import EvolutionConfig
 from dynlab.techniques.spos.evolution import Evolution, Genes, Record
+from dynlab.techniques.spos.latency import SPOSLatency
 from dynlab.techniques.spos.sampling import WindowSampler
 
 __all__ = ["PathScorer", "SPOSEvolution", "pareto_markdown", "window_sampler"]
@@ -85,15 +87,17 @@ class SPOSEvolution(Evolution):
         signature: dict[str, Any],
         data: dict[str, Any],
         window: WindowSampler | None,
+        latency: SPOSLatency | None = None,
     ) -> None:
         super().__init__(
             space.gene_choices(),
             table.macs,
             scorer,
             cfg,
-            signature,
+            {**signature, **({"latency_table": latency.device()} if latency else {})},
             data,
             window.draw if window is not None else None,
+            partial(latency.ms, space=space) if latency is not None else None,
         )
         self.space, self.table, self.window = space, table, window
 
