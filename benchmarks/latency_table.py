@@ -69,8 +69,11 @@ def one_space(
         "ops_in_table": len(latency.table.entries),
         "table_build_s": round(build_s, 1),
         "space_span_ms": [round(x, 3) for x in latency.span()],
-        "measured_ms": {"min": round(min(a), 3), "median": round(statistics.median(a), 3),
-                        "max": round(max(a), 3)},
+        "measured_ms": {
+            "min": round(min(a), 3),
+            "median": round(statistics.median(a), 3),
+            "max": round(max(a), 3),
+        },
         "predicted_vs_measured": agreement(predicted, a),
         "noise_floor_b_vs_a": agreement(b, a),
     }

@@ -21,6 +21,7 @@ from dynlab.search import RESULT, SupernetExits
 from dynlab.techniques.fbnetv2.module import (
     FBNetV2Module,
     cost_distance,
+    cost_span,
     extreme_choices,
     sampled_distance,
     search_loss,
@@ -270,7 +271,8 @@ def test_the_architecture_loss_is_fbnets_unless_a_target_is_set(compose_cfg) -> 
     ce, cost = torch.tensor(1.1), torch.tensor(3e6, dtype=torch.float64)
     _, module = build_run(compose_cfg(FBNET))
     assert module.config.target_mmacs is None
-    assert module.arch_loss(ce, cost) == search_loss(ce, cost, 0.2, 0.6)
+    assert module.arch_loss(ce, cost) == search_loss(ce, cost, 0.2, 0.6, module.cost_reference)
+    assert module.cost_reference == cost_span(module._supernet, "macs")[0] > 0
     _, module = build_run(compose_cfg([*FBNET, "technique.target_mmacs=1.5"]))
     config = module.config
     assert (config.target_mmacs, config.target_weight, config.target_samples) == (1.5, 1.0, 32)
@@ -308,3 +310,19 @@ def test_extreme_choices_are_the_spaces_cheapest_and_dearest() -> None:
     net.unfix()
     assert costs[0] < costs[1]
     assert net.decode(cheapest)["resolution"] == 16 and net.decode(dearest)["resolution"] == 32
+
+
+def test_the_cost_term_is_unit_free_with_elasticity_beta() -> None:
+    """The same loss whatever the cost's unit (MACs or M MACs, below 1 where FBNet's log turns
+    negative), and d log L / d log cost = beta, for any cost."""
+    ce = torch.tensor(0.7)
+    for beta in (0.05, 0.6, 8.0):
+        for cost in (2.5e5, 3e8):
+            c = torch.tensor(cost, dtype=torch.float64, requires_grad=True)
+            loss = search_loss(ce, c, 0.2, beta, 1.2e5)
+            in_millions = search_loss(
+                ce, torch.tensor(cost / 1e6, dtype=torch.float64), 0.2, beta, 0.12
+            )
+            assert float(loss) == pytest.approx(float(in_millions), rel=1e-12)
+            (grad,) = torch.autograd.grad(loss, c)
+            assert float(grad * c / loss) == pytest.approx(beta, rel=1e-9)

@@ -6,7 +6,8 @@ their widest, channel options as Gumbel-weighted masks, resolution options as su
 placed back by interspersed zeros). The schedule:
 - `search` (fit, two optimisers under manual optimisation): each step trains the weights on the
   `weights` stream (80 % of the train split) with the cross-entropy and, after `warmup_epochs`, the
-  architecture logits on the `arch` stream (the other 20 %) with CE * alpha * log(cost)^beta, the
+  architecture logits on the `arch` stream (the other 20 %) with FBNet's multiplicative loss in a
+  unit-free form, CE * alpha * (cost / reference)^beta (`search_loss`), the
   cost being the expected MACs (or parameters) of the Gumbel-weighted network, differentiable
   through the expected widths; with `target_mmacs`, CE + target_weight * E|MACs / target - 1| over
   architectures drawn from the logits' softmax (`arch_loss`). The temperature starts at
@@ -46,7 +47,14 @@ from dynlab.techniques.fbnetv2.config import CostKind, FBNetV2Config
 from dynlab.techniques.supernet import SupernetTechnique
 from dynlab.traits import backbone_needed
 
-__all__ = ["FBNetV2Module", "cost_distance", "extreme_choices", "sampled_distance", "search_loss"]
+__all__ = [
+    "FBNetV2Module",
+    "cost_distance",
+    "cost_span",
+    "extreme_choices",
+    "sampled_distance",
+    "search_loss",
+]
 
 SEARCH = "search"
 WEIGHTS, ARCH = "weights", "arch"  # the search phase's optimisers and train streams
@@ -54,9 +62,15 @@ WEIGHTS, ARCH = "weights", "arch"  # the search phase's optimisers and train str
 GUMBEL_STREAM, RETRAIN_STREAM, TARGET_STREAM = 0, 1, 2
 
 
-def search_loss(ce: Tensor, cost: Tensor, alpha: float, beta: float) -> Tensor:
-    """FBNet's multiplicative loss CE * alpha * log(cost)^beta (FBNet Sec. 3.3)."""
-    return ce * alpha * torch.log(cost).pow(beta)
+def search_loss(ce: Tensor, cost: Tensor, alpha: float, beta: float, reference: float) -> Tensor:
+    """FBNet's multiplicative loss (Sec. 3.3) in a form defined in every space and unit:
+    CE * alpha * (cost / reference)^beta, the cost relative to `reference` (the space's cheapest
+    architecture's). FBNet's own CE * alpha * log(cost)^beta, with latency in ms, depends on the
+    unit: its elasticity d log L / d log cost is beta / log(cost), weak for raw MACs (about
+    beta / 19 at 3e8) and undefined for costs below 1 (a tiny space's ms, or M MACs, where the log
+    is negative). Here the elasticity is beta whatever the space or unit, and the factor is alpha
+    at the cheapest architecture."""
+    return ce * alpha * (cost / reference).pow(beta)
 
 
 def cost_distance(cost: Tensor, target: float) -> Tensor:
@@ -113,6 +127,8 @@ class FBNetV2Module(SupernetTechnique):
         problem = problem or _target_problem(net, config.target_mmacs)
         if problem:
             raise ValueError(f"fbnetv2 on backbone={backbone.name}: {problem}")
+        # What search_loss measures the cost against: the space's cheapest architecture's.
+        self.cost_reference = cost_span(net, self.cost_kind.value)[0]
         self.history: list[dict[str, Any]] = []  # the argmax architecture after every epoch
         # The search's result or the given architecture (a `choices` dict).
         self.architecture: dict[str, Any] | None
@@ -159,7 +175,7 @@ class FBNetV2Module(SupernetTechnique):
     def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
         if self.current_phase != SEARCH:
             return super().training_step(batch, batch_idx)
-        # The weights step minimises the cross-entropy: the cost factor alpha * log(cost)^beta does
+        # The weights step minimises the cross-entropy: the cost factor of `search_loss` does
         # not depend on the weights and would only rescale their step size with the cost weights
         # (FBNet's alpha, beta make it about 1; a strong beta would blow the weights up).
         ce, cost = self._ce_and_cost(batch[WEIGHTS], 0)
@@ -184,7 +200,7 @@ class FBNetV2Module(SupernetTechnique):
         data, 200 architecture steps, Adam): a 10 M target left the argmax at 25-29 M with the
         former (lr 0.01); the latter landed it at 10.2 M, and a 20 M one at 20.5 M (lr 0.05)."""
         if self.config.target_mmacs is None:
-            return search_loss(ce, cost, self.config.alpha, self.config.beta)
+            return search_loss(ce, cost, self.config.alpha, self.config.beta, self.cost_reference)
         with seeded(derived_seed(self.config.seed, TARGET_STREAM, self.global_step)):
             distance = sampled_distance(
                 self._supernet, self.config.target_mmacs * 1e6, self.config.target_samples
@@ -317,15 +333,21 @@ def extreme_choices(net: FBNetV2Supernet, pick: Callable[[Sequence[Any]], Any]) 
     }
 
 
+def cost_span(net: FBNetV2Supernet, kind: str) -> tuple[float, float]:
+    """The `kind` cost of the space's cheapest and dearest architectures."""
+    span = []
+    for pick in (min, max):
+        net.fix(extreme_choices(net, pick))
+        span.append(float(net.expected_cost(kind)))
+    net.unfix()
+    return span[0], span[1]
+
+
 def _target_problem(net: FBNetV2Supernet, target_mmacs: float | None) -> str | None:
     """Why `target_mmacs` lies outside the MACs of the space's architectures (one line), or None."""
     if target_mmacs is None:
         return None
-    span = []
-    for pick in (min, max):
-        net.fix(extreme_choices(net, pick))
-        span.append(float(net.expected_macs()) / 1e6)
-    net.unfix()
+    span = [macs / 1e6 for macs in cost_span(net, "macs")]
     if span[0] <= target_mmacs <= span[1]:
         return None
     return (
