@@ -199,18 +199,18 @@ def test_dynlab_search_multirun_on_slurm_submits_its_candidates_from_its_job(
     assert "#SBATCH --job-name=search-candidates" in lines and "#SBATCH --time=20" in lines
 
 
-# A tiny SPOS evolution on digits: 2 generations of 3 candidates of the 5-layer space, scored from
+# A tiny SPOS evolution on digits: 2 generations of 2 candidates of the 5-layer space, scored from
 # the untrained supernet of seed 0 (its supernet phase is not run: scores need not be good, only
 # the same wherever they are computed).
 SPOS_EVOLUTION = [
     "technique=spos",
     "backbone=cifar_spos_supernet_tiny",
     "dataset=digits",
-    "technique.evolution.population=3",
+    "technique.evolution.population=2",
     "technique.evolution.generations=2",
-    "technique.evolution.parents=2",
+    "technique.evolution.parents=1",
     "technique.evolution.mutations=1",
-    "technique.evolution.crossovers=1",
+    "technique.evolution.crossovers=0",
     "technique.evolution.recalibration_batches=2",
     "technique.evolution.recalibration_batch_size=32",
     "technique.evolution.val_images=100",
@@ -254,8 +254,9 @@ def test_spos_evolution_on_a_slurm_array_equals_its_in_process_run(
     submitit = run_dir / "evolution" / ARRAY_FOLDER
     assert same_part(records) == same_part(in_process), logs(submitit)
     arrays = [r["slurm_job"].split("_") for r in records]
-    assert len({a for a, _ in arrays[:3]}) == 1 and arrays[3][0] != arrays[0][0]
-    assert [task for _, task in arrays] == ["0", "1", "2"] * 2
+    assert arrays[0][0] == arrays[1][0] != arrays[2][0] == arrays[3][0]
+    assert [task for _, task in arrays] == ["0", "1"] * 2
+    assert [r["origin"] for r in records] == ["random", "random", "mutation", "random"]
     result = json.loads((run_dir / "evolution" / "search_result.json").read_text())
     assert (
         result["architecture"]

@@ -1,13 +1,12 @@
 """The latency table of an SPOS space on this device (`dynlab.search.latency_table`): the stem,
 every choice block of every layer (at every mid width with channel search) at the input shape the
 layer meets, and the last conv with the head, each in its deploy form (BatchNorm folded into the
-convs, as `StaticExits.deploy` runs the standalone net) and timed at batch 1. A candidate's
+convs, as in the standalone net's `StaticExits.deploy`) and timed at batch 1. A candidate's
 predicted milliseconds are the sum over its ops, as its MACs are the sum in `MacsTable`."""
 
 from __future__ import annotations
 
 import copy
-import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -94,12 +93,10 @@ def _ops(
             str(d) for d in (*out.shape[2:], out.shape[1])
         )
         if key not in ops:
-            deployed = copy.deepcopy(module).eval()
-            with warnings.catch_warnings():
-                # A ChoiceBlock's forward branches on its stride, so torch.fx cannot trace it and
-                # its BN stays unfolded, exactly as in the whole net's deploy form.
-                warnings.filterwarnings("ignore", "BatchNorm left unfolded")
-                fold_and_merge(deployed)
+            # Held in a container, as in the net: torch.fx cannot trace a ChoiceBlock as the root
+            # of a trace, but traces it inside one, so its BN folds as in the net's deploy form.
+            deployed = nn.Sequential(copy.deepcopy(module)).eval()
+            fold_and_merge(deployed)
             ops[key] = (deployed, size)
         return key
 
