@@ -125,18 +125,18 @@ def test_a_time_window_outside_the_space_is_refused_before_anything_trains(
             )
         )
     _, module = build_run(compose_cfg([*base, "technique.evolution.max_latency_ms=1000"]))
-    assert np.isfinite(module._latency().span()).all()
+    assert np.isfinite(module._latency.span()).all()
 
 
 def test_the_timed_ops_are_deploy_forms_with_batchnorm_folded(cache: Path) -> None:
     """As the whole net's deploy form: no BatchNorm left in any op of the table."""
     from torch import nn
 
-    from dynlab.techniques.spos.latency import _ops
+    from dynlab.techniques.spos.latency import _deploy, _ops
 
     net = create_backbone("cifar_spos_supernet_tiny", num_classes=10)
     ops, _, _ = _ops(net.config, SIZE)
     assert ops and all(
-        not any(isinstance(m, nn.BatchNorm2d) for m in module.modules())
+        not any(isinstance(m, nn.BatchNorm2d) for m in _deploy(module).modules())
         for module, _ in ops.values()
     )

@@ -55,6 +55,7 @@ __all__ = [
     "SearchRNG",
     "data_identity",
     "for_array_task",
+    "search_identity",
     "settings_identity",
 ]
 
@@ -173,6 +174,18 @@ def data_identity(datamodule: Any) -> dict[str, Any]:
         "train_subset": datamodule.train_subset,
         "batch_size": datamodule.batch_size,
         "augment": datamodule.augment,
+    }
+
+
+def search_identity(
+    space: Mapping[str, Any], data: Mapping[str, Any], settings: Any, *leave_out: str
+) -> dict[str, Any]:
+    """A search's identity in the shape every search uses: its space, its data and its settings
+    (`settings_identity` of its config dataclass without `leave_out`)."""
+    return {
+        "space": dict(space),
+        "data": dict(data),
+        "settings": settings_identity(settings, *leave_out),
     }
 
 

@@ -24,7 +24,7 @@ from torch import nn
 from dynlab.config import OptimConfig
 from dynlab.data.base import DynlabDataModule, StreamSpec
 from dynlab.search import CandidateTrainer, train_candidate, val_exit_probs
-from dynlab.search.driver import Search, SearchRNG, for_array_task, settings_identity
+from dynlab.search.driver import Search, SearchRNG, for_array_task, search_identity
 from dynlab.techniques.s2dnas.config import S2DNASSearchConfig
 from dynlab.techniques.s2dnas.controller import Controller, Reinforce
 from dynlab.techniques.s2dnas.model import multi_exit_loss
@@ -103,11 +103,7 @@ class ControllerSearch(Search):
     ) -> None:
         self.controller, self.reinforce = controller, reinforce
         self.evaluate, self.cfg = evaluate, cfg
-        self._identity = {
-            "space": dict(space),
-            "data": dict(data),
-            "settings": settings_identity(cfg, *NOT_IDENTITY),
-        }
+        self._identity = search_identity(space, data, cfg, *NOT_IDENTITY)
 
     @property
     def rounds(self) -> int:

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from dynlab.data.sampling import rank_and_world_size
-from dynlab.search.driver import NoCandidates, Search, SearchRNG, settings_identity
+from dynlab.search.driver import NoCandidates, Search, SearchRNG, search_identity
 from dynlab.techniques.spos.config import EvolutionConfig
 
 __all__ = [
@@ -76,11 +76,8 @@ class Evolution(Search):
             )
         self.macs_of, self.latency_of, self.draw_random = macs_of, latency_of, draw_random
         self.evaluate, self.cfg = evaluate, cfg
-        self._identity = {
-            "space": {"gene_choices": self.choices, **(space or {})},
-            "data": dict(data or {}),
-            "settings": settings_identity(cfg, *NOT_IDENTITY),
-        }
+        space = {"gene_choices": self.choices, **(space or {})}
+        self._identity = search_identity(space, data or {}, cfg, *NOT_IDENTITY)
         self.history: list[dict[str, Any]] = []  # per generation: its size by origin and draws
 
     @property

@@ -42,7 +42,8 @@ class SPOSLatency:
         """The table of `supernet`'s space at `input_size`, from the cache or timed now."""
         ops, keys, fixed = _ops(supernet.config, input_size)
         space = {"spos": supernet.signature(), "input_size": list(input_size)}
-        return cls(cached_table("spos", space, lambda: ops, timing), keys, fixed)
+        deployed = lambda: {k: (_deploy(m), size) for k, (m, size) in ops.items()}  # noqa: E731
+        return cls(cached_table("spos", space, deployed, timing), keys, fixed)
 
     def ms(self, genes: Sequence[int], space: Any) -> float:
         """Predicted milliseconds (batch 1) of candidate `genes` of `space` (a `SearchSpace`)."""
@@ -80,11 +81,21 @@ class SPOSLatency:
         return fixed + low, fixed + high
 
 
+def _deploy(module: nn.Module) -> nn.Module:
+    """An op as the net's deploy form runs it, BatchNorm folded into its convs. Held in a
+    container, as in the net: torch.fx cannot trace a ChoiceBlock as the root of a trace, but
+    traces it inside one."""
+    deployed = nn.Sequential(copy.deepcopy(module)).eval()
+    fold_and_merge(deployed)
+    return deployed
+
+
 def _ops(
     config: Mapping[str, Any], input_size: tuple[int, int, int]
 ) -> tuple[dict[str, Op], list[list[list[str]]], list[str]]:
-    """Every op of the space keyed by kind and shapes, the key of each (layer, block, scale), and
-    the keys of the fixed ops (stem; last conv with the head)."""
+    """Every op of the space keyed by kind and shapes (in training form: `_deploy` folds it when a
+    table is timed), the key of each (layer, block, scale), and the keys of the fixed ops (stem;
+    last conv with the head)."""
     frame = SPOSNet(arch=(0,) * sum(config["stage_repeats"]), **config).eval()
     ops: dict[str, Op] = {}
 
@@ -92,12 +103,7 @@ def _ops(
         key = f"{kind}-input:{size[1]}x{size[2]}x{size[0]}-output:" + "x".join(
             str(d) for d in (*out.shape[2:], out.shape[1])
         )
-        if key not in ops:
-            # Held in a container, as in the net: torch.fx cannot trace a ChoiceBlock as the root
-            # of a trace, but traces it inside one, so its BN folds as in the net's deploy form.
-            deployed = nn.Sequential(copy.deepcopy(module)).eval()
-            fold_and_merge(deployed)
-            ops[key] = (deployed, size)
+        ops.setdefault(key, (module, size))
         return key
 
     with torch.no_grad():

@@ -113,7 +113,7 @@ class SPOSModule(SupernetTechnique):
         latency table is built (or read from the cache) now, before anything trains."""
         super().check_run(cfg)
         if not self.given:
-            self._latency()
+            _ = self._latency  # built (or read from the cache) and checked now, kept for the run
 
     # --- the supernet phase: one path per step ------------------------------------------------
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
@@ -181,7 +181,7 @@ class SPOSModule(SupernetTechnique):
             self.signature,
             data_identity(datamodule),
             self.window,
-            self._latency(),
+            self._latency,
         )
         outcome = SearchDriver(search, ctx.phase_dir, self.config.seed, cfg.candidates_on).run()
         self.architecture = tuple(outcome.result["architecture"])
@@ -191,6 +191,7 @@ class SPOSModule(SupernetTechnique):
         self.search_summary = {k: v for k, v in outcome.result.items() if k != "pareto"}
         self._publish_search(ctx, outcome)
 
+    @functools.cached_property
     def _latency(self) -> SPOSLatency | None:
         """The space's latency table on this machine when the evolution has a time window (built
         once per device and cached), checked against the window; else None."""
