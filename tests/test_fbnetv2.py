@@ -216,24 +216,25 @@ def test_the_sampled_distance_is_its_expectation_with_a_reinforce_gradient() -> 
             indices = value if key != "resolution" else [value]
             for alpha, i in zip(net._alphas(key), indices, strict=True):
                 alpha.fill_(0).data[i] = 30.0  # softmax: 1 - 3e-13 on the cheapest option
+    macs_of = lambda weights: net.expected_cost("macs", weights)  # noqa: E731
     net.fix(cheapest)
     macs = float(net.expected_macs())
     net.unfix()
-    distance = sampled_distance(net, macs, 8)
+    distance = sampled_distance(net, macs_of, macs, 8)
     distance.backward()
     assert float(distance.detach()) == 0 and all(
         float(p.grad.abs().max()) == 0 for p in net.arch_parameters()
     )
     net.zero_grad()
     torch.manual_seed(0)
-    assert float(sampled_distance(net, 2 * macs, 8).detach()) == pytest.approx(0.5)
+    assert float(sampled_distance(net, macs_of, 2 * macs, 8).detach()) == pytest.approx(0.5)
     # Uniform logits: the mean over many draws approaches E|MACs / target - 1|; the gradient
     # pushes toward the target (the cheapest choices lose probability for a dear target).
     with torch.no_grad():
         for p in net.arch_parameters():
             p.zero_()
     torch.manual_seed(0)
-    dear = sampled_distance(net, 2.0e6, 512)
+    dear = sampled_distance(net, macs_of, 2.0e6, 512)
     dear.backward()
     assert 0.3 < float(dear.detach()) < 0.8
     assert float(net.alpha_resolution.grad[cheapest["resolution"]]) > 0  # descent lowers it

@@ -7,18 +7,29 @@ key naming an op by its kind and shapes (`ShuffleV2_3x3-input:16x16x32-output:16
 ops of the same shape are timed once. An op is timed at batch 1 in eval mode without autograd:
 `warmup` untimed calls, then `rounds` timed rounds of `calls` calls each; mean and std are over
 the rounds' per-call times. Tables are cached per device (CPU model or GPU), runtime, torch
-version and thread count, under `$DYNLAB_CACHE` (default `~/.cache/dynlab`)/latency.
+version and thread count, under `$DYNLAB_CACHE` (default `~/.cache/dynlab`)/latency; processes
+that need the same table (DDP ranks) take turns on a file lock, so one times it and the others read it.
+
+The sum of ops timed alone falls short of the whole network: at batch 1 on a CPU the calls
+between ops (module calls, the blocks' own forward, allocation) and colder caches take a share of
+a small network's time that no op's entry holds (benchmarks/README.md). dynlab therefore also
+times `REFERENCES` whole networks of the space, drawn at random, when it builds a table and scales
+every prediction by the median ratio of measured to summed (`calibration`); FBNet and
+once-for-all sum the ops as they are. One scale keeps predictions proportional, so it changes no
+ranking and no gradient's direction.
 """
 
 from __future__ import annotations
 
+import copy
+import fcntl
 import hashlib
 import json
 import os
 import re
 import statistics
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,11 +38,28 @@ import torch
 from torch import nn
 
 from dynlab.evaluation.latency import machine, torch_threads
+from dynlab.nn.reparam import fold_and_merge
 from dynlab.results import atomic_write_text
 
-__all__ = ["LatencyTable", "Op", "TimingConfig", "cached_table", "time_module", "time_ops"]
+__all__ = [
+    "REFERENCES",
+    "REFERENCE_SEED",
+    "LatencyTable",
+    "Op",
+    "Reference",
+    "TimingConfig",
+    "cached_table",
+    "deploy_op",
+    "op_key",
+    "time_module",
+    "time_ops",
+]
 
 Op = tuple[nn.Module, tuple[int, ...]]  # a module and its input's (C, H, W)
+REFERENCES = 8  # whole networks a table is calibrated on
+REFERENCE_SEED = 1  # they are drawn from numpy's default_rng(REFERENCE_SEED)
+# A whole network in deploy form, its input's (C, H, W) and the keys of its ops in the table.
+Reference = tuple[nn.Module, tuple[int, ...], list[str]]
 
 
 @dataclass(frozen=True)
@@ -47,21 +75,48 @@ class TimingConfig:
 @dataclass
 class LatencyTable:
     """Each op's milliseconds on one device (`device`: `evaluation.latency.machine()` and how the
-    ops were timed); `predict` sums the means of an architecture's ops."""
+    ops were timed) and the calibration of their sums against whole networks (`scale`, with the
+    reference networks' [summed, measured] ms); `predict` is an architecture's calibrated sum."""
 
     entries: dict[str, dict[str, float]]
     device: dict[str, Any] = field(default_factory=dict)
+    calibration: dict[str, Any] = field(default_factory=lambda: {"scale": 1.0})
+
+    def ops_ms(self, keys: Iterable[str]) -> float:
+        """The sum of the means of the ops `keys` (in any order), uncalibrated."""
+        return sum(self.entries[key]["mean"] for key in keys)
+
+    def calibrate(self, ops_ms: Any) -> Any:
+        """Predicted milliseconds of a whole network from the sum of its ops' (a float or a
+        tensor: the scale keeps a search's expected latency differentiable)."""
+        return ops_ms * self.calibration["scale"]
 
     def predict(self, keys: Iterable[str]) -> float:
         """Predicted milliseconds of a network made of the ops `keys` (in any order)."""
-        return sum(self.entries[key]["mean"] for key in keys)
+        return self.calibrate(self.ops_ms(keys))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"device": self.device, "entries": self.entries}
+        return {"device": self.device, "calibration": self.calibration, "entries": self.entries}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> LatencyTable:
-        return cls(dict(data["entries"]), dict(data.get("device", {})))
+        calibration = dict(data.get("calibration", {"scale": 1.0}))
+        return cls(dict(data["entries"]), dict(data.get("device", {})), calibration)
+
+
+def op_key(kind: str, size: tuple[int, ...], out: tuple[int, ...]) -> str:
+    """once-for-all's key of an op: its kind, then input and output as HxWxC (from (C, H, W))."""
+    hwc = lambda s: "x".join(str(d) for d in (*s[1:], s[0]))  # noqa: E731
+    return f"{kind}-input:{hwc(size)}-output:{hwc(out)}"
+
+
+def deploy_op(module: nn.Module) -> nn.Module:
+    """A copy of an op as a network's deploy form runs it, BatchNorm folded into its convs. Held
+    in a container, as in the net: torch.fx cannot trace some blocks as the root of a trace, but
+    traces them inside one."""
+    deployed = nn.Sequential(copy.deepcopy(module)).eval()
+    fold_and_merge(deployed)
+    return deployed
 
 
 def time_module(module: nn.Module, size: tuple[int, ...], timing: TimingConfig) -> list[float]:
@@ -95,26 +150,56 @@ def time_ops(ops: Mapping[str, Op], timing: TimingConfig) -> dict[str, dict[str,
     return entries
 
 
+def calibration(
+    entries: Mapping[str, Mapping[str, float]],
+    references: Sequence[Reference],
+    timing: TimingConfig,
+) -> dict[str, Any]:
+    """The scale from summed op times to whole networks: the median over `references` (timed
+    whole with `timing.threads` threads) of measured / summed ms. The median, not a fit: a few
+    networks of similar sums determine an offset or slope poorly, a ratio well."""
+    pairs = []
+    with torch_threads(timing.threads):
+        for net, size, keys in references:
+            summed = sum(entries[key]["mean"] for key in keys)
+            pairs.append([summed, statistics.fmean(time_module(net, size, timing))])
+    scale = statistics.median(m / s for s, m in pairs) if pairs else 1.0
+    return {"scale": scale, "references": pairs}
+
+
 def cached_table(
     name: str,
     space: Mapping[str, Any],
     ops: Callable[[], Mapping[str, Op]],
     timing: TimingConfig,
+    references: Callable[[], Sequence[Reference]] | None = None,
     runtime: str = "torch",
 ) -> LatencyTable:
     """The latency table of search space `space` (a JSON-able description) on this machine's CPU
-    in eager PyTorch (`runtime`): read from the cache, or built from `ops()` (timed) and cached.
-    `name` prefixes the file."""
+    in eager PyTorch (`runtime`): read from the cache, or built from `ops()` (timed), calibrated
+    on `references()` (whole networks of the space; none: sums as they are) and cached. `name`
+    prefixes the file."""
     device = machine()
-    identity = {"space": space, "timing": vars(timing), "torch": device["torch"]}
+    identity = {
+        "space": space,
+        "timing": vars(timing),
+        "torch": device["torch"],
+        "calibrated": references is not None,
+    }
     digest = hashlib.sha1(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
     folder = _cache_root() / _slug(device["cpu"]) / f"{runtime}-{timing.threads}t"
     path = folder / f"{name}-{digest[:12]}.json"
-    if path.is_file():
-        return LatencyTable.from_dict(json.loads(path.read_text()))
-    table = LatencyTable(time_ops(ops(), timing), {**device, **identity, "runtime": runtime})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(table.to_dict(), indent=1))
+    folder.mkdir(parents=True, exist_ok=True)
+    # One process times a table at a time (DDP ranks on one machine would skew each other's
+    # timings); the others wait, then read what it wrote.
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if path.is_file():
+            return LatencyTable.from_dict(json.loads(path.read_text()))
+        entries = time_ops(ops(), timing)
+        scale = calibration(entries, references(), timing) if references else {"scale": 1.0}
+        table = LatencyTable(entries, {**device, **identity, "runtime": runtime}, scale)
+        atomic_write_text(path, json.dumps(table.to_dict(), indent=1))
     return table
 
 

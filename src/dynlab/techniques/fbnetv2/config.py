@@ -18,6 +18,17 @@ from dynlab.techniques.supernet_config import SupernetConfig
 class CostKind(StrEnum):
     macs = "macs"  # FBNetV2-F: per-FLOP accuracy
     params = "params"  # FBNetV2-P: per-parameter accuracy
+    # FBNet's own cost: milliseconds per image at batch 1 on this machine, from the space's
+    # latency table (techniques/fbnetv2/latency.py), built before the search and cached
+    latency = "latency"
+
+
+# How each cost is logged and reported: its name and the divisor to that unit.
+COST_UNITS: dict[CostKind, tuple[str, float]] = {
+    CostKind.macs: ("mmacs", 1e6),
+    CostKind.params: ("mparams", 1e6),
+    CostKind.latency: ("ms", 1.0),
+}
 
 
 @dataclass
@@ -51,6 +62,9 @@ class FBNetV2Config(SupernetConfig):
     # the search reports its MACs and the softmax's expected MACs (results.json search.mmacs,
     # search.expected_mmacs). null: FBNet's loss.
     target_mmacs: float | None = None
+    # The same target in milliseconds per image on this machine (needs cost=latency): TuNAS's
+    # own use, a latency target.
+    target_ms: float | None = None
     target_weight: float = 1.0
     target_samples: int = 32
     # Gumbel-softmax temperature: `temperature` at the first epoch, times `temperature_decay` each
@@ -64,6 +78,8 @@ class FBNetV2Config(SupernetConfig):
     # statistics mix every resolution and width the Gumbel samples passed through. The paper does
     # not say how it evaluates during the search; this is dynlab's choice.
     recalibration_batches: int = 20
+    # Threads the latency table is timed with (cost=latency): the deployment's thread count.
+    latency_threads: int = 1
     # Deprecated names of `architecture` (the choices dict a search writes) and
     # `architecture_file` (SupernetConfig).
     choices: dict[str, Any] | None = None
@@ -75,19 +91,27 @@ class FBNetV2Config(SupernetConfig):
         if self.alpha <= 0 or self.beta <= 0:
             raise ValueError(
                 f"fbnetv2: the cost weights alpha={self.alpha} and beta={self.beta} must be > 0 "
-                "(loss = CE * alpha * log(cost)^beta; beta sets how hard the cost pushes)"
+                "(loss = CE * alpha * (cost / reference)^beta; beta sets how hard the cost pushes)"
             )
-        if self.target_mmacs is not None:
-            if not (math.isfinite(self.target_mmacs) and self.target_mmacs > 0):
+        for name, kind, unit in (
+            ("target_mmacs", CostKind.macs, "M MACs"),
+            ("target_ms", CostKind.latency, "ms"),
+        ):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if not (math.isfinite(value) and value > 0):
                 raise ValueError(
-                    f"fbnetv2: target_mmacs={self.target_mmacs} must be a number of M MACs > 0 "
-                    "(or null: FBNet's loss)"
+                    f"fbnetv2: {name}={value} must be a number of {unit} > 0 (or null: FBNet's "
+                    "loss)"
                 )
-            if CostKind(self.cost) != CostKind.macs:
+            if CostKind(self.cost) != kind:
                 raise ValueError(
-                    f"fbnetv2: target_mmacs needs cost=macs, got cost={self.cost} (the target "
-                    "is in M MACs)"
+                    f"fbnetv2: {name} needs cost={kind.value}, got cost={self.cost} (the target "
+                    f"is in {unit})"
                 )
+        if self.latency_threads < 1:
+            raise ValueError(f"fbnetv2 latency_threads must be >= 1, got {self.latency_threads}")
         if not (math.isfinite(self.target_weight) and self.target_weight > 0):
             raise ValueError(f"fbnetv2: target_weight={self.target_weight} must be > 0")
         if self.target_samples < 2:

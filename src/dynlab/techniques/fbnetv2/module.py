@@ -8,8 +8,9 @@ placed back by interspersed zeros). The schedule:
   `weights` stream (80 % of the train split) with the cross-entropy and, after `warmup_epochs`, the
   architecture logits on the `arch` stream (the other 20 %) with FBNet's multiplicative loss in a
   unit-free form, CE * alpha * (cost / reference)^beta (`search_loss`), the
-  cost being the expected MACs (or parameters) of the Gumbel-weighted network, differentiable
-  through the expected widths; with `target_mmacs`, CE + target_weight * E|MACs / target - 1| over
+  cost being the expected MACs, parameters or milliseconds (a latency table of the space on this
+  machine, `latency.py`) of the Gumbel-weighted network, differentiable through the choice
+  weights; with `target_mmacs` (`target_ms`), CE + target_weight * E|cost / target - 1| over
   architectures drawn from the logits' softmax (`arch_loss`). The temperature starts at
   `temperature` and is multiplied by
   `temperature_decay` every epoch. Gumbel noise is drawn from (seed, step, stream), so every DDP
@@ -22,6 +23,7 @@ architecture alone. The deploy form is always the standalone network.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -42,8 +44,10 @@ from dynlab.search import (
     seeded,
     write_result,
 )
+from dynlab.search.latency_table import TimingConfig
 from dynlab.techniques.base import Phase, dataset_backbone
-from dynlab.techniques.fbnetv2.config import CostKind, FBNetV2Config
+from dynlab.techniques.fbnetv2.config import COST_UNITS, CostKind, FBNetV2Config
+from dynlab.techniques.fbnetv2.latency import FBNetV2Latency
 from dynlab.techniques.supernet import SupernetTechnique
 from dynlab.traits import backbone_needed
 
@@ -79,11 +83,17 @@ def cost_distance(cost: Tensor, target: float) -> Tensor:
     return (cost / target - 1).abs()
 
 
-def sampled_distance(net: FBNetV2Supernet, target: float, samples: int) -> Tensor:
-    """The mean `cost_distance` of the MACs of `samples` architectures drawn from the search's
-    distribution (its softmax; torch's RNG), carrying in the logits the REINFORCE gradient of its
-    expectation with a leave-one-out baseline: how TuNAS estimates its reward's gradient, here for
-    the cost term only (the cross-entropy's gradient is the Gumbel-softmax one)."""
+def sampled_distance(
+    net: FBNetV2Supernet,
+    cost_of: Callable[[Mapping[str, Any]], Tensor],
+    target: float,
+    samples: int,
+) -> Tensor:
+    """The mean `cost_distance` of the costs (`cost_of` one-hot choice weights) of `samples`
+    architectures drawn from the search's distribution (its softmax; torch's RNG), carrying in
+    the logits the REINFORCE gradient of its expectation with a leave-one-out baseline: how TuNAS
+    estimates its reward's gradient, here for the cost term only (the cross-entropy's gradient is
+    the Gumbel-softmax one)."""
     probs = net.softmax_weights()
     groups = [probs["resolution"], *(g for k in CHOICE_KEYS[1:] for g in probs[k])]
     draws = [torch.multinomial(g.detach(), samples, replacement=True) for g in groups]
@@ -98,7 +108,7 @@ def sampled_distance(net: FBNetV2Supernet, target: float, samples: int) -> Tenso
         }
 
     with torch.no_grad():
-        costs = torch.stack([net.expected_cost("macs", one_hot(s)) for s in range(samples)])
+        costs = torch.stack([cost_of(one_hot(s)) for s in range(samples)])
     distance = cost_distance(costs, target).to(log_p.dtype)
     baseline = (distance.sum() - distance) / max(samples - 1, 1)
     surrogate = ((distance - baseline) * log_p).mean()
@@ -127,8 +137,8 @@ class FBNetV2Module(SupernetTechnique):
         problem = problem or _target_problem(net, config.target_mmacs)
         if problem:
             raise ValueError(f"fbnetv2 on backbone={backbone.name}: {problem}")
-        # What search_loss measures the cost against: the space's cheapest architecture's.
-        self.cost_reference = cost_span(net, self.cost_kind.value)[0]
+        self.unit, self.unit_scale = COST_UNITS[self.cost_kind]
+        self.backbone_name = backbone.name
         self.history: list[dict[str, Any]] = []  # the argmax architecture after every epoch
         # The search's result or the given architecture (a `choices` dict).
         self.architecture: dict[str, Any] | None
@@ -144,6 +154,10 @@ class FBNetV2Module(SupernetTechnique):
         super().check_run(cfg)
         if self.given or cfg is None:
             return
+        if self._latency is not None:  # the table is built (or read) now, before training
+            problem = _target_ms_problem(self._latency.span(), self.config.target_ms)
+            if problem:
+                raise ValueError(f"fbnetv2 on backbone={self.backbone_name}: {problem}")
         recipe = self.recipe(SEARCH)
         epochs = recipe.epochs or cfg.trainer.max_epochs
         if epochs <= self.config.warmup_epochs:
@@ -186,26 +200,33 @@ class FBNetV2Module(SupernetTechnique):
             arch_loss = self.arch_loss(arch_ce, cost)
             self.manual_step(ARCH, arch_loss)
             logs |= {"search/arch_loss": arch_loss.detach(), "search/arch_ce": arch_ce.detach()}
-        logs[f"search/expected_m{self.cost_kind.value}"] = cost.detach() / 1e6
+        logs[f"search/expected_{self.unit}"] = cost.detach() / self.unit_scale
         self.log_dict(logs, prog_bar=False)
         return None
 
     def arch_loss(self, ce: Tensor, cost: Tensor) -> Tensor:
         """The architecture step's loss: FBNet's on `cost` (that of the network the step sampled),
-        or with `target_mmacs` CE + target_weight * E|MACs(a) / target - 1| over architectures a
+        or with a target (`target_mmacs`, `target_ms`) CE + target_weight * E|cost(a) / target -
+        1| over architectures a
         drawn from the search's distribution (`sampled_distance`, its draws from (seed, step)).
         Not the distance of the expectation, |E[MACs] / target - 1|: logits that all lean a little
         the same way meet it, and their argmax is an extreme of the space, where the distance of
         each draw rewards a distribution concentrated near the target. On the small space (random
         data, 200 architecture steps, Adam): a 10 M target left the argmax at 25-29 M with the
         former (lr 0.01); the latter landed it at 10.2 M, and a 20 M one at 20.5 M (lr 0.05)."""
-        if self.config.target_mmacs is None:
+        target = self.target
+        if target is None:
             return search_loss(ce, cost, self.config.alpha, self.config.beta, self.cost_reference)
         with seeded(derived_seed(self.config.seed, TARGET_STREAM, self.global_step)):
             distance = sampled_distance(
-                self._supernet, self.config.target_mmacs * 1e6, self.config.target_samples
+                self._supernet, self.cost_of, target * self.unit_scale, self.config.target_samples
             )
         return ce + self.config.target_weight * distance.to(ce.dtype)
+
+    @property
+    def target(self) -> float | None:
+        """The cost target in the cost's reported unit (M MACs or ms), or None: FBNet's loss."""
+        return self.config.target_mmacs if self.config.target_ms is None else self.config.target_ms
 
     def _ce_and_cost(self, batch: tuple[Tensor, Tensor], stream: int) -> tuple[Tensor, Tensor]:
         """Cross-entropy on one stream's batch, with Gumbel noise from (seed, step, stream), and
@@ -215,10 +236,31 @@ class FBNetV2Module(SupernetTechnique):
         with seeded(derived_seed(self.config.seed, GUMBEL_STREAM, self.global_step, stream)):
             logits = self.model.forward_exits(x)[-1]
         ce = F.cross_entropy(logits, y, label_smoothing=self.config.optim.label_smoothing)
-        return ce, self._expected_cost().to(ce.dtype)
+        return ce, self.cost_of().to(ce.dtype)
 
-    def _expected_cost(self) -> Tensor:
-        return self._supernet.expected_cost(self.cost_kind.value)
+    def cost_of(self, weights: Mapping[str, Any] | None = None) -> Tensor:
+        """The search's differentiable cost (MACs, parameters or ms) of the choice weights
+        `weights` (default: those of the last forward)."""
+        net = self._supernet
+        if self._latency is None:
+            return net.expected_cost(self.cost_kind.value, weights)
+        return self._latency.expected(net.last_weights() if weights is None else weights)
+
+    @functools.cached_property
+    def cost_reference(self) -> float:
+        """What search_loss measures the cost against: the space's cheapest architecture's."""
+        if self._latency is not None:
+            return self._latency.span()[0]
+        return cost_span(self._supernet, self.cost_kind.value)[0]
+
+    @functools.cached_property
+    def _latency(self) -> FBNetV2Latency | None:
+        """The space's latency table on this machine when the cost is latency (built once per
+        device and cached; DDP ranks time their own when none is cached), else None."""
+        if self.cost_kind != CostKind.latency:
+            return None
+        timing = TimingConfig(threads=self.config.latency_threads)
+        return FBNetV2Latency.build(self._supernet, self.data_info.input_size, timing)
 
     def on_validation_start(self) -> None:
         """The search is validated on its argmax network, with that network's BN statistics."""
@@ -267,17 +309,25 @@ class FBNetV2Module(SupernetTechnique):
             "mparams": sum(p.numel() for p in child.parameters()) / 1e6,
             "expected_mmacs": expected,
         }
+        if self._latency is not None:  # the table's prediction, and the softmax's expectation
+            with torch.no_grad():
+                softmax_ms = float(self._latency.expected(net.softmax_weights()))
+            entry |= {"predicted_ms": self._latency.ms(choices), "expected_ms": softmax_ms}
         self.history = [h for h in self.history if h["epoch"] < entry["epoch"]] + [entry]
         self.log_dict(
             {"search/argmax_mmacs": entry["mmacs"], "search/softmax_expected_mmacs": expected}
+            | {f"search/argmax_{k}": v for k, v in entry.items() if k == "predicted_ms"}
         )
 
     def on_fit_end(self) -> None:
         """At the end of the search: the argmax architecture becomes the result."""
         if self.current_phase != SEARCH or not self.history:
             return
-        target_mmacs = self.config.target_mmacs
-        last = {**self.history[-1], "target_mmacs": target_mmacs}
+        last = {
+            **self.history[-1],
+            "target_mmacs": self.config.target_mmacs,
+            "target_ms": self.config.target_ms,
+        }
         self.architecture = last["choices"]
         self._recalibrate(self.trainer.datamodule)  # type: ignore[attr-defined]
         summary = {
@@ -293,9 +343,10 @@ class FBNetV2Module(SupernetTechnique):
             update_results(
                 phase_dir.parents[1], search={k: v for k, v in summary.items() if k != "history"}
             )
-            target = "" if target_mmacs is None else f" (target {target_mmacs:g} M)"
+            target = "" if self.target is None else f" (target {self.target:g} {self.unit})"
+            ms = f", {last['predicted_ms']:.3f} ms predicted" if "predicted_ms" in last else ""
             print(
-                f"[dynlab] fbnetv2 search: {last['mmacs']:.2f} M MACs{target}, "
+                f"[dynlab] fbnetv2 search: {last['mmacs']:.2f} M MACs{ms}{target}, "
                 f"{last['mparams']:.3f} M parameters (the search's softmax expects "
                 f"{last['expected_mmacs']:.2f} M MACs): {last['choices']}; {path}"
             )
@@ -353,6 +404,17 @@ def _target_problem(net: FBNetV2Supernet, target_mmacs: float | None) -> str | N
     return (
         f"technique.target_mmacs={target_mmacs:g} lies outside the space, whose architectures "
         f"span {span[0]:.3f} M to {span[1]:.3f} M MACs: set a target inside it"
+    )
+
+
+def _target_ms_problem(span: tuple[float, float], target_ms: float | None) -> str | None:
+    """Why `target_ms` lies outside the predicted latency of the space (one line), or None."""
+    if target_ms is None or span[0] <= target_ms <= span[1]:
+        return None
+    return (
+        f"technique.target_ms={target_ms:g} lies outside the space, whose architectures span "
+        f"{span[0]:.3f} to {span[1]:.3f} ms per image on this machine (its latency table's "
+        "prediction): set a target inside it"
     )
 
 

@@ -2,14 +2,15 @@
 every choice block of every layer (at every mid width with channel search) at the input shape the
 layer meets, and the last conv with the head, each in its deploy form (BatchNorm folded into the
 convs, as in the standalone net's `StaticExits.deploy`) and timed at batch 1. A candidate's
-predicted milliseconds are the sum over its ops, as its MACs are the sum in `MacsTable`."""
+predicted milliseconds are the sum over its ops, as its MACs are the sum in `MacsTable`, scaled by
+the table's calibration on whole networks (`dynlab.search.latency_table`)."""
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -21,8 +22,18 @@ from dynlab.backbones.spos_shufflenetv2 import (
     SPOSSupernet,
     mid_channels,
 )
-from dynlab.nn.reparam import fold_and_merge
-from dynlab.search.latency_table import LatencyTable, Op, TimingConfig, cached_table
+from dynlab.protocol import StaticExits
+from dynlab.search.latency_table import (
+    REFERENCE_SEED,
+    REFERENCES,
+    LatencyTable,
+    Op,
+    Reference,
+    TimingConfig,
+    cached_table,
+    deploy_op,
+    op_key,
+)
 
 __all__ = ["SPOSLatency"]
 
@@ -42,14 +53,34 @@ class SPOSLatency:
         """The table of `supernet`'s space at `input_size`, from the cache or timed now."""
         ops, keys, fixed = _ops(supernet.config, input_size)
         space = {"spos": supernet.signature(), "input_size": list(input_size)}
-        deployed = lambda: {k: (_deploy(m), size) for k, (m, size) in ops.items()}  # noqa: E731
-        return cls(cached_table("spos", space, deployed, timing), keys, fixed)
+        deployed = lambda: {k: (deploy_op(m), size) for k, (m, size) in ops.items()}  # noqa: E731
+        latency = cls(LatencyTable({}), keys, fixed)  # its keys first: references need them
+
+        def references() -> list[Reference]:
+            rng = np.random.default_rng(REFERENCE_SEED)
+            choices = supernet.space.gene_choices()
+            genes = [tuple(int(g) for g in rng.integers(0, choices)) for _ in range(REFERENCES)]
+            return [
+                (
+                    StaticExits(supernet.child(g).eval()).deploy(),
+                    input_size,
+                    latency.op_keys(g, supernet.space),
+                )
+                for g in genes
+            ]
+
+        latency.table = cached_table("spos", space, deployed, timing, references)
+        return latency
+
+    def op_keys(self, genes: Sequence[int], space: Any) -> list[str]:
+        """The table keys of candidate `genes`' ops (`space` a `SearchSpace`)."""
+        arch, scales = space.split(genes)
+        chosen = [self.keys[i][b][scales[i] if scales else 0] for i, b in enumerate(arch)]
+        return [*self.fixed, *chosen]
 
     def ms(self, genes: Sequence[int], space: Any) -> float:
         """Predicted milliseconds (batch 1) of candidate `genes` of `space` (a `SearchSpace`)."""
-        arch, scales = space.split(genes)
-        chosen = [self.keys[i][b][scales[i] if scales else 0] for i, b in enumerate(arch)]
-        return self.table.predict([*self.fixed, *chosen])
+        return self.table.predict(self.op_keys(genes, space))
 
     def device(self) -> dict[str, object]:
         """What the table was timed on (CPU, threads, torch), for a search's identity."""
@@ -74,20 +105,11 @@ class SPOSLatency:
 
     def span(self) -> tuple[float, float]:
         """The fastest and the slowest candidate's predicted milliseconds."""
-        fixed = self.table.predict(self.fixed)
+        fixed = self.table.ops_ms(self.fixed)
         mean = self.table.entries
         low = sum(min(mean[k]["mean"] for blocks in layer for k in blocks) for layer in self.keys)
         high = sum(max(mean[k]["mean"] for blocks in layer for k in blocks) for layer in self.keys)
-        return fixed + low, fixed + high
-
-
-def _deploy(module: nn.Module) -> nn.Module:
-    """An op as the net's deploy form runs it, BatchNorm folded into its convs. Held in a
-    container, as in the net: torch.fx cannot trace a ChoiceBlock as the root of a trace, but
-    traces it inside one."""
-    deployed = nn.Sequential(copy.deepcopy(module)).eval()
-    fold_and_merge(deployed)
-    return deployed
+        return self.table.calibrate(fixed + low), self.table.calibrate(fixed + high)
 
 
 def _ops(
@@ -100,9 +122,7 @@ def _ops(
     ops: dict[str, Op] = {}
 
     def add(kind: str, module: nn.Module, size: tuple[int, int, int], out: torch.Tensor) -> str:
-        key = f"{kind}-input:{size[1]}x{size[2]}x{size[0]}-output:" + "x".join(
-            str(d) for d in (*out.shape[2:], out.shape[1])
-        )
+        key = op_key(kind, size, tuple(out.shape[1:]))
         ops.setdefault(key, (module, size))
         return key
 
