@@ -15,10 +15,10 @@ from dynlab.backbones import create_backbone
 from dynlab.backbones.spos_shufflenetv2 import BLOCKS, MacsTable
 from dynlab.search import latency_table
 from dynlab.search.driver import SearchDriver
+from dynlab.search.evolution import Evolution
 from dynlab.search.latency_table import TimingConfig
-from dynlab.techniques.spos.config import EvolutionConfig
-from dynlab.techniques.spos.evolution import Evolution
 from dynlab.techniques.spos.latency import SPOSLatency
+from dynlab.techniques.supernet_config import EvolutionConfig
 from dynlab.validation import ConfigError, build_run
 
 QUICK = TimingConfig(threads=1, warmup=1, rounds=3, calls=1)

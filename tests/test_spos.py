@@ -22,12 +22,12 @@ from dynlab.preemption import Preempted
 from dynlab.results import read_results
 from dynlab.runner import run_job
 from dynlab.search import RESULT, SupernetExits, derived_seed
+from dynlab.search.evolution import space_range_problem
 from dynlab.search.ledger import RECORDS
 from dynlab.techniques.base import Phase
 from dynlab.techniques.spos import search as spos_search
-from dynlab.techniques.spos.config import EvolutionConfig
-from dynlab.techniques.spos.evolution import space_range_problem
 from dynlab.techniques.spos.module import PATH_STREAM
+from dynlab.techniques.supernet_config import EvolutionConfig
 from dynlab.validation import ConfigError, build_run, validate_config
 
 from .conftest import compose_in
@@ -291,6 +291,6 @@ def test_presets_compose_validate_and_their_macs_window_fits_the_space(compose_c
     net = create_backbone(cfg.backbone.name, num_classes=10, **cfg.backbone.kwargs)
     table = MacsTable.measure(net, size)
     evolution = EvolutionConfig(**cfg.technique.evolution)
-    assert space_range_problem(table.minimum(), table.maximum(), evolution) is None
+    assert space_range_problem(table.minimum(), table.maximum(), evolution, "spos") is None
     # The limit binds: some architectures of the space lie above it.
     assert table.maximum() > evolution.max_mmacs * 1e6

@@ -22,8 +22,7 @@ from dynlab.backbones.spos_shufflenetv2 import MacsTable
 from dynlab.errors import SearchMismatch
 from dynlab.search import Ledger
 from dynlab.search.driver import SearchDriver
-from dynlab.techniques.spos.config import EvolutionConfig
-from dynlab.techniques.spos.evolution import (
+from dynlab.search.evolution import (
     Evolution,
     best_candidate,
     pareto_front,
@@ -31,6 +30,7 @@ from dynlab.techniques.spos.evolution import (
 )
 from dynlab.techniques.spos.plots import plot_pareto
 from dynlab.techniques.spos.sampling import WindowSampler
+from dynlab.techniques.supernet_config import EvolutionConfig
 
 GENES, CHOICES = 8, 4
 _tables = np.random.default_rng(0)
@@ -197,7 +197,7 @@ def test_an_exhausted_space_or_an_empty_window_stops_early_and_says_why(tmp_path
     assert reason is not None and reason.startswith("generation 2: no new legal candidate")
     empty = EvolutionConfig(population=4, generations=3, mutations=0, crossovers=0, max_mmacs=1)
     evaluate = lambda g: pytest.fail("an illegal candidate was scored")  # noqa: E731
-    with pytest.raises(RuntimeError, match="spos search scored no candidate: generation 0"):
+    with pytest.raises(RuntimeError, match="evolution search scored no candidate: generation 0"):
         run_evolution([3] * 4, macs_of, evaluate, empty, tmp_path / "empty", seed=0)
     reason = stop_reason(tmp_path / "empty")
     assert reason == (
@@ -271,20 +271,25 @@ def test_front_best_and_the_range_check() -> None:
         best_candidate([])
 
     low, high = 12.3456e6, 98.7654e6
-    assert space_range_problem(low, high, EvolutionConfig()) is None
-    assert space_range_problem(low, high, EvolutionConfig(min_mmacs=50, max_mmacs=60)) is None
-    assert space_range_problem(low, high, EvolutionConfig(min_mmacs=98.7, max_mmacs=500)) is None
-    above = space_range_problem(low, high, EvolutionConfig(min_mmacs=100, max_mmacs=200))
+    assert space_range_problem(low, high, EvolutionConfig(), "spos") is None
+    assert (
+        space_range_problem(low, high, EvolutionConfig(min_mmacs=50, max_mmacs=60), "spos") is None
+    )
+    assert (
+        space_range_problem(low, high, EvolutionConfig(min_mmacs=98.7, max_mmacs=500), "spos")
+        is None
+    )
+    above = space_range_problem(low, high, EvolutionConfig(min_mmacs=100, max_mmacs=200), "spos")
     assert above == (
         "spos evolution: the MACs window [min_mmacs=100, max_mmacs=200] holds no architecture: "
         "the space spans 12.3456 M to 98.7654 M MACs; lower evolution.min_mmacs to at most 98.765"
     )
-    below = space_range_problem(low, high, EvolutionConfig(max_mmacs=12.3))
+    below = space_range_problem(low, high, EvolutionConfig(max_mmacs=12.3), "spos")
     assert below is not None and below.endswith("raise evolution.max_mmacs to at least 12.346")
     assert "[min_mmacs=none, max_mmacs=12.3]" in below
     # The bound it suggests does admit the space's extreme.
-    assert space_range_problem(low, high, EvolutionConfig(max_mmacs=12.346)) is None
-    assert space_range_problem(low, high, EvolutionConfig(min_mmacs=98.765)) is None
+    assert space_range_problem(low, high, EvolutionConfig(max_mmacs=12.346), "spos") is None
+    assert space_range_problem(low, high, EvolutionConfig(min_mmacs=98.765), "spos") is None
 
 
 def test_plot_pareto_writes_a_png(tmp_path: Path) -> None:

@@ -36,10 +36,10 @@ from dynlab.logging import log_records
 from dynlab.results import atomic_write_text, update_results
 from dynlab.search import SupernetExits, derived_seed, recalibrate_bn
 from dynlab.search.driver import Outcome, SearchDriver, data_identity
+from dynlab.search.evolution import pareto_front, space_range_problem
 from dynlab.search.latency_table import TimingConfig
 from dynlab.techniques.base import Phase, PhaseContext, PhaseKind, dataset_backbone
 from dynlab.techniques.spos.config import SPOSConfig
-from dynlab.techniques.spos.evolution import pareto_front, space_range_problem
 from dynlab.techniques.spos.latency import SPOSLatency
 from dynlab.techniques.spos.plots import plot_pareto
 from dynlab.techniques.spos.sampling import PathSampler
@@ -83,7 +83,7 @@ class SPOSModule(SupernetTechnique):
         self.space = net.space
         self.table = MacsTable.measure(net, data_info.input_size)
         lo, hi = self.table.minimum(), self.table.maximum()
-        problem = space_range_problem(lo, hi, config.evolution)
+        problem = space_range_problem(lo, hi, config.evolution, "spos")
         if problem:
             raise ValueError(problem)
         self.window = window_sampler(self.table, config.evolution)

@@ -13,7 +13,7 @@ from typing import Any
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from dynlab.techniques.spos.evolution import best_candidate
+from dynlab.search.evolution import best_candidate
 
 
 def plot_pareto(
@@ -45,7 +45,7 @@ def plot_pareto(
         drawstyle="steps-post",
         label="Pareto front",
     )
-    best = best_candidate(records)
+    best = best_candidate(records, "spos")
     ax.plot(
         [best["macs"] / 1e6],
         [best["top1"]],

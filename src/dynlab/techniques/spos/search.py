@@ -18,10 +18,10 @@ from dynlab.backbones.spos_shufflenetv2 import MacsTable, SearchSpace
 from dynlab.data.base import DynlabDataModule, StreamSpec
 from dynlab.search import SupernetExits, exit_accuracies, recalibrate_bn, val_exit_probs
 from dynlab.search.driver import for_array_task
-from dynlab.techniques.spos.config import EvolutionConfig
-from dynlab.techniques.spos.evolution import Evolution, Genes, Record
+from dynlab.search.evolution import Evolution, Genes, Record
 from dynlab.techniques.spos.latency import SPOSLatency
 from dynlab.techniques.spos.sampling import WindowSampler
+from dynlab.techniques.supernet_config import EvolutionConfig
 
 __all__ = ["PathScorer", "SPOSEvolution", "pareto_markdown", "window_sampler"]
 
@@ -98,6 +98,7 @@ class SPOSEvolution(Evolution):
             data,
             window.draw if window is not None else None,
             partial(latency.ms, space=space) if latency is not None else None,
+            name="spos",
         )
         self.space, self.table, self.window = space, table, window
 

@@ -1,5 +1,7 @@
-"""SPOS's evolutionary architecture search (Guo et al., ECCV 2020, Sec. 3.4 and Algorithm 1;
-official megvii-model/SinglePathOneShot src/Search/search.py, `EvolutionSearcher`).
+"""The evolutionary architecture search of SPOS (Guo et al., ECCV 2020, Sec. 3.4 and Algorithm 1;
+official megvii-model/SinglePathOneShot src/Search/search.py, `EvolutionSearcher`), which
+MetaPruning's official search (liuzechun/MetaPruning) shares: every technique that searches a
+flat gene vector by evolution under a MACs (and time) window uses this one.
 
 A candidate is a flat tuple of ints (genes), gene i in range(gene_choices[i]). The first generation
 is `population` random legal candidates; after each generation is scored, the best `parents`
@@ -8,11 +10,12 @@ candidates up to `population`. A candidate is legal when its MACs lie in the con
 it was never seen before; illegal ones are never scored.
 
 Pure search logic on the search driver (`dynlab.search.driver`): the technique passes the MACs of a
-candidate and how to score one. Which candidates a generation holds, and in what order, does not
-depend on any score of that generation, so the whole list is drawn first (the driver's numpy
-Generator) and then scored where the run puts candidates (this job's ranks or a Slurm job array);
-the driver's ledger makes a killed search resume with the same candidates in the same order,
-score each index once overall and end as an uninterrupted one.
+candidate, how to score one and its settings (`EvolutionSettings`, which the techniques' typed
+`evolution` config, `techniques/supernet_config.EvolutionConfig`, provides). Which candidates a
+generation holds, and in what order, does not depend on any score of that generation, so the whole
+list is drawn first (the driver's numpy Generator) and then scored where the run puts candidates
+(this job's ranks or a Slurm job array); the driver's ledger makes a killed search resume with the
+same candidates in the same order, score each index once overall and end as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -20,16 +23,16 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from dynlab.data.sampling import rank_and_world_size
 from dynlab.search.driver import NoCandidates, Search, SearchRNG, search_identity
-from dynlab.techniques.spos.config import EvolutionConfig
 
 __all__ = [
     "Evolution",
+    "EvolutionSettings",
     "best_candidate",
     "pareto_front",
     "space_range_problem",
@@ -44,6 +47,23 @@ Genes = tuple[int, ...]
 Record = dict[str, Any]
 
 
+class EvolutionSettings(Protocol):
+    """What the evolution reads of a technique's evolution config (a dataclass, so that its
+    fields also make the search's identity)."""
+
+    population: int
+    generations: int
+    parents: int
+    mutations: int
+    crossovers: int
+    mutation_prob: float
+    tries_factor: int
+    min_mmacs: float | None
+    max_mmacs: float | None
+    min_latency_ms: float | None
+    max_latency_ms: float | None
+
+
 class Evolution(Search):
     """The official evolutionary search as a driver's search: a round is a generation.
 
@@ -54,21 +74,24 @@ class Evolution(Search):
     children outside it. A record is {"genes", "macs", "origin" ("random", "mutation" or
     "crossover"), "parents" (indices of the records it was bred from), "top1", what `evaluate`
     added, and the driver's "index", "round" (the generation), "rank" or "slurm_job"}.
+    `name` is the technique's (the ledger's search name and the messages').
     """
 
-    name, round_name = "spos", "generation"
+    round_name = "generation"
 
     def __init__(
         self,
         gene_choices: Sequence[int],
         macs_of: Callable[[Genes], float],
         evaluate: Callable[[Genes], dict[str, Any]],
-        cfg: EvolutionConfig,
+        cfg: EvolutionSettings,
         space: Mapping[str, Any] | None = None,
         data: Mapping[str, Any] | None = None,
         draw_random: Callable[[np.random.Generator], Genes] | None = None,
         latency_of: Callable[[Genes], float] | None = None,
+        name: str = "evolution",
     ) -> None:
+        self.name = name
         self.choices = [int(c) for c in gene_choices]
         if not self.choices or min(self.choices) < 1:
             raise ValueError(
@@ -138,7 +161,7 @@ class Evolution(Search):
 
     def result(self, records: Sequence[Record]) -> dict[str, Any]:
         """The best candidate (highest val top-1) and the Pareto front of MACs and top-1."""
-        best = best_candidate(records)
+        best = best_candidate(records, self.name)
         latency = {"predicted_ms": best["latency_ms"]} if "latency_ms" in best else {}
         return {
             "architecture": list(best["genes"]),
@@ -152,10 +175,10 @@ class Evolution(Search):
         }
 
 
-def best_candidate(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+def best_candidate(records: Sequence[Mapping[str, Any]], name: str = "evolution") -> dict[str, Any]:
     """The record with the highest top-1 (the earlier index wins a tie)."""
     if not records:
-        raise ValueError("spos evolution: no candidate was scored")
+        raise ValueError(f"{name} evolution: no candidate was scored")
     return dict(_ranked(records)[0])
 
 
@@ -180,22 +203,25 @@ def pareto_front(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return front
 
 
-def space_range_problem(minimum: float, maximum: float, cfg: EvolutionConfig) -> str | None:
+def space_range_problem(
+    minimum: float, maximum: float, cfg: EvolutionSettings, name: str
+) -> str | None:
     """One line when the MACs window holds no architecture of a space whose MACs span
-    [`minimum`, `maximum`] (MACs, not millions); None when the window meets that span."""
+    [`minimum`, `maximum`] (MACs, not millions); None when the window meets that span. `name`:
+    the technique's."""
     low, high = cfg.min_mmacs, cfg.max_mmacs
     span = f"the space spans {minimum / 1e6:g} M to {maximum / 1e6:g} M MACs"
     if low is not None and low * 1e6 > maximum:
         # Rounded down to a value that does admit the largest architecture.
         at_most = math.floor(maximum / 1e3) / 1e3
         return (
-            f"spos evolution: the MACs window {_window_text(cfg)} holds no architecture: {span}; "
+            f"{name} evolution: the MACs window {_window_text(cfg)} holds no architecture: {span}; "
             f"lower evolution.min_mmacs to at most {at_most:g}"
         )
     if high is not None and high * 1e6 < minimum:
         at_least = math.ceil(minimum / 1e3) / 1e3
         return (
-            f"spos evolution: the MACs window {_window_text(cfg)} holds no architecture: {span}; "
+            f"{name} evolution: the MACs window {_window_text(cfg)} holds no architecture: {span}; "
             f"raise evolution.max_mmacs to at least {at_least:g}"
         )
     return None
@@ -205,7 +231,7 @@ def _breed(
     rng: np.random.Generator,
     choices: list[int],
     macs_of: Callable[[Genes], float],
-    cfg: EvolutionConfig,
+    cfg: EvolutionSettings,
     parents: list[tuple[int, Genes]],
     seen: set[Genes],
     draw_random: Callable[[np.random.Generator], Genes] | None = None,
@@ -289,12 +315,12 @@ def _ranked(records: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
     return sorted(records, key=lambda r: (-r["top1"], r["index"]))
 
 
-def _window(cfg: EvolutionConfig) -> list[float | None]:
+def _window(cfg: EvolutionSettings) -> list[float | None]:
     """The MACs window in millions, [min_mmacs, max_mmacs] (None: no bound)."""
     return [cfg.min_mmacs, cfg.max_mmacs]
 
 
-def _window_text(cfg: EvolutionConfig) -> str:
+def _window_text(cfg: EvolutionSettings) -> str:
     """The window as the config spells it, e.g. [min_mmacs=none, max_mmacs=330] (and its
     latency bounds when it has any)."""
     low, high = (("none" if b is None else f"{b:g}") for b in _window(cfg))
