@@ -22,10 +22,10 @@ from dynlab.preemption import Preempted
 from dynlab.results import read_results
 from dynlab.runner import run_job
 from dynlab.search import RESULT, SupernetExits, derived_seed
+from dynlab.search import supernet as scoring
 from dynlab.search.evolution import space_range_problem
 from dynlab.search.ledger import RECORDS
 from dynlab.techniques.base import Phase
-from dynlab.techniques.spos import search as spos_search
 from dynlab.techniques.spos.module import PATH_STREAM
 from dynlab.techniques.supernet_config import EvolutionConfig
 from dynlab.validation import ConfigError, build_run, validate_config
@@ -125,7 +125,7 @@ def test_evolution_alone_from_the_supernet_checkpoint_resumes_exactly_after_a_ki
     supernet = searched / "checkpoints" / "supernet" / "final.ckpt"
     overrides = [*SPOS, f"ckpt_path={supernet}", "phase=evolution"]
     killed = tmp_path / "killed"
-    recalibrate = spos_search.recalibrate_bn
+    recalibrate = scoring.recalibrate_bn
     calls = {"n": 0}
 
     def signalled_at_the_fourth(*args: Any, **kwargs: Any) -> int:
@@ -134,13 +134,13 @@ def test_evolution_alone_from_the_supernet_checkpoint_resumes_exactly_after_a_ki
             os.kill(os.getpid(), signal.SIGUSR1)  # Slurm's warning: stop at the next boundary
         return recalibrate(*args, **kwargs)
 
-    monkeypatch.setattr(spos_search, "recalibrate_bn", signalled_at_the_fourth)
+    monkeypatch.setattr(scoring, "recalibrate_bn", signalled_at_the_fourth)
     with pytest.raises(Preempted):
         run_job(compose_cfg(overrides, config_name="search", run_dir=killed))
     phase = killed / "checkpoints" / "evolution"
     partial = json.loads((phase / RECORDS).read_text())
     assert [r["index"] for r in partial] == [0, 1, 2, 3]
-    monkeypatch.setattr(spos_search, "recalibrate_bn", recalibrate)
+    monkeypatch.setattr(scoring, "recalibrate_bn", recalibrate)
     run_job(compose_cfg(overrides, config_name="search", run_dir=killed))
     whole = json.loads((searched / "checkpoints" / "evolution" / RECORDS).read_text())
     resumed = json.loads((phase / RECORDS).read_text())

@@ -28,7 +28,7 @@ from dynlab.search.evolution import (
     pareto_front,
     space_range_problem,
 )
-from dynlab.techniques.spos.plots import plot_pareto
+from dynlab.search.evolution_report import plot_pareto
 from dynlab.techniques.spos.sampling import WindowSampler
 from dynlab.techniques.supernet_config import EvolutionConfig
 

@@ -16,6 +16,7 @@ class Capability(Enum):
     sparse_layers = "a network of LGC/SFR layers"
     spos_supernet = "an SPOS one-shot supernet"
     dmasking_supernet = "a DMaskingNAS supernet"
+    pruning_net = "a MetaPruning PruningNet"
 
 
 def declared_backbones() -> dict[str, frozenset[Capability]]:

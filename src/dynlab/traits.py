@@ -26,6 +26,7 @@ TECHNIQUE_TRAITS: dict[str, TechniqueTraits] = {
     "s2dnas": TechniqueTraits(modes=("train", "search")),
     "spos": TechniqueTraits(modes=("train", "search"), needs=Capability.spos_supernet),
     "fbnetv2": TechniqueTraits(modes=("train", "search"), needs=Capability.dmasking_supernet),
+    "metapruning": TechniqueTraits(modes=("train", "search"), needs=Capability.pruning_net),
     "sfr": TechniqueTraits(needs=Capability.sparse_layers),
 }
 

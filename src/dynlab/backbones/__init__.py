@@ -12,6 +12,7 @@ from dynlab.backbones import (  # noqa: F401  (registers)
     cifar_vgg,
     condensenetv2,
     fbnetv2,
+    metapruning,
     sfr_shufflenetv2,
     spos_shufflenetv2,
 )

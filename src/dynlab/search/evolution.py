@@ -20,15 +20,18 @@ same candidates in the same order, score each index once overall and end as an u
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 import numpy as np
+import torch
 
 from dynlab.data.sampling import rank_and_world_size
 from dynlab.search.driver import NoCandidates, Search, SearchRNG, search_identity
+from dynlab.search.supernet import PathScorer
 
 __all__ = [
     "Evolution",
@@ -158,6 +161,17 @@ class Evolution(Search):
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.history = list(state["history"])
+
+    def for_task(self) -> Evolution:
+        """A Slurm array task's copy: a `PathScorer` detached from this process's device."""
+        task = copy.copy(self)
+        if isinstance(self.evaluate, PathScorer):
+            task.evaluate = self.evaluate.detached()
+        return task
+
+    def gpus_per_task(self) -> int:
+        device = getattr(self.evaluate, "device", "cpu")
+        return int(torch.device(device).type == "cuda")
 
     def result(self, records: Sequence[Record]) -> dict[str, Any]:
         """The best candidate (highest val top-1) and the Pareto front of MACs and top-1."""

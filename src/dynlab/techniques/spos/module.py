@@ -32,23 +32,17 @@ from dynlab.config import BackboneConfig
 from dynlab.data.base import DataInfo, DynlabDataModule, StreamSpec
 from dynlab.data.sampling import rank_and_world_size
 from dynlab.errors import ConfigError
-from dynlab.logging import log_records
-from dynlab.results import atomic_write_text, update_results
 from dynlab.search import SupernetExits, derived_seed, recalibrate_bn
-from dynlab.search.driver import Outcome, SearchDriver, data_identity
-from dynlab.search.evolution import pareto_front, space_range_problem
+from dynlab.search.driver import SearchDriver, data_identity
+from dynlab.search.evolution import space_range_problem
+from dynlab.search.evolution_report import publish_evolution
 from dynlab.search.latency_table import TimingConfig
+from dynlab.search.supernet import PathScorer
 from dynlab.techniques.base import Phase, PhaseContext, PhaseKind, dataset_backbone
 from dynlab.techniques.spos.config import SPOSConfig
 from dynlab.techniques.spos.latency import SPOSLatency
-from dynlab.techniques.spos.plots import plot_pareto
 from dynlab.techniques.spos.sampling import PathSampler
-from dynlab.techniques.spos.search import (
-    PathScorer,
-    SPOSEvolution,
-    pareto_markdown,
-    window_sampler,
-)
+from dynlab.techniques.spos.search import SPOSEvolution, window_sampler
 from dynlab.techniques.supernet import RETRAIN, SupernetTechnique
 from dynlab.traits import backbone_needed
 
@@ -165,14 +159,7 @@ class SPOSModule(SupernetTechnique):
     def _evolution(self, ctx: PhaseContext) -> None:
         cfg, datamodule = self.config.evolution, ctx.datamodule
         assert isinstance(datamodule, DynlabDataModule) and isinstance(self.model, SupernetExits)
-        scorer = PathScorer(
-            self.model,
-            datamodule,
-            self._recalibration_stream(datamodule),
-            cfg.recalibration_batches,
-            cfg.val_images,
-            str(self.device),
-        )
+        scorer = PathScorer.on(self.model, datamodule, "spos/recalibration", cfg, str(self.device))
         search = SPOSEvolution(
             self.space,
             self.table,
@@ -189,7 +176,10 @@ class SPOSModule(SupernetTechnique):
         # test evaluation and deploy form are that child.
         scorer.use(self.architecture)
         self.search_summary = {k: v for k, v in outcome.result.items() if k != "pareto"}
-        self._publish_search(ctx, outcome)
+        if _rank_zero():
+            publish_evolution(
+                outcome, "spos", ctx.phase_dir, ctx.run_dir, ctx.loggers, self.search_summary
+            )
 
     @functools.cached_property
     def _latency(self) -> SPOSLatency | None:
@@ -204,49 +194,6 @@ class SPOSModule(SupernetTechnique):
         if problem:
             raise ConfigError(problem)
         return latency
-
-    def _recalibration_stream(self, datamodule: DynlabDataModule) -> StreamSpec:
-        """The fixed training subset every candidate's BN statistics come from: the same images in
-        the same order on every rank, without augmentation (official tester.py uses the train
-        loader, augmented, for 200 batches of 128; fixing the images makes scores comparable)."""
-        cfg = self.config.evolution
-        available = len(datamodule.stream_indices(StreamSpec("spos/recalibration")))
-        size = min(available, cfg.recalibration_batches * cfg.recalibration_batch_size)
-        return StreamSpec(
-            "spos/recalibration",
-            size=size,
-            augment=False,
-            shuffle=False,
-            sharded=False,
-            batch_size=cfg.recalibration_batch_size,
-        )
-
-    def _publish_search(self, ctx: PhaseContext, outcome: Outcome) -> None:
-        """pareto.md (phase dir), the search in results.json, plots/pareto.png and the W&B table
-        of the front (search_result.json is the driver's)."""
-        if not _rank_zero():
-            return
-        result, front = outcome.result, outcome.result["pareto"]
-        atomic_write_text(ctx.phase_dir / "pareto.md", pareto_markdown(front))
-        update_results(ctx.run_dir, search=self.search_summary)
-        plot_pareto(
-            outcome.records, pareto_front(outcome.records), ctx.run_dir / "plots" / "pareto.png"
-        )
-        table = [{"mmacs": r["mmacs"], "top1": r["top1"], "genes": str(r["genes"])} for r in front]
-        log_records(
-            ctx.loggers,
-            "spos/pareto",
-            table,
-            "mmacs",
-            "top1",
-            "SPOS Pareto front (supernet val top-1)",
-        )
-        print(pareto_markdown(front), end="")
-        print(
-            f"[dynlab] spos search: best {result['architecture']} at {result['mmacs']:.2f} M MACs, "
-            f"supernet val top-1 {result['supernet_val_top1']:.2f} ({result['evaluated']} "
-            f"candidates); {outcome.path}"
-        )
 
     # --- technique state ----------------------------------------------------------------------
     def architecture_problem(self, architecture: Any) -> str | None:

@@ -1,0 +1,36 @@
+"""Schema of `technique=metapruning` (Liu et al., "MetaPruning: Meta Learning for Automatic Neural
+Network Channel Pruning", ICCV 2019; official code liuzechun/MetaPruning). The channel space is the
+backbone (`backbone=cifar_pruningnet_resnet20`, `pruningnet_mobilenetv2`, ...); the technique trains
+its PruningNet on a random configuration per step, searches configurations by evolution under a
+MACs window and retrains the winner from scratch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from dynlab.config import register_schema
+from dynlab.techniques.supernet_config import EvolutionConfig, SupernetConfig
+
+
+@dataclass
+class MetaPruningConfig(SupernetConfig):
+    PHASES: ClassVar[tuple[str, ...]] = ("pruningnet", "evolution", "retrain")
+    HELD_OUT_USES: ClassVar[dict[str, str]] = dict.fromkeys(
+        ("train", "search"), "the evolution scores configurations on it"
+    )
+
+    _target_: str = "dynlab.techniques.metapruning.module.MetaPruningModule"
+    name: str = "metapruning"
+    # The scale grid (fractions of each base width, rising within (0, 1]); null: the official
+    # 0.10, 0.13, ..., 1.00. Passed to the PruningNet backbone; a grid that leaves some pruned
+    # width at zero channels is refused before anything is built.
+    scales: list[float] | None = None
+    # The evolution (the official searching/search.py: population 50, 20 generations, top 10
+    # breed 25 mutants and 25 crossover children, each gene resampled with probability 0.1) and
+    # its MACs window (official: at most 330 M for MobileNetV2, [1950, 2050] M for ResNet-50).
+    evolution: EvolutionConfig = field(default_factory=EvolutionConfig)
+    seed: int = "${seed}"  # type: ignore[assignment]
+
+
+register_schema("technique", "metapruning", MetaPruningConfig)
