@@ -186,3 +186,13 @@ def test_a_pruningnet_checkpoint_of_another_space_is_refused(compose_cfg, search
     )
     with pytest.raises(ConfigError, match="scales"):
         build_run(cfg)
+
+
+@pytest.mark.parametrize("preset", ["digits", "imagenet_mobilenetv2", "imagenet_resnet50"])
+def test_presets_compose_and_validate(compose_cfg, preset: str) -> None:
+    cfg = compose_cfg([f"+experiment=metapruning/{preset}"])
+    validate_config(cfg)
+    assert cfg.technique.name == "metapruning" and cfg.expected.paper and cfg.expected.dynlab
+    if preset == "digits":  # the ImageNet PruningNets hold 242 M and 776 M parameters
+        _, module = build_run(cfg)
+        assert module.macs_of([0] * 6) < cfg.technique.evolution.max_mmacs * 1e6
