@@ -20,6 +20,7 @@ from dynlab.backbones import (
     list_backbones,
 )
 from dynlab.backbones.fbnetv2 import FBNetV2Supernet
+from dynlab.backbones.metapruning import PruningNet
 from dynlab.backbones.spos_shufflenetv2 import SPOSSupernet
 from dynlab.evaluation.macs import count_macs
 from dynlab.techniques.sfr.module import sparse_layers
@@ -86,14 +87,17 @@ def _takes_conv_options(name: str) -> bool:
 @pytest.mark.parametrize("name", list_backbones())
 def test_a_backbone_declares_exactly_the_capabilities_it_has(name: str) -> None:
     """Judged as their users judge them: the techniques' modules on the built network, the
-    factory on the `conv` keyword."""
-    net = create_backbone(name, num_classes=10)
-    has = {
-        Capability.conv_act_options: _takes_conv_options(name),
-        Capability.sparse_layers: bool(sparse_layers(net)),
-        Capability.spos_supernet: isinstance(net, SPOSSupernet),
-        Capability.dmasking_supernet: isinstance(net, FBNetV2Supernet),
-    }
+    factory on the `conv` keyword. Built on the meta device: the ImageNet PruningNets hold
+    hundreds of millions of generator parameters."""
+    with torch.device("meta"):
+        net = create_backbone(name, num_classes=10)
+        has = {
+            Capability.conv_act_options: _takes_conv_options(name),
+            Capability.sparse_layers: bool(sparse_layers(net)),
+            Capability.spos_supernet: isinstance(net, SPOSSupernet),
+            Capability.dmasking_supernet: isinstance(net, FBNetV2Supernet),
+            Capability.pruning_net: isinstance(net, PruningNet),
+        }
     assert set(has) == set(Capability)
     assert backbone_capabilities(name) == {c for c, yes in has.items() if yes}
 
