@@ -14,6 +14,7 @@ import torch
 
 from dynlab.backbones import create_backbone
 from dynlab.backbones.metapruning import SCALES, PruningNet
+from dynlab.backbones.metapruning.space import mobilenetv2_space
 from dynlab.evaluation.macs import count_macs
 from dynlab.results import read_results
 from dynlab.runner import run_job
@@ -61,15 +62,30 @@ def _result(run: Path) -> dict[str, Any]:
     return json.loads((run / "checkpoints" / "evolution" / RESULT).read_text())
 
 
-@pytest.mark.parametrize("name", ["cifar_pruningnet_resnet8", "cifar_pruningnet_resnet20"])
+def _small_mobilenetv2(num_classes: int) -> PruningNet:
+    """A MobileNetV2 space small enough for a test: stem 16, stages 16 (t=1) and 24 (t=6, two
+    blocks, the second with its residual), last conv 32."""
+    space = mobilenetv2_space(16, (16, 24), (1, 2), (1, 2), (1, 6), 1, 32)
+    return PruningNet(space, num_classes)
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: create_backbone("cifar_pruningnet_resnet8", num_classes=10),
+        lambda: create_backbone("cifar_pruningnet_resnet20", num_classes=10),
+        lambda: _small_mobilenetv2(10),
+    ],
+    ids=["resnet8", "resnet20", "mobilenetv2"],
+)
 def test_the_pruned_network_computes_what_the_pruningnet_does_at_its_configuration(
-    name: str,
+    build: Any,
 ) -> None:
     """After a few training steps on random configurations (BN statistics of several scales),
     the child of a configuration, a plain network carrying the generated weights, gives the
     PruningNet's logits at that configuration, and has the widths the grid gives."""
     torch.manual_seed(0)
-    net: PruningNet = create_backbone(name, num_classes=10)
+    net: PruningNet = build()
     generator = torch.Generator().manual_seed(1)
     for _ in range(3):
         genes = torch.randint(0, len(SCALES), (net.space.num_genes,), generator=generator)

@@ -230,57 +230,29 @@ def _copy_generated(src: PruningNet, dst: PrunedNet, genes: tuple[int, ...]) -> 
     s = src.space
     scale = lambda gene: s.scales[s.scale_id(gene, genes)]  # noqa: E731
 
-    def put(
-        conv: nn.Conv2d,
-        bn: nn.BatchNorm2d,
-        gen: GeneratedConv,
-        bank: BNBank,
-        code: list[float],
-        sid: int,
-    ) -> None:
-        weight = gen.weight(
-            torch.tensor(code, device=conv.weight.device), conv.out_channels, conv.in_channels
-        )
-        conv.weight.copy_(weight)
-        source = bank.bns[sid]
-        bn.running_mean.copy_(source.running_mean)
-        bn.running_var.copy_(source.running_var)
-        bn.num_batches_tracked.copy_(source.num_batches_tracked)
+    def put(layer: ConvBN, gen: GeneratedConv, bank: BNBank, code: list[float], gene: Any) -> None:
+        """`layer`'s conv weight from `gen` at `code`, its BN statistics from `bank` at the scale
+        id of `gene` (the gene that sets its width)."""
+        conv, bn = layer.conv, layer.bn
+        code_t = torch.tensor(code, device=conv.weight.device)
+        conv.weight.copy_(gen.weight(code_t, conv.out_channels, conv.in_channels))
+        source = bank.bns[s.scale_id(gene, genes)]
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            getattr(bn, name).copy_(getattr(source, name))
 
-    put(
-        dst.stem.conv,
-        dst.stem.bn,
-        src.stem,
-        src.stem_bn,
-        [scale(s.stem_gene)],
-        s.scale_id(s.stem_gene, genes),
-    )
+    put(dst.stem, src.stem, src.stem_bn, [scale(s.stem_gene)], s.stem_gene)
     for spec, pruning, plain in zip(s.blocks, src.blocks, dst.blocks, strict=True):
         genes_of = {"in": spec.in_gene, "mid": spec.mid_gene, "out": spec.out_gene}
         code = [scale(spec.mid_gene), scale(spec.in_gene), scale(spec.out_gene)]
-        for conv_spec, gen, bank, layer in zip(
+        for c, gen, bank, layer in zip(
             spec.convs, pruning.convs, pruning.bns, plain.layers, strict=True
         ):
-            put(layer.conv, layer.bn, gen, bank, code, s.scale_id(genes_of[conv_spec.cout], genes))
+            put(layer, gen, bank, code, genes_of[c.cout])
         if spec.shortcut == "projection":
-            put(
-                plain.proj.conv,
-                plain.proj.bn,
-                pruning.proj,
-                pruning.proj_bn,
-                code,
-                s.scale_id(spec.out_gene, genes),
-            )
+            put(plain.proj, pruning.proj, pruning.proj_bn, code, spec.out_gene)
     if s.head_width:
-        last = s.blocks[-1]
-        put(
-            dst.head_conv.conv,
-            dst.head_conv.bn,
-            src.head_conv,
-            src.head_bn,
-            [scale(last.out_gene)],
-            s.scale_id(last.out_gene, genes),
-        )
+        gene = s.blocks[-1].out_gene
+        put(dst.head_conv, src.head_conv, src.head_bn, [scale(gene)], gene)
 
 
 class ConvBN(nn.Module):
