@@ -204,8 +204,9 @@ def mobilenetv2_space(
     gene for the stem and one per stage output (tied across the stage), one per block's hidden
     width; every block has its 1x1 expansion conv (block 1's too, t = 1: its hidden width the
     stem's), ReLU6 after the expansion and the depthwise conv, none after the projection; a
-    residual where the base widths match at stride 1 (official l.167: decided on the base widths,
-    so a pruned net never gains a residual its PruningNet lacked); the last 1x1 conv
+    residual where the base widths match at stride 1 inside a stage (official l.167: decided on
+    the base widths, so a pruned net never gains a residual its PruningNet lacked; the official
+    spaces never have equal widths across a stage boundary); the last 1x1 conv
     (`head_width`) is never pruned."""
     blocks, cin = [], stem_width
     stage_genes = 1 + len(widths)
@@ -229,7 +230,8 @@ def mobilenetv2_space(
                     in_gene=s if j == 0 else 1 + s,
                     mid_gene=stage_genes + b,
                     out_gene=1 + s,
-                    shortcut="identity" if cin == width and step == 1 else "none",
+                    # within a stage only: there its input and output share one gene
+                    shortcut="identity" if cin == width and step == 1 and j > 0 else "none",
                     stride=step,
                     hidden=64,  # official: 64 in the bottlenecks, 32 in the stem and last conv
                 )
