@@ -50,7 +50,12 @@ SPOS = [
     "trainer.max_epochs=20",
     "technique.evolution.population=8",
     "technique.evolution.generations=4",
-    "technique.evolution.val_images=300",
+    "technique.evolution.parents=3",
+    "technique.evolution.mutations=3",
+    "technique.evolution.crossovers=3",
+    "technique.evolution.recalibration_batches=8",
+    "technique.evolution.recalibration_batch_size=64",
+    "technique.evolution.val_images=null",
 ]
 FBNETV2 = [
     "technique=fbnetv2",

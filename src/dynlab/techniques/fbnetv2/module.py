@@ -206,9 +206,9 @@ class FBNetV2Module(SupernetTechnique):
 
     def arch_loss(self, ce: Tensor, cost: Tensor) -> Tensor:
         """The architecture step's loss: FBNet's on `cost` (that of the network the step sampled),
-        or with a target (`target_mmacs`, `target_ms`) CE + target_weight * E|cost(a) / target -
-        1| over architectures a
-        drawn from the search's distribution (`sampled_distance`, its draws from (seed, step)).
+        or with a target (`target_mmacs`, `target_ms`) CE + target_weight * E|cost(a) / target - 1|
+        over architectures a drawn from the search's distribution (`sampled_distance`, its draws
+        from (seed, step)).
         Not the distance of the expectation, |E[MACs] / target - 1|: logits that all lean a little
         the same way meet it, and their argmax is an extreme of the space, where the distance of
         each draw rewards a distribution concentrated near the target. On the small space (random
