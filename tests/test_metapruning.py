@@ -140,6 +140,16 @@ def test_bad_input_is_refused_before_anything_runs(
         build_run(cfg)
 
 
+def test_the_uniform_baseline_is_the_widest_uniform_width_inside_a_budget(compose_cfg) -> None:
+    _, module = build_run(compose_cfg(METAPRUNING))
+    genes = module.uniform(4.0)
+    assert len(set(genes)) == 1 and module.macs_of(genes) <= 4.0e6
+    wider = (genes[0] + 1,) * len(genes)
+    assert module.macs_of(wider) > 4.0e6
+    with pytest.raises(ValueError, match="no uniform width costs at most 0.001 M MACs"):
+        module.uniform(0.001)
+
+
 def test_one_configuration_per_step_from_the_seed_and_step(compose_cfg) -> None:
     """Every step's configuration is uniform over the grid and depends on (seed, step) only."""
     _, module = build_run(compose_cfg(METAPRUNING))

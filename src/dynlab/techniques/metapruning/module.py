@@ -99,6 +99,20 @@ class MetaPruningModule(SupernetTechnique):
             self._macs[key] = float(count_macs(net, self.input_size))
         return self._macs[key]
 
+    def uniform(self, max_mmacs: float) -> tuple[int, ...]:
+        """The uniform-width baseline under a MACs budget: every gene the largest scale id whose
+        configuration costs at most `max_mmacs` M MACs (a width multiplier, as the official
+        README's uniform rows); ValueError when even the smallest costs more."""
+        n, ids = self.space.num_genes, range(len(self.space.scales))
+        inside = [i for i in ids if self.macs_of([i] * n) <= max_mmacs * 1e6]
+        if not inside:
+            low = self.macs_of([0] * n) / 1e6
+            raise ValueError(
+                f"metapruning: no uniform width costs at most {max_mmacs:g} M MACs (the "
+                f"narrowest: {low:.3f} M)"
+            )
+        return (max(inside),) * n
+
     def _draw(self, seed: int) -> tuple[int, ...]:
         """A configuration with every scale id uniform (official train.py: np.random.randint)."""
         rng = np.random.default_rng(seed)
