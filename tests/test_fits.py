@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from dynlab.backbones import list_backbones
+from dynlab.backbones import backbone_capabilities, list_backbones
+from dynlab.capabilities import Capability
 from dynlab.data.fake import write_fake_cifar, write_fake_imagenet
 from dynlab.runner import run_job
 from dynlab.techniques.sfr.module import sparse_backbones
@@ -92,15 +93,16 @@ def test_baseline_resnet20_learns_on_digits(compose_cfg):
 
 # CIFAR backbones a plain classifier trains; those built from LGC/SFR layers learn under
 # technique=sfr (tests/test_sfr.py), ImageNet-sized ones are not for 32x32 digits.
-# Sparse backbones learn in tests/test_sfr.py; SPOS and FBNetV2 supernets and searched nets in
-# tests/test_spos.py and tests/test_fbnetv2.py.
+# Sparse backbones learn in tests/test_sfr.py; the supernets (SPOS, FBNetV2, MetaPruning's
+# PruningNets) and their searched nets in their techniques' tests.
+SUPERNETS = {Capability.spos_supernet, Capability.dmasking_supernet, Capability.pruning_net}
 CIFAR_BACKBONES = [
     b
     for b in list_backbones()
     if b.startswith("cifar_")
     and b not in sparse_backbones()
-    and "spos" not in b
-    and "fbnetv2" not in b
+    and not backbone_capabilities(b) & SUPERNETS
+    and b != "cifar_spos_shufflenetv2"  # SPOS's standalone net: retrained in tests/test_spos.py
     # ResNet-44, -56 and -110 share the code and the warm-up recipe of ResNet-32 (about 2.5 min
     # of CI saved); ResNet-20 learns in test_baseline_resnet20_learns_on_digits.
     and b not in ("cifar_resnet20", "cifar_resnet44", "cifar_resnet56", "cifar_resnet110")
