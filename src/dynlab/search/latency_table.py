@@ -50,6 +50,7 @@ __all__ = [
     "TimingConfig",
     "cached_table",
     "deploy_op",
+    "latency_summary",
     "op_key",
     "time_module",
     "time_ops",
@@ -201,6 +202,18 @@ def cached_table(
         table = LatencyTable(entries, {**device, **identity, "runtime": runtime}, scale)
         atomic_write_text(path, json.dumps(table.to_dict(), indent=1))
     return table
+
+
+def latency_summary(technique: str, table: LatencyTable, span: tuple[float, float]) -> str:
+    """One console line on a search's latency table: its ops, device and threads, the calibration
+    scale and the space's predicted span (what a time window or target must meet)."""
+    d = table.device
+    threads = d.get("timing", {}).get("threads")
+    return (
+        f"[dynlab] {technique} latency table: {len(table.entries)} ops on {d.get('cpu')} with "
+        f"{threads} thread(s), calibration x{table.calibration['scale']:.3f}; the space's "
+        f"architectures span {span[0]:.3f} to {span[1]:.3f} ms per image (batch 1)"
+    )
 
 
 def _cache_root() -> Path:

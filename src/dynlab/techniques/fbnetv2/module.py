@@ -44,7 +44,7 @@ from dynlab.search import (
     seeded,
     write_result,
 )
-from dynlab.search.latency_table import TimingConfig
+from dynlab.search.latency_table import TimingConfig, latency_summary
 from dynlab.techniques.base import Phase, dataset_backbone
 from dynlab.techniques.fbnetv2.config import COST_UNITS, CostKind, FBNetV2Config
 from dynlab.techniques.fbnetv2.latency import FBNetV2Latency
@@ -260,7 +260,10 @@ class FBNetV2Module(SupernetTechnique):
         if self.cost_kind != CostKind.latency:
             return None
         timing = TimingConfig(threads=self.config.latency_threads)
-        return FBNetV2Latency.build(self._supernet, self.data_info.input_size, timing)
+        latency = FBNetV2Latency.build(self._supernet, self.data_info.input_size, timing)
+        if rank_and_world_size()[0] == 0:
+            print(latency_summary("fbnetv2", latency.table, latency.span()))
+        return latency
 
     def on_validation_start(self) -> None:
         """The search is validated on its argmax network, with that network's BN statistics."""

@@ -36,7 +36,7 @@ from dynlab.search import SupernetExits, derived_seed, recalibrate_bn
 from dynlab.search.driver import SearchDriver, data_identity
 from dynlab.search.evolution import space_range_problem
 from dynlab.search.evolution_report import publish_evolution
-from dynlab.search.latency_table import TimingConfig
+from dynlab.search.latency_table import TimingConfig, latency_summary
 from dynlab.search.supernet import PathScorer
 from dynlab.techniques.base import Phase, PhaseContext, PhaseKind, dataset_backbone
 from dynlab.techniques.spos.config import SPOSConfig
@@ -193,6 +193,8 @@ class SPOSModule(SupernetTechnique):
         problem = latency.window_problem(cfg.min_latency_ms, cfg.max_latency_ms)
         if problem:
             raise ConfigError(problem)
+        if _rank_zero():
+            print(latency_summary("spos", latency.table, latency.span()))
         return latency
 
     # --- technique state ----------------------------------------------------------------------
