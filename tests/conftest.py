@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -59,6 +62,10 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 # Latency at the end of every run is off in the tests (their own latency tests switch it on).
 os.environ.setdefault("DYNLAB_LATENCY", "false")
+# Latency tables the tests build (timed on a machine busy with tests) go to a folder of this
+# process, never into the user's cache.
+os.environ["DYNLAB_CACHE"] = tempfile.mkdtemp(prefix="dynlab-test-cache-")
+atexit.register(shutil.rmtree, os.environ["DYNLAB_CACHE"], True)
 torch.set_num_threads(1)
 
 
