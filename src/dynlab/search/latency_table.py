@@ -96,6 +96,15 @@ class LatencyTable:
         """Predicted milliseconds of a network made of the ops `keys` (in any order)."""
         return self.calibrate(self.ops_ms(keys))
 
+    def timed_on(self) -> dict[str, Any]:
+        """What the table was timed on (CPU, threads, torch), as a search's identity holds it."""
+        d = self.device
+        return {
+            "cpu": d.get("cpu"),
+            "threads": d.get("timing", {}).get("threads"),
+            "torch": d.get("torch"),
+        }
+
     def to_dict(self) -> dict[str, Any]:
         return {"device": self.device, "calibration": self.calibration, "entries": self.entries}
 
@@ -159,11 +168,10 @@ def calibration(
     """The scale from summed op times to whole networks: the median over `references` (timed
     whole with `timing.threads` threads) of measured / summed ms. The median, not a fit: a few
     networks of similar sums determine an offset or slope poorly, a ratio well."""
-    pairs = []
+    table, pairs = LatencyTable(dict(entries)), []
     with torch_threads(timing.threads):
         for net, size, keys in references:
-            summed = sum(entries[key]["mean"] for key in keys)
-            pairs.append([summed, statistics.fmean(time_module(net, size, timing))])
+            pairs.append([table.ops_ms(keys), statistics.fmean(time_module(net, size, timing))])
     scale = statistics.median(m / s for s, m in pairs) if pairs else 1.0
     return {"scale": scale, "references": pairs}
 
@@ -207,11 +215,10 @@ def cached_table(
 def latency_summary(technique: str, table: LatencyTable, span: tuple[float, float]) -> str:
     """One console line on a search's latency table: its ops, device and threads, the calibration
     scale and the space's predicted span (what a time window or target must meet)."""
-    d = table.device
-    threads = d.get("timing", {}).get("threads")
+    on = table.timed_on()
     return (
-        f"[dynlab] {technique} latency table: {len(table.entries)} ops on {d.get('cpu')} with "
-        f"{threads} thread(s), calibration x{table.calibration['scale']:.3f}; the space's "
+        f"[dynlab] {technique} latency table: {len(table.entries)} ops on {on['cpu']} with "
+        f"{on['threads']} thread(s), calibration x{table.calibration['scale']:.3f}; the space's "
         f"architectures span {span[0]:.3f} to {span[1]:.3f} ms per image (batch 1)"
     )
 

@@ -13,7 +13,8 @@ the table's calibration scales every sum alike (`dynlab.search.latency_table`)."
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -28,7 +29,6 @@ from dynlab.search.latency_table import (
     REFERENCE_SEED,
     REFERENCES,
     LatencyTable,
-    Op,
     Reference,
     TimingConfig,
     cached_table,
@@ -55,7 +55,7 @@ class FBNetV2Latency:
         """The table of `net`'s space at `input_size`, from the cache or timed now."""
         ops, keys, options = _ops(net, input_size)
         space = {"fbnetv2": net.signature(), "input_size": list(input_size)}
-        deployed = lambda: {k: (_deployed(m), size) for k, (m, size) in ops.items()}  # noqa: E731
+        deployed = lambda: {k: (_deployed(make()), size) for k, (make, size) in ops.items()}  # noqa: E731
         latency = cls(LatencyTable({}), keys, options)  # its keys first: references need them
 
         def references() -> list[Reference]:
@@ -167,15 +167,6 @@ class FBNetV2Latency:
             }
         return self._tensors[str(device)]
 
-    def device(self) -> dict[str, object]:
-        """What the table was timed on (CPU, threads, torch)."""
-        d = self.table.device
-        return {
-            "cpu": d.get("cpu"),
-            "threads": d.get("timing", {}).get("threads"),
-            "torch": d.get("torch"),
-        }
-
 
 class _Resize(nn.Module):
     """The child's input resize to its resolution (nearest, `FBNetV2Net.forward_features`)."""
@@ -223,35 +214,44 @@ def _deployed(op: nn.Module) -> nn.Module:
 
 def _ops(
     net: FBNetV2Supernet, input_size: tuple[int, int, int]
-) -> tuple[dict[str, Op], dict[str, Any], dict[str, Any]]:
-    """Every op of the space keyed by kind and shapes (in training form), the key of each
-    (resolution, option, option) of each op, and the option counts."""
+) -> tuple[
+    dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]], dict[str, Any], dict[str, Any]
+]:
+    """Every op of the space keyed by kind and shapes, as a builder of its training form (called
+    only when a table is timed, not on a cache hit) with its input size; the key of each
+    (resolution, option, option) of each op; and the option counts."""
     c, ops = net.config, {}
 
-    def add(kind: str, module: nn.Module, size: tuple[int, ...], out: tuple[int, ...]) -> str:
+    def add(
+        kind: str, make: Callable[[], nn.Module], size: tuple[int, ...], out: tuple[int, ...]
+    ) -> str:
         key = op_key(kind, size, out)
-        ops.setdefault(key, (module, size))
+        ops.setdefault(key, (make, size))
         return key
+
+    def stem(r: int) -> nn.Module:
+        parts = [ConvBNAct(net.in_chans, c["stem_width"], 3, c["stem_stride"], act="hswish")]
+        if net.first_spec is not None:
+            parts.append(IRBlock(net.first_spec))
+        return nn.Sequential(_Resize(r), nn.Sequential(*parts))
+
+    def pooled(width: int) -> nn.Module:
+        conv = ConvBNAct(width, net.head_pre, 1, act="hswish")
+        return _Pooled(conv, FBNetHead(net.head_pre, c["head_width"], net.num_classes, 0.0))
+
+    def pwl(m: int, o: int, out: tuple[int, int, int], residual: bool) -> nn.Module:
+        return _Residual(ConvBNAct(m, o), out) if residual else ConvBNAct(m, o)
 
     fixed, head = [], []
     for r, sz in zip(net.resolutions, net._sizes, strict=True):
-        parts: list[nn.Module] = [
-            ConvBNAct(net.in_chans, c["stem_width"], 3, c["stem_stride"], act="hswish")
-        ]
-        if net.first_spec is not None:
-            parts.append(IRBlock(net.first_spec))
-        h, w = sz["stem_out"]
-        first = net.base_width
-        body = nn.Sequential(_Resize(r), nn.Sequential(*parts))
-        fixed.append(add(f"stem-res:{r}", body, input_size, (first, h, w)))
-        row = []
-        for width in net.stage_widths[-1]:
-            pooled = _Pooled(
-                ConvBNAct(width, net.head_pre, 1, act="hswish"),
-                FBNetHead(net.head_pre, c["head_width"], net.num_classes, 0.0),
-            )
-            row.append(add("head", pooled, (width, *sz["final"]), (net.num_classes, 1, 1)))
-        head.append(row)
+        stem_out = (net.base_width, *sz["stem_out"])
+        fixed.append(add(f"stem-res:{r}", partial(stem, r), input_size, stem_out))
+        head.append(
+            [
+                add("head", partial(pooled, w), (w, *sz["final"]), (net.num_classes, 1, 1))
+                for w in net.stage_widths[-1]
+            ]
+        )
     blocks = []
     for j, b in enumerate(net.search_blocks):
         in_stage = None if j == 0 else net.search_blocks[j - 1].stage
@@ -259,12 +259,18 @@ def _ops(
         outs = list(net.stage_widths[b.stage])
         keys: dict[str, Any] = {"stage": b.stage, "in_stage": in_stage}
         keys |= {op: [] for op in ("pw", "dw", "se", "pwl")}
+        pwl_kind = "pwl-residual" if b.residual else "pwl"
         for sz in net._sizes:
             (hi, wi), (ho, wo) = sz["in"][j], sz["out"][j]
             keys["pw"].append(
                 [
                     [
-                        add(f"pw-{b.act}", ConvBNAct(i, m, act=b.act), (i, hi, wi), (m, hi, wi))
+                        add(
+                            f"pw-{b.act}",
+                            partial(ConvBNAct, i, m, act=b.act),
+                            (i, hi, wi),
+                            (m, hi, wi),
+                        )
                         for m in b.mids
                     ]
                     for i in ins
@@ -275,7 +281,7 @@ def _ops(
                     [
                         add(
                             f"dw{k}-stride:{b.stride}-{b.act}",
-                            ConvBNAct(m, m, k, b.stride, groups=m, act=b.act),
+                            partial(ConvBNAct, m, m, k, b.stride, groups=m, act=b.act),
                             (m, hi, wi),
                             (m, ho, wo),
                         )
@@ -286,26 +292,29 @@ def _ops(
             )
             keys["se"].append(
                 [
-                    add(f"se:{s}-{b.act}", SqueezeExcite(m, s, b.act), (m, ho, wo), (m, ho, wo))
+                    add(
+                        f"se:{s}-{b.act}",
+                        partial(SqueezeExcite, m, s, b.act),
+                        (m, ho, wo),
+                        (m, ho, wo),
+                    )
                     for m, s in zip(b.mids, b.se_mids, strict=True)
                 ]
             )
-            pwl = []
-            for m in b.mids:
-                row = []
-                for o in outs:
-                    conv = ConvBNAct(m, o)
-                    op, kind = (
-                        (_Residual(conv, (o, ho, wo)), "pwl-residual")
-                        if b.residual
-                        else (
-                            conv,
-                            "pwl",
+            keys["pwl"].append(
+                [
+                    [
+                        add(
+                            pwl_kind,
+                            partial(pwl, m, o, (o, ho, wo), b.residual),
+                            (m, ho, wo),
+                            (o, ho, wo),
                         )
-                    )
-                    row.append(add(kind, op, (m, ho, wo), (o, ho, wo)))
-                pwl.append(row)
-            keys["pwl"].append(pwl)
+                        for o in outs
+                    ]
+                    for m in b.mids
+                ]
+            )
         blocks.append(keys)
     options = {
         "resolutions": len(net.resolutions),

@@ -82,15 +82,6 @@ class SPOSLatency:
         """Predicted milliseconds (batch 1) of candidate `genes` of `space` (a `SearchSpace`)."""
         return self.table.predict(self.op_keys(genes, space))
 
-    def device(self) -> dict[str, object]:
-        """What the table was timed on (CPU, threads, torch), for a search's identity."""
-        d = self.table.device
-        return {
-            "cpu": d.get("cpu"),
-            "threads": d.get("timing", {}).get("threads"),
-            "torch": d.get("torch"),
-        }
-
     def window_problem(self, low: float | None, high: float | None) -> str | None:
         """One line when the time window [low, high] ms holds no candidate of the space (by the
         table's span), else None."""
@@ -115,7 +106,7 @@ class SPOSLatency:
 def _ops(
     config: Mapping[str, Any], input_size: tuple[int, int, int]
 ) -> tuple[dict[str, Op], list[list[list[str]]], list[str]]:
-    """Every op of the space keyed by kind and shapes (in training form: `_deploy` folds it when a
+    """Every op of the space keyed by kind and shapes (in training form: `deploy_op` folds it when a
     table is timed), the key of each (layer, block, scale), and the keys of the fixed ops (stem;
     last conv with the head)."""
     frame = SPOSNet(arch=(0,) * sum(config["stage_repeats"]), **config).eval()

@@ -37,7 +37,7 @@ class SPOSEvolution(Evolution):
             table.macs,
             scorer,
             cfg,
-            {**signature, **({"latency_table": latency.device()} if latency else {})},
+            {**signature, **({"latency_table": latency.table.timed_on()} if latency else {})},
             data,
             window.draw if window is not None else None,
             partial(latency.ms, space=space) if latency is not None else None,
