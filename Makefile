@@ -43,6 +43,9 @@ test-all: install
 # scikit-learn's digits (experiments/compare/digits.yaml), reported into experiments/compare/digits/.
 COMPARE_STATIC := resnet8,resnet14,baseline,resnet32,resnet20_repvgg
 COMPARE_DYNAMIC := s2dnas_from_static,gfnet_from_static,sfr_small,spos_small,fbnetv2_small
+COMPARE_DYNAMIC := $(COMPARE_DYNAMIC),metapruning_small,metapruning_uniform
+# MetaPruning against its uniform-width baseline of the same MACs limit, by paired bootstrap.
+COMPARE_REPORT := --versus compare=metapruning_uniform
 COMPARE_TRAIN := WANDB_MODE=$${WANDB_MODE:-offline} $(VENV)/bin/dynlab-train -m
 
 compare: install
@@ -51,12 +54,12 @@ compare: install
 		hydra.sweep.dir=$$dir $(COMPARE_ARGS) && \
 	$(COMPARE_TRAIN) +experiment=compare/fashion_mnist +compare=$(COMPARE_DYNAMIC) \
 		hydra.sweep.dir=$$dir $(COMPARE_ARGS) && \
-	$(VENV)/bin/dynlab-report $$dir -o docs/compare
+	$(VENV)/bin/dynlab-report $$dir -o docs/compare $(COMPARE_REPORT)
 
 compare-digits: install
 	@dir=multirun/compare-digits/$$(date +%Y-%m-%d_%H-%M-%S); \
 	$(COMPARE_TRAIN) +experiment=compare/digits hydra.sweep.dir=$$dir $(COMPARE_ARGS) && \
-	$(VENV)/bin/dynlab-report $$dir -o experiments/compare/digits
+	$(VENV)/bin/dynlab-report $$dir -o experiments/compare/digits $(COMPARE_REPORT)
 
 lint: install
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -223,6 +223,44 @@ def test_the_report_ranks_groups_against_the_reference_by_bootstrap(
     assert "`sweep/old` (no test_outcomes.npz)" in table
 
 
+def test_versus_sets_each_group_against_its_counterpart_of_the_same_limit(tmp_path: Path) -> None:
+    """A search against its baseline at two MACs limits, two seeds, and a static run beside them:
+    each search is paired with the baseline of its own limit only, seed by seed; 3 points better
+    on 2,000 images lies clear of 0, an identical answer does not."""
+    root = tmp_path / "sweep"
+    targets = np.random.default_rng(0).integers(0, 10, FEW)
+    wrong = {("search", 10): 140, ("uniform", 10): 200, ("search", 20): 100, ("uniform", 20): 100}
+    for (entry, limit), count in wrong.items():
+        for seed in (0, 1):
+            overrides = [f"+compare={entry}", f"max_mmacs={limit}", f"seed={seed}"]
+            results = {
+                "technique": "metapruning",
+                "backbone": "r20",
+                "exit_macs": [limit * 1e6 - (1e5 if entry == "search" else 0)],
+                "metrics": {"test/top1": 100 * (1 - count / FEW)},
+                "overrides": overrides,
+            }
+            preds = predictions(count, targets)[None]
+            outcomes = make_outcomes(targets, preds, results["exit_macs"])
+            write_run(root, f"{entry}{limit}-{seed}", results, outcomes)
+    write_run(root, "static", {"technique": "baseline", "backbone": "r20", "exit_macs": [40e6]})
+    other = {"technique": "spos", "backbone": "r20", "exit_macs": [9e6]}  # another technique
+    write_run(root, "spos", {**other, "overrides": ["+compare=spos", "max_mmacs=10", "seed=0"]})
+
+    markdown = write_report([root], tmp_path / "out", versus_override="compare=uniform")
+    with open(tmp_path / "out" / "versus.csv", newline="") as f:
+        rows = {row["entry"].split(" · ")[-1]: row for row in csv.DictReader(f)}
+    assert set(rows) == {"compare=search max_mmacs=10", "compare=search max_mmacs=20"}
+    ten, twenty = rows["compare=search max_mmacs=10"], rows["compare=search max_mmacs=20"]
+    assert ten["against"].endswith("compare=uniform max_mmacs=10")
+    assert float(ten["top1_diff"]) == pytest.approx(3.0) and float(ten["low"]) > 0
+    assert float(twenty["top1_diff"]) == 0.0 and ten["pairing"] == "paired by seed: 0, 1"
+    assert float(twenty["macs"]) < float(twenty["against_macs"]) == 20e6
+    assert "## Against `compare=uniform`" in markdown and "+3.00 [" in markdown
+    with pytest.raises(ValueError, match=r"--versus compare=none: .*compare=spos, compare=uniform"):
+        write_report([root], tmp_path / "out", versus_override="compare=none")
+
+
 def test_groups_without_outcomes_or_seeds_compare_as_before() -> None:
     results = {"technique": "baseline", "backbone": "r20", "exit_macs": [1.0], "overrides": []}
     (group,) = group_runs([([], results)])

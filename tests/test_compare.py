@@ -45,12 +45,21 @@ SMALLER = {
     "repvgg": ["dataset.batch_size=16"],
     "sfr": ["trainer.max_epochs=6", "trainer.limit_train_batches=1"],
     "fbnetv2": ["technique.warmup_epochs=0"],  # its 1-epoch search would be all warm-up
+    "metapruning": [
+        "technique.evolution.population=4",
+        "technique.evolution.generations=1",
+        "technique.evolution.mutations=1",
+        "technique.evolution.crossovers=1",
+    ],
 }
 
 
 @pytest.mark.slow
 def test_every_technique_lands_on_the_comparison_chart(compose_cfg, tmp_path: Path) -> None:
-    assert set(ENTRIES) == {"baseline", "repvgg", "s2dnas", "gfnet", "sfr", "spos", "fbnetv2"}
+    assert set(ENTRIES) == {
+        *("baseline", "repvgg", "s2dnas", "gfnet", "sfr", "spos", "fbnetv2"),
+        *("metapruning", "metapruning_uniform"),
+    }
     root = tmp_path / "compare"
     for entry in ENTRIES:
         run_dir = root / entry
@@ -60,7 +69,7 @@ def test_every_technique_lands_on_the_comparison_chart(compose_cfg, tmp_path: Pa
         results = json.loads((run_dir / "results.json").read_text())
         assert results["status"] == "completed", entry
         assert sum(results["phase_seconds"].values()) > 0, entry
-    write_report([root], tmp_path / "report")
+    write_report([root], tmp_path / "report", versus_override="compare=metapruning_uniform")
     with open(tmp_path / "report" / "comparison.csv", newline="") as f:
         rows = {row["technique"]: row for row in csv.DictReader(f)}
     charts = {label: row["chart"] for label, row in rows.items()}
@@ -72,11 +81,18 @@ def test_every_technique_lands_on_the_comparison_chart(compose_cfg, tmp_path: Pa
         "sfr · cifar_condensenetv2_tiny": "point",
         "spos · cifar_spos_supernet_tiny": "point",
         "fbnetv2 · cifar_fbnetv2_supernet_tiny": "point",
+        "metapruning · cifar_pruningnet_resnet20 · compare=metapruning": "point",
+        "metapruning · cifar_pruningnet_resnet20 · compare=metapruning_uniform": "point",
     }
     assert [r["static_reference"] for r in rows.values()].count("True") == 1
     assert rows["baseline · cifar_resnet20"]["static_reference"] == "True"
     assert (tmp_path / "report" / "accuracy_vs_macs.png").stat().st_size > 10_000
     assert "(static reference)" in (tmp_path / "report" / "report.md").read_text()
+    # MetaPruning set against its uniform baseline under the same 20 M MACs, no other entry
+    with open(tmp_path / "report" / "versus.csv", newline="") as f:
+        (versus,) = csv.DictReader(f)
+    assert versus["entry"].endswith("compare=metapruning") and versus["low"]
+    assert float(versus["macs"]) <= 20e6 and 19e6 < float(versus["against_macs"]) <= 20e6
 
 
 @pytest.mark.slow

@@ -129,6 +129,10 @@ def test_a_scale_grid_that_leaves_zero_channels_is_refused(compose_cfg) -> None:
         ("technique.architecture=[0,1,2,3,4,31]", r"scale ids \[31\] outside 0..30"),
         ("technique.evolution.max_mmacs=0.01", "holds no architecture"),
         ("backbone=cifar_resnet20", "cifar_pruningnet_resnet8"),
+        ("technique.uniform_mmacs=0.001", "no uniform width costs at most 0.001 M MACs"),
+        ("technique.uniform_mmacs=-1", "technique.uniform_mmacs must be > 0"),
+        ("technique.uniform_mmacs=2 technique.architecture=[0,0,0,0,0,0]", "not both"),
+        ("technique.evolution.max_latency_ms=5", "no latency table for PruningNet spaces"),
     ],
 )
 def test_bad_input_is_refused_before_anything_runs(
@@ -148,6 +152,12 @@ def test_the_uniform_baseline_is_the_widest_uniform_width_inside_a_budget(compos
     assert module.macs_of(wider) > 4.0e6
     with pytest.raises(ValueError, match="no uniform width costs at most 0.001 M MACs"):
         module.uniform(0.001)
+    # technique.uniform_mmacs retrains that configuration alone, as a plain network.
+    _, baseline = build_run(compose_cfg([*METAPRUNING, "technique.uniform_mmacs=4"]))
+    assert baseline.architecture == genes and [p.name for p in baseline.phases("train")] == [
+        "retrain"
+    ]
+    assert count_macs(baseline.model, (3, 32, 32)) == module.macs_of(genes)
 
 
 def test_one_configuration_per_step_from_the_seed_and_step(compose_cfg) -> None:

@@ -15,6 +15,10 @@ runs saved their per-test-image outcomes (`test_outcomes.npz`), that table also 
 accuracy difference to the reference with a paired-bootstrap interval over the test images, and
 the MACs at which it matches the reference within that interval (bootstrap.csv: every level).
 
+`--versus OVERRIDE` sets each group against its counterpart, the group that differs from it only
+by holding OVERRIDE (`--versus compare=metapruning_uniform`: each MetaPruning run against the
+uniform-width baseline of the same MACs limit), with the same paired bootstrap (versus.csv).
+
 `--x latency` adds accuracy_vs_latency.png: the same groups against the measured milliseconds per
 image of their deploy forms (results.json's `latency`, at the budgeted curve's batch size, in
 ONNX Runtime or, with `--runtime torch`, in PyTorch); runs measured without it are left out and
@@ -43,6 +47,7 @@ from dynlab.evaluation.comparison import (
     Group,
     compare,
     group_runs,
+    versus,
 )
 from dynlab.evaluation.outcomes import OUTCOMES_FILE, Outcomes, load_outcomes
 from dynlab.evaluation.plots import format_macs, plot_overlay
@@ -191,6 +196,8 @@ COMPARE_CSV_COLUMNS = (
     "static_reference",
 )
 BOOTSTRAP_COLUMNS = ("technique", "avg_macs", "top1_diff", "low", "high", "matches")
+VERSUS_COLUMNS = ("entry", "against", "seeds", "macs", "against_macs", "top1", "against_top1")
+VERSUS_CSV_COLUMNS = (*VERSUS_COLUMNS, "top1_diff", "low", "high", "pairing")
 
 
 def overlay_entry(group: Group, static: bool) -> dict[str, Any] | None:
@@ -297,7 +304,13 @@ def bootstrap_note(
 def _cell(column: str, value: Any) -> str:
     if value is None or value == "":
         return "–"
-    macs_columns = ("params", "macs", "macs_to_match_static", "macs_to_match_static_ci")
+    macs_columns = (
+        "params",
+        "macs",
+        "against_macs",
+        "macs_to_match_static",
+        "macs_to_match_static_ci",
+    )
     if column in macs_columns and not isinstance(value, str):
         return format_macs(value)
     if isinstance(value, float):
@@ -388,11 +401,46 @@ def latency_figure(
     return lines
 
 
+def versus_section(rows: Sequence[dict[str, Any]], override: str, outdir: Path) -> list[str]:
+    """versus.csv and the report's lines setting each group against its counterpart holding
+    `override` (`comparison.versus`)."""
+    with open(outdir / "versus.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=VERSUS_CSV_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    readable = [
+        {
+            **row,
+            "top1_diff": "–"
+            if row["top1_diff"] is None
+            else f"{row['top1_diff']:+.2f} [{row['low']:+.2f}, {row['high']:+.2f}]",
+        }
+        for row in rows
+    ]
+    pairing = sorted({row["pairing"] for row in rows if row["pairing"]})
+    return [
+        f"## Against `{override}`",
+        "",
+        markdown_table(readable, (*VERSUS_COLUMNS, "top1_diff")),
+        "",
+        f"`top1_diff`: the entry's top-1 minus its counterpart's (the group that differs from it "
+        f"only by `{override}`), in points, with its {CONFIDENCE:.0%} paired-bootstrap interval "
+        f"over the test images ({RESAMPLES:,} resamples, seed {SEED}; "
+        f"{'; '.join(pairing) or 'no outcomes files: no interval'}).",
+        "",
+    ]
+
+
 def write_report(
-    paths: Sequence[Path], outdir: Path, x: str = "macs", runtime: str = "onnxruntime"
+    paths: Sequence[Path],
+    outdir: Path,
+    x: str = "macs",
+    runtime: str = "onnxruntime",
+    versus_override: str | None = None,
 ) -> str:
     """Write report.md, report.csv and accuracy_vs_macs.png into `outdir` (and, with x="latency",
-    accuracy_vs_latency.png); returns the markdown."""
+    accuracy_vs_latency.png; with `versus_override`, versus.csv); returns the markdown. ValueError
+    (before writing anything) when no group holds `versus_override`."""
     runs = load_runs(paths)
     if not runs:
         raise FileNotFoundError(
@@ -404,6 +452,7 @@ def write_report(
     outcomes, problems = zip(*map(outcomes_or_none, done), strict=True) if done else ((), ())
     groups = group_runs([(varying[run.path].split(), run.results) for run in done], outcomes)
     comparison = compare(groups)
+    against = versus(groups, versus_override) if versus_override else None
     outdir.mkdir(parents=True, exist_ok=True)
     with open(outdir / "report.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
@@ -443,6 +492,8 @@ def write_report(
         readable = [comparison_cells(row) for row in comparison]
         sections += ["## By technique", "", markdown_table(readable, COMPARE_COLUMNS), ""]
         sections += [bootstrap_note(done, outcomes, problems), ""]
+    if against is not None and versus_override:
+        sections += versus_section(against, versus_override, outdir)
     if rows:
         sections += ["## Runs", "", markdown_table(rows), ""]
     if done:
@@ -476,10 +527,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         default="onnxruntime",
         help="whose measured latency --x latency draws (default: onnxruntime)",
     )
+    parser.add_argument(
+        "--versus",
+        metavar="OVERRIDE",
+        help="also set every group against the group that differs from it only by holding this "
+        "override (e.g. compare=metapruning_uniform), by a paired bootstrap (versus.csv)",
+    )
     args = parser.parse_args(argv)
     try:
-        markdown = write_report(args.paths, args.outdir, args.x, args.runtime)
-    except FileNotFoundError as err:
+        markdown = write_report(args.paths, args.outdir, args.x, args.runtime, args.versus)
+    except (FileNotFoundError, ValueError) as err:
         parser.error(str(err))
     print(markdown)
     print(f"report written to {args.outdir}/")

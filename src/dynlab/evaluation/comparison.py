@@ -349,3 +349,60 @@ def _short_overrides(key: str) -> str:
             continue
         short.append(f"{name.rsplit('.', 1)[-1].rsplit('/', 1)[-1]}={value.rsplit('/', 1)[-1]}")
     return " ".join(short)
+
+
+def _override_values(key: str) -> dict[str, str]:
+    """A group key's overrides as {name: value}, leading '+' dropped."""
+    return dict(o.lstrip("+").partition("=")[::2] for o in key.split())  # type: ignore[misc]
+
+
+def counterparts(groups: Sequence[Group], override: str) -> list[tuple[Group, Group]]:
+    """(group, counterpart) for every group of the counterpart's technique whose overrides differ
+    from those of a group holding `override` in that override's value alone:
+    `compare=metapruning_uniform` sets each MetaPruning run against the uniform baseline of the
+    same MACs limit, and no other technique's entry. ValueError when no group holds it."""
+    name, _, value = override.lstrip("+").partition("=")
+    keyed = [(group, _override_values(group.key)) for group in groups]
+    holders = [(g, o) for g, o in keyed if o.get(name) == value]
+    if not holders:
+        held = sorted({f"{name}={o[name]}" for _, o in keyed if name in o})
+        raise ValueError(
+            f"--versus {override}: no group of runs has it (their values: "
+            f"{', '.join(held) or f'none set {name}'})"
+        )
+    pairs = []
+    for counterpart, theirs in holders:
+        rest = {k: v for k, v in theirs.items() if k != name}
+        for group, ours in keyed:
+            same_rest = {k: v for k, v in ours.items() if k != name} == rest
+            if (
+                ours.get(name, value) != value
+                and same_rest
+                and group.technique == counterpart.technique
+            ):
+                pairs.append((group, counterpart))
+    return pairs
+
+
+def versus(groups: Sequence[Group], override: str) -> list[dict[str, Any]]:
+    """One row per pair of `counterparts`: each side's MACs and top-1, and the difference with its
+    paired-bootstrap interval over the test images (None without outcomes files)."""
+    rows = []
+    for group, counterpart in counterparts(groups, override):
+        paired = paired_comparison(group, counterpart)
+        rows.append(
+            {
+                "entry": group.label,
+                "against": counterpart.label,
+                "seeds": group.seeds,
+                "macs": group.macs,
+                "against_macs": counterpart.macs,
+                "top1": group.top1,
+                "against_top1": counterpart.top1,
+                "top1_diff": paired.full.difference if paired else None,
+                "low": paired.full.low if paired else None,
+                "high": paired.full.high if paired else None,
+                "pairing": paired.pairing if paired else None,
+            }
+        )
+    return rows

@@ -30,7 +30,33 @@ class MetaPruningConfig(SupernetConfig):
     # breed 25 mutants and 25 crossover children, each gene resampled with probability 0.1) and
     # its MACs window (official: at most 330 M for MobileNetV2, [1950, 2050] M for ResNet-50).
     evolution: EvolutionConfig = field(default_factory=EvolutionConfig)
+    # The uniform-width baseline the paper sets MetaPruning against (official README's "uniform
+    # baseline" rows, Sec. 4.1): every layer at the widest one scale whose network costs at most
+    # this many M MACs, retrained alone with no search; null: MetaPruning itself.
+    uniform_mmacs: float | None = None
     seed: int = "${seed}"  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.evolution.min_latency_ms is not None or self.evolution.max_latency_ms is not None:
+            # A layer's time depends on two searched widths (31 x 31 entries a conv), too many
+            # to time one by one as SPOS's and FBNetV2's tables do.
+            raise ValueError(
+                "metapruning: technique.evolution.min_latency_ms/max_latency_ms are not "
+                "supported (no latency table for PruningNet spaces); bound the search by "
+                "min_mmacs/max_mmacs"
+            )
+        if self.uniform_mmacs is None:
+            return
+        if not self.uniform_mmacs > 0:
+            raise ValueError(
+                f"technique.uniform_mmacs must be > 0 or null, got {self.uniform_mmacs}"
+            )
+        if self.architecture is not None or self.architecture_file is not None:
+            raise ValueError(
+                "metapruning: technique.uniform_mmacs picks the architecture itself; give it or "
+                "technique.architecture(_file), not both"
+            )
 
 
 register_schema("technique", "metapruning", MetaPruningConfig)

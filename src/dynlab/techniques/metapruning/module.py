@@ -13,8 +13,9 @@ official code liuzechun/MetaPruning. The channel space is the backbone (a Prunin
 - `retrain` (fit): the winner as a plain pruned network trained from scratch (official
   evaluating/).
 `dynlab-search` runs the first two; `technique.architecture=[...]` (scale ids) retrains a given
-configuration alone. The deploy form is the pruned network: the retrained one, or the generated
-one of the winner (`PruningNet.child`).
+configuration alone, `technique.uniform_mmacs` the uniform-width baseline under a MACs budget.
+The deploy form is the pruned network: the retrained one, or the generated one of the winner
+(`PruningNet.child`).
 """
 
 from __future__ import annotations
@@ -112,6 +113,12 @@ class MetaPruningModule(SupernetTechnique):
                 f"narrowest: {low:.3f} M)"
             )
         return (max(inside),) * n
+
+    def _given_architecture(self) -> tuple[int, ...] | None:
+        """`technique.uniform_mmacs`' uniform configuration, else the given architecture."""
+        if self.config.uniform_mmacs is not None:
+            return self.uniform(self.config.uniform_mmacs)
+        return super()._given_architecture()
 
     def _draw(self, seed: int) -> tuple[int, ...]:
         """A configuration with every scale id uniform (official train.py: np.random.randint)."""
