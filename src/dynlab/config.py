@@ -635,11 +635,17 @@ def share(epochs: int, fraction: float) -> int:
     return max(1, round(int(epochs) * float(fraction)))
 
 
+def times(value: float, factor: float) -> float:
+    """`value` x `factor`: a bound that follows another one (`${dynlab.times:${...max_mmacs},0.9}`)."""
+    return float(value) * float(factor)
+
+
 def register_configs() -> None:
     """Store every schema under `schema/<group>/<name>` and the root schema as `config_schema`,
     and the resolvers the config files use."""
     OmegaConf.register_new_resolver("dynlab.gpus_per_node", gpus_per_node, replace=True)
     OmegaConf.register_new_resolver("dynlab.share", share, replace=True)
+    OmegaConf.register_new_resolver("dynlab.times", times, replace=True)
     _import_technique_schemas()
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)

@@ -34,6 +34,12 @@ class MetaPruningConfig(SupernetConfig):
     # baseline" rows, Sec. 4.1): every layer at the widest one scale whose network costs at most
     # this many M MACs, retrained alone with no search; null: MetaPruning itself.
     uniform_mmacs: float | None = None
+    # The evolution's random candidates: every scale id uniform over this many ids centred on the
+    # uniform configuration of technique.evolution.max_mmacs (`uniform`), so a window far from
+    # the grid's middle is reached (official resnet/searching/search.py l.234 draws ids 12-23, a
+    # band of 12, for its 1 G and 2 G searches); null: the whole grid (official MobileNetV2
+    # search). Mutants and crossover children are bred as officially, refused outside the window.
+    random_band: int | None = None
     seed: int = "${seed}"  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
@@ -46,6 +52,16 @@ class MetaPruningConfig(SupernetConfig):
                 "supported (no latency table for PruningNet spaces); bound the search by "
                 "min_mmacs/max_mmacs"
             )
+        if self.random_band is not None:
+            if self.random_band < 1:
+                raise ValueError(
+                    f"technique.random_band must be >= 1 or null, got {self.random_band}"
+                )
+            if self.evolution.max_mmacs is None:
+                raise ValueError(
+                    "metapruning: technique.random_band is centred on the uniform configuration "
+                    "of technique.evolution.max_mmacs; set that limit"
+                )
         if self.uniform_mmacs is None:
             return
         if not self.uniform_mmacs > 0:

@@ -146,6 +146,21 @@ class MetaPruningModule(SupernetTechnique):
         if self.current_phase == PRUNINGNET and isinstance(self.model, SupernetExits):
             self._supernet.set_path(self._val_path)
 
+    def _random_ids(self) -> list[int] | None:
+        """[low, high] of `technique.random_band` (clipped to the grid, keeping its width), or None."""
+        band, limit = self.config.random_band, self.config.evolution.max_mmacs
+        if band is None or limit is None:
+            return None
+        top = len(self.space.scales) - 1
+        low = min(max(self.uniform(limit)[0] - band // 2, 0), max(top + 1 - band, 0))
+        return [low, min(low + band - 1, top)]
+
+    def _draw_in_band(self, rng: np.random.Generator) -> tuple[int, ...]:
+        """A random candidate: every scale id uniform over `_random_ids` (official ResNet search)."""
+        ids = self._random_ids()
+        assert ids is not None
+        return tuple(int(g) for g in rng.integers(ids[0], ids[1] + 1, self.space.num_genes))
+
     @functools.cached_property
     def _val_path(self) -> tuple[int, ...]:
         """The one configuration the PruningNet is validated on, the same every epoch."""
@@ -163,8 +178,9 @@ class MetaPruningModule(SupernetTechnique):
             self.macs_of,
             scorer,
             cfg,
-            self.signature,
+            {**self.signature, "random_band": self._random_ids()},
             data_identity(datamodule),
+            draw_random=self._draw_in_band if self.config.random_band is not None else None,
             name="metapruning",
         )
         outcome = SearchDriver(search, ctx.phase_dir, self.config.seed, cfg.candidates_on).run()
