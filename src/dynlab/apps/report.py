@@ -492,8 +492,9 @@ def write_report(
         readable = [comparison_cells(row) for row in comparison]
         sections += ["## By technique", "", markdown_table(readable, COMPARE_COLUMNS), ""]
         sections += [bootstrap_note(done, outcomes, problems), ""]
-    if against is not None and versus_override:
-        sections += versus_section(against, versus_override, outdir)
+    (outdir / "versus.csv").unlink(missing_ok=True)  # none left from an earlier report
+    if against is not None:
+        sections += versus_section(against, str(versus_override), outdir)
     if rows:
         sections += ["## Runs", "", markdown_table(rows), ""]
     if done:
