@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -133,6 +134,8 @@ def test_a_scale_grid_that_leaves_zero_channels_is_refused(compose_cfg) -> None:
         ("technique.uniform_mmacs=-1", "technique.uniform_mmacs must be > 0"),
         ("technique.uniform_mmacs=2 technique.architecture=[0,0,0,0,0,0]", "not both"),
         ("technique.evolution.max_latency_ms=5", "no latency table for PruningNet spaces"),
+        ("technique.random_band=0", "technique.random_band must be >= 1"),
+        ("technique.random_band=4 technique.evolution.max_mmacs=null", "set that limit"),
     ],
 )
 def test_bad_input_is_refused_before_anything_runs(
@@ -158,6 +161,18 @@ def test_the_uniform_baseline_is_the_widest_uniform_width_inside_a_budget(compos
         "retrain"
     ]
     assert count_macs(baseline.model, (3, 32, 32)) == module.macs_of(genes)
+
+
+def test_random_candidates_come_from_a_band_around_the_limits_uniform_width(compose_cfg) -> None:
+    """technique.random_band: every gene uniform over that many ids holding the uniform width of
+    the window's upper limit; a band wider than the grid is the grid."""
+    _, module = build_run(compose_cfg([*METAPRUNING, "technique.random_band=4"]))
+    low, high = module._random_ids()
+    assert high - low == 3 and low <= module.uniform(MAX_MMACS)[0] <= high
+    draws = [module._draw_in_band(np.random.default_rng(seed)) for seed in range(30)]
+    assert {g for d in draws for g in d} == set(range(low, high + 1))
+    _, wide = build_run(compose_cfg([*METAPRUNING, "technique.random_band=40"]))
+    assert wide._random_ids() == [0, len(SCALES) - 1]
 
 
 def test_one_configuration_per_step_from_the_seed_and_step(compose_cfg) -> None:

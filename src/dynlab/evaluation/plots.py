@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -61,7 +62,12 @@ def plot_overlay(
     all_macs = [m for run in runs for m in _run_macs(run)]
     scale, unit = _macs_unit(all_macs) if x_label is None else (1.0, "")
     fig, ax = _figure(wide=len(runs) > 1)
+    # Past ten entries the colours repeat, so every further ten take another marker and line.
+    palette, drawn = colormaps["tab10"].colors, 0
     for run in runs:
+        if not (run.get("static_line") or run.get("reference")):
+            color, lap = palette[drawn % len(palette)], drawn // len(palette)
+            drawn += 1
         if run.get("static_line"):
             curve = sorted(run["budgeted"], key=lambda r: r["avg_macs"])
             macs = [r["avg_macs"] / scale for r in curve]
@@ -71,19 +77,28 @@ def plot_overlay(
             curve = sorted(run["budgeted"], key=lambda r: r["avg_macs"])
             macs = [r["avg_macs"] / scale for r in curve]
             (line,) = ax.plot(
-                macs, [r["accuracy"] for r in curve], "o-", markersize=3, label=run["label"]
+                macs,
+                [r["accuracy"] for r in curve],
+                ("o-", "s-.", "^:")[lap % 3],
+                color=color,
+                markersize=3,
+                label=run["label"],
             )
             if all("low" in r and "high" in r for r in curve):
                 low, high = [r["low"] for r in curve], [r["high"] for r in curve]
                 ax.fill_between(macs, low, high, color=line.get_color(), alpha=0.2, lw=0)
         else:
             macs, accuracy = run["point"]
-            style = {"color": "black", "markersize": 16} if run.get("reference") else {}
+            style = (
+                {"color": "black", "markersize": 16}
+                if run.get("reference")
+                else {"color": color, "markersize": 12 if lap == 0 else 8}
+            )
             ax.errorbar(
                 [macs / scale],
                 [accuracy],
                 yerr=None if run.get("spread") is None else [run["spread"]],
-                fmt="*",
+                fmt="*" if run.get("reference") else ("*", "D", "s")[lap % 3],
                 capsize=3,
                 **{"markersize": 12, **style},
                 label=run["label"] + (" (static reference)" if run.get("reference") else ""),
