@@ -52,8 +52,8 @@ SMALLER = {
         "technique.evolution.crossovers=1",
     ],
 }
-# The uniform baseline ignores the evolution, but the same overrides keep its overrides those of
-# its MetaPruning counterpart but one (`dynlab-report --versus`).
+# The uniform baseline ignores the evolution; the same overrides leave the two runs differing by
+# their entry alone, as `dynlab-report --versus` pairs them.
 SMALLER["metapruning_uniform"] = SMALLER["metapruning"]
 
 
