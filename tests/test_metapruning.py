@@ -167,12 +167,12 @@ def test_random_candidates_come_from_a_band_around_the_limits_uniform_width(comp
     """technique.random_band: every gene uniform over that many ids holding the uniform width of
     the window's upper limit; a band wider than the grid is the grid."""
     _, module = build_run(compose_cfg([*METAPRUNING, "technique.random_band=4"]))
-    low, high = module._random_ids()
+    low, high = module._random_ids
     assert high - low == 3 and low <= module.uniform(MAX_MMACS)[0] <= high
     draws = [module._draw_in_band(np.random.default_rng(seed)) for seed in range(30)]
     assert {g for d in draws for g in d} == set(range(low, high + 1))
     _, wide = build_run(compose_cfg([*METAPRUNING, "technique.random_band=40"]))
-    assert wide._random_ids() == [0, len(SCALES) - 1]
+    assert wide._random_ids == [0, len(SCALES) - 1]
 
 
 def test_one_configuration_per_step_from_the_seed_and_step(compose_cfg) -> None:

@@ -146,8 +146,10 @@ class MetaPruningModule(SupernetTechnique):
         if self.current_phase == PRUNINGNET and isinstance(self.model, SupernetExits):
             self._supernet.set_path(self._val_path)
 
+    @functools.cached_property
     def _random_ids(self) -> list[int] | None:
-        """[low, high] of `technique.random_band` (clipped to the grid, keeping its width), or None."""
+        """[low, high] of `technique.random_band` (clipped to the grid, keeping its width), or None;
+        computed once, as every random draw of the evolution reads it."""
         band, limit = self.config.random_band, self.config.evolution.max_mmacs
         if band is None or limit is None:
             return None
@@ -157,7 +159,7 @@ class MetaPruningModule(SupernetTechnique):
 
     def _draw_in_band(self, rng: np.random.Generator) -> tuple[int, ...]:
         """A random candidate: every scale id uniform over `_random_ids` (official ResNet search)."""
-        ids = self._random_ids()
+        ids = self._random_ids
         assert ids is not None
         return tuple(int(g) for g in rng.integers(ids[0], ids[1] + 1, self.space.num_genes))
 
@@ -178,7 +180,7 @@ class MetaPruningModule(SupernetTechnique):
             self.macs_of,
             scorer,
             cfg,
-            {**self.signature, "random_band": self._random_ids()},
+            {**self.signature, "random_band": self._random_ids},
             data_identity(datamodule),
             draw_random=self._draw_in_band if self.config.random_band is not None else None,
             name="metapruning",
