@@ -42,7 +42,7 @@ test-all: install
 # table). Seeds: COMPARE_ARGS="seed=0,1,2". `make compare-digits`: the quick smoke variant on
 # scikit-learn's digits (experiments/compare/digits.yaml), reported into experiments/compare/digits/.
 COMPARE_STATIC := resnet8,resnet14,baseline,resnet32,resnet20_repvgg
-COMPARE_DYNAMIC := s2dnas_from_static,gfnet_from_static,sfr_small,spos_small,fbnetv2_small
+COMPARE_DYNAMIC := s2dnas_from_static,gfnet_from_static,sfr_small,spos_small,anglenas_small,fbnetv2_small
 COMPARE_DYNAMIC := $(COMPARE_DYNAMIC),metapruning_small,metapruning_uniform
 # MetaPruning against its uniform-width baseline of the same MACs limit, by paired bootstrap.
 COMPARE_REPORT := --versus compare=metapruning_uniform

@@ -38,12 +38,13 @@ REFUSED |= {
     ("sfr", b): "needs a network of LGC/SFR layers"
     for b in ("cifar_resnet20", "cifar_mobilenetv2", "cifar_vgg16_bn", "timm")
 }
-# SPOS, FBNetV2 and MetaPruning search their own supernets (tests/test_spos.py,
-# tests/test_fbnetv2.py, tests/test_metapruning.py).
+# SPOS, AngleNAS, FBNetV2 and MetaPruning search their own supernets (tests/test_spos.py,
+# tests/test_anglenas.py, tests/test_fbnetv2.py, tests/test_metapruning.py).
 REFUSED |= {
     (t, b): message
     for t, message in (
         ("spos", "needs an SPOS one-shot supernet"),
+        ("anglenas", "needs an SPOS one-shot supernet"),
         ("fbnetv2", "needs a DMaskingNAS supernet"),
         ("metapruning", "needs a MetaPruning PruningNet"),
     )

@@ -32,7 +32,7 @@ TINY_COMPARE = [
     "logger=csv",
     "evaluation.qs=[0.5,1.0,2.0]",
 ]
-# What an entry needs beyond the tiny budget: SPOS a smaller evolution, RepVGG-A0 smaller
+# What an entry needs beyond the tiny budget: SPOS (and AngleNAS) a smaller evolution, RepVGG-A0 smaller
 # batches, SFR one epoch per sparsification stage (3 for the tiny CondenseNetV2) in its first
 # half, FBNetV2 no weights-only warm-up.
 SMALLER = {
@@ -55,12 +55,13 @@ SMALLER = {
 # The uniform baseline ignores the evolution; the same overrides leave the two runs differing by
 # their entry alone, as `dynlab-report --versus` pairs them.
 SMALLER["metapruning_uniform"] = SMALLER["metapruning"]
+SMALLER["anglenas"] = SMALLER["spos"]
 
 
 @pytest.mark.slow
 def test_every_technique_lands_on_the_comparison_chart(compose_cfg, tmp_path: Path) -> None:
     assert set(ENTRIES) == {
-        *("baseline", "repvgg", "s2dnas", "gfnet", "sfr", "spos", "fbnetv2"),
+        *("baseline", "repvgg", "s2dnas", "gfnet", "sfr", "spos", "anglenas", "fbnetv2"),
         *("metapruning", "metapruning_uniform"),
     }
     root = tmp_path / "compare"
@@ -83,6 +84,7 @@ def test_every_technique_lands_on_the_comparison_chart(compose_cfg, tmp_path: Pa
         "gfnet · cifar_resnet20": "curve",
         "sfr · cifar_condensenetv2_tiny": "point",
         "spos · cifar_spos_supernet_tiny": "point",
+        "anglenas · cifar_spos_supernet_tiny": "point",
         "fbnetv2 · cifar_fbnetv2_supernet_tiny": "point",
         "metapruning · cifar_pruningnet_resnet20 · compare=metapruning": "point",
         "metapruning · cifar_pruningnet_resnet20 · compare=metapruning_uniform": "point",

@@ -45,8 +45,13 @@ CONFIGS = [
     *sorted((REPO / "experiments").glob("*/*.yaml")),
     *sorted(Path(CONFIG_DIR).rglob("*.yaml")),
 ]
-APPS = {"dynlab-train": "config", "dynlab-search": "search", "dynlab-evaluate": "evaluate"}
-COMMAND = re.compile(r"(?:\.venv/bin/)?(dynlab-(?:train|search|evaluate))\b(.*)")
+APPS = {
+    "dynlab-train": "config",
+    "dynlab-search": "search",
+    "dynlab-rank": "rank",
+    "dynlab-evaluate": "evaluate",
+}
+COMMAND = re.compile(r"(?:\.venv/bin/)?(dynlab-(?:train|search|rank|evaluate))\b(.*)")
 FLAGS = {"-m", "--multirun"}
 
 
@@ -165,7 +170,8 @@ def write_placeholders(cfg: DictConfig, files: Path) -> None:
     """Placeholders whose content the run reads before training, made for the run's own backbone:
     an `init_from` checkpoint (a placeholder, or a run dir's that a comparison's first stage would
     have written) holds its untrained static weights; a `<...>.json` search result its
-    space's first architecture (FBNetV2: the argmax of untrained logits; SPOS: block 0 everywhere)."""
+    space's first architecture (FBNetV2: the argmax of untrained logits; SPOS: block 0 everywhere;
+    a ranking's: that one architecture)."""
     static, results = list(files.glob("*init_from.ckpt")), list(files.glob("*.json"))
     beside = OmegaConf.select(cfg, "technique.init_from")
     if beside and not Path(beside).exists():  # a comparison's second stage reads its first's
@@ -177,7 +183,9 @@ def write_placeholders(cfg: DictConfig, files: Path) -> None:
     for path in static:
         torch.save(net.state_dict(), path)
     if results:
-        genes = {"genes": [0] * net.space.num_genes} if hasattr(net, "space") else {}
+        first = [0] * net.space.num_genes if hasattr(net, "space") else []
+        # A search's result names its architecture; a ranking's lists the ones it ranked.
+        genes = {"genes": first, "architectures": [{"genes": first}]} if first else {}
         result = {"choices": net.choices()} if hasattr(net, "choices") else genes
         for path in results:
             path.write_text(json.dumps(result))

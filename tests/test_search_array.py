@@ -266,6 +266,49 @@ def test_spos_evolution_on_a_slurm_array_equals_its_in_process_run(
     )
 
 
+def rank_in(run_dir: Path, *overrides: str) -> list[dict[str, Any]]:
+    """The rank phase of the tiny SPOS space's untrained supernet in `run_dir`: 3 architectures,
+    each trained alone twice for 2 batches; its records."""
+    rank = Phase("rank", PhaseKind.custom)
+    settings = [
+        "technique.ranking.architectures=3",
+        "technique.ranking.epochs=1",
+        "technique.ranking.batches_per_epoch=2",
+        "technique.ranking.bootstrap=50",
+    ]
+    torch.manual_seed(0)
+    try:
+        cfg = compose_in([*SPOS_EVOLUTION, *settings, *overrides], "rank", run_dir)
+        datamodule, module = build_run(cfg)
+        module.start_phase(rank)
+        phase_dir = run_dir / "rank"
+        module.run_custom_phase(rank, PhaseContext(run_dir, phase_dir, datamodule, cfg))
+    finally:
+        HydraConfig.instance().cfg = None
+        GlobalHydra.instance().clear()
+    return json.loads((phase_dir / CANDIDATES).read_text())
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_a_ranking_on_a_slurm_array_equals_its_in_process_run(
+    cluster: dict[str, str],  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """dynlab-rank's architectures go out as one job array under `hydra/launcher=slurm`, and
+    come back with the inherited and trained-alone scores of the same ranking in this process."""
+    in_process = rank_in(tmp_path / "in_process")
+    monkeypatch.setenv("SLURM_CONF", cluster["SLURM_CONF"])
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    run_dir = tmp_path / "array"
+    launcher = ["hydra/launcher=slurm", "hydra.launcher.timeout_min=10"]
+    records = rank_in(run_dir, *launcher, f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    assert same_part(records) == same_part(in_process), logs(run_dir / "rank" / ARRAY_FOLDER)
+    assert len({r["slurm_job"].split("_")[0] for r in records}) == 1
+    assert all(len(r["alone_top1"]) == 2 for r in records)
+
+
 class Faulty:
     """A candidate evaluation whose first attempt at `lost` dies (no result: resubmitted by the
     controller) and whose first attempt at `requeued` waits to be requeued by Slurm."""

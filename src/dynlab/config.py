@@ -588,7 +588,8 @@ class Config:
     # --compare-channels-last). Off by default: results move within float rounding, and a tiny
     # SFR run on digits (tests/test_sfr.py) ended well below its channels-first accuracy.
     channels_last: bool = False
-    # "train" runs the technique's training schedule; "search" (dynlab-search) its search schedule.
+    # "train" runs the technique's training schedule; "search" (dynlab-search) its search schedule;
+    # "rank" (dynlab-rank) trains a supernet and measures how well it ranks architectures.
     mode: str = "train"
     run_dir: str = "${hydra:runtime.output_dir}"
     # dynlab-evaluate: the checkpoint to evaluate; dynlab-train/-search: the state a fresh run

@@ -14,7 +14,7 @@ from dynlab.capabilities import Capability, declared_backbones
 @dataclass(frozen=True)
 class TechniqueTraits:
     """What validation knows of a technique without importing it (torch, timm): the modes it has
-    a schedule for (`train`: dynlab-train, `search`: dynlab-search) and the capability its
+    a schedule for (`train`: dynlab-train, `search`: dynlab-search, `rank`: dynlab-rank) and the capability its
     backbone must declare (None: any classifier). Its module checks the same on the built model."""
 
     modes: tuple[str, ...] = ("train",)
@@ -24,9 +24,10 @@ class TechniqueTraits:
 # By technique name (`technique.name`); a technique not listed trains any backbone.
 TECHNIQUE_TRAITS: dict[str, TechniqueTraits] = {
     "s2dnas": TechniqueTraits(modes=("train", "search")),
-    "spos": TechniqueTraits(modes=("train", "search"), needs=Capability.spos_supernet),
+    "spos": TechniqueTraits(modes=("train", "search", "rank"), needs=Capability.spos_supernet),
+    "anglenas": TechniqueTraits(modes=("train", "search", "rank"), needs=Capability.spos_supernet),
     "fbnetv2": TechniqueTraits(modes=("train", "search"), needs=Capability.dmasking_supernet),
-    "metapruning": TechniqueTraits(modes=("train", "search"), needs=Capability.pruning_net),
+    "metapruning": TechniqueTraits(modes=("train", "search", "rank"), needs=Capability.pruning_net),
     "sfr": TechniqueTraits(needs=Capability.sparse_layers),
 }
 

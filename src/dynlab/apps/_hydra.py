@@ -184,7 +184,7 @@ def _module(frame: FrameType) -> str:
 
 
 def run_schedule_app(prog: str, cfg: DictConfig) -> float | None:
-    """`dynlab-train` / `dynlab-search`: check the config and what the run needs of this machine,
+    """`dynlab-train` / `dynlab-search` / `dynlab-rank`: check the config and what the run needs of this machine,
     then import the runner and run the job.
 
     A user error (config, data, checkpoint, divergence) is one line on stderr and exit status 2.

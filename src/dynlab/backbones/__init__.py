@@ -6,6 +6,7 @@ declares (`registry`), and a checked factory.
 """
 
 from dynlab.backbones import (  # noqa: F401  (registers)
+    anglenas_mobilenet,
     cifar_mobilenetv2,
     cifar_repvgg,
     cifar_resnet,

@@ -74,11 +74,15 @@ def mid_channels(base: int, scale: int | None) -> int:
 @dataclass(frozen=True)
 class SearchSpace:
     """A candidate is one flat gene tuple: a block id per layer, then (with channel search) a
-    scale index per layer."""
+    scale index per layer. A space with an identity choice (`identity`: the last block id, the
+    layer skipped; AngleNAS's MobileNet space) has layers that cannot skip it (`no_identity`, where
+    the stride or width changes): their block ids stop before it."""
 
     num_layers: int
     num_blocks: int = len(BLOCKS)
     num_scales: int = 0  # 0: no channel search
+    identity: bool = False
+    no_identity: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.num_layers < 1 or self.num_blocks < 1:
@@ -93,9 +97,16 @@ class SearchSpace:
 
     def gene_choices(self) -> list[int]:
         """Number of choices of each gene (blocks per layer, then scales per layer)."""
-        return [self.num_blocks] * self.num_layers + [self.num_scales] * (
-            self.num_layers if self.num_scales else 0
-        )
+        blocks = [
+            self.num_blocks - int(self.identity and i in self.no_identity)
+            for i in range(self.num_layers)
+        ]
+        return blocks + [self.num_scales] * (self.num_layers if self.num_scales else 0)
+
+    @property
+    def identity_block(self) -> int | None:
+        """The block id that skips a layer, or None."""
+        return self.num_blocks - 1 if self.identity else None
 
     def split(self, genes: Sequence[int]) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
         """(block ids, scale indices or None without channel search) of a candidate."""
@@ -110,6 +121,8 @@ class SearchSpace:
     def describe(self) -> str:
         """What a candidate looks like, for messages."""
         text = f"{self.num_genes} genes: {self.num_layers} block ids in 0..{self.num_blocks - 1}"
+        if self.identity:
+            text += f" ({self.num_blocks - 1}: identity, not on layers {list(self.no_identity)})"
         if self.num_scales:
             text += f", then {self.num_layers} channel-scale indices in 0..{self.num_scales - 1}"
         return text
@@ -495,12 +508,40 @@ class SPOSSupernet(_SPOSBase):
             x = choices[block](x, self._mid(i, scales))
         return self.conv_last(x)
 
+    def reset_weights(self) -> None:
+        """Fresh weights and BN statistics, as at construction (from the torch RNG)."""
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d | nn.Linear | nn.BatchNorm2d):
+                m.reset_parameters()
+        spos_init(self)
+
+    def macs_table(self, input_size: tuple[int, int, int]) -> MacsTable:
+        """The space's MACs table at `input_size` (`MacsTable.measure`)."""
+        return MacsTable.measure(self, input_size)
+
     def layer_params(self, layer: int, block: int) -> list[nn.Parameter]:
         """The parameters of choice `block` of `layer` (to clear grads of unsampled choices)."""
         return list(self.layers[layer][block].parameters())
 
     def _net_kwargs(self) -> dict[str, Any]:
         return {**self.config, "drop_rate": self.drop_rate}
+
+    def path_weights(self, genes: Sequence[int]) -> list[tuple[Any, Tensor]]:
+        """The conv and classifier weights candidate `genes` runs through, no BN and no biases
+        (AngleNAS's path vector, official AngleNAS SPOS/shrinking/shrinking.py get_arch_vector),
+        each under a name that is the same for the same tensor in any path (sliced to its width)."""
+        arch, scales = self.space.split(self._checked(genes))
+        pieces: list[tuple[Any, Tensor]] = [
+            ("stem", self.stem[0].weight),
+            ("conv_last", self.conv_last[0].weight),
+        ]
+        if isinstance(self.head.fc, nn.Linear):
+            pieces.append(("fc", self.head.fc.weight))
+        for i, block in enumerate(arch):
+            mid = self._mid(i, scales)
+            for u, unit in enumerate(self.layers[i][block].units()):
+                pieces.append(((i, block, mid, u), unit.conv_weight(mid)))
+        return pieces
 
     def child(self, genes: Sequence[int]) -> SPOSNet:
         """The standalone net of `genes` (non-affine BN) carrying the supernet's weights and BN
@@ -661,11 +702,16 @@ class MacsTable:
 
     def minimum(self) -> float:
         """The cheapest candidate's MACs (the cheapest choice on every layer)."""
-        return self.fixed + math.fsum(min(min(s) for s in blocks) for blocks in self.layers)
+        return self.fixed + math.fsum(min(min(s) for s in blocks) for blocks in self._choices())
 
     def maximum(self) -> float:
         """The dearest candidate's MACs (the dearest choice on every layer)."""
-        return self.fixed + math.fsum(max(max(s) for s in blocks) for blocks in self.layers)
+        return self.fixed + math.fsum(max(max(s) for s in blocks) for blocks in self._choices())
+
+    def _choices(self) -> list[list[list[float]]]:
+        """Each layer's entries of the blocks it may choose."""
+        counts = self.space.gene_choices()
+        return [blocks[: counts[i]] for i, blocks in enumerate(self.layers)]
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able form, e.g. to store in a checkpoint."""
@@ -674,6 +720,8 @@ class MacsTable:
                 "num_layers": self.space.num_layers,
                 "num_blocks": self.space.num_blocks,
                 "num_scales": self.space.num_scales,
+                "identity": self.space.identity,
+                "no_identity": list(self.space.no_identity),
             },
             "input_size": list(self.input_size),
             "fixed": self.fixed,
@@ -683,7 +731,8 @@ class MacsTable:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> MacsTable:
         """The table `to_dict` gave."""
-        return cls(SearchSpace(**data["space"]), data["fixed"], data["layers"], data["input_size"])
+        space = {**data["space"], "no_identity": tuple(data["space"].get("no_identity", ()))}
+        return cls(SearchSpace(**space), data["fixed"], data["layers"], data["input_size"])
 
 
 @functools.lru_cache(maxsize=4096)

@@ -3,7 +3,8 @@ official megvii-model/SinglePathOneShot src/Search/search.py, `EvolutionSearcher
 MetaPruning's official search (liuzechun/MetaPruning) shares: every technique that searches a
 flat gene vector by evolution under a MACs (and time) window uses this one.
 
-A candidate is a flat tuple of ints (genes), gene i in range(gene_choices[i]). The first generation
+A candidate is a flat tuple of ints (genes), gene i in range(gene_choices[i]) (or, in a space
+restricted to some values per gene, such as AngleNAS's shrunk one, among `gene_values[i]`). The first generation
 is `population` random legal candidates; after each generation is scored, the best `parents`
 candidates seen so far breed the next one: `mutations` mutants, `crossovers` children, then random
 candidates up to `population`. A candidate is legal when its MACs lie in the configured window and
@@ -93,6 +94,7 @@ class Evolution(Search):
         draw_random: Callable[[np.random.Generator], Genes] | None = None,
         latency_of: Callable[[Genes], float] | None = None,
         name: str = "evolution",
+        gene_values: Sequence[Sequence[int]] | None = None,
     ) -> None:
         self.name = name
         self.choices = [int(c) for c in gene_choices]
@@ -100,9 +102,23 @@ class Evolution(Search):
             raise ValueError(
                 f"{self.name} evolution: every gene needs >= 1 choice, got {self.choices}"
             )
+        # The values each gene may take (all of range(choices) unless restricted).
+        self.values = [tuple(range(c)) for c in self.choices]
+        restricted: dict[str, Any] = {}
+        if gene_values is not None:
+            self.values = [tuple(int(v) for v in vs) for vs in gene_values]
+            if len(self.values) != len(self.choices) or any(
+                not vs or not all(0 <= v < c for v in vs)
+                for vs, c in zip(self.values, self.choices, strict=False)
+            ):
+                raise ValueError(
+                    f"{self.name} evolution: gene_values must give each of the {len(self.choices)} "
+                    "genes one or more of its values"
+                )
+            restricted = {"gene_values": [list(vs) for vs in self.values]}
         self.macs_of, self.latency_of, self.draw_random = macs_of, latency_of, draw_random
         self.evaluate, self.cfg = evaluate, cfg
-        space = {"gene_choices": self.choices, **(space or {})}
+        space = {"gene_choices": self.choices, **restricted, **(space or {})}
         self._identity = search_identity(space, data or {}, cfg, *NOT_IDENTITY)
         self.history: list[dict[str, Any]] = []  # per generation: its size by origin and draws
 
@@ -122,7 +138,7 @@ class Evolution(Search):
         seen = {tuple(r["genes"]) for r in records}
         pending, stats = _breed(
             rng.numpy,
-            self.choices,
+            self.values,
             self.macs_of,
             self.cfg,
             parents,
@@ -243,7 +259,7 @@ def space_range_problem(
 
 def _breed(
     rng: np.random.Generator,
-    choices: list[int],
+    values: list[tuple[int, ...]],
     macs_of: Callable[[Genes], float],
     cfg: EvolutionSettings,
     parents: list[tuple[int, Genes]],
@@ -254,7 +270,11 @@ def _breed(
     """The next generation's candidates (pending records without scores) and how many draws it
     took: mutants, then crossover children, then random ones (official `search`: `mutation +
     crossover`, then `get_random(population_num)`)."""
-    high = np.asarray(choices)
+    high = np.asarray([len(vs) for vs in values])
+
+    def pick(indices: np.ndarray) -> Genes:
+        return tuple(vs[int(k)] for vs, k in zip(values, indices, strict=True))
+
     low_macs = None if cfg.min_mmacs is None else cfg.min_mmacs * 1e6
     high_macs = None if cfg.max_mmacs is None else cfg.max_mmacs * 1e6
     members: list[Record] = []
@@ -294,21 +314,21 @@ def _breed(
         # window); `draw_random` draws from that same distribution restricted to the window.
         if draw_random is not None:
             return tuple(int(g) for g in draw_random(rng)), []
-        return tuple(int(g) for g in rng.integers(0, high)), []
+        return pick(rng.integers(0, high)), []
 
     def mutant() -> tuple[Genes, list[int]]:
         # Official get_mutation: a random parent of the top-k, each gene resampled uniformly (it
         # may draw its old value) with probability m_prob.
         index, genes = parents[int(rng.integers(len(parents)))]
-        resample = rng.random(len(choices)) < cfg.mutation_prob
-        fresh = rng.integers(0, high)
+        resample = rng.random(len(values)) < cfg.mutation_prob
+        fresh = pick(rng.integers(0, high))
         return tuple(int(g) for g in np.where(resample, fresh, genes)), [index]
 
     def child() -> tuple[Genes, list[int]]:
         # Official get_crossover: two random parents of the top-k (possibly the same one), each
         # gene taken from either with probability 1/2.
         (i, a), (j, b) = (parents[int(k)] for k in rng.integers(len(parents), size=2))
-        take_a = rng.random(len(choices)) < 0.5
+        take_a = rng.random(len(values)) < 0.5
         return tuple(int(g) for g in np.where(take_a, a, b)), [i, j]
 
     if parents:

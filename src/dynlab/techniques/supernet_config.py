@@ -7,10 +7,50 @@ torch here, as in every schema."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from dynlab.config import CandidatesOn, TechniqueConfig
+
+
+@dataclass
+class RankingConfig:
+    """How well the supernet ranks architectures (`dynlab-rank`, `search/ranking.py`): `architectures`
+    sampled from the space searched (seeded), each scored with inherited weights (as the
+    evolution scores a candidate) and trained alone `seeds` times for `epochs` epochs with the
+    technique's optimiser, both on the same held-out images."""
+
+    architectures: int = 20
+    seeds: int = 2
+    epochs: int = 5
+    batches_per_epoch: int | None = None  # null: whole epochs
+    top_k: int = 5
+    bootstrap: int = 2000
+    # A ranking's search_result.json (another run's): rank its architectures instead of a fresh
+    # sample, those outside this run's space left out (AngleNAS's shrunk space, the same
+    # architectures under another supernet).
+    architectures_file: str | None = None
+    # A folder where trained-alone scores are kept by (space, data, recipe, architecture, seed)
+    # and reused, e.g. by a second ranking of the same architectures; null: none.
+    alone_cache: str | None = None
+    candidates_on: CandidatesOn = CandidatesOn.auto
+
+    def __post_init__(self) -> None:
+        for name in ("seeds", "epochs", "top_k", "bootstrap"):
+            if getattr(self, name) < 1:
+                raise ValueError(
+                    f"technique.ranking.{name} must be >= 1, got {getattr(self, name)}"
+                )
+        if self.architectures < 3:
+            raise ValueError(
+                "technique.ranking.architectures must be >= 3 (a rank correlation needs three), "
+                f"got {self.architectures}"
+            )
+        if self.batches_per_epoch is not None and self.batches_per_epoch < 1:
+            raise ValueError(
+                "technique.ranking.batches_per_epoch must be >= 1 or null, got "
+                f"{self.batches_per_epoch}"
+            )
 
 
 @dataclass
@@ -23,6 +63,7 @@ class SupernetConfig(TechniqueConfig):
     architecture: Any = None
     # A search's search_result.json to take the architecture from.
     architecture_file: str | None = None
+    ranking: RankingConfig = field(default_factory=RankingConfig)
 
     def __post_init__(self) -> None:
         super().__post_init__()

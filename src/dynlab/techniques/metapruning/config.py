@@ -15,10 +15,11 @@ from dynlab.techniques.supernet_config import EvolutionConfig, SupernetConfig
 
 @dataclass
 class MetaPruningConfig(SupernetConfig):
-    PHASES: ClassVar[tuple[str, ...]] = ("pruningnet", "evolution", "retrain")
-    HELD_OUT_USES: ClassVar[dict[str, str]] = dict.fromkeys(
-        ("train", "search"), "the evolution scores configurations on it"
-    )
+    PHASES: ClassVar[tuple[str, ...]] = ("pruningnet", "evolution", "retrain", "rank")
+    HELD_OUT_USES: ClassVar[dict[str, str]] = {
+        **dict.fromkeys(("train", "search"), "the evolution scores configurations on it"),
+        "rank": "the ranking scores configurations on it",
+    }
 
     _target_: str = "dynlab.techniques.metapruning.module.MetaPruningModule"
     name: str = "metapruning"

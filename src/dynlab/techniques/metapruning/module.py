@@ -38,7 +38,6 @@ from dynlab.search import SupernetExits, derived_seed
 from dynlab.search.driver import SearchDriver, data_identity
 from dynlab.search.evolution import Evolution, space_range_problem
 from dynlab.search.evolution_report import publish_evolution
-from dynlab.search.supernet import PathScorer
 from dynlab.techniques.base import Phase, PhaseContext, PhaseKind, dataset_backbone
 from dynlab.techniques.metapruning.config import MetaPruningConfig
 from dynlab.techniques.supernet import SupernetTechnique
@@ -126,8 +125,18 @@ class MetaPruningModule(SupernetTechnique):
         return tuple(int(g) for g in rng.integers(0, self.space.gene_choices()))
 
     # --- phases -------------------------------------------------------------------------------
+    def supernet_phases(self) -> list[Phase]:
+        return [Phase(PRUNINGNET)]
+
     def search_phases(self) -> list[Phase]:
-        return [Phase(PRUNINGNET), Phase(EVOLUTION, PhaseKind.custom)]
+        return [*self.supernet_phases(), Phase(EVOLUTION, PhaseKind.custom)]
+
+    def rank_candidate(self, rng: np.random.Generator) -> tuple[int, ...]:
+        """As the evolution's random candidates: inside the band when one is set, else every
+        scale id uniform."""
+        if self.config.random_band is not None:
+            return self._draw_in_band(rng)
+        return tuple(int(g) for g in rng.integers(0, self.space.gene_choices()))
 
     def run_custom_phase(self, phase: Phase, ctx: PhaseContext) -> None:
         if phase.name == EVOLUTION:
@@ -172,9 +181,7 @@ class MetaPruningModule(SupernetTechnique):
     def _evolution(self, ctx: PhaseContext) -> None:
         cfg, datamodule = self.config.evolution, ctx.datamodule
         assert isinstance(datamodule, DynlabDataModule) and isinstance(self.model, SupernetExits)
-        scorer = PathScorer.on(
-            self.model, datamodule, "metapruning/recalibration", cfg, str(self.device)
-        )
+        scorer = self.path_scorer(datamodule)
         search = Evolution(
             self.space.gene_choices(),
             self.macs_of,

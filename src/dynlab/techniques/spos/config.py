@@ -48,10 +48,11 @@ class SPOSConfig(SupernetConfig):
         "arch": "architecture",
         "arch_file": "architecture_file",
     }
-    PHASES: ClassVar[tuple[str, ...]] = ("supernet", "evolution", "retrain")
-    HELD_OUT_USES: ClassVar[dict[str, str]] = dict.fromkeys(
-        ("train", "search"), "the evolution scores candidates on it"
-    )
+    PHASES: ClassVar[tuple[str, ...]] = ("supernet", "evolution", "retrain", "rank")
+    HELD_OUT_USES: ClassVar[dict[str, str]] = {
+        **dict.fromkeys(("train", "search"), "the evolution scores candidates on it"),
+        "rank": "the ranking scores architectures on it",
+    }
 
     _target_: str = "dynlab.techniques.spos.module.SPOSModule"
     name: str = "spos"

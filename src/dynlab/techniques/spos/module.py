@@ -59,6 +59,8 @@ class SPOSModule(SupernetTechnique):
 
     phase_names = SPOSConfig.PHASES
     technique, retrain_stream, old_state_key = "spos", RETRAIN_STREAM, "arch"
+    # The fit phases that train the supernet one path per step.
+    path_phases: tuple[str, ...] = (SUPERNET,)
     space_fields = "backbone, its kwargs, technique.channel_search and dataset"
 
     config: SPOSConfig
@@ -71,11 +73,11 @@ class SPOSModule(SupernetTechnique):
         try:
             net = dataset_backbone(replace(backbone, kwargs=kwargs), data_info)
         except (TypeError, BackboneArgumentError) as err:  # no `channel_search` argument
-            raise ValueError(_not_a_supernet(backbone.name)) from err
-        if not isinstance(net, SPOSSupernet):
-            raise ValueError(_not_a_supernet(backbone.name))
+            raise ValueError(backbone_needed(self.technique, backbone.name)) from err
+        if not callable(getattr(net, "macs_table", None)):  # a one-shot supernet of this family
+            raise ValueError(backbone_needed(self.technique, backbone.name))
         self.space = net.space
-        self.table = MacsTable.measure(net, data_info.input_size)
+        self.table: MacsTable = net.macs_table(data_info.input_size)
         lo, hi = self.table.minimum(), self.table.maximum()
         problem = space_range_problem(lo, hi, config.evolution, "spos")
         if problem:
@@ -93,8 +95,21 @@ class SPOSModule(SupernetTechnique):
             net.set_path(self.val_path)
 
     # --- phases -------------------------------------------------------------------------------
+    def supernet_phases(self) -> list[Phase]:
+        return [Phase(SUPERNET)]
+
     def search_phases(self) -> list[Phase]:
-        return [Phase(SUPERNET), Phase(EVOLUTION, PhaseKind.custom)]
+        return [*self.supernet_phases(), Phase(EVOLUTION, PhaseKind.custom)]
+
+    def draw_path(self, rng: np.random.Generator) -> tuple[int, ...]:
+        """The path one supernet step trains (the configured sampler)."""
+        return self.sampler.sample(rng)
+
+    def rank_candidate(self, rng: np.random.Generator) -> tuple[int, ...]:
+        return self.sampler.uniform(rng)
+
+    def macs_of(self, genes: Any) -> float:
+        return self.table.macs(genes)
 
     def run_custom_phase(self, phase: Phase, ctx: PhaseContext) -> None:
         if phase.name == EVOLUTION:
@@ -111,18 +126,17 @@ class SPOSModule(SupernetTechnique):
 
     # --- the supernet phase: one path per step ------------------------------------------------
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        if self.current_phase == SUPERNET:
-            # Same path on every rank and after a resume: drawn from (seed, global step).
-            rng = np.random.default_rng(
-                derived_seed(self.config.seed, PATH_STREAM, self.global_step)
-            )
-            self._supernet.set_path(self.sampler.sample(rng))
+        if self.current_phase in self.path_phases:
+            # Same path on every rank and after a resume: drawn from (seed, phase, global step).
+            stream = PATH_STREAM + 10 * self.path_phases.index(self.current_phase)
+            rng = np.random.default_rng(derived_seed(self.config.seed, stream, self.global_step))
+            self._supernet.set_path(self.draw_path(rng))
         return super().training_step(batch, batch_idx)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Choices off the path get no update: their grads are None (DDP's all-reduce may have
         filled them with zeros), which SGD skips, momentum and weight decay included."""
-        if self.current_phase != SUPERNET:
+        if self.current_phase not in self.path_phases:
             return
         arch, _ = self.space.split(self._supernet.path)
         for layer, chosen in enumerate(arch):
@@ -142,7 +156,7 @@ class SPOSModule(SupernetTechnique):
 
     def on_validation_start(self) -> None:
         """The supernet is validated on one fixed path (the same every epoch)."""
-        if self.current_phase == SUPERNET and isinstance(self.model, SupernetExits):
+        if self.current_phase in self.path_phases and isinstance(self.model, SupernetExits):
             self._supernet.set_path(self.val_path)
 
     def on_fit_end(self) -> None:
@@ -159,17 +173,8 @@ class SPOSModule(SupernetTechnique):
     def _evolution(self, ctx: PhaseContext) -> None:
         cfg, datamodule = self.config.evolution, ctx.datamodule
         assert isinstance(datamodule, DynlabDataModule) and isinstance(self.model, SupernetExits)
-        scorer = PathScorer.on(self.model, datamodule, "spos/recalibration", cfg, str(self.device))
-        search = SPOSEvolution(
-            self.space,
-            self.table,
-            scorer,
-            cfg,
-            self.signature,
-            data_identity(datamodule),
-            self.window,
-            self._latency,
-        )
+        scorer = self.path_scorer(datamodule)
+        search = self.evolution_search(scorer, data_identity(datamodule))
         outcome = SearchDriver(search, ctx.phase_dir, self.config.seed, cfg.candidates_on).run()
         self.architecture = tuple(outcome.result["architecture"])
         # Leave the supernet on the winner with its recalibrated statistics: a search-only run's
@@ -178,8 +183,32 @@ class SPOSModule(SupernetTechnique):
         self.search_summary = {k: v for k, v in outcome.result.items() if k != "pareto"}
         if _rank_zero():
             publish_evolution(
-                outcome, "spos", ctx.phase_dir, ctx.run_dir, ctx.loggers, self.search_summary
+                outcome,
+                self.technique,
+                ctx.phase_dir,
+                ctx.run_dir,
+                ctx.loggers,
+                self.search_summary,
             )
+
+    def path_scorer(self, datamodule: DynlabDataModule) -> PathScorer:
+        """Scores a path as the official tester: BN recalibrated, then top-1 on held-out val."""
+        assert isinstance(self.model, SupernetExits)
+        key = f"{self.technique}/recalibration"
+        return PathScorer.on(self.model, datamodule, key, self.config.evolution, str(self.device))
+
+    def evolution_search(self, scorer: PathScorer, data: dict[str, Any]) -> SPOSEvolution:
+        """The evolution over the whole space, random candidates drawn inside the window."""
+        return SPOSEvolution(
+            self.space,
+            self.table,
+            scorer,
+            self.config.evolution,
+            self.signature,
+            data,
+            self.window,
+            self._latency,
+        )
 
     @functools.cached_property
     def _latency(self) -> SPOSLatency | None:
@@ -188,6 +217,11 @@ class SPOSModule(SupernetTechnique):
         cfg = self.config.evolution
         if cfg.min_latency_ms is None and cfg.max_latency_ms is None:
             return None
+        if not isinstance(self._supernet, SPOSSupernet):
+            raise ConfigError(
+                f"{self.technique}: a time window (technique.evolution.min/max_latency_ms) needs "
+                "the ShuffleNetV2 space's latency table; this space has none: use a MACs window"
+            )
         timing = TimingConfig(threads=cfg.latency_threads)
         latency = SPOSLatency.build(self._supernet, self.table.input_size, timing)
         problem = latency.window_problem(cfg.min_latency_ms, cfg.max_latency_ms)
@@ -210,10 +244,6 @@ class SPOSModule(SupernetTechnique):
     def load_search_state(self, state: dict[str, Any]) -> None:
         self.search_summary = state.get("search", {})
         self._supernet.set_path(tuple(state["path"]))
-
-
-def _not_a_supernet(name: str) -> str:
-    return backbone_needed("spos", name)
 
 
 def _rank_zero() -> bool:

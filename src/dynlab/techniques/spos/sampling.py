@@ -76,9 +76,17 @@ class WindowSampler:
             (b, s) for b in range(space.num_blocks) for s in range(max(space.num_scales, 1))
         ]
         costs = np.array([[layer[b][s] for b, s in self.options] for layer in table.layers])
-        floor = costs.min(axis=1)
-        self.step = max(float((costs.max(axis=1) - floor).sum()) / buckets, 1.0)
-        self.shifts = np.rint((costs - floor[:, None]) / self.step).astype(np.int64)
+        # Options a layer cannot take (identity where it cannot skip) are never counted or drawn.
+        allowed = np.array(
+            [[b < n for b, _ in self.options] for n in space.gene_choices()[: space.num_layers]]
+        )
+        costs = np.where(allowed, costs, np.nan)
+        floor = np.nanmin(costs, axis=1)
+        self.step = max(float((np.nanmax(costs, axis=1) - floor).sum()) / buckets, 1.0)
+        # A disallowed option's shift is -1: skipped when counting, weight 0 when drawing.
+        self.shifts = np.where(
+            allowed, np.rint(np.nan_to_num(costs - floor[:, None]) / self.step), -1
+        ).astype(np.int64)
         self.base = table.fixed + math.fsum(floor)
         slack = len(costs) / 2  # each entry's rounding is at most half a bucket
         top = int(self.shifts.max(axis=1).sum())
@@ -90,7 +98,7 @@ class WindowSampler:
         for shifts in self.shifts[::-1]:
             after = counts[-1]
             here = np.zeros(len(after) + int(shifts.max()))
-            for shift, n in zip(*np.unique(shifts, return_counts=True), strict=True):
+            for shift, n in zip(*np.unique(shifts[shifts >= 0], return_counts=True), strict=True):
                 here[shift : shift + len(after)] += n * after
             counts.append(here)
         self.counts = counts[::-1]
@@ -123,10 +131,12 @@ class WindowSampler:
         for _ in range(self.tries):
             prefix, picks = 0, []
             for layer, shifts in enumerate(self.shifts):
-                weights = np.array([self._inside(layer + 1, prefix + int(q)) for q in shifts])
+                weights = np.array(
+                    [self._inside(layer + 1, prefix + int(q)) if q >= 0 else 0.0 for q in shifts]
+                )
                 total = float(weights.sum())
                 if total <= 0:  # an empty window: any candidate, refused by the caller
-                    k = int(rng.integers(len(shifts)))
+                    k = int(rng.choice(np.flatnonzero(shifts >= 0)))
                 else:
                     k = int(np.searchsorted(np.cumsum(weights), rng.random() * total, "right"))
                     k = min(k, len(shifts) - 1)

@@ -31,6 +31,8 @@ class SPOSEvolution(Evolution):
         data: dict[str, Any],
         window: WindowSampler | None,
         latency: SPOSLatency | None = None,
+        gene_values: Sequence[Sequence[int]] | None = None,
+        name: str = "spos",
     ) -> None:
         super().__init__(
             space.gene_choices(),
@@ -41,7 +43,8 @@ class SPOSEvolution(Evolution):
             data,
             window.draw if window is not None else None,
             partial(latency.ms, space=space) if latency is not None else None,
-            name="spos",
+            name=name,
+            gene_values=gene_values,
         )
         self.space, self.table, self.window = space, table, window
 
