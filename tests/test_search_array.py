@@ -222,12 +222,20 @@ EVOLUTION = Phase("evolution", PhaseKind.custom)
 def evolution_in(run_dir: Path, *overrides: str) -> list[dict[str, Any]]:
     """The evolution phase of the tiny SPOS run in `run_dir`, composed with `overrides`; its
     records."""
+    return custom_phase_in(run_dir, EVOLUTION, "search", [*SPOS_EVOLUTION, *overrides])
+
+
+def custom_phase_in(
+    run_dir: Path, phase: Phase, config_name: str, overrides: list[str]
+) -> list[dict[str, Any]]:
+    """Custom `phase` of the run composed from `overrides` in `run_dir`; its records."""
     torch.manual_seed(0)
     try:
-        datamodule, module = build_run(compose_in([*SPOS_EVOLUTION, *overrides], "search", run_dir))
-        module.start_phase(EVOLUTION)
-        phase_dir = run_dir / "evolution"
-        module.run_custom_phase(EVOLUTION, PhaseContext(run_dir, phase_dir, datamodule, None))
+        cfg = compose_in(overrides, config_name, run_dir)
+        datamodule, module = build_run(cfg)
+        module.start_phase(phase)
+        phase_dir = run_dir / phase.name
+        module.run_custom_phase(phase, PhaseContext(run_dir, phase_dir, datamodule, cfg))
     finally:
         HydraConfig.instance().cfg = None
         GlobalHydra.instance().clear()
@@ -269,24 +277,14 @@ def test_spos_evolution_on_a_slurm_array_equals_its_in_process_run(
 def rank_in(run_dir: Path, *overrides: str) -> list[dict[str, Any]]:
     """The rank phase of the tiny SPOS space's untrained supernet in `run_dir`: 3 architectures,
     each trained alone twice for 2 batches; its records."""
-    rank = Phase("rank", PhaseKind.custom)
     settings = [
         "technique.ranking.architectures=3",
         "technique.ranking.epochs=1",
         "technique.ranking.batches_per_epoch=2",
         "technique.ranking.bootstrap=50",
     ]
-    torch.manual_seed(0)
-    try:
-        cfg = compose_in([*SPOS_EVOLUTION, *settings, *overrides], "rank", run_dir)
-        datamodule, module = build_run(cfg)
-        module.start_phase(rank)
-        phase_dir = run_dir / "rank"
-        module.run_custom_phase(rank, PhaseContext(run_dir, phase_dir, datamodule, cfg))
-    finally:
-        HydraConfig.instance().cfg = None
-        GlobalHydra.instance().clear()
-    return json.loads((phase_dir / CANDIDATES).read_text())
+    rank = Phase("rank", PhaseKind.custom)
+    return custom_phase_in(run_dir, rank, "rank", [*SPOS_EVOLUTION, *settings, *overrides])
 
 
 @pytest.mark.slurm

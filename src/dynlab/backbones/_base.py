@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from timm.layers import ClassifierHead
@@ -45,6 +46,15 @@ class CifarClassifier(ClassifierAPI):
         self.num_classes = num_classes
         self.num_features = num_features
         self.head = ClassifierHead(num_features, num_classes, drop_rate=drop_rate)
+
+
+def reinitialise(model: nn.Module, init: Callable[[nn.Module], None]) -> None:
+    """Fresh weights and BN statistics, as at construction: every conv, linear and BN layer
+    reset (from the torch RNG), then the model's own `init` (a supernet's fresh start)."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d | nn.Linear | nn.BatchNorm2d):
+            m.reset_parameters()
+    init(model)
 
 
 def init_weights(module: nn.Module) -> None:

@@ -25,7 +25,7 @@ import torch
 from timm.models import build_model_with_cfg, generate_default_cfgs
 from torch import Tensor, nn
 
-from dynlab.backbones._base import ClassifierAPI, cifar_cfg, imagenet_cfg
+from dynlab.backbones._base import ClassifierAPI, cifar_cfg, imagenet_cfg, reinitialise
 from dynlab.backbones.registry import register_backbone
 from dynlab.backbones.spos_shufflenetv2 import MacsTable, SearchSpace
 from dynlab.capabilities import Capability
@@ -176,10 +176,7 @@ class MobileNetSupernet(_MobileBase):
 
     def reset_weights(self) -> None:
         """Fresh weights and BN statistics, as at construction (from the torch RNG)."""
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d | nn.Linear | nn.BatchNorm2d):
-                m.reset_parameters()
-        _init(self)
+        reinitialise(self, _init)
 
     def layer_params(self, layer: int, block: int) -> list[nn.Parameter]:
         """The parameters of choice `block` of `layer` (identity has none)."""

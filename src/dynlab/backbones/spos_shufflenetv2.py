@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from timm.models import build_model_with_cfg, generate_default_cfgs
 from torch import Tensor, nn
 
-from dynlab.backbones._base import CifarClassifier, cifar_cfg, imagenet_cfg
+from dynlab.backbones._base import CifarClassifier, cifar_cfg, imagenet_cfg, reinitialise
 from dynlab.backbones.registry import register_backbone
 from dynlab.capabilities import Capability
 from dynlab.evaluation.macs import count_macs
@@ -510,10 +510,7 @@ class SPOSSupernet(_SPOSBase):
 
     def reset_weights(self) -> None:
         """Fresh weights and BN statistics, as at construction (from the torch RNG)."""
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d | nn.Linear | nn.BatchNorm2d):
-                m.reset_parameters()
-        spos_init(self)
+        reinitialise(self, spos_init)
 
     def macs_table(self, input_size: tuple[int, int, int]) -> MacsTable:
         """The space's MACs table at `input_size` (`MacsTable.measure`)."""

@@ -35,15 +35,15 @@ from dynlab.search.supernet import PathScorer
 from dynlab.techniques.anglenas.config import AngleNASConfig
 from dynlab.techniques.anglenas.shrinking import AngleMeter, ShrunkSpace, lowest, score_operators
 from dynlab.techniques.base import Phase
-from dynlab.techniques.spos.module import SUPERNET, SPOSModule
+from dynlab.techniques.spos.module import PATH_STREAM, SUPERNET, SPOSModule
 from dynlab.techniques.spos.search import SPOSEvolution
 
 __all__ = ["AngleNASModule"]
 
 SHRINK = "shrink"
-# Seed streams beside SPOS's (0, 2, 3; the driver's 0 and 1): the operators' scoring paths, the
-# fresh supernet of the search, its validation path.
-SCORE_STREAM, FRESH_STREAM, SEARCH_VAL_STREAM = 4, 5, 6
+# Seed streams beside SPOS's (0, 2, 3; the driver's 0 and 1; the ranking's 7, 8): the operators'
+# scoring paths, the fresh supernet of the search, its validation path and its training paths.
+SCORE_STREAM, FRESH_STREAM, SEARCH_VAL_STREAM, SEARCH_PATH_STREAM = 4, 5, 6, 10
 
 
 class AngleNASModule(SPOSModule):
@@ -51,7 +51,7 @@ class AngleNASModule(SPOSModule):
 
     phase_names = AngleNASConfig.PHASES
     technique = "anglenas"
-    path_phases = (SHRINK, SUPERNET)
+    path_streams = {SHRINK: PATH_STREAM, SUPERNET: SEARCH_PATH_STREAM}
 
     config: AngleNASConfig
 

@@ -59,8 +59,9 @@ class SPOSModule(SupernetTechnique):
 
     phase_names = SPOSConfig.PHASES
     technique, retrain_stream, old_state_key = "spos", RETRAIN_STREAM, "arch"
-    # The fit phases that train the supernet one path per step.
-    path_phases: tuple[str, ...] = (SUPERNET,)
+    # The fit phases that train the supernet one path per step, and the seed stream of each one's
+    # paths.
+    path_streams: dict[str, int] = {SUPERNET: PATH_STREAM}
     space_fields = "backbone, its kwargs, technique.channel_search and dataset"
 
     config: SPOSConfig
@@ -79,7 +80,7 @@ class SPOSModule(SupernetTechnique):
         self.space = net.space
         self.table: MacsTable = net.macs_table(data_info.input_size)
         lo, hi = self.table.minimum(), self.table.maximum()
-        problem = space_range_problem(lo, hi, config.evolution, "spos")
+        problem = space_range_problem(lo, hi, config.evolution, self.technique)
         if problem:
             raise ValueError(problem)
         self.window = window_sampler(self.table, config.evolution)
@@ -126,9 +127,9 @@ class SPOSModule(SupernetTechnique):
 
     # --- the supernet phase: one path per step ------------------------------------------------
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        if self.current_phase in self.path_phases:
-            # Same path on every rank and after a resume: drawn from (seed, phase, global step).
-            stream = PATH_STREAM + 10 * self.path_phases.index(self.current_phase)
+        stream = self.path_streams.get(self.current_phase)  # type: ignore[arg-type]
+        if stream is not None:
+            # Same path on every rank and after a resume: drawn from (seed, stream, global step).
             rng = np.random.default_rng(derived_seed(self.config.seed, stream, self.global_step))
             self._supernet.set_path(self.draw_path(rng))
         return super().training_step(batch, batch_idx)
@@ -136,7 +137,7 @@ class SPOSModule(SupernetTechnique):
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Choices off the path get no update: their grads are None (DDP's all-reduce may have
         filled them with zeros), which SGD skips, momentum and weight decay included."""
-        if self.current_phase not in self.path_phases:
+        if self.current_phase not in self.path_streams:
             return
         arch, _ = self.space.split(self._supernet.path)
         for layer, chosen in enumerate(arch):
@@ -156,7 +157,7 @@ class SPOSModule(SupernetTechnique):
 
     def on_validation_start(self) -> None:
         """The supernet is validated on one fixed path (the same every epoch)."""
-        if self.current_phase in self.path_phases and isinstance(self.model, SupernetExits):
+        if self.current_phase in self.path_streams and isinstance(self.model, SupernetExits):
             self._supernet.set_path(self.val_path)
 
     def on_fit_end(self) -> None:
@@ -190,12 +191,6 @@ class SPOSModule(SupernetTechnique):
                 ctx.loggers,
                 self.search_summary,
             )
-
-    def path_scorer(self, datamodule: DynlabDataModule) -> PathScorer:
-        """Scores a path as the official tester: BN recalibrated, then top-1 on held-out val."""
-        assert isinstance(self.model, SupernetExits)
-        key = f"{self.technique}/recalibration"
-        return PathScorer.on(self.model, datamodule, key, self.config.evolution, str(self.device))
 
     def evolution_search(self, scorer: PathScorer, data: dict[str, Any]) -> SPOSEvolution:
         """The evolution over the whole space, random candidates drawn inside the window."""
