@@ -149,10 +149,12 @@ def test_the_same_architectures_ranked_again_reuse_their_trained_alone_scores(
 def test_a_ranking_killed_between_architectures_resumes_and_ends_the_same(
     compose_cfg, ranked: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # The trained-alone scores come from the fixture's cache: the resume is the driver's.
     overrides = [
         *RANK,
         f"ckpt_path={ranked / 'checkpoints' / 'supernet' / 'final.ckpt'}",
         "phase=rank",
+        f"technique.ranking.alone_cache={ranked.parent / 'alone'}",
     ]
     recalibrate, calls = scoring.recalibrate_bn, {"n": 0}
 
