@@ -42,6 +42,8 @@ DEPLOY_CASES = [
     ("cifar_mobilenetv2", "repvgg", "relu6"),
     ("cifar_repvgg_a0", "repvgg", "relu"),
     ("cifar_repvgg_a0", "acnet", "frelu"),
+    # WeightNet in the official placement (1x1 and depthwise convs, shared reduce), light FReLU
+    ("weightnet_shufflenetv2_x0_5", "weightnet", "frelu_light"),
 ]
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pickle
+import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -173,6 +175,59 @@ def test_imagenet_folder_tree_loads(tmp_path: Path) -> None:
     assert torch.equal(
         first_batch(data.train_dataloader())[0], first_batch(again.train_dataloader())[0]
     )
+
+
+PAPER_RECIPE = {  # CondenseNetV2's ImageNet recipe (official train.py), SPOS's jitter on top
+    "auto_augment": "rand-m9-mstd0.5",
+    "re_prob": 0.2,
+    "interpolation": "random",
+    "eval_interpolation": "bicubic",
+}
+
+
+def test_imagenet_paper_recipe_is_timms_and_follows_the_seed_alone(tmp_path: Path) -> None:
+    """RandAugment and random erasing draw from Python's and numpy's RNGs: the batches must be the
+    same however those were left, and a loader resumed mid-epoch must give the remaining ones."""
+    root = str(write_fake_imagenet(tmp_path, num_classes=3, per_class_train=6, per_class_val=1))
+    kwargs = dict(root=root, num_classes=3, image_size=32, val_size=3, batch_size=3)
+    data = ImageNetDataModule(**kwargs, augmentation=PAPER_RECIPE)
+    names = [type(t).__name__ for t in data.augment_transform().transform.transforms]
+    assert names[:2] == ["RandomResizedCropAndInterpolation", "RandomHorizontalFlip"]
+    assert "RandAugment" in names and names[-1] == "RandomErasing"
+    assert "ColorJitter" not in names  # timm drops it under RandAugment, as the paper's code
+    eval_names = [type(t).__name__ for t in data.eval_transform().transform.transforms]
+    assert eval_names[:2] == ["Resize", "CenterCrop"]
+    assert data.eval_transform().transform.transforms[0].size == 36  # 32 / 0.875, floored
+
+    data.setup()
+    loader = data.train_dataloader()
+    expected = [x for x, _ in loader]
+    random.seed(123), np.random.seed(123), torch.manual_seed(123)
+    again = ImageNetDataModule(**kwargs, augmentation=PAPER_RECIPE)
+    again.setup()
+    resumed = again.train_dataloader()
+    resumed.load_state_dict({"epoch": 0, "consumed": 1})
+    assert all(
+        torch.equal(a, b) for a, b in zip(expected[1:], (x for x, _ in resumed), strict=True)
+    )
+    standard = ImageNetDataModule(**kwargs)
+    standard.setup()
+    assert not torch.equal(first_batch(standard.train_dataloader())[0], expected[0])
+
+
+@pytest.mark.parametrize(
+    "recipe,message",
+    [
+        ({"auto_augment": "rand-x9"}, "auto_augment='rand-x9' is not a policy timm can build"),
+        ({"auto_augment": "magic"}, "auto_augment=magic: a timm policy string"),
+        ({"re_prob": 1.5}, "re_prob=1.5: a probability"),
+        ({"interpolation": "nearest"}, "interpolation=nearest: one of bilinear, bicubic, random"),
+    ],
+)
+def test_imagenet_recipe_refuses_bad_settings(tmp_path: Path, recipe: dict, message: str) -> None:
+    root = str(write_fake_imagenet(tmp_path, num_classes=2, per_class_train=2, per_class_val=1))
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ImageNetDataModule(root=root, num_classes=2, val_size=1, augmentation=recipe)
 
 
 def test_imagenet_class_count_must_match_the_tree(tmp_path: Path) -> None:

@@ -88,11 +88,17 @@ def test_each_child_op_is_keyed_by_the_shape_the_child_meets_it(tiny) -> None:
             seen.append(f"{kind}-input:{h}x{w}x{c}-output:{ho}x{wo}x{co}")
 
         first = 1 if net.first is not None else 0
-        for block in list(child.blocks)[first:]:
+        for block, spec in list(zip(child.blocks, child.specs, strict=True))[first:]:
+            if spec.op == "skip":  # its projection, none when the shape stays
+                if block.proj is not None:
+                    block.proj.register_forward_hook(lambda m, a, o: hook(m, a, o, "skip"))
+                continue
             for kind in ("pw", "dw", "se", "pwl"):
                 part = getattr(block, kind)
                 if part is not None:
                     part.register_forward_hook(lambda m, a, o, kind=kind: hook(m, a, o, kind))
+            if spec.residual:  # the add, on the block's output
+                block.register_forward_hook(lambda m, a, o: hook(m, (o,), o, "add"))
         with torch.no_grad():
             child(torch.randn(1, *SIZE))
         blocks = latency.op_keys(choices)[2:]  # after the stem and the head
@@ -100,7 +106,7 @@ def test_each_child_op_is_keyed_by_the_shape_the_child_meets_it(tiny) -> None:
 
 
 def _kind_and_shapes(key: str) -> tuple[str, str, str]:
-    """("pw" | "dw" | "se" | "pwl", input HxWxC, output HxWxC) of a key or a seen layer."""
+    """(kind: pw, dw, se, pwl, add, skip; input HxWxC, output HxWxC) of a key or a seen layer."""
     kind, shapes = key.split("-input:")
     given, out = shapes.split("-output:")
     return re.match(r"[a-z]+", kind).group(0), given, out
@@ -135,7 +141,8 @@ def test_the_expected_latency_is_exact_and_differentiable_and_the_span_is_the_ex
                 probs[a] *= float(g[i].detach())
     assert float(expected) == pytest.approx(float(probs @ ms), rel=1e-9)
     expected.backward()
-    assert all(float(p.grad.abs().max()) > 0 for p in net.arch_parameters())
+    # every group with a choice (one-option groups, such as a stride-2 block's op, have none)
+    assert all(float(p.grad.abs().max()) > 0 for p in net.arch_parameters() if p.numel() > 1)
 
 
 def test_a_table_is_calibrated_on_whole_reference_networks(tiny, cache: Path) -> None:
@@ -231,3 +238,47 @@ def test_a_bad_latency_setting_is_refused_before_anything_runs(
     with pytest.raises(ConfigError, match=message):
         validate_config(cfg)
         build_run(cfg)
+
+
+def test_skip_activation_stem_and_head_choices_are_exact_in_the_table() -> None:
+    """A space with every kind of choice (stem and head widths, skip, activations, equal-width
+    rules) and an untimed table of random entries: every entry is an op of some architecture,
+    `expected` is `ms` at one-hot weights and the softmax-weighted mean of `ms`, and `span` is
+    the min and max of `ms` over every architecture."""
+    from dynlab.backbones.fbnetv2 import FBNetV2Supernet
+    from dynlab.search.latency_table import LatencyTable
+    from dynlab.techniques.fbnetv2.latency import _ops
+
+    space = {"space": "cifar", "stage_widths": [[8, 16], [8, 16]], "strides": [1, 1]}
+    space |= {"repeats": [1, 1], "expansions": [1, 2], "acts": [["relu", "hswish"], "relu"]}
+    space |= {"skip": True, "stem_width": [8, 16], "first_width": 0, "head_width": [24, 32]}
+    net = FBNetV2Supernet(**space, resolutions=[16, 8], num_classes=3)
+    ops, keys, options = _ops(net, (3, 16, 16))
+    rng = np.random.default_rng(0)
+    latency = FBNetV2Latency(
+        LatencyTable({k: {"mean": float(rng.uniform(0.1, 1.0))} for k in ops}), keys, options
+    )
+    archs = _every_architecture(net)
+    assert len(archs) == 2 * 2 * (2 * 2 * 2 * 2 * 2 * 2) * (2 * 2 * 2 * 2 * 2) * 2
+    used: set[str] = set()
+    for c in archs:
+        used |= set(latency.op_keys(c))
+    assert used == set(ops)
+    assert any(k.startswith("skip") for k in ops) and any(k.startswith("add") for k in ops)
+    ms = np.array([latency.ms(c) for c in archs])
+    for c in archs[:: len(archs) // 9]:
+        assert float(latency.expected(_one_hot(net, c))) == pytest.approx(latency.ms(c), rel=1e-12)
+    assert latency.span() == pytest.approx((ms.min(), ms.max()), rel=1e-12)
+    with torch.no_grad():
+        for p in net.arch_parameters():
+            p.normal_()
+    weights = {"resolution": net.alpha_resolution.double().softmax(-1)} | {
+        k: [t.double().softmax(-1) for t in net._alphas(k)] for k in CHOICE_KEYS[1:]
+    }
+    probs = np.ones(len(archs))
+    for a, c in enumerate(archs):
+        probs[a] *= float(weights["resolution"][c["resolution"]])
+        for k in CHOICE_KEYS[1:]:
+            for g, i in zip(weights[k], c[k], strict=True):
+                probs[a] *= float(g[i])
+    assert float(latency.expected(weights)) == pytest.approx(float(probs @ ms), rel=1e-9)

@@ -19,10 +19,12 @@ from torch import nn
 import dynlab.backbones  # noqa: F401  (registers)
 from dynlab.backbones.fbnetv2 import (
     CHOICE_KEYS,
+    PUBLISHED,
     FBNetV2Net,
     FBNetV2Supernet,
     divisible_width,
     expand_rows,
+    published_choices,
     se_width,
 )
 from dynlab.evaluation.macs import count_macs
@@ -39,13 +41,28 @@ TINY: dict[str, Any] = {
     "head_width": 32,
     "num_classes": 5,
 }
+# The same with every kind of choice: stem and head widths, per-block widths whose options meet
+# (residual adds, identity skips and pw-less blocks at equal widths), the skip op on stride-1
+# blocks, activation options, hidden widths on a grid of 8.
+WIDE: dict[str, Any] = {
+    **TINY,
+    "stage_widths": [[8, 16], [16, 24], [16, 24]],
+    "repeats": [2, 1, 2],
+    "strides": [1, 2, 1],
+    "acts": [["relu", "hswish"], "relu", ["hswish", "relu"]],
+    "hidden_step": 8,
+    "skip": True,
+    "stem_width": [8, 16],
+    "first_width": 0,
+    "head_width": [24, 32],
+}
 SIZE = (3, 16, 16)
 IMAGENET = (3, 224, 224)
 
 
-def _tiny(**kwargs: Any) -> FBNetV2Supernet:
+def _tiny(space: dict[str, Any] = TINY, **kwargs: Any) -> FBNetV2Supernet:
     torch.manual_seed(0)
-    net = FBNetV2Supernet(**{**TINY, **kwargs})
+    net = FBNetV2Supernet(**{**space, **kwargs})
     _randomise(net)
     return net
 
@@ -76,34 +93,44 @@ def _random_choices(net: FBNetV2Supernet, rng: random.Random) -> dict[str, Any]:
 
 
 def _extreme(net: FBNetV2Supernet, cheapest: bool) -> dict[str, Any]:
-    """All narrowest / smallest / off (cheapest) or all widest / largest / on choices."""
+    """All narrowest / smallest / off (cheapest) or all widest / largest / on choices, every
+    block an ir block with its first activation."""
     pick = min if cheapest else max
 
     def index(values: tuple) -> int:
         return values.index(pick(values))
 
+    n = len(net.search_blocks)
     return {
         "resolution": index(net.resolutions),
-        "widths": [index(w) for w in net.stage_widths],
+        "stem": [index(net.stem_widths)],
+        "widths": [index(b.outs) for b in net.search_blocks],
+        "ops": [0] * n,
         "expansions": [index(b.mids) for b in net.search_blocks],
-        "kernels": [index(net.kernels)] * len(net.search_blocks),
-        "se": [index(net.se_options)] * len(net.search_blocks),
+        "kernels": [index(net.kernels)] * n,
+        "se": [index(net.se_options)] * n,
+        "acts": [0] * n,
+        "head": [index(net.head_widths)],
     }
 
 
-def test_fixed_supernet_equals_its_child_also_after_folding_batchnorm() -> None:
-    net = _tiny().eval()
+@pytest.mark.parametrize("space", [TINY, WIDE], ids=["tiny", "wide"])
+def test_fixed_supernet_equals_its_child_also_after_folding_batchnorm(
+    space: dict[str, Any],
+) -> None:
+    net = _tiny(space).eval()
     rng = random.Random(0)
     x = torch.randn(2, *SIZE)
     cases = [_extreme(net, True), _extreme(net, False)] + [
-        _random_choices(net, rng) for _ in range(6)
+        _random_choices(net, rng) for _ in range(6 if space is TINY else 24)
     ]
-    seen = {"resolution": set(), "kernels": set(), "se": set()}
+    seen: dict[str, set] = {"resolution": set(), "kernels": set(), "se": set(), "rules": set()}
     for choices in cases:
         net.fix(choices)
         child = net.child(choices).eval()
         assert isinstance(child, FBNetV2Net) and child.choices == choices
         assert child.resolution == net.resolutions[choices["resolution"]]
+        assert child.resize == "nearest"  # the supernet's subsampling, so that they agree
         with torch.no_grad():
             logits, features = net(x), net.forward_features(x).mean((2, 3))
             assert torch.allclose(child(x), logits, atol=1e-5), net.decode(choices)
@@ -116,15 +143,30 @@ def test_fixed_supernet_equals_its_child_also_after_folding_batchnorm() -> None:
         seen["resolution"].add(choices["resolution"])
         seen["kernels"].update(choices["kernels"])
         seen["se"].update(choices["se"])
-    assert seen == {"resolution": {0, 1, 2}, "kernels": {0, 1}, "se": {0, 1}}
+        for spec in child.specs:  # which of mobile-vision's equal-width rules the child met
+            seen["rules"].add("residual" if spec.residual else "plain")
+            if spec.op == "skip":
+                seen["rules"].add("identity" if spec.cin == spec.cout else "projection")
+            elif not spec.pw:
+                seen["rules"].add("no pw")
+    assert {k: v for k, v in seen.items() if k != "rules"} == {
+        "resolution": {0, 1, 2},
+        "kernels": {0, 1},
+        "se": {0, 1},
+    }
+    if space is WIDE:
+        assert seen["rules"] == {"residual", "plain", "identity", "projection", "no pw"}
     # a different choice gives a different network (the fixed weights matter)
     net.fix(cases[0])
     with torch.no_grad():
         assert not torch.allclose(net(x), net.child(cases[1]).eval()(x), atol=1e-3)
 
 
-def test_expected_macs_equals_count_macs_of_the_child_at_one_hot_choices() -> None:
-    net = _tiny()
+@pytest.mark.parametrize("space", [TINY, WIDE], ids=["tiny", "wide"])
+def test_expected_macs_equals_count_macs_of_the_child_at_one_hot_choices(
+    space: dict[str, Any],
+) -> None:
+    net = _tiny(space)
     rng = random.Random(1)
     for choices in [_extreme(net, True), _extreme(net, False)] + [
         _random_choices(net, rng) for _ in range(5)
@@ -142,8 +184,11 @@ def _params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def test_expected_params_equals_the_childs_parameter_count_at_one_hot_choices() -> None:
-    net = _tiny()
+@pytest.mark.parametrize("space", [TINY, WIDE], ids=["tiny", "wide"])
+def test_expected_params_equals_the_childs_parameter_count_at_one_hot_choices(
+    space: dict[str, Any],
+) -> None:
+    net = _tiny(space)
     rng = random.Random(3)
     cases = [_extreme(net, True), _extreme(net, False)] + [
         _random_choices(net, rng) for _ in range(6)
@@ -211,10 +256,10 @@ def test_expected_macs_is_differentiable_bounded_and_follows_the_logits() -> Non
     for name, p in net.named_parameters():
         if "alpha" in name and p.numel() > 1:
             assert p.grad is not None and p.grad.abs().sum() > 0, name
-    # the same Gumbel noise with logits favouring narrower stage widths costs less
+    # the same Gumbel noise with logits favouring narrower block widths costs less
     with torch.no_grad():
-        for s in range(len(net.stage_widths)):
-            getattr(net, f"alpha_width_{s}")[0] += 2.0
+        for j in range(len(net.search_blocks)):
+            getattr(net, f"alpha_width_{j}")[0] += 2.0
     torch.manual_seed(5)
     net(x)
     assert net.expected_macs().item() < cost.item()
@@ -237,7 +282,7 @@ def test_expected_params_is_differentiable_bounded_and_ignores_the_resolution() 
     for name, p in net.named_parameters():
         if name == "alpha_resolution":
             assert p.grad is None or not p.grad.any()
-        elif "alpha" in name:
+        elif "alpha" in name and p.numel() > 1:
             assert p.grad is not None and p.grad.abs().sum() > 0, name
     # the same Gumbel noise with other resolution logits: the same parameters, other MACs
     with torch.no_grad():
@@ -258,19 +303,21 @@ def test_expected_params_is_differentiable_bounded_and_ignores_the_resolution() 
 
 
 def test_expected_costs_are_the_exact_expectation_over_independent_choices() -> None:
-    """Soft Gumbel weights of a 256-child space (x 2 resolutions): expected_params and
-    expected_macs equal the probability-weighted sum of their one-hot values (the children's
-    exact costs, tested above) over every child: products of independent widths and SE's
-    rounded bottleneck are exact expectations (float64, so the weights sum to 1 to 1e-16)."""
+    """Soft Gumbel weights of a 2048-child space (x 2 resolutions, with stem, head, skip and
+    equal-width choices): expected_params and expected_macs equal the probability-weighted sum
+    of their one-hot values (the children's exact costs, tested above) over every child:
+    products of independent widths, the equal-width terms and SE's rounded bottleneck are exact
+    expectations (float64, so the weights sum to 1 to 1e-16)."""
     torch.manual_seed(0)
-    net = FBNetV2Supernet(
-        **{**TINY, "stage_widths": [[8, 16], [16, 24]], "repeats": [1, 1], "resolutions": [16, 8]}
-    ).double()
+    small = {"stage_widths": [[8, 16], [16, 24]], "repeats": [1, 1], "strides": [1, 2]}
+    small |= {"resolutions": [16, 8]}
+    net = FBNetV2Supernet(**{**WIDE, **small, "acts": ["relu", "hswish"]}).double()
     net.tau = 4.0  # clearly soft weights
     net.train()(torch.randn(1, *SIZE, dtype=torch.float64))
     w = net.last_weights()
     soft = {k: net.expected_cost(k).item() for k in ("params", "macs")}
     groups = [(k, i, t.detach()) for k in CHOICE_KEYS[1:] for i, t in enumerate(w[k])]
+    groups = [g for g in groups if g[2].numel() > 1]  # the one-option groups are 1
     assert all(0.05 < float(t.max()) < 0.95 for _, _, t in groups)  # every group is soft
     g_res = w["resolution"].detach()
     want = {"params": 0.0, "macs": 0.0}
@@ -336,7 +383,8 @@ def test_arch_and_weight_parameters_split_by_the_alpha_pattern() -> None:
     named = dict(net.named_parameters())
     by_pattern = [p for n, p in named.items() if fnmatch.fnmatch(n, "*alpha*")]
     assert {id(p) for p in arch} == {id(p) for p in by_pattern}
-    assert len(arch) == 1 + 3 + 3 * 4  # resolution, 3 stages, 4 blocks x (expansion, kernel, se)
+    # resolution, stem, 4 blocks x (width, op, expansion, kernel, se, act), head
+    assert len(arch) == 1 + 1 + 4 * 6 + 1
     weights = net.weight_parameters()
     assert {id(p) for p in weights}.isdisjoint({id(p) for p in arch})
     assert len(weights) + len(arch) == len(named)
@@ -348,7 +396,8 @@ def test_choice_problem_and_space_problem_name_what_is_wrong() -> None:
     assert net.choice_problem(good) is None
     assert "keys" in net.choice_problem({"resolution": 0})
     assert "has 2 entries" in net.choice_problem({**good, "widths": [0, 0]})
-    assert "widths[2]" in net.choice_problem({**good, "widths": [0, 0, 2]})
+    assert "widths[2]" in net.choice_problem({**good, "widths": [0, 0, 2, 0]})
+    assert "ops[1]" in net.choice_problem({**good, "ops": [0, 1, 0, 0]})  # no skip in TINY
     assert "0..2" in net.choice_problem({**good, "resolution": 3})
     assert "True" in net.choice_problem({**good, "se": [True, 0, 0, 0]})
     with pytest.raises(ValueError, match="resolution"):
@@ -371,6 +420,9 @@ def test_choice_problem_and_space_problem_name_what_is_wrong() -> None:
         ({"kernels": [3, 4]}, "odd"),
         ({"repeats": [1, 0, 1]}, "at least one block"),
         ({"space": "nope"}, "unknown FBNetV2 space"),
+        ({"stem_width": [8, 16]}, "first_width"),
+        ({"hidden_step": -8}, "hidden_step"),
+        ({"acts": ["relu", [], "relu"]}, "acts"),
     ],
 )
 def test_impossible_spaces_fail_in_the_constructor(kwargs: dict, match: str) -> None:
@@ -381,7 +433,9 @@ def test_impossible_spaces_fail_in_the_constructor(kwargs: dict, match: str) -> 
 def test_space_defaults_widths_and_signature() -> None:
     net = _tiny()
     assert [b.stride for b in net.search_blocks] == [1, 2, 1, 2]  # derived: first, then 2s
-    assert [b.residual for b in net.search_blocks] == [False, False, True, False]
+    # an add where some input width option equals an output one at stride 1, also on the first
+    # block of a stride-1 stage (mobile-vision's build_residual_connect)
+    assert [block.can_add for block in net.blocks] == [True, False, True, False]
     assert net.search_blocks[0].mids == (16, 48) and net.search_blocks[3].mids == (24, 72)
     assert net.grid == (4, 4) and net.positions[1][0] == [0, 1, 3]
     sig = net.signature()
@@ -395,11 +449,12 @@ def test_space_defaults_widths_and_signature() -> None:
 def test_f_space_follows_the_notes() -> None:
     with torch.device("meta"):
         net = timm.create_model("fbnetv2_f_supernet")
-    assert [max(w) for w in net.stage_widths] == [28, 40, 96, 128, 216]
-    assert [len(w) for w in net.stage_widths] == [4, 4, 7, 8, 14]
-    assert len(net.search_blocks) == 17 and net.head_pre == 1296
+    assert [max(w) for w in net.stage_widths] == [16, 28, 40, 96, 128, 224]
+    assert [len(w) for w in net.stage_widths] == [2, 4, 4, 7, 8, 15]
+    assert len(net.search_blocks) == 19 and net.head_pre == 1344 and net.first_spec is None
     assert net.grid == (7, 7) and net.positions[3][0] == [0, 2, 4, 5]
-    assert net.first_spec is not None and not net.first_spec.pw and net.first_spec.residual
+    assert net.search_blocks[-1].mids == tuple(range(8, 1345, 8))  # 6 x 224 on a grid of 8
+    assert [b.ops for b in net.search_blocks[:3]] == [("ir", "skip"), ("ir",), ("ir", "skip")]
 
 
 def test_train_mode_forward_trains_weights_and_logits_together() -> None:
@@ -505,3 +560,71 @@ def test_published_rows_expand_like_mobile_vision() -> None:
         assert net(torch.randn(2, 3, 40, 40)).shape == (2, 3)  # resized to 32 first
     with pytest.raises(ValueError, match="takes 8 channels"):
         FBNetV2Net([(8, 8, 1, 8, 3)], stem_width=16)
+
+
+@pytest.fixture(scope="module")
+def f_space() -> FBNetV2Supernet:
+    """The F space's supernet with storage but no init (only shapes and costs matter)."""
+    with torch.device("meta"):
+        net = timm.create_model("fbnetv2_f_supernet")
+    return net.to_empty(device="cpu")
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_each_published_model_is_a_point_of_the_f_space(
+    f_space: FBNetV2Supernet, name: str
+) -> None:
+    """published_choices finds F1-F4's every block among the F space's options; the exported
+    net of those choices has the registered model's layers in order, MACs and parameters (also
+    the supernet's expected costs there), and with its weights the same outputs."""
+    choices = published_choices(f_space, name)
+    assert f_space.choice_problem(choices) is None
+    decoded = f_space.decode(choices)
+    torch.manual_seed(0)
+    published = timm.create_model(name).eval()
+    _randomise(published)
+    exported = f_space.standalone(choices).eval()
+    assert decoded["resolution"] == published.resolution == exported.resolution
+    assert decoded["head"] == published.head.width and exported.resize == "bilinear"
+    assert "skip" in decoded["ops"] and len(set(decoded["widths"][13:17])) > 1  # F1, F4
+    shapes = [tuple(v.shape) for v in published.state_dict().values()]
+    assert [tuple(v.shape) for v in exported.state_dict().values()] == shapes
+    r = published.resolution
+    macs = count_macs(published, (3, r, r))
+    assert count_macs(exported, (3, r, r)) == macs
+    assert _params(exported) == _params(published)
+    f_space.fix(choices)
+    assert f_space.expected_macs().item() == macs
+    assert f_space.expected_params().item() == _params(published)
+    f_space.unfix()
+    values = published.state_dict().values()
+    exported.load_state_dict(dict(zip(exported.state_dict(), values, strict=True)))
+    x = torch.randn(2, 3, r + 32, r + 32)  # resized to r inside both, bilinearly
+    with torch.no_grad():
+        want = published(x)
+        assert want.abs().max() > 1e-3
+        torch.testing.assert_close(exported(x), want, atol=1e-5, rtol=1e-4)
+
+
+def test_published_choices_refuse_a_space_without_the_models_options() -> None:
+    with torch.device("meta"):
+        narrow = timm.create_model("fbnetv2_f_supernet", head_width=[1984])
+    with pytest.raises(ValueError, match="head width 1600"):
+        published_choices(narrow, "fbnetv2_f1")
+    assert published_choices(narrow, "fbnetv2_f4")["head"] == [0]
+
+
+def test_exported_nets_resize_bilinearly_and_the_supernet_subsamples() -> None:
+    """standalone (the exported / retrained net) resizes as the published models are evaluated,
+    bilinearly; child keeps the supernet's nearest subsampling (it must compute the same)."""
+    net = _tiny().eval()
+    choices = {**net.choices(), "resolution": 2}  # 8 of the 16x16 input
+    x = torch.randn(2, *SIZE)
+    small = nn.functional.interpolate(x, size=(8, 8), mode="bilinear", align_corners=False)
+    for model, want in ((net.standalone(choices), small), (net.child(choices), x[..., 1::2, 1::2])):
+        seen: list[torch.Tensor] = []
+        model.stem.register_forward_pre_hook(lambda m, args, seen=seen: seen.append(args[0]))
+        with torch.no_grad():
+            model.eval()(x)
+        torch.testing.assert_close(seen[0], want)
+    assert not torch.allclose(small, x[..., 1::2, 1::2], atol=1e-2)

@@ -24,7 +24,12 @@ from dynlab.runner import run_job
 from dynlab.techniques.gfnet.config import ClassifierKind, PPOConfig
 from dynlab.techniques.gfnet.model import GFNet, GRUCell, Locate, PatchPolicy, crop_patches
 from dynlab.techniques.gfnet.module import GFNetModule
-from dynlab.techniques.gfnet.ppo import Episode, discounted_returns, ppo_loss
+from dynlab.techniques.gfnet.ppo import (
+    Episode,
+    discounted_returns,
+    normalise_over_ranks,
+    ppo_loss,
+)
 from dynlab.validation import ConfigError, build_run, validate_config
 
 from .conftest import TINY, run_cli
@@ -372,3 +377,28 @@ def test_mobilenet_preset_fine_tunes_the_glance_first_and_cascades(compose_cfg):
     # configs.py: 1280 pooled features, a 960-channel 3x3 map read through a 1x1 conv to 32.
     assert [fc.in_features for fc in net.classifier.fcs] == [1280 * 2, 1280 * 3]
     assert net.policy.encoder[0].in_channels == 960 and net.policy.encoder[3].in_features == 32 * 9
+
+
+def test_ppo_returns_are_normalised_over_every_process(monkeypatch) -> None:
+    """Two DDP processes with half a batch each normalise as the official code does on the whole
+    batch (DataParallel), not each over its own half: the moments are summed across processes
+    (all_reduce stands in for the other rank by adding its half's moments)."""
+    returns = torch.randn(3, 8) + torch.arange(8.0)  # the halves have different means
+    whole = (returns - returns.mean()) / (returns.std() + 1e-5)
+    halves = returns[:, :4], returns[:, 4:]
+
+    def moments(x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([torch.tensor(float(x.numel())), x.sum(), x.square().sum()]).double()
+
+    gathered = []
+    for rank in range(2):
+        other = moments(halves[1 - rank])
+        monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+        monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
+        monkeypatch.setattr(torch.distributed, "all_reduce", lambda t, o=other: t.add_(o))
+        gathered.append(normalise_over_ranks(halves[rank]))
+    monkeypatch.undo()
+    assert torch.allclose(torch.cat(gathered, dim=1), whole, atol=1e-6)
+    assert torch.allclose(normalise_over_ranks(returns), whole, atol=1e-6)  # one process
+    per_half = (halves[0] - halves[0].mean()) / (halves[0].std() + 1e-5)
+    assert not torch.allclose(gathered[0], per_half, atol=1e-3)

@@ -3,8 +3,11 @@ overrides, EMA, all from config; and the optimisation code at known steps."""
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import math
+import re
+import sys
 import typing
 from collections.abc import Callable
 from pathlib import Path
@@ -13,6 +16,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from hydra.utils import get_class
+from omegaconf import OmegaConf
 from pytorch_lightning.strategies import DDPStrategy
 from torch import Tensor, nn
 
@@ -32,9 +36,11 @@ from dynlab.protocol import StaticExits
 from dynlab.runner import build_trainer, run_job
 from dynlab.techniques.base import DynlabModule, Phase, assign_parameters
 from dynlab.techniques.baseline.config import BaselineConfig
-from dynlab.validation import ConfigError, validate_config
+from dynlab.validation import ConfigError, technique_schema, validate_config
 
 from .conftest import TINY
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 
 
 def _cfg(**kw) -> OptimConfig:
@@ -421,3 +427,61 @@ def test_a_misspelt_recipe_phase_fails_the_cheap_validation(compose_cfg):
         validate_config(cfg)
     s2dnas = [o.replace("technique=baseline", "technique=s2dnas") for o in TINY]
     validate_config(compose_cfg([*s2dnas, "++technique.phases={retrain_*: {epochs: 1}}"]))
+
+
+# --- paper presets ----------------------------------------------------------------------------
+# The presets on a paper's data (CIFAR, ImageNet), the comparison charts' among them.
+PAPER_PRESETS = sorted(
+    str(p.relative_to(EXPERIMENTS)).removesuffix(".yaml")
+    for p in EXPERIMENTS.glob("*/*.yaml")
+    if re.search(r"override /dataset: (cifar10|cifar100|imagenet)\b", p.read_text())
+)
+
+
+def test_acnet_preset_trains_biases_at_twice_the_lr_with_the_same_decay(compose_cfg):
+    """ACNet's ndp_train.py: every parameter named *bias (BN shifts too) at 2x the lr."""
+    cfg = compose_cfg(["+experiment=blocks/resnet56_cifar10", "+backbone.kwargs.conv=acnet"])
+    optim = OmegaConf.to_object(cfg.technique).optim
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(2))
+    net(torch.zeros(1, 3, 5, 5))
+    groups = parameter_groups(net, list(net.named_parameters()), optim)
+    lr_of = {id(p): (g["lr"], g["weight_decay"]) for g in groups for p in g["params"]}
+    for name, param in net.named_parameters():
+        expected = 2 * optim.lr if name.endswith("bias") else optim.lr
+        assert lr_of[id(param)] == (pytest.approx(expected), optim.weight_decay), name
+    assert optim.lr == 0.2
+
+
+@pytest.mark.parametrize("preset", PAPER_PRESETS)
+def test_paper_presets_state_their_precision_and_retrain_on_the_whole_split(compose_cfg, preset):
+    """A paper preset says in which precision it trains (the GPU trainer's bf16 default is not
+    the official codes' fp32), and a final retrain uses the whole training split."""
+    text = (EXPERIMENTS / f"{preset}.yaml").read_text()
+    assert "\n  precision: " in text.split("\ntrainer:", 1)[-1], preset
+    cfg = compose_cfg([f"+experiment={preset}"])
+    assert cfg.trainer.precision in ("32-true", "bf16-mixed")
+    phases = cfg.technique.get("phases") or {}
+    if "retrain" in phases:
+        assert phases.retrain.train_split == "whole", preset
+
+
+def _preset_steps():
+    """benchmarks/preset_steps.py as a module (the GPU check's table of presets)."""
+    path = EXPERIMENTS.parent / "benchmarks" / "preset_steps.py"
+    spec = importlib.util.spec_from_file_location("preset_steps", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("preset_steps", module)  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_gpu_checks_preset_table_covers_every_paper_preset_and_its_phases(compose_cfg):
+    """The GPU check steps through every paper preset, each under phases it has and overrides
+    that validate, so it cannot drift from the presets while no GPU runs it."""
+    steps = _preset_steps()
+    assert {c.preset for c in steps.CHECKS} == {p for p in PAPER_PRESETS if "compare/" not in p}
+    for check in steps.CHECKS:
+        cfg = compose_cfg([f"+experiment={check.preset}", *check.overrides, f"mode={check.mode}"])
+        validate_config(cfg)
+        phases = technique_schema(cfg).PHASES
+        assert all(name in phases for name in check.phases), (check.preset, check.phases)

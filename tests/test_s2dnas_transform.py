@@ -214,6 +214,8 @@ POINTS = [[1, 3], [2, 5], [4, 6], [3, 7], [5, 6]]  # a different pair for every 
         ("cifar_mobilenetv2", {}, ((32,), (16,), (8,), (4,))),
         # ACNet branch sums and FReLU's max outside modules keep the depthwise convs' partition
         ("cifar_mobilenetv2", {"conv": "acnet", "act": "frelu"}, ((32,), (16,), (8,), (4,))),
+        # FReLU's light funnel: two parallel depthwise convs summed, each staged like the rest
+        ("cifar_resnet20", {"act": "frelu_light"}, ((32,), (16,), (8,))),
         # RepVGG's identity branch adds the last max-pool's map (partition of 4x4) to the 2x2
         # convs' outputs: one layer group, or its stages would add mismatched slices
         ("cifar_vgg16_bn", {"conv": "repvgg"}, ((32,), (16,), (8,), (4, 2))),

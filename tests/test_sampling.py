@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import random
+
+import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -16,7 +19,7 @@ from dynlab.data.sampling import (
     SeededDataset,
 )
 from dynlab.data.synthetic import SyntheticDataModule
-from dynlab.data.transforms import CropFlip, Normalize, TorchSeeded
+from dynlab.data.transforms import CropFlip, Normalize, Seeded
 
 
 def as_rank(monkeypatch: pytest.MonkeyPatch, rank: int, world_size: int) -> None:
@@ -123,12 +126,24 @@ def test_seeded_dataset_augmentation_follows_the_seed() -> None:
     assert len(variants) > 5
 
 
-def test_torch_seeded_is_deterministic_and_restores_global_rng() -> None:
-    transform = TorchSeeded(lambda _: torch.rand(3))
-    state = torch.random.get_rng_state()
-    assert torch.equal(transform(None, 11), transform(None, 11))
-    assert not torch.equal(transform(None, 11), transform(None, 12))
-    assert torch.equal(torch.random.get_rng_state(), state)
+def test_seeded_seeds_python_numpy_and_torch_and_restores_them() -> None:
+    """timm's augmentations draw from all three global RNGs: each must follow the seed alone."""
+
+    def draw(_: object) -> torch.Tensor:
+        return torch.tensor([random.random(), float(np.random.rand()), torch.rand(()).item()])
+
+    transform = Seeded(draw)
+    first = transform(None, 11)
+    random.random(), np.random.rand(), torch.rand(3)  # whatever ran before must not matter
+    assert torch.equal(first, transform(None, 11))
+    other = transform(None, 12)
+    assert (first != other).all()  # every one of the three streams moved with the seed
+    random.seed(0), np.random.seed(0), torch.manual_seed(0)
+    states = random.getstate(), np.random.get_state()[1].copy(), torch.random.get_rng_state()
+    transform(None, 13)
+    assert random.getstate() == states[0]
+    assert np.array_equal(np.random.get_state()[1], states[1])
+    assert torch.equal(torch.random.get_rng_state(), states[2])
 
 
 def test_mid_epoch_resume_yields_exactly_the_remaining_batches() -> None:

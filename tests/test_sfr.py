@@ -9,6 +9,7 @@ import signal
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
 
 from dynlab import checkpointing as ckpt
@@ -16,7 +17,7 @@ from dynlab import runner
 from dynlab.backbones import create_backbone
 from dynlab.evaluation.macs import count_macs
 from dynlab.preemption import Preempted, PreemptionHandler
-from dynlab.runner import run_job
+from dynlab.runner import build_trainer, phase_data, run_job, schedule
 from dynlab.techniques.sfr.module import (
     SparseNet,
     SparsificationIncomplete,
@@ -187,4 +188,24 @@ def test_a_run_that_skipped_stages_catches_up_on_every_missed_drop(compose_cfg, 
     module.sparsify(99)
     assert all(int(m.drop_stage) == m.stages == 3 for _, m in module.layers)
     assert [r["stage"] for r in module.drop_history] == [2, 3]
+    assert module.drop_history[-1]["lgc_density"] == pytest.approx(0.25)
+
+
+def test_a_fit_stopped_early_still_makes_every_drop_at_its_end(compose_cfg):
+    """A fit that stops after one step (a smoke run, a step budget) makes its missing drops in
+    on_train_end, where Lightning refuses `self.log`: recorded, not logged as metrics."""
+    cfg = compose_cfg(SFR_DIGITS)
+    datamodule, module = build_run(cfg)
+    phase = schedule(module, cfg)[0]
+    module.start_phase(phase)
+
+    class StopAfterOneStep(pl.Callback):
+        def on_train_batch_end(self, trainer, *args) -> None:
+            trainer.should_stop = True
+
+    with phase_data(module, datamodule, phase):
+        trainer = build_trainer(cfg, phase, False, [StopAfterOneStep()], module)
+        trainer.fit(module, datamodule=datamodule)
+    assert trainer.global_step == 1
+    assert all(int(m.drop_stage) == m.stages for _, m in module.layers)
     assert module.drop_history[-1]["lgc_density"] == pytest.approx(0.25)

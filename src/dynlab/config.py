@@ -18,21 +18,18 @@ from typing import Any, ClassVar
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
-
-class SettingError(ValueError):
-    """A schema rule that setting `key` (relative to its schema's node) breaks; validation reports
-    it under the node's full key: `technique.optim.lr=-1.0: ...`."""
-
-    def __init__(self, key: str, value: Any, rule: str) -> None:
-        super().__init__(f"{key}={value}: {rule}")
-        self.key, self.value, self.rule = key, value, rule
-
-
-def _at_least(values: Mapping[str, Any], least: float) -> None:
-    """Each set (non-None) value is >= `least`."""
-    for key, value in values.items():
-        if value is not None and value < least:
-            raise SettingError(key, value, f"must be >= {least:g}")
+from dynlab.dataset_config import (
+    CIFAR10Config,
+    CIFAR100Config,
+    ClutteredDigitsConfig,
+    DigitsConfig,
+    FashionMNISTConfig,
+    ImageNetConfig,
+    SyntheticConfig,
+)
+from dynlab.dataset_config import DatasetConfig as DatasetConfig  # user schemas extend it
+from dynlab.schema_checks import SettingError as SettingError
+from dynlab.schema_checks import at_least as _at_least
 
 
 class OptimizerName(StrEnum):
@@ -272,207 +269,6 @@ def check_recipe_phases(recipes: Any, phase_names: tuple[str, ...], technique: s
 
 
 @dataclass
-class DatasetConfig:
-    """Fields every dataset has; the datamodule's own schema adds the rest."""
-
-    _target_: str = MISSING
-    name: str = MISSING
-    # The size of the train split the held-out val comes out of, where the dataset fixes it.
-    TRAIN_SIZE: ClassVar[int | None] = None
-    # Where the files lie under `root` (None: the dataset reads no files).
-    LAYOUT: ClassVar[str | None] = None
-
-    root: str | None = None
-    batch_size: int = 128
-    eval_batch_size: int | None = None
-    num_workers: int = 0
-    # Held out of the train split for searches and threshold calibration; 0 holds nothing out
-    # (then a phase that needs the held-out split refuses to start).
-    val_size: int = 5000
-    seed: int = "${seed}"  # type: ignore[assignment]
-    augment: bool = True
-    # Train on a seeded subset of this many images of the train split (a CPU budget); null: all.
-    train_subset: int | None = None
-
-    def __post_init__(self) -> None:
-        _at_least({"batch_size": self.batch_size, "eval_batch_size": self.eval_batch_size}, 1)
-        _at_least({"train_subset": self.train_subset}, 1)
-        _at_least({"num_workers": self.num_workers, "val_size": self.val_size}, 0)
-        problem = split_problem(self.name, self.val_size, self.train_size(), self.train_subset)
-        if problem:
-            key, reason = problem
-            raise SettingError(key, getattr(self, key), reason)
-
-    def train_size(self) -> int | None:
-        """Samples of the train split before val is held out of it (None: known once loaded)."""
-        return self.TRAIN_SIZE
-
-
-def split_problem(
-    dataset: str, val_size: int, train_size: int | None, train_subset: int | None = None
-) -> tuple[str, str] | None:
-    """The key (`val_size` or `train_subset`) that cannot be taken out of `train_size` samples
-    and why (the datamodule's `setup` asks again once the data is loaded), or None."""
-    if val_size < 0:
-        return "val_size", "the held-out split holds 0 samples or more"
-    if train_size is not None and val_size >= train_size:
-        return "val_size", (
-            f"must be smaller than the {train_size} training samples of {dataset} it is held out "
-            f"of, e.g. {max(1, train_size // 10)}"
-        )
-    if train_size is not None and train_subset is not None and train_subset > train_size - val_size:
-        return "train_subset", (
-            f"must be at most the {train_size - val_size} training samples of {dataset} left "
-            f"after val_size={val_size}"
-        )
-    return None
-
-
-@dataclass
-class SyntheticConfig(DatasetConfig):
-    _target_: str = "dynlab.data.synthetic.SyntheticDataModule"
-    name: str = "synthetic"
-    num_train: int = 2048
-    num_test: int = 512
-    num_classes: int = 10
-    image_size: int = 32
-    channels: int = 3
-    val_size: int = 256
-
-    def train_size(self) -> int | None:
-        return self.num_train
-
-
-@dataclass
-class DigitsConfig(DatasetConfig):
-    # scikit-learn's 1797 digits less the fixed 20 % test split (dynlab.data.digits).
-    TRAIN_SIZE: ClassVar[int | None] = 1438
-
-    _target_: str = "dynlab.data.digits.DigitsDataModule"
-    name: str = "digits"
-    val_size: int = 200
-    channels: int = 3
-
-
-@dataclass
-class ClutteredDigitsConfig(DatasetConfig):
-    """Digits placed at random on a larger canvas among fragments of other digits (RAM-style)."""
-
-    TRAIN_SIZE: ClassVar[int | None] = DigitsConfig.TRAIN_SIZE
-
-    _target_: str = "dynlab.data.cluttered_digits.ClutteredDigitsDataModule"
-    name: str = "cluttered_digits"
-    canvas_size: int = 64
-    digit_size: int = 24
-    clutter: int = 4
-    fragment_size: int = 8
-    channels: int = 3
-    val_size: int = 200
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        problem = self.range_problem(
-            self.canvas_size, self.digit_size, self.fragment_size, self.clutter, self.channels
-        )
-        if problem:
-            raise ValueError(problem)
-
-    @staticmethod
-    def range_problem(
-        canvas_size: int, digit_size: int, fragment_size: int, clutter: int, channels: int
-    ) -> str | None:
-        """What is wrong with these sizes, or None (the datamodule runs the same check)."""
-        if channels not in (1, 3):
-            return f"cluttered_digits: channels must be 1 or 3, got {channels}"
-        if not 8 <= digit_size <= canvas_size:
-            return (
-                f"cluttered_digits: digit_size must be in [8, canvas_size={canvas_size}], "
-                f"got digit_size={digit_size}"
-            )
-        if not 1 <= fragment_size <= digit_size:
-            return (
-                f"cluttered_digits: fragment_size must be in [1, digit_size={digit_size}], "
-                f"got fragment_size={fragment_size}"
-            )
-        if clutter < 0:
-            return f"cluttered_digits: clutter must be >= 0 fragments, got clutter={clutter}"
-        return None
-
-
-@dataclass
-class FashionMNISTConfig(DatasetConfig):
-    """Fashion-MNIST's four IDX files (dynlab.data.fashion_mnist); 28x28 grey, zero-padded to 32."""
-
-    TRAIN_SIZE: ClassVar[int | None] = 60000
-    LAYOUT: ClassVar[str | None] = (
-        "<root>/train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, "
-        "t10k-labels-idx1-ubyte (each may be .gz; as root, apt-get install dataset-fashion-mnist "
-        "puts them in /usr/share/datasets/fashion-mnist, the default root)"
-    )
-
-    _target_: str = "dynlab.data.fashion_mnist.FashionMNISTDataModule"
-    name: str = "fashion_mnist"
-    # Debian's folder, or $DYNLAB_DATA/fashion-mnist where DYNLAB_DATA is set.
-    root: str | None = "${oc.env:DYNLAB_DATA,/usr/share/datasets}/fashion-mnist"
-    channels: int = 1
-    image_size: int = 32
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        problem = self.shape_problem(self.channels, self.image_size)
-        if problem:
-            raise ValueError(problem)
-
-    @staticmethod
-    def shape_problem(channels: int, image_size: int) -> str | None:
-        """What is wrong with the image shape, or None (the datamodule asks the same)."""
-        if channels not in (1, 3):
-            return f"fashion_mnist: channels must be 1 or 3, got {channels}"
-        if image_size not in (28, 32):
-            return f"fashion_mnist: image_size must be 28 (native) or 32 (zero-padded), got {image_size}"
-        return None
-
-
-@dataclass
-class CIFAR10Config(DatasetConfig):
-    TRAIN_SIZE: ClassVar[int | None] = 50000
-    LAYOUT: ClassVar[str | None] = (
-        "<root>/cifar-10-batches-py/data_batch_1..5, test_batch (the python version of CIFAR-10)"
-    )
-
-    _target_: str = "dynlab.data.cifar.CIFAR10DataModule"
-    name: str = "cifar10"
-    root: str | None = "${oc.env:DYNLAB_DATA,data}"
-
-
-@dataclass
-class CIFAR100Config(CIFAR10Config):
-    LAYOUT: ClassVar[str | None] = (
-        "<root>/cifar-100-python/train, test (the python version of CIFAR-100)"
-    )
-
-    _target_: str = "dynlab.data.cifar.CIFAR100DataModule"
-    name: str = "cifar100"
-
-
-@dataclass
-class ImageNetConfig(DatasetConfig):
-    LAYOUT: ClassVar[str | None] = (
-        "<root>/train/<class>/<image> and <root>/val/<class>/<image> (ImageFolder layout; the "
-        "official val images must be sorted into class folders)"
-    )
-
-    _target_: str = "dynlab.data.imagenet.ImageNetDataModule"
-    name: str = "imagenet"
-    root: str | None = "${oc.env:DYNLAB_DATA,data}/imagenet"
-    val_size: int = 50000
-    batch_size: int = 256
-    num_workers: int = 8
-    num_classes: int = 1000
-    image_size: int = 224
-
-
-@dataclass
 class TrainerConfig:
     """Keyword arguments of `pytorch_lightning.Trainer` (the ones dynlab users set; extend as needed)."""
 
@@ -569,7 +365,8 @@ class EvaluationConfig:
 
     anytime: bool = True
     budgeted: bool = True
-    # MSDNet's released code sweeps the geometric exit law q over 0.05..1.95 (39 levels).
+    # MSDNet's PyTorch code (kalviny/MSDNet-PyTorch adaptive_inference.py) sweeps the geometric
+    # exit law q over 0.05..1.95 (39 levels).
     qs: list[float] | None = None
     latency: LatencyConfig = field(default_factory=LatencyConfig)
 

@@ -16,6 +16,7 @@ from dynlab.backbones import (  # noqa: F401  (registers)
     metapruning,
     sfr_shufflenetv2,
     spos_shufflenetv2,
+    weightnet_shufflenetv2,
 )
 from dynlab.backbones.factory import (
     BackboneArgumentError,

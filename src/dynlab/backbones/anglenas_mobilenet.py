@@ -10,7 +10,7 @@ to 24, no residual), 21 searchable layers in stages (32, 4, 2), (56, 4, 2), (112
 residual blocks (`OPS`: kernel 3/5/7 x expansion 3/6; pointwise expand, depthwise with the stride,
 pointwise linear, each with BN, ReLU6 after the first two; a residual when the stride is 1 and the
 widths match) or identity (block id 6, the official -1), except the first layer of each stage
-(layers 0, 4, 8, 12, 16, 20: official main.py `stage_last_id`), where the width or resolution
+(layers 0, 4, 8, 12, 16, 20: official SPOS/shrinking/config.py `stage_last_id`), where the width or resolution
 changes. 7^15 x 6^6 (about 2.2e17) architectures. BN is affine in the supernet, as the official;
 convs are initialised N(0, sqrt(2 / (k * k * out))) (official), BN weight 1, bias 0.
 """

@@ -29,7 +29,7 @@ __all__ = ["CifarMobileNetV2", "InvertedResidual"]
 STEM_WIDTH = 32
 NUM_FEATURES = 1280
 CONVS = ("plain", "acnet", "repvgg")
-ACTS = ("relu6", "relu", "frelu")
+ACTS = ("relu6", "relu", "frelu", "frelu_light")
 # (expansion t, width c, repeats n, first stride s): Sandler et al. 2018, Table 2, with the
 # 24-channel stage's stride 2 -> 1 for 32x32 inputs.
 CIFAR_SETTINGS = (

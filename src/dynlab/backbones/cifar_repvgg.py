@@ -28,7 +28,7 @@ from dynlab.nn.blocks import activation, check_block_options, conv_norm
 __all__ = ["CifarRepVGG"]
 
 CONVS = ("repvgg", "plain", "acnet", "weightnet")
-ACTS = ("relu", "frelu")
+ACTS = ("relu", "frelu", "frelu_light")
 # official repvgg.py create_RepVGG_A0 / create_RepVGG_B0
 ARCHS = {
     "a0": ((2, 4, 14, 1), (0.75, 2.5)),

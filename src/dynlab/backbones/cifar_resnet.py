@@ -30,7 +30,7 @@ __all__ = ["BasicBlock", "CifarResNet"]
 
 STAGE_WIDTHS = (16, 32, 64)  # He et al. 2016, Sec. 4.2
 CONVS = ("plain", "acnet", "repvgg", "weightnet")
-ACTS = ("relu", "frelu")
+ACTS = ("relu", "frelu", "frelu_light")
 
 
 class BasicBlock(nn.Module):

@@ -25,7 +25,7 @@ from dynlab.nn.blocks import activation, check_block_options, conv_norm, init_bl
 __all__ = ["CifarVGG"]
 
 CONVS = ("plain", "acnet", "repvgg", "weightnet")
-ACTS = ("relu", "frelu")
+ACTS = ("relu", "frelu", "frelu_light")
 
 VGG16_STAGES = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))
 

@@ -10,11 +10,11 @@ picks one of four blocks (`BLOCKS`): ShuffleNetV2 units with 3x3/5x5/7x7 depthwi
 Xception-like unit with three depthwise 3x3 + pointwise stacks. At stride 2 a projection branch
 keeps the input's channels and the main branch adds `out - in`; at stride 1 the input is split into
 even channels (passed through) and odd channels (main branch), the official `channel_shuffle`.
-The supernet's BatchNorms are non-affine, the standalone net's affine (official Evaluation code).
+The supernet's BatchNorms are non-affine, the standalone net's affine (official src/Evaluation/template/network.py).
 
 Channel search (`channel_search=True`, paper Sec. 4 "channel number search"): each layer's mid
 width is a scale from `CHANNEL_SCALES` of its base (half the layer's width), rounded down as the
-official Evaluation network does (`int(base * scale)`, here in exact integers:
+official src/Evaluation/template/network.py does (`int(base * scale)`, here in exact integers:
 `max(1, base * k // 5)` for scale k/5). The supernet block is built at 2.0x and a narrower choice
 uses the first channels of every mid-width conv and BatchNorm (weights and running statistics).
 The official code never released its channel-search supernet (SinglePathOneShot issue #1), so this
@@ -335,7 +335,7 @@ class ChoiceBlock(nn.Module):
 
 # --- networks -----------------------------------------------------------------------------------
 class _BiasFreeHead(nn.Module):
-    """Global average pool, dropout and a bias-free linear classifier (official network.py)."""
+    """Global average pool, dropout and a bias-free linear classifier (official src/Supernet/network.py)."""
 
     def __init__(self, num_features: int, num_classes: int, drop_rate: float) -> None:
         super().__init__()
@@ -426,7 +426,7 @@ class _SPOSBase(CifarClassifier):
 
 
 def spos_init(model: nn.Module) -> None:
-    """Official `_initialize_weights` (network.py): stem conv N(0, 0.01), other convs
+    """Official `_initialize_weights` (src/Supernet/network.py): stem conv N(0, 0.01), other convs
     N(0, 1/weight.shape[1]), BN weight 1, bias 1e-4, running mean 0, linear N(0, 0.01)."""
     for name, m in model.named_modules():
         if isinstance(m, nn.Conv2d):
@@ -567,7 +567,7 @@ class SPOSSupernet(_SPOSBase):
 
 class SPOSNet(_SPOSBase):
     """The standalone network of one architecture of the space, from plain conv/BN layers
-    (official src/Evaluation network.py); `arch` defaults to `OFFICIAL_ARCH`, `scales` given
+    (official src/Evaluation/template/network.py); `arch` defaults to `OFFICIAL_ARCH`, `scales` given
     implies channel search (None there: 1.0x everywhere)."""
 
     def __init__(

@@ -22,7 +22,6 @@ from pytorch_lightning.utilities import CombinedLoader
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from dynlab.config import split_problem
 from dynlab.data.sampling import (
     EvalSampler,
     ResumableDataLoader,
@@ -31,6 +30,7 @@ from dynlab.data.sampling import (
     SeededDataset,
 )
 from dynlab.data.transforms import CropFlip, Normalize, SeededTransform, channel_stats
+from dynlab.dataset_config import split_problem
 from dynlab.errors import ConfigError, DataRootError, require_data_root, where_data_goes
 
 
@@ -79,7 +79,8 @@ def holdout_split(
     """Seeded (train, val) index lists: val is the last `val_size` of a random permutation, train
     the rest (its first `train_subset` when given: a seeded subset for a small budget).
 
-    As MSDNet's loader (Huang et al., ICLR 2018, official code `dataloader.py`).
+    As MSDNet's PyTorch loader (Huang et al., ICLR 2018; kalviny/MSDNet-PyTorch `dataloader.py`,
+    the implementation the official gaohuang/MSDNet README links).
     """
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(num_samples, generator=generator).tolist()

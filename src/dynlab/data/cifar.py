@@ -1,8 +1,9 @@
 """CIFAR-10 and CIFAR-100 from the standard python-pickle layout under `dataset.root`.
 
-Augmentation and normalisation follow MSDNet's official loader (Huang et al., ICLR 2018,
-`dataloader.py`): random crop 32 with 4-pixel zero padding, horizontal flip, per-channel
-normalisation; 5000 training images are held out for validation.
+Augmentation and normalisation follow MSDNet's PyTorch loader (Huang et al., ICLR 2018;
+kalviny/MSDNet-PyTorch `dataloader.py`, linked from the official Lua code's README): random
+crop 32 with 4-pixel zero padding, horizontal flip, per-channel normalisation; 5000 training
+images are held out for validation.
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from dynlab.config import CIFAR10Config, CIFAR100Config
 from dynlab.data.base import DataInfo, DynlabDataModule, TensorImages, require_paths
 from dynlab.data.transforms import CropFlip, Normalize
+from dynlab.dataset_config import CIFAR10Config, CIFAR100Config
 
 
 def read_cifar_batches(paths: list[Path], label_key: bytes) -> TensorImages:
@@ -84,7 +85,8 @@ class CIFAR10DataModule(_CifarDataModule):
     train_files = tuple(f"data_batch_{i}" for i in range(1, 6))
     test_files = ("test_batch",)
     label_key = b"labels"
-    mean, std = (0.4914, 0.4824, 0.4467), (0.2471, 0.2435, 0.2616)  # MSDNet dataloader.py
+    # kalviny/MSDNet-PyTorch dataloader.py
+    mean, std = (0.4914, 0.4824, 0.4467), (0.2471, 0.2435, 0.2616)
     layout = CIFAR10Config.LAYOUT
 
 
@@ -94,5 +96,6 @@ class CIFAR100DataModule(_CifarDataModule):
     name, num_classes, folder = "cifar100", 100, "cifar-100-python"
     train_files, test_files = ("train",), ("test",)
     label_key = b"fine_labels"
-    mean, std = (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)  # MSDNet dataloader.py
+    # kalviny/MSDNet-PyTorch dataloader.py
+    mean, std = (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)
     layout = CIFAR100Config.LAYOUT

@@ -13,9 +13,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dynlab.config import ClutteredDigitsConfig
 from dynlab.data.base import DataInfo, TensorImages, TrainStatsDataModule
 from dynlab.data.digits import digits_images, split_train_test
+from dynlab.dataset_config import ClutteredDigitsConfig
 
 _CLUTTER_SEED = 2014  # the canvases are the same for every run, so every seed sees one dataset
 _SPLIT_STREAMS = {"train": 0, "test": 1}  # each split draws from its own stream of that seed

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dynlab.config import FashionMNISTConfig
 from dynlab.data.base import DataInfo, TensorImages, TrainStatsDataModule
+from dynlab.dataset_config import FashionMNISTConfig
 from dynlab.errors import DataRootError, require_data_root, where_data_goes
 
 NATIVE_SIZE = 28

@@ -1,29 +1,32 @@
 """ImageNet (ILSVRC-2012) from an ImageFolder tree: `<root>/train/<class>/*` and `<root>/val/<class>/*`.
 
-The standard pipeline: RandomResizedCrop + flip for training, Resize(256) + CenterCrop(224) for
-evaluation (sizes scaled with `image_size`); as MSDNet, 50000 training images are held out for
-validation and the official val set is the test set.
+Training and evaluation transforms come from timm's transform factory with the preset's recipe
+(`dataset.augmentation`): by default RandomResizedCrop + flip, and Resize(256) + CenterCrop(224)
+for evaluation (sizes follow `image_size`); a preset adds its paper's RandAugment, random erasing,
+colour jitter or interpolation. As MSDNet, 50000 training images are held out for validation and
+the official val set is the test set.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from torchvision import transforms
+from timm.data import create_transform
 from torchvision.datasets import ImageFolder
 
-from dynlab.config import ImageNetConfig
 from dynlab.data.base import DataInfo, DynlabDataModule, require_paths
-from dynlab.data.transforms import Deterministic, TorchSeeded
+from dynlab.data.transforms import Deterministic, Seeded
+from dynlab.dataset_config import ImageAugmentConfig, ImageNetConfig
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-RESIZE_RATIO = 256 / 224  # eval resizes the short side to image_size * 256/224, then center-crops
 LAYOUT = ImageNetConfig.LAYOUT  # the schema's, which validation checks before torch loads
+STANDARD = ImageAugmentConfig()  # crop + flip; the schema's default
 
 
 class ImageNetDataModule(DynlabDataModule):
-    """ImageNet classification with the standard 224 pipeline (`image_size` configurable)."""
+    """ImageNet classification at `image_size` with a paper's augmentation recipe."""
 
     def __init__(
         self,
@@ -32,6 +35,7 @@ class ImageNetDataModule(DynlabDataModule):
         num_classes: int = 1000,
         image_size: int = 224,
         val_size: int = 50000,
+        augmentation: ImageAugmentConfig | Mapping[str, Any] = STANDARD,
         **common: Any,
     ) -> None:
         super().__init__(root=root, val_size=val_size, **common)
@@ -41,9 +45,46 @@ class ImageNetDataModule(DynlabDataModule):
             raise ValueError(f"imagenet: image_size must be >= 8, got {image_size}")
         self.data_dir: Path = require_paths("imagenet", self.root, LAYOUT, ["train", "val"])
         self.num_classes, self.image_size = num_classes, image_size
-        self._to_tensor = transforms.Compose(
-            [transforms.ToTensor(), transforms.Normalize(MEAN, STD)]
+        self.recipe = (
+            augmentation
+            if isinstance(augmentation, ImageAugmentConfig)
+            else ImageAugmentConfig(**augmentation)
         )
+        self._train_pipeline = self._timm_pipeline(training=True)  # a bad policy fails here
+        self._eval_pipeline = self._timm_pipeline(training=False)
+
+    def _timm_pipeline(self, training: bool) -> Any:
+        """timm's pipeline for this recipe (PIL image in, normalised tensor out)."""
+        recipe = self.recipe
+        if not training:
+            return create_transform(
+                self.image_size,
+                is_training=False,
+                interpolation=recipe.eval_interpolation,
+                crop_pct=recipe.crop_pct,
+                mean=MEAN,
+                std=STD,
+            )
+        try:
+            return create_transform(
+                self.image_size,
+                is_training=True,
+                scale=tuple(recipe.scale),
+                hflip=recipe.hflip,
+                color_jitter=recipe.color_jitter or None,  # 0: no ColorJitter (it draws anyway)
+                auto_augment=recipe.auto_augment,
+                interpolation=recipe.interpolation,
+                mean=MEAN,
+                std=STD,
+                re_prob=recipe.re_prob,
+                re_mode=recipe.re_mode,
+                re_count=recipe.re_count,
+            )
+        except (AssertionError, KeyError, ValueError) as err:
+            raise ValueError(
+                f"imagenet: dataset.augmentation.auto_augment={recipe.auto_augment!r} is not a "
+                f"policy timm can build ({type(err).__name__}: {err}); e.g. rand-m9-mstd0.5"
+            ) from None
 
     @property
     def info(self) -> DataInfo:
@@ -67,20 +108,7 @@ class ImageNetDataModule(DynlabDataModule):
         return train, test
 
     def eval_transform(self) -> Deterministic:
-        resize = round(self.image_size * RESIZE_RATIO)
-        return Deterministic(
-            transforms.Compose(
-                [transforms.Resize(resize), transforms.CenterCrop(self.image_size), self._to_tensor]
-            )
-        )
+        return Deterministic(self._eval_pipeline)
 
-    def augment_transform(self) -> TorchSeeded:
-        return TorchSeeded(
-            transforms.Compose(
-                [
-                    transforms.RandomResizedCrop(self.image_size),
-                    transforms.RandomHorizontalFlip(),
-                    self._to_tensor,
-                ]
-            )
-        )
+    def augment_transform(self) -> Seeded:
+        return Seeded(self._train_pipeline)

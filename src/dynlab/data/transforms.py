@@ -7,9 +7,11 @@ or how often the process restarted.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -59,19 +61,29 @@ class CropFlip:
         return self.normalize(image)
 
 
-class TorchSeeded:
-    """Runs a torchvision pipeline (which draws from torch's global CPU RNG) seeded by `seed`.
+class Seeded:
+    """Runs a pipeline that draws from the global RNGs (torchvision draws from torch's; timm's
+    RandomResizedCrop, RandAugment and random erasing from Python's `random` and numpy's too) with
+    all three seeded from `seed`, so the sample depends on `seed` alone: the same whatever ran
+    before it, in whichever worker, before or after a resume.
 
-    The global RNG is forked, so the caller's random state is left untouched.
+    Every state is restored afterwards, so the caller's random streams are left untouched.
     """
 
     def __init__(self, transform: Callable[[Any], Tensor]) -> None:
         self.transform = transform
 
     def __call__(self, sample: Any, seed: int) -> Tensor:
-        with torch.random.fork_rng(devices=[]):
-            torch.random.default_generator.manual_seed(seed)
-            return self.transform(sample)
+        python_state, numpy_state = random.getstate(), np.random.get_state()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                random.seed(seed)
+                np.random.seed(seed % 2**32)
+                torch.random.default_generator.manual_seed(seed)
+                return self.transform(sample)
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
 
 
 class Deterministic:

@@ -1,7 +1,8 @@
 """Budgeted-batch classification: MSDNet's procedure as vectorised tensor functions.
 
 Huang et al., "Multi-Scale Dense Networks for Resource Efficient Image Classification", ICLR 2018,
-Sec. 5 and their released code (`dynamic_eval_find_threshold` / `dynamic_eval_with_threshold`).
+Sec. 5 and their PyTorch code (kalviny/MSDNet-PyTorch `adaptive_inference.py`:
+`dynamic_eval_find_threshold` / `dynamic_eval_with_threshold`).
 For a budget level q, a fraction p_k ∝ q^k of the samples is meant to leave at exit k. Thresholds
 on the confidence (max softmax probability) are calibrated on `val`, which is always the held-out
 calibration split carved from the training data, never the test set; test samples then exit at the

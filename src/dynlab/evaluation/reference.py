@@ -1,4 +1,5 @@
-"""The budgeted-batch rule written as the plain per-sample loop of MSDNet's released code.
+"""The budgeted-batch rule written as the plain per-sample loop of MSDNet's released code
+(kalviny/MSDNet-PyTorch `adaptive_inference.py`).
 
 It is the yardstick for `dynlab.evaluation.budgeted.budgeted_curve`: tests check both give the same
 records and `benchmarks/budgeted.py` times both. `val` is the held-out calibration split,

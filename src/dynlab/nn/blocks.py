@@ -1,5 +1,6 @@
 """The conv and activation options a backbone offers (`conv=plain|acnet|repvgg|weightnet`,
-`act=relu|relu6|frelu`): one registry, so every backbone builds the talk's blocks the same way.
+`act=relu|relu6|frelu|frelu_light`): one registry, so every backbone builds the talk's blocks the
+same way.
 
 A conv option builds what replaces one conv + BatchNorm pair of the plain network, as a (conv, norm)
 pair of modules with the plain pair's shapes, so the backbone's code and its plain network's
@@ -11,9 +12,14 @@ nn.Identity as its norm). Options differ in where they apply:
   official CIFAR recipes in `acnet/do_acnet.py`).
 - `repvgg` (Ding et al., CVPR 2021): every 3 x 3 conv, stem included, with the identity branch
   where input and output shapes match; other convs stay plain.
-- `weightnet` (Ma et al., ECCV 2020): every dense k x k conv (k >= 3) except the stem reading the
-  image (the official ShuffleNetV2 keeps its first conv static too); grouped and depthwise convs
-  are refused, since `WeightNetConv` generates dense kernels.
+- `weightnet` (Ma et al., ECCV 2020): dynlab's own form, NOT the official placement. Every dense
+  k x k conv (k >= 3) except the stem reading the image becomes a standalone `WeightNetConv` whose
+  fc1 reads its own pooled input; 1 x 1 convs stay plain, grouped and depthwise convs are refused.
+  The official ShuffleNetV2 (megvii-model/WeightNet `shufflenet_v2.py`) instead puts WeightNet on
+  every 1 x 1 and depthwise conv of each block, all fed by one shared reduced pooling: that is
+  `dynlab.backbones.weightnet_shufflenetv2`, built directly, not through this option.
+Activations: `frelu` is FReLU's 3 x 3 funnel (FunnelAct `resnet/frelu.py`), `frelu_light` its
+1 x 3 + 3 x 1 funnel (FunnelAct `shufflenetv2/frelu_light.py`, used by its ShuffleNetV2).
 A backbone states which options it takes; `check_block_options` refuses any other with the list.
 """
 
@@ -23,7 +29,7 @@ from collections.abc import Callable, Sequence
 
 from torch import nn
 
-from dynlab.nn.dynamic import FReLU, WeightNetConv
+from dynlab.nn.dynamic import FReLU, FReLULight, WeightNetConv, WeightNetDWConv
 from dynlab.nn.reparam import ACBlock, RepVGGBlock
 
 __all__ = [
@@ -46,9 +52,12 @@ CONVS: dict[str, ConvBuilder] = {}
 ACTS: dict[str, Callable[[int], nn.Module]] = {
     "relu": lambda channels: nn.ReLU(inplace=True),
     "relu6": lambda channels: nn.ReLU6(inplace=True),
-    # every activation of the net: as the official ShuffleNetV2 (FunnelAct `shufflenet_v2.py`);
-    # its ResNet-50 keeps ReLU in the stem and the last stage (`resnet/resnet.py`)
+    # both replace every activation of the net, as the official ShuffleNetV2 does (FunnelAct
+    # `shufflenetv2/shufflenet_v2.py`); its ResNet-50 keeps ReLU in the stem and the last stage
+    # (`resnet/resnet.py`). The 3x3 funnel is the ResNet's (`resnet/frelu.py`), the 1x3 + 3x1
+    # funnel the ShuffleNetV2's (`shufflenetv2/frelu_light.py`)
     "frelu": FReLU,
+    "frelu_light": FReLULight,
 }
 
 
@@ -148,7 +157,7 @@ def init_block_parameters(net: nn.Module) -> None:
     """Re-run the own initialisation of blocks that have one (WeightNet's generator scale, ACNet's
     branch BN scales), after a backbone's blanket conv and BN init has overwritten it."""
     for module in net.modules():
-        if isinstance(module, WeightNetConv):
+        if isinstance(module, WeightNetConv | WeightNetDWConv):
             module.reset_parameters()
         elif isinstance(module, ACBlock):
             module.reset_gamma()

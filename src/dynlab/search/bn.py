@@ -1,10 +1,12 @@
 """BatchNorm recalibration: fresh running statistics from a fixed training subset.
 
 A candidate taken out of a supernet (SPOS) carries BN statistics accumulated over many other
-paths; before scoring, they are recomputed on training batches. As SPOS's official code
-(megvii-model/SinglePathOneShot, `evaluate` of the evolutionary search): reset the running stats
-and forward a fixed number of training batches in train mode with the cumulative average
-(`momentum=None`), without gradients.
+paths; before scoring, they are recomputed on training batches, in train mode, without gradients.
+SPOS's official search (megvii-model/SinglePathOneShot, `src/Search/tester.py`) resets the
+running stats and forwards 200 augmented training batches with BatchNorm's default moving average
+(momentum 0.1), so its statistics weight the last batches most. dynlab uses the exact mean over
+the batches instead (`momentum=None`): the same batches give the same statistics in any order, an
+improvement kept on purpose.
 """
 
 from __future__ import annotations

@@ -8,7 +8,8 @@ from typing import Any
 from timm.models import build_model_with_cfg, generate_default_cfgs
 
 from dynlab.backbones._base import cifar_cfg, imagenet_cfg
-from dynlab.backbones.fbnetv2.net import FBNetV2Net, published_kwargs
+from dynlab.backbones.fbnetv2.net import FBNetV2Net
+from dynlab.backbones.fbnetv2.published import published_kwargs
 from dynlab.backbones.fbnetv2.supernet import FBNetV2Supernet
 from dynlab.backbones.registry import register_backbone
 from dynlab.capabilities import Capability

@@ -3,32 +3,46 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
-from dynlab.backbones.fbnetv2.layers import ACTS
+from dynlab.backbones.fbnetv2.layers import ACTS, divisible_width
 
-CHOICE_KEYS = ("resolution", "widths", "expansions", "kernels", "se")
+# One logit group per entry: "resolution" is one group; the others are lists of groups, "stem"
+# and "head" of one (their widths), the rest one per searchable block.
+CHOICE_KEYS = ("resolution", "stem", "widths", "ops", "expansions", "kernels", "se", "acts", "head")
+BLOCK_KEYS = ("widths", "ops", "expansions", "kernels", "se", "acts")
+OPS = ("ir", "skip")  # a block's op options; "skip" (mobile-vision's) only on stride-1 blocks
 
-
+# The F space, widened so that the published FBNetV2-F1..F4 (mobile-vision
+# fbnet_modeldef_cls_fbnetv2.py) are points of it: per-block widths within each stage's options,
+# a skip option on stride-1 blocks, stem 8/16, head 1600/1984, the first block and stage searched
+# over relu/hswish, hidden widths every multiple of 8 up to 6x the block's widest input. The stage
+# ranges are inferred (an unofficial port we could not trace to a repository), widened where F1-F4 need it (last stage to
+# 224, four blocks in the second stride-2 stage); the stage the models map onto each is written in
+# `published.SLOTS`.
 _F_SPACE: dict[str, Any] = {
-    "stem_width": 16,
+    "stem_width": (8, 16),
     "stem_stride": 2,
-    "first_width": 16,
+    "first_width": 0,
     "stage_widths": (
+        (8, 16),
         tuple(range(16, 29, 4)),
         tuple(range(16, 41, 8)),
         tuple(range(48, 97, 8)),
         tuple(range(72, 129, 8)),
-        tuple(range(112, 217, 8)),
+        tuple(range(112, 225, 8)),
     ),
-    "strides": (2, 2, 2, 1, 2),
-    "repeats": (3, 3, 3, 4, 4),
-    "acts": ("relu", "relu", "hswish", "hswish", "hswish"),
+    "strides": (1, 2, 2, 2, 1, 2),
+    "repeats": (1, 3, 4, 3, 4, 4),
+    "acts": (("relu", "hswish"), ("relu", "hswish"), "relu", "hswish", "hswish", "hswish"),
     "expansions": (1.0, 2.0, 3.0, 4.0, 5.0, 6.0),
+    "hidden_step": 8,
     "kernels": (3, 5),
     "se": (False, True),
+    "skip": True,
     "resolutions": (224, 192, 160, 128),
-    "head_width": 1984,
+    "head_width": (1600, 1984),
 }
 _CIFAR_SPACE: dict[str, Any] = {
     "stem_width": 16,
@@ -39,8 +53,10 @@ _CIFAR_SPACE: dict[str, Any] = {
     "repeats": (2, 3, 3, 2),
     "acts": ("relu", "relu", "hswish", "hswish"),
     "expansions": (1.0, 3.0, 6.0),
+    "hidden_step": 0,
     "kernels": (3, 5),
     "se": (False, True),
+    "skip": False,
     "resolutions": (32, 24, 16),
     "head_width": 1024,
 }
@@ -49,6 +65,8 @@ VARIANTS = {"fbnetv2_f": "fbnetv2_f_supernet", "cifar": "cifar_fbnetv2_supernet"
 
 
 def _ints(name: str, values: Any, minimum: int = 1) -> tuple[int, ...]:
+    """`values` (an int or a list) as distinct ints >= `minimum` (ValueError, one line)."""
+    values = [values] if isinstance(values, int) and not isinstance(values, bool) else values
     try:
         out = tuple(int(v) for v in values)
     except (TypeError, ValueError):
@@ -57,6 +75,15 @@ def _ints(name: str, values: Any, minimum: int = 1) -> tuple[int, ...]:
         raise ValueError(f"{name} must be a non-empty list of ints >= {minimum}, got {values!r}")
     if len(set(out)) != len(out):
         raise ValueError(f"{name} has duplicate options: {list(out)}")
+    return out
+
+
+def _acts(values: Any) -> tuple[tuple[str, ...], ...]:
+    """Per stage, its activation options (a name or a list of names)."""
+    out = tuple((a,) if isinstance(a, str) else tuple(str(v) for v in a) for a in values)
+    for options in out:
+        if not options or len(set(options)) != len(options) or set(options) - set(ACTS):
+            raise ValueError(f"acts must be distinct names among {ACTS}, got {list(values)}")
     return out
 
 
@@ -93,15 +120,17 @@ def space_config(space: str = "fbnetv2_f", **overrides: Any) -> dict[str, Any]:
         "stage_widths": tuple(_ints(f"stage_widths[{i}]", s) for i, s in enumerate(stages)),
         "strides": tuple(int(s) for s in c["strides"]),
         "repeats": tuple(int(r) for r in c["repeats"]),
-        "acts": tuple(str(a) for a in c["acts"]),
+        "acts": _acts(c["acts"]),
         "expansions": tuple(float(e) for e in c["expansions"]),
+        "hidden_step": int(c["hidden_step"]),
         "kernels": _ints("kernels", c["kernels"]),
         "se": tuple(bool(s) for s in c["se"]),
+        "skip": bool(c["skip"]),
         "resolutions": _ints("resolutions", c["resolutions"]),
-        "stem_width": int(c["stem_width"]),
+        "stem_width": _ints("stem_width", c["stem_width"]),
         "stem_stride": int(c["stem_stride"]),
         "first_width": int(c["first_width"]),
-        "head_width": int(c["head_width"]),
+        "head_width": _ints("head_width", c["head_width"]),
     }
     for key in ("strides", "repeats", "acts"):
         if len(out[key]) != n:
@@ -114,15 +143,30 @@ def space_config(space: str = "fbnetv2_f", **overrides: Any) -> dict[str, Any]:
         raise ValueError(
             f"every stage needs at least one block, got repeats {list(out['repeats'])}"
         )
-    if any(a not in ACTS for a in out["acts"]):
-        raise ValueError(f"acts must be among {ACTS}, got {list(out['acts'])}")
     e = out["expansions"]
     if not e or min(e) <= 0 or len(set(e)) != len(e):
         raise ValueError(f"expansions must be distinct ratios > 0, got {list(e)}")
+    if out["hidden_step"] < 0:
+        raise ValueError(f"hidden_step must be >= 0 (0: the expansions), got {out['hidden_step']}")
     if any(k % 2 == 0 for k in out["kernels"]):
         raise ValueError(f"kernels must be odd, got {list(out['kernels'])}")
     if not out["se"] or len(set(out["se"])) != len(out["se"]):
         raise ValueError(f"se options must be distinct booleans, got {list(out['se'])}")
-    if min(out["stem_width"], out["head_width"]) < 1 or out["first_width"] < 0:
-        raise ValueError("stem_width and head_width must be >= 1, first_width >= 0 (0: none)")
+    if out["first_width"] < 0:
+        raise ValueError("first_width must be >= 0 (0: no fixed first block)")
+    if out["first_width"] and len(out["stem_width"]) > 1:
+        raise ValueError(
+            f"a fixed first block (first_width={out['first_width']}) needs one stem width, got "
+            f"{list(out['stem_width'])}: set first_width=0 or a single stem_width"
+        )
     return out
+
+
+def hidden_options(in_max: int, expansions: Sequence[float], step: int) -> tuple[int, ...]:
+    """A block's hidden widths: each expansion of its widest input, rounded like mobile-vision's
+    get_divisible_by (step 0), or every multiple of `step` up to the widest of those (the fine
+    channel grid DMaskingNAS makes cheap; it holds F1-F4's hidden widths)."""
+    widths = [divisible_width(in_max * e) for e in expansions]
+    if step == 0:
+        return tuple(widths)
+    return tuple(range(step, max(widths) + 1, step))

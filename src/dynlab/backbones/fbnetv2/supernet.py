@@ -12,10 +12,9 @@ from torch import Tensor, nn
 from dynlab.backbones.fbnetv2.cost import (
     COST_KINDS,
     CostTable,
-    head_cost,
-    measure,
-    out_hw,
-    unit_layer,
+    block_sizes,
+    cost_table,
+    cost_tensors,
 )
 from dynlab.backbones.fbnetv2.layers import (
     BlockSpec,
@@ -23,13 +22,20 @@ from dynlab.backbones.fbnetv2.layers import (
     FBNetClassifier,
     FBNetHead,
     IRBlock,
+    SkipBlock,
     divisible_width,
     init_weights,
     se_width,
 )
-from dynlab.backbones.fbnetv2.masked import DMaskBlock, SearchBlock
+from dynlab.backbones.fbnetv2.masked import BlockWeights, DMaskBlock, SearchBlock
 from dynlab.backbones.fbnetv2.net import FBNetV2Net, json_choices
-from dynlab.backbones.fbnetv2.space import CHOICE_KEYS, VARIANTS, space_config
+from dynlab.backbones.fbnetv2.space import (
+    BLOCK_KEYS,
+    CHOICE_KEYS,
+    VARIANTS,
+    hidden_options,
+    space_config,
+)
 from dynlab.nn.dmasking import (
     ChannelMask,
     gumbel_weights,
@@ -38,6 +44,18 @@ from dynlab.nn.dmasking import (
     receptive_positions,
     subsample_nearest,
 )
+
+# the logits' parameter name of each choice key (per block: name_<block index>)
+_ALPHA = {
+    "stem": "alpha_stem",
+    "widths": "alpha_width",
+    "ops": "alpha_op",
+    "expansions": "alpha_expansion",
+    "kernels": "alpha_kernel",
+    "se": "alpha_se",
+    "acts": "alpha_act",
+    "head": "alpha_head",
+}
 
 
 class FBNetV2Supernet(FBNetClassifier):
@@ -55,15 +73,17 @@ class FBNetV2Supernet(FBNetClassifier):
         stage_widths: Sequence[Sequence[int]] | None = None,
         strides: Sequence[int] | None = None,
         repeats: Sequence[int] | None = None,
-        acts: Sequence[str] | None = None,
+        acts: Sequence[str | Sequence[str]] | None = None,
         expansions: Sequence[float] | None = None,
+        hidden_step: int | None = None,
         kernels: Sequence[int] | None = None,
         se: Sequence[bool] | None = None,
+        skip: bool | None = None,
         resolutions: Sequence[int] | None = None,
-        stem_width: int | None = None,
+        stem_width: int | Sequence[int] | None = None,
         stem_stride: int | None = None,
         first_width: int | None = None,
-        head_width: int | None = None,
+        head_width: int | Sequence[int] | None = None,
         tau: float = 1.0,
         hard: bool = False,
     ) -> None:
@@ -74,8 +94,10 @@ class FBNetV2Supernet(FBNetClassifier):
             "repeats": repeats,
             "acts": acts,
             "expansions": expansions,
+            "hidden_step": hidden_step,
             "kernels": kernels,
             "se": se,
+            "skip": skip,
             "resolutions": resolutions,
             "stem_width": stem_width,
             "stem_stride": stem_stride,
@@ -98,15 +120,19 @@ class FBNetV2Supernet(FBNetClassifier):
         self.in_chans = int(in_chans)
         self.resolutions: tuple[int, ...] = c["resolutions"]
         self.stage_widths: tuple[tuple[int, ...], ...] = c["stage_widths"]
+        self.stem_widths: tuple[int, ...] = c["stem_width"]
+        self.head_widths: tuple[int, ...] = c["head_width"]
         self.kernels: tuple[int, ...] = c["kernels"]
         self.se_options: tuple[bool, ...] = c["se"]
 
         # the fixed layers and the searchable blocks
-        self.stem = ConvBNAct(in_chans, c["stem_width"], 3, c["stem_stride"], act="hswish")
-        width = c["stem_width"]
+        self.stem = ConvBNAct(in_chans, max(self.stem_widths), 3, c["stem_stride"], act="hswish")
+        self.stem_mask = ChannelMask(self.stem_widths)
+        ins: tuple[int, ...] = self.stem_widths
         self.first_spec: BlockSpec | None = None
         self.first: IRBlock | None = None
         if c["first_width"]:  # mobile-vision stage 1: `ir_k3_hs` e1, fixed
+            width = self.stem_widths[0]
             mid = divisible_width(width * 1.0)
             self.first_spec = BlockSpec(
                 cin=width,
@@ -118,38 +144,36 @@ class FBNetV2Supernet(FBNetClassifier):
                 residual=width == c["first_width"],
             )
             self.first = IRBlock(self.first_spec)
-            width = c["first_width"]
-        self.base_width = width
+            ins = (c["first_width"],)
+        self.input_widths = ins  # what the first searched block gets
         self.search_blocks: list[SearchBlock] = []
-        for s, (widths, stride, repeats, act) in enumerate(
+        for s, (widths, stride, repeats, acts) in enumerate(
             zip(c["stage_widths"], c["strides"], c["repeats"], c["acts"], strict=True)
         ):
             for j in range(repeats):
-                in_max = width if j == 0 else max(widths)
-                mids = tuple(divisible_width(in_max * e) for e in c["expansions"])
+                step = stride if j == 0 else 1
+                mids = hidden_options(max(ins), c["expansions"], c["hidden_step"])
                 se_mids = tuple(se_width(m) for m in mids)
                 if max(se_mids) != se_width(max(mids)):
                     raise ValueError(
                         f"block {len(self.search_blocks)}: SE widths {se_mids} not monotone"
                     )
+                ops = ("ir", "skip") if c["skip"] and step == 1 else ("ir",)
                 self.search_blocks.append(
-                    SearchBlock(s, in_max, mids, se_mids, stride if j == 0 else 1, j > 0, act)
+                    SearchBlock(s, ins, widths, mids, se_mids, step, acts, ops)
                 )
-            width = max(widths)
-        self.stages = nn.ModuleList(
-            nn.ModuleList(
-                DMaskBlock(b, max(self.stage_widths[s]), self.kernels, self.se_options)
-                for b in self.search_blocks
-                if b.stage == s
-            )
-            for s in range(len(self.stage_widths))
+                ins = widths
+        self.blocks = nn.ModuleList(
+            DMaskBlock(b, self.kernels, self.se_options) for b in self.search_blocks
         )
-        self.width_masks = nn.ModuleList(ChannelMask(w) for w in self.stage_widths)
-        self.head_pre = divisible_width(width * 6)
-        self.head_conv = ConvBNAct(width, self.head_pre, 1, act="hswish")
-        self.head = FBNetHead(self.head_pre, c["head_width"], num_classes, drop_rate)
+        # the head: IRPoolBlock's pw at 6x the widest last width (mobile-vision rounds 6x the
+        # chosen one: equal for F1-F4, whose last width is the widest), then the head width mask
+        self.head_pre = divisible_width(max(ins) * 6)
+        self.head_conv = ConvBNAct(max(ins), self.head_pre, 1, act="hswish")
+        self.head = FBNetHead(self.head_pre, max(self.head_widths), num_classes, drop_rate)
+        self.head_mask = ChannelMask(self.head_widths)
         self.num_features = self.head_pre
-        self.head_hidden_size = c["head_width"]
+        self.head_hidden_size = max(self.head_widths)
         init_weights(self)
 
         # architecture logits (uniform at start: argmax picks the first option of each)
@@ -160,18 +184,19 @@ class FBNetV2Supernet(FBNetClassifier):
             self._alpha_names[key].append(name)
 
         alpha("resolution", "alpha_resolution", len(self.resolutions))
-        for s, widths in enumerate(self.stage_widths):
-            alpha("widths", f"alpha_width_{s}", len(widths))
-        for i in range(len(self.search_blocks)):
-            alpha("expansions", f"alpha_expansion_{i}", len(c["expansions"]))
-            alpha("kernels", f"alpha_kernel_{i}", len(self.kernels))
-            alpha("se", f"alpha_se_{i}", len(self.se_options))
+        alpha("stem", _ALPHA["stem"], len(self.stem_widths))
+        for i, b in enumerate(self.search_blocks):
+            sizes = (len(b.outs), len(b.ops), len(b.mids), len(self.kernels))
+            sizes += (len(self.se_options), len(b.acts))
+            for key, n in zip(BLOCK_KEYS, sizes, strict=True):
+                alpha(key, f"{_ALPHA[key]}_{i}", n)
+        alpha("head", _ALPHA["head"], len(self.head_widths))
 
         self._geometry()
         self._fixed: dict[str, Any] | None = None
         self._last: dict[str, Any] | None = None
-        self._costs: dict[str, CostTable] = {}
-        self._cost_cache: dict[tuple[str, str], dict[str, Tensor]] = {}
+        self._costs: dict[tuple[Any, ...], CostTable] = {}
+        self._cost_cache: dict[tuple[Any, ...], dict[str, Any]] = {}
 
     # --- geometry: sizes per resolution option, placement on the full grid -------------------
     def _geometry(self) -> None:
@@ -179,23 +204,10 @@ class FBNetV2Supernet(FBNetClassifier):
         map size and its placement on the largest option's grid (ValueError when it cannot)."""
         c = self.config
         total_stride = c["stem_stride"] * math.prod(b.stride for b in self.search_blocks)
-        self._sizes: list[dict[str, Any]] = []
-        for r in self.resolutions:
-            stem_out = out_hw(3, c["stem_stride"], r, r)
-            hw, block_in, block_out = stem_out, [], []
-            for b in self.search_blocks:
-                block_in.append(hw)
-                hw = out_hw(max(self.kernels), b.stride, *hw)
-                block_out.append(hw)
-            self._sizes.append(
-                {
-                    "input": (r, r),
-                    "stem_out": stem_out,
-                    "in": block_in,
-                    "out": block_out,
-                    "final": hw,
-                }
-            )
+        strides = [b.stride for b in self.search_blocks]
+        self._sizes = [
+            block_sizes(r, c["stem_stride"], strides, max(self.kernels)) for r in self.resolutions
+        ]
         full = max(range(len(self.resolutions)), key=lambda i: self.resolutions[i])
         self.full_index = full
         self.grid: tuple[int, int] = self._sizes[full]["final"]
@@ -277,14 +289,24 @@ class FBNetV2Supernet(FBNetClassifier):
         return json_choices(choices)
 
     def decode(self, choices: Mapping[str, Any]) -> dict[str, Any]:
-        """The option values of `choices`: resolution, stage widths, hidden widths, kernels, SE."""
+        """The option values of `choices`: resolution, stem width, per block its width, op,
+        hidden width, kernel, SE and activation, and the head width."""
         c = self._checked(choices)
+        blocks = self.search_blocks
+
+        def per_block(key: str, options: Any) -> list[Any]:
+            return [options(b)[i] for b, i in zip(blocks, c[key], strict=True)]
+
         return {
             "resolution": self.resolutions[c["resolution"]],
-            "widths": [w[i] for w, i in zip(self.stage_widths, c["widths"], strict=True)],
-            "mids": [b.mids[i] for b, i in zip(self.search_blocks, c["expansions"], strict=True)],
+            "stem": self.stem_widths[c["stem"][0]],
+            "widths": per_block("widths", lambda b: b.outs),
+            "ops": per_block("ops", lambda b: b.ops),
+            "mids": per_block("expansions", lambda b: b.mids),
             "kernels": [self.kernels[i] for i in c["kernels"]],
             "se": [self.se_options[i] for i in c["se"]],
+            "acts": per_block("acts", lambda b: b.acts),
+            "head": self.head_widths[c["head"][0]],
         }
 
     def fix(self, choices: Mapping[str, Any]) -> None:
@@ -328,22 +350,25 @@ class FBNetV2Supernet(FBNetClassifier):
 
     # --- forward ------------------------------------------------------------------------------
     def _body(self, x: Tensor, w: Mapping[str, Any]) -> Tensor:
-        """Stem .. last stage .. the head's pre-pool conv at one resolution, masked by `w`."""
-        x = self.stem(x)
+        """Stem .. last block .. the head's pre-pool conv at one resolution, masked by `w`."""
+        g_in = w["stem"][0]
+        x = self.stem_mask(self.stem(x), g_in)
         if self.first is not None:
             x = self.first(x)
-        b = 0
-        for s, stage in enumerate(self.stages):
-            out_mask = self.width_masks[s].mask(w["widths"][s])
-            for block in stage:
-                x = block(x, w["expansions"][b], w["kernels"][b], w["se"][b], out_mask)
-                b += 1
+            g_in = g_in.new_ones(1)
+        for j, block in enumerate(self.blocks):
+            g = [w[k][j] for k in BLOCK_KEYS]  # widths, ops, expansions, kernels, se, acts
+            x = block(x, BlockWeights(g_in, g[0], g[1], g[2], g[3], g[4], g[5]))
+            g_in = g[0]
         return self.head_conv(x)
 
     def forward_features(self, x: Tensor) -> Tensor:
         """The resolution-mixed pre-pool map on the largest option's grid, scaled so that its
         plain average is the occupancy-normalised pool (see `dynlab.nn.dmasking.mix_placed`).
-        One body pass per resolution option whose weight can be non-zero."""
+        One body pass per resolution option whose weight can be non-zero, on the image
+        subsampled by nearest neighbour: the paper's spatial search mixes the
+        resolutions differentiably by subsampling and placing each map back by interspersed
+        zeros; the exported net resizes bilinearly, as the published models are evaluated."""
         w, index = self._draw()
         self._last = w
         maps, weights, positions = [], [], []
@@ -355,70 +380,22 @@ class FBNetV2Supernet(FBNetClassifier):
             positions.append(self.positions[i])
         return mix_placed(maps, weights, self.grid, positions)
 
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """The FBNetHead with its head width masked by the last forward's weights."""
+        h = self.head
+        y = h.act(h.conv(x.mean((2, 3), keepdim=True))).flatten(1)
+        y = h.drop(y * self.head_mask.mask(self.last_weights()["head"][0]).to(y.dtype))
+        return y if pre_logits else h.fc(y)
+
     # --- expected cost ------------------------------------------------------------------------
-    def _cost_table(self, kind: str) -> CostTable:
-        """The `kind` coefficients of every layer (every resolution option for MACs), measured
-        once on meta: the fixed layers whole, the searched ones at unit widths."""
-        if kind in self._costs:
-            return self._costs[kind]
-        c = self.config
-        geos = self._sizes if kind == "macs" else self._sizes[:1]
-        with torch.device("meta"):
-            stem = ConvBNAct(self.in_chans, c["stem_width"], 3, c["stem_stride"], act="hswish")
-            first = None if self.first_spec is None else IRBlock(self.first_spec)
-        fixed = []
-        for sz in geos:
-            cost = measure(kind, stem, (self.in_chans, *sz["input"]))
-            if first is not None:
-                cost += measure(kind, first, (c["stem_width"], *sz["stem_out"]))
-            fixed.append(cost)
-        blocks = range(len(self.search_blocks))
-        se_w, se_out = unit_layer(kind, "conv_bias", 1, 1, 1, 1)  # on the pooled 1x1 map
-
-        def conv_bn(j: int, key: str, kernel: int = 1, stride: int = 1) -> list[tuple[int, int]]:
-            return [unit_layer(kind, "conv_bn", kernel, stride, *sz[key][j]) for sz in geos]
-
-        self._costs[kind] = CostTable(
-            fixed=fixed,
-            pw=[conv_bn(j, "in") for j in blocks],
-            dw=[
-                [[sum(u) for u in conv_bn(j, "in", k, b.stride)] for k in self.kernels]
-                for j, b in enumerate(self.search_blocks)
-            ],
-            # reduce mid -> s and expand s -> mid, both biased: exact per hidden option, as the
-            # bottleneck s = se_width(mid) is a rounded function of mid
-            se=[
-                [
-                    2 * se_w * m * s + se_out * (m + s)
-                    for m, s in zip(b.mids, b.se_mids, strict=True)
-                ]
-                for b in self.search_blocks
-            ],
-            pwl=[conv_bn(j, "out") for j in blocks],
-            head=[unit_layer(kind, "conv_bn", 1, 1, *sz["final"]) for sz in geos],
-        )
-        return self._costs[kind]
-
-    def _cost_tensors(self, kind: str, device: torch.device) -> dict[str, Tensor]:
-        """The `kind` cost table as float64 tensors on `device` (built once per kind and device):
-        [geo] fixed, [block, geo, 2] pw/pwl, [block, kernel, geo] dw, [block, expansion] SE,
-        [geo, 2] head conv (times its width), with the width options."""
-        key = (kind, str(device))
+    def _cost_tensors(self, kind: str, device: torch.device) -> dict[str, Any]:
+        """The `kind` cost table (`cost.cost_table`, measured once) as float64 tensors on
+        `device`, per block with its width options and the index pairs of equal widths."""
+        key = (kind, str(device), self.num_classes)  # the classifier's cost follows reset
         if key not in self._cost_cache:
-            t = self._cost_table(kind)
-            kw: dict[str, Any] = {"dtype": torch.float64, "device": device}
-            self._cost_cache[key] = {
-                "fixed": torch.tensor(t.fixed, **kw),
-                "pw": torch.tensor(t.pw, **kw),
-                "dw": torch.tensor(t.dw, **kw),
-                "se": torch.tensor(t.se, **kw),
-                "pwl": torch.tensor(t.pwl, **kw),
-                "head": torch.tensor(t.head, **kw) * float(self.head_pre),
-                "mids": torch.tensor([b.mids for b in self.search_blocks], **kw),
-                "se_on": torch.tensor([float(on) for on in self.se_options], **kw),
-                "stage_of": torch.tensor([b.stage for b in self.search_blocks], device=device),
-                **{f"widths_{i}": torch.tensor(w, **kw) for i, w in enumerate(self.stage_widths)},
-            }
+            if key[::2] not in self._costs:
+                self._costs[key[::2]] = cost_table(self, kind)
+            self._cost_cache[key] = cost_tensors(self, self._costs[key[::2]], device)
         return self._cost_cache[key]
 
     def softmax_weights(self) -> dict[str, Any]:
@@ -431,40 +408,52 @@ class FBNetV2Supernet(FBNetClassifier):
         """Expected cost of the exported child under the last forward's weights, or `weights`
         such as `softmax_weights()` (float64 scalar, differentiable in the logits; paper eqs.
         5-10): `kind` "macs" (per sample) or "params" (the count). Effective widths
-        `sum_i g_i c_i` propagate layer to layer; each layer costs its
-        measured coefficients times its expected input and output widths (plus a per-output-
-        channel term: BN affines, biases), mixed over the resolution options for MACs (parameters
-        do not depend on them: the resolution gets no gradient); depthwise: one width times the
-        kernel mix; SE: g_on times its exact expectation over the hidden options. The choices are
-        independent, so this is the exact expectation, and at one-hot weights exactly the
-        child's count_macs / parameter count."""
+        `sum_i g_i c_i` propagate from block to block; each layer costs its measured coefficients
+        times its expected input and output widths (plus a per-output-channel term), mixed over
+        the resolution options for MACs (parameters do not depend on them); a layer built only at
+        unequal widths (the pw when hidden != input, the skip's projection when out != in) drops
+        the equal-width pairs' products; the block's op weights mix the ir and skip costs. The
+        choices are independent, so this is the exact expectation, and at one-hot weights
+        exactly the child's count_macs / parameter count."""
         if kind not in COST_KINDS:
             raise ValueError(f"unknown cost kind {kind!r}; expected one of {COST_KINDS}")
         w = self.last_weights() if weights is None else weights
         res = w["resolution"].double()
         t = self._cost_tensors(kind, res.device)
         geo = res if kind == "macs" else res.new_ones(1)  # the geometries' weights
-        stage_w = torch.stack(
-            [(g.double() * t[f"widths_{i}"]).sum() for i, g in enumerate(w["widths"])]
-        )
-        e_out = stage_w[t["stage_of"]]  # each block's expected output width
-        e_in = torch.cat([stage_w.new_full((1,), float(self.base_width)), e_out[:-1]])
-        g_mid = torch.stack(w["expansions"]).double()
-        e_mid = (g_mid * t["mids"]).sum(-1)
-        g_k = torch.stack(w["kernels"]).double()
-        dw = (g_k * (t["dw"] @ geo)).sum(-1)
-        g_on = torch.stack(w["se"]).double() @ t["se_on"]
-        pw = (t["pw"] * geo[:, None]).sum(-2)  # [block, (per in x out, per out)]
-        pwl = (t["pwl"] * geo[:, None]).sum(-2)
-        head = (t["head"] * geo[:, None]).sum(-2)
-        per_block = (
-            (pw[:, 0] * e_in + pw[:, 1]) * e_mid
-            + dw * e_mid
-            + g_on * (g_mid * t["se"]).sum(-1)
-            + (pwl[:, 0] * e_mid + pwl[:, 1]) * e_out
-        )
-        post_pool = head_cost(kind, self.head_pre, self.config["head_width"], self.num_classes)
-        return t["fixed"] @ geo + per_block.sum() + head[0] * e_out[-1] + head[1] + float(post_pool)
+        g_in = w["stem"][0].double()
+        total = geo @ t["stem"] @ g_in
+        e_in = (g_in * t["ins"]).sum() if self.first is None else t["ins"][0]
+        if self.first is not None:
+            g_in = g_in.new_ones(1)
+
+        def unequal(
+            g_a: Tensor, e_a: Tensor, g_b: Tensor, e_b: Tensor, pairs: Any
+        ) -> tuple[Tensor, Tensor]:
+            """E[a * b] and E[b] over the pairs a != b (independent a, b)."""
+            ia, ib, ws = pairs
+            both = g_a[ia] * g_b[ib]
+            return e_a * e_b - (both * ws * ws).sum(), e_b - (both * ws).sum()
+
+        for j, bt in enumerate(t["blocks"]):
+            g_out = w["widths"][j].double()
+            g_mid = w["expansions"][j].double()
+            e_out, e_mid = (g_out * bt["outs"]).sum(), (g_mid * bt["mids"]).sum()
+            pw, pwl = geo @ bt["pw"], geo @ bt["pwl"]
+            pw_io, pw_o = unequal(g_in, e_in, g_mid, e_mid, bt["in_mid"])
+            g_on = w["se"][j].double() @ t["se_on"]
+            ir = pw[0] * pw_io + pw[1] * pw_o
+            ir = ir + (w["kernels"][j].double() @ (bt["dw"] @ geo)) * e_mid
+            ir = ir + g_on * (g_mid * bt["se"]).sum() + (pwl[0] * e_mid + pwl[1]) * e_out
+            g_op = w["ops"][j].double()
+            total = total + g_op[0] * ir
+            if g_op.numel() > 1:
+                proj = geo @ bt["proj"]
+                pj_io, pj_o = unequal(g_in, e_in, g_out, e_out, bt["in_out"])
+                total = total + g_op[1] * (proj[0] * pj_io + proj[1] * pj_o)
+            g_in, e_in = g_out, e_out
+        head = geo @ t["head"]
+        return total + head[0] * e_in + head[1] + w["head"][0].double() @ t["post"]
 
     def expected_macs(self) -> Tensor:
         """Expected MACs per sample of the last forward's weights (see `expected_cost`); at
@@ -473,62 +462,77 @@ class FBNetV2Supernet(FBNetClassifier):
 
     def expected_params(self) -> Tensor:
         """Expected parameter count of the child of the last forward's weights (FBNetV2-P's
-        cost, see `expected_cost`): differentiable in the width, expansion, kernel and SE logits;
-        at one-hot weights exactly `sum(p.numel() for p in child(choices).parameters())`."""
+        cost, see `expected_cost`): differentiable in the width, op, hidden width, kernel, SE
+        and head logits; at one-hot weights exactly the child's parameter count."""
         return self.expected_cost("params")
 
     # --- children -----------------------------------------------------------------------------
     def _child_specs(self, c: Mapping[str, Any]) -> list[BlockSpec]:
+        """The child's blocks: mobile-vision's rules at its widths (irf_block.py IRFBlock: no pw
+        when hidden == input; basic_blocks.py build_residual_connect: the residual add when
+        in == out at stride 1, also on a stage's first block; Identity: skip)."""
         specs = [] if self.first_spec is None else [self.first_spec]
-        cin = self.base_width
+        cin = self.input_widths[0] if self.first is not None else self.stem_widths[c["stem"][0]]
         for j, b in enumerate(self.search_blocks):
-            cout = self.stage_widths[b.stage][c["widths"][b.stage]]
-            e = c["expansions"][j]
-            se = b.se_mids[e] if self.se_options[c["se"][j]] else 0
-            k = self.kernels[c["kernels"][j]]
-            specs.append(BlockSpec(cin, cout, b.stride, b.mids[e], k, b.act, se, True, b.residual))
+            cout = b.outs[c["widths"][j]]
+            if b.ops[c["ops"][j]] == "skip":
+                specs.append(BlockSpec(cin, cout, b.stride, op="skip"))
+            else:
+                e = c["expansions"][j]
+                mid, act = b.mids[e], b.acts[c["acts"][j]]
+                se = b.se_mids[e] if self.se_options[c["se"][j]] else 0
+                k, residual = self.kernels[c["kernels"][j]], b.stride == 1 and cin == cout
+                specs.append(BlockSpec(cin, cout, b.stride, mid, k, act, se, cin != mid, residual))
             cin = cout
         return specs
 
-    def _net_kwargs(self, c: dict[str, Any]) -> dict[str, Any]:
+    def _net_kwargs(self, c: dict[str, Any], resize: str) -> dict[str, Any]:
         cfg = self.config
         return {
             "blocks": self._child_specs(c),
-            "stem_width": cfg["stem_width"],
+            "stem_width": self.stem_widths[c["stem"][0]],
             "stem_stride": cfg["stem_stride"],
-            "head_width": cfg["head_width"],
+            "head_width": self.head_widths[c["head"][0]],
             "head_pre": self.head_pre,
             "resolution": self.resolutions[c["resolution"]],
             "num_classes": self.num_classes,
             "in_chans": self.in_chans,
             "drop_rate": cfg["drop_rate"],
             "choices": c,
+            "resize": resize,
         }
 
     def standalone(self, choices: Mapping[str, Any]) -> FBNetV2Net:
-        """A fresh, untrained FBNetV2Net of `choices` (the child's architecture)."""
-        return FBNetV2Net(**self._net_kwargs(self._checked(choices)))
+        """A fresh, untrained FBNetV2Net of `choices` (the exported architecture, to retrain):
+        it resizes its input bilinearly, as the published models are trained and evaluated."""
+        return FBNetV2Net(**self._net_kwargs(self._checked(choices), "bilinear"))
 
     @torch.no_grad()
     def child(self, choices: Mapping[str, Any]) -> FBNetV2Net:
         """The FBNetV2Net of `choices` carrying the supernet's weights and BN statistics, sliced
-        to its widths: in eval mode it computes what the supernet fixed at `choices` does."""
+        to its widths, with the supernet's nearest subsampling: in eval mode it computes what the
+        supernet fixed at `choices` does (the deploy form of a search)."""
         c = self._checked(choices)
         device = self.alpha_resolution.device
         with torch.device(device):
-            net = FBNetV2Net(**self._net_kwargs(c))
-        net.stem.load_state_dict(self.stem.state_dict())
+            net = FBNetV2Net(**self._net_kwargs(c, "nearest"))
+        cin = net.config["stem_width"]
+        _copy_conv_bn(self.stem, net.stem, (slice(0, cin),))
         offset = 0
         if self.first is not None:
             net.blocks[0].load_state_dict(self.first.state_dict())
-            offset = 1
-        cin = self.base_width
+            offset, cin = 1, self.input_widths[0]
         kmax = max(self.kernels)
-        for j, src in enumerate(self._blocks()):
-            dst = net.blocks[offset + j]
-            spec = net.specs[offset + j]
+        for j, src in enumerate(self.blocks):
+            dst, spec = net.blocks[offset + j], net.specs[offset + j]
             mid, cout, k = spec.mid, spec.cout, spec.kernel
-            _copy_conv_bn(src.pw, dst.pw, (slice(0, mid), slice(0, cin)))
+            if isinstance(dst, SkipBlock):
+                if dst.proj is not None:
+                    _copy_conv_bn(src.proj, dst.proj, (slice(0, cout), slice(0, cin)))
+                cin = cout
+                continue
+            if dst.pw is not None:
+                _copy_conv_bn(src.pw, dst.pw, (slice(0, mid), slice(0, cin)))
             lo = (kmax - k) // 2
             _copy_conv_bn(
                 src.dw, dst.dw, (slice(0, mid), slice(None), slice(lo, lo + k), slice(lo, lo + k))
@@ -542,11 +546,12 @@ class FBNetV2Supernet(FBNetClassifier):
             _copy_conv_bn(src.pwl, dst.pwl, (slice(0, cout), slice(0, mid)))
             cin = cout
         _copy_conv_bn(self.head_conv, net.head_conv, (slice(None), slice(0, cin)))
-        net.head.load_state_dict(self.head.state_dict())
+        width = net.head.width
+        net.head.conv.weight.copy_(self.head.conv.weight[:width])
+        if isinstance(net.head.fc, nn.Linear) and isinstance(self.head.fc, nn.Linear):
+            net.head.fc.weight.copy_(self.head.fc.weight[:, :width])
+            net.head.fc.bias.copy_(self.head.fc.bias)
         return net.train(self.training)
-
-    def _blocks(self) -> list[DMaskBlock]:
-        return [block for stage in self.stages for block in stage]
 
     # --- description --------------------------------------------------------------------------
     def signature(self) -> dict[str, Any]:
@@ -556,9 +561,7 @@ class FBNetV2Supernet(FBNetClassifier):
         for k, v in c.items():
             if k == "drop_rate":  # does not change the weights a checkpoint holds
                 continue
-            if k == "stage_widths":
-                v = [list(s) for s in v]
-            out[k] = list(v) if isinstance(v, tuple) else v
+            out[k] = _lists(v)
         return out
 
     def space_problem(self, input_size: Sequence[int]) -> str | None:
@@ -587,3 +590,8 @@ def _copy_conv_bn(src: ConvBNAct, dst: ConvBNAct, index: tuple[slice, ...]) -> N
     for name in ("weight", "bias", "running_mean", "running_var"):
         getattr(dst.bn, name).copy_(getattr(src.bn, name)[:n])
     dst.bn.num_batches_tracked.copy_(src.bn.num_batches_tracked)
+
+
+def _lists(value: Any) -> Any:
+    """Nested tuples as nested lists (JSON's form)."""
+    return [_lists(v) for v in value] if isinstance(value, tuple) else value

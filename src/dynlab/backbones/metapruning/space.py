@@ -140,7 +140,7 @@ def resnet_space(
 ) -> Space:
     """A ResNet space as the official resnet/training/resnet.py lays it out: the stem's width and
     every stage's output but the last are genes (the last feeds the shared classifier, never
-    pruned: official train.py l.181), every block's hidden width is a gene, and every stage's
+    pruned: official resnet/training/train.py l.181), every block's hidden width is a gene, and every stage's
     first block has a projection shortcut (stage 1 too, so the stem is free). `widths` are the
     stages' output widths; a bottleneck's hidden width is a quarter of its output (ResNet-50), a
     basic block's equals its output (CIFAR ResNet-20/56)."""

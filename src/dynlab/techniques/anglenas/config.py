@@ -29,7 +29,8 @@ class ShrinkingConfig:
     # The scoring paths' MACs cap in millions; null: none (official: 600 M FLOPs at 224).
     score_max_mmacs: float | None = None
     # The reference weights become the current ones once more than this many operators were
-    # dropped (official main.py l.136: `(i+1) * per_stage_drop_num > 50`); null: never.
+    # dropped (official SPOS/shrinking/main.py l.137: `(i+1) * per_stage_drop_num >
+    # modify_initial_model_threshold`, 50 in SPOS/shrinking/config.py); null: never.
     reference_swap_drops: int | None = 50
 
     def __post_init__(self) -> None:

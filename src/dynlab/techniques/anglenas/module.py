@@ -8,11 +8,11 @@ code megvii-model/AngleNAS (SPOS/shrinking, SPOS/searching, SPOS/training). The 
   (`shrinking.py`), until the space holds at most `shrinking.stop_size` architectures; the phase
   then ends (its epochs, the length of the linear lr schedule, are an upper bound: official 250
   with 155-170 used). Weights, optimiser state and schedule carry on across drops (official
-  main.py); the angles are taken from the initial weights, then from the weights once more than
-  `reference_swap_drops` operators were dropped (official main.py l.136);
-- `supernet` (fit): a fresh supernet trained on the shrunk space (official searching/main.py);
+  SPOS/shrinking/main.py); the angles are taken from the initial weights, then from the weights once more than
+  `reference_swap_drops` operators were dropped (official SPOS/shrinking/main.py l.137);
+- `supernet` (fit): a fresh supernet trained on the shrunk space (official SPOS/searching/main.py);
 - `evolution` (custom): SPOS's evolution over the shrunk space, random candidates uniform over
-  each layer's operators left, refused outside the window (official searching/search.py);
+  each layer's operators left, refused outside the window (official SPOS/searching/search.py);
 - `retrain` (fit): the winner from scratch.
 The space is any SPOS supernet backbone (`cifar_spos_supernet_tiny`'s 1,024 paths, the
 ShuffleNetV2 space of SPOS).
@@ -100,7 +100,7 @@ class AngleNASModule(SPOSModule):
             )
 
     def start_phase(self, phase: Phase) -> None:
-        """The search's supernet starts fresh on the shrunk space (official searching/main.py
+        """The search's supernet starts fresh on the shrunk space (official SPOS/searching/main.py
         builds a new one; a resumed phase then loads its own weights)."""
         super().start_phase(phase)
         if phase.name == SUPERNET and not self.given:
@@ -148,7 +148,7 @@ class AngleNASModule(SPOSModule):
             self._shrink_step(trained)
 
     def _shrink_step(self, trained: int) -> None:
-        """Score every operator by angle and drop the lowest (official main.py, one ABS step)."""
+        """Score every operator by angle and drop the lowest (official SPOS/shrinking/main.py, one ABS step)."""
         cfg = self.config.shrinking
         step = len(self.shrink_steps)
         rng = np.random.default_rng(derived_seed(self.config.seed, SCORE_STREAM, step))
@@ -203,7 +203,7 @@ class AngleNASModule(SPOSModule):
     # --- the evolution on the shrunk space ----------------------------------------------------
     def evolution_search(self, scorer: PathScorer, data: dict[str, Any]) -> SPOSEvolution:
         """SPOS's evolution over the operators left; random candidates are uniform over them and
-        refused outside the window (official searching/search.py get_random)."""
+        refused outside the window (official SPOS/searching/search.py get_random)."""
         return ShrunkEvolution(
             self.shrinking_summary(),
             self.space,

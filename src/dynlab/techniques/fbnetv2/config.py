@@ -46,8 +46,8 @@ class FBNetV2Config(SupernetConfig):
     # cost: FBNet's multiplicative loss (Sec. 3.3, CE * alpha * log(latency in ms)^beta; FBNetV2
     # Sec. 3.3 only says the loss combines cross-entropy and the total cost) in a form defined in
     # every space and unit, whose push on the cost (d log L / d log cost = beta) does not depend on
-    # them (see `search_loss`). FBNet's values as its reimplementations use them (alpha 0.2, beta
-    # 0.6): the papers' own tables were not available to us.
+    # them (see `search_loss`). FBNet's values as its reimplementations (JunrQ/NAS, microsoft/nni)
+    # use them (alpha 0.2, beta 0.6): the papers' own tables were not available to us.
     alpha: float = 0.2
     beta: float = 0.6
     # A target for the searched network's MACs (millions per image at the dataset's input size;

@@ -3,13 +3,16 @@ differentiable expected latency over it (FBNet, Sec. 3.2: the latency of a sampl
 sum of its ops' table entries, its expectation under the Gumbel weights the architecture loss's
 cost; FBNetV2 Sec. 3.3 keeps FBNet's loss).
 
-A child is the resize to its resolution with the stem (and the fixed first block), then per
-searched block pw 1x1, dw kxk, [SE], pwl 1x1 (+ the residual), then the head conv and the pooled
-head, each in its deploy form (BatchNorm folded). An op of a block depends on at most two width
-choices that are independent (the block's input and hidden widths, its hidden and output widths),
-so one entry per (resolution, width, width) and the product of the choices' weights give the
-exact expected sum under independent choices, at one-hot weights the sum over the child's ops;
-the table's calibration scales every sum alike (`dynlab.search.latency_table`)."""
+A child is the (bilinear) resize to its resolution with the stem (and the fixed first block),
+then per searched block either the inverted-residual op, [pw 1x1] (absent when hidden == input),
+dw kxk, [SE], pwl 1x1, [the residual add] (when in == out at stride 1), or the skip, [a 1x1
+projection] (absent when in == out); then the head conv and the pooled head; each in its deploy
+form (BatchNorm folded), each with the block's activation. An op depends on at most two width
+choices, which are independent (input and hidden width, hidden and output, input and output), and
+the block's activation, kernel, SE and op choices, so one entry per (resolution, option, option)
+and the product of the choices' weights give the exact expected sum under independent choices, at
+one-hot weights the sum over the child's ops; the table's calibration scales every sum alike
+(`dynlab.search.latency_table`)."""
 
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ from torch import Tensor, nn
 
 from dynlab.backbones.fbnetv2 import CHOICE_KEYS, FBNetV2Supernet
 from dynlab.backbones.fbnetv2.layers import ConvBNAct, FBNetHead, IRBlock, SqueezeExcite
-from dynlab.nn.dmasking import subsample_nearest
+from dynlab.backbones.fbnetv2.net import resize
 from dynlab.protocol import StaticExits
 from dynlab.search.latency_table import (
     REFERENCE_SEED,
@@ -82,22 +85,28 @@ class FBNetV2Latency:
 
     def op_keys(self, choices: Mapping[str, Any]) -> list[str]:
         """The table keys of the ops of the architecture `choices`."""
-        r, k = choices["resolution"], self.keys
-        chosen = [k["fixed"][r], k["head"][r][choices["widths"][-1]]]
+        r, k, widths = choices["resolution"], self.keys, choices["widths"]
+        chosen = [k["stem"][r][choices["stem"][0]], k["head"][r][widths[-1]][choices["head"][0]]]
+        i = choices["stem"][0] if k["stem_in"] else 0
         for j, block in enumerate(k["blocks"]):
-            i = choices["widths"][block["in_stage"]] if block["in_stage"] is not None else 0
-            m, o = choices["expansions"][j], choices["widths"][block["stage"]]
-            chosen += [block["pw"][r][i][m], block["dw"][r][m][choices["kernels"][j]]]
-            chosen.append(block["pwl"][r][m][o])
-            if self.options["se"][choices["se"][j]]:
-                chosen.append(block["se"][r][m])
+            o = widths[j]
+            if self.options["ops"][j][choices["ops"][j]] == "skip":
+                keys = [block["proj"][r][i][o]]
+            else:
+                m, a = choices["expansions"][j], choices["acts"][j]
+                keys = [block["pw"][r][a][i][m], block["dw"][r][m][choices["kernels"][j]][a]]
+                keys += [block["pwl"][r][m][o], block["add"][r][i][o]]
+                if self.options["se"][choices["se"][j]]:
+                    keys.append(block["se"][r][m][a])
+            chosen += [key for key in keys if key is not None]
+            i = o
         return chosen
 
     def span(self) -> tuple[float, float]:
         """The fastest and the slowest architecture's predicted milliseconds, exactly: for a
-        resolution and the widths around it, a block's expansion, kernel and SE are free, and the
-        stages' widths form a chain (each block costs by the width it gets and the one it gives),
-        so a min-plus (max-plus) pass over the blocks finds the extremes."""
+        resolution, a block's op, hidden width, kernel, SE and activation are free given the
+        widths around it, and the widths form a chain (each block costs by the width it gets and
+        the one it gives), so a min-plus (max-plus) pass over the blocks finds the extremes."""
         with torch.no_grad():
             t = self._tensors_on(torch.device("cpu"))
             ends = [
@@ -111,17 +120,19 @@ class FBNetV2Latency:
     def _extreme(self, t: dict[str, Any], r: int, pick: Any) -> float:
         """The cheapest (`pick` amin) or dearest (amax) architecture at resolution `r`."""
         se_options = [float(on) for on in self.options["se"]]
-        best = t["fixed"][r].reshape(1)  # over the options of the width the next block gets
-        for block, b in zip(self.keys["blocks"], t["blocks"], strict=True):
-            se = pick(torch.stack([b["se"][r] * on for on in se_options]), 0)  # [M]
-            inner = pick(b["dw"][r], -1) + se  # [M]
-            cost = b["pw"][r][:, :, None] + inner[None, :, None] + b["pwl"][r][None]  # [I, M, O]
-            cost = pick(cost, 1)  # [I, O]
-            if block["in_stage"] == block["stage"]:  # a residual block: in and out one width
-                best = best + torch.diagonal(cost)
-            else:
-                best = pick(best[:, None] + cost, 0)
-        return float(self.table.calibrate(pick(best + t["head"][r], 0)))
+        best = t["stem"][r]  # over the options of the width the next block gets
+        if not self.keys["stem_in"]:
+            best = pick(best, 0, keepdim=True)
+        for b in t["blocks"]:
+            se = pick(torch.stack([b["se"][r] * on for on in se_options]), 0)  # [M, A]
+            inner = (pick(b["dw"][r], 1) + se).T  # [A, M]
+            cost = b["pw"][r][..., None] + inner[:, None, :, None] + b["pwl"][r][None, None]
+            cost = pick(pick(cost, 2), 0) + b["add"][r]  # [I, O]
+            if b["proj"] is not None:
+                cost = pick(torch.stack([cost, b["proj"][r]]), 0)
+            best = pick(best[:, None] + cost, 0)
+        end = pick(best[:, None] + t["head"][r], 0)
+        return float(self.table.calibrate(pick(end, 0)))
 
     # --- the search's expected latency --------------------------------------------------------
     def expected(self, weights: Mapping[str, Any]) -> Tensor:
@@ -131,64 +142,76 @@ class FBNetV2Latency:
         and at one-hot weights `ms` of that architecture."""
         g_r = weights["resolution"].double()
         t = self._tensors_on(g_r.device)
-        widths = [w.double() for w in weights["widths"]]
-        total = t["fixed"] @ g_r + torch.einsum("r,ro,o->", g_r, t["head"], widths[-1])
-        for j, block in enumerate(self.keys["blocks"]):
-            b = t["blocks"][j]
-            g_in = widths[block["in_stage"]] if block["in_stage"] is not None else g_r.new_ones(1)
+        g_in = weights["stem"][0].double()
+        total = torch.einsum("r,rs,s->", g_r, t["stem"], g_in)
+        if not self.keys["stem_in"]:
+            g_in = g_in.new_ones(1)
+        for j, b in enumerate(t["blocks"]):
+            g_o = weights["widths"][j].double()
             g_m = weights["expansions"][j].double()
             g_k = weights["kernels"][j].double()
+            g_a = weights["acts"][j].double()
             g_se = weights["se"][j].double() @ t["se_on"]
-            g_out = widths[block["stage"]]
-            total = total + torch.einsum("r,i,m,rim->", g_r, g_in, g_m, b["pw"])
-            total = total + torch.einsum("r,m,k,rmk->", g_r, g_m, g_k, b["dw"])
-            total = total + g_se * torch.einsum("r,m,rm->", g_r, g_m, b["se"])
-            total = total + torch.einsum("r,m,o,rmo->", g_r, g_m, g_out, b["pwl"])
-        return self.table.calibrate(total)
+            g_op = weights["ops"][j].double()
+            ir = torch.einsum("r,a,i,m,raim->", g_r, g_a, g_in, g_m, b["pw"])
+            ir = ir + torch.einsum("r,m,k,a,rmka->", g_r, g_m, g_k, g_a, b["dw"])
+            ir = ir + g_se * torch.einsum("r,m,a,rma->", g_r, g_m, g_a, b["se"])
+            ir = ir + torch.einsum("r,m,o,rmo->", g_r, g_m, g_o, b["pwl"])
+            ir = ir + torch.einsum("r,i,o,rio->", g_r, g_in, g_o, b["add"])
+            total = total + g_op[0] * ir
+            if b["proj"] is not None:
+                total = total + g_op[1] * torch.einsum("r,i,o,rio->", g_r, g_in, g_o, b["proj"])
+            g_in = g_o
+        head = torch.einsum("r,o,h,roh->", g_r, g_in, weights["head"][0].double(), t["head"])
+        return self.table.calibrate(total + head)
 
     def _tensors_on(self, device: torch.device) -> dict[str, Any]:
-        """The table's means arranged as the keys are, as float64 tensors on `device` (once)."""
+        """The table's means arranged as the keys are (0 where an op is absent), as float64
+        tensors on `device` (once)."""
         if str(device) not in self._tensors:
+            entries = self.table.entries
             mean = lambda keys: torch.tensor(  # noqa: E731
-                _map(keys, lambda key: self.table.entries[key]["mean"]),
+                _map(keys, lambda key: 0.0 if key is None else entries[key]["mean"]),
                 dtype=torch.float64,
                 device=device,
             )
             self._tensors[str(device)] = {
-                "fixed": mean(self.keys["fixed"]),
+                "stem": mean(self.keys["stem"]),
                 "head": mean(self.keys["head"]),
                 "se_on": torch.tensor(
                     [float(on) for on in self.options["se"]], dtype=torch.float64, device=device
                 ),
                 "blocks": [
-                    {op: mean(block[op]) for op in ("pw", "dw", "se", "pwl")}
+                    {op: None if block[op] is None else mean(block[op]) for op in _BLOCK_OPS}
                     for block in self.keys["blocks"]
                 ],
             }
         return self._tensors[str(device)]
 
 
+_BLOCK_OPS = ("pw", "dw", "se", "pwl", "add", "proj")
+
+
 class _Resize(nn.Module):
-    """The child's input resize to its resolution (nearest, `FBNetV2Net.forward_features`)."""
+    """The exported child's input resize to its resolution (bilinear, `FBNetV2Net`)."""
 
     def __init__(self, resolution: int) -> None:
         super().__init__()
         self.size = (resolution, resolution)
 
     def forward(self, x: Tensor) -> Tensor:
-        return subsample_nearest(x, self.size)
+        return resize(x, self.size, "bilinear")
 
 
-class _Residual(nn.Module):
-    """A block's pwl with the residual add after it (the add's other input a fixed map)."""
+class _Add(nn.Module):
+    """A block's residual add (its other input a fixed map)."""
 
-    def __init__(self, pwl: nn.Module, out: tuple[int, int, int]) -> None:
+    def __init__(self, out: tuple[int, int, int]) -> None:
         super().__init__()
-        self.pwl = pwl
         self.register_buffer("skip", torch.zeros(1, *out))
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.pwl(x) + self.skip
+        return x + self.skip
 
 
 class _Pooled(nn.Module):
@@ -203,12 +226,12 @@ class _Pooled(nn.Module):
 
 
 def _deployed(op: nn.Module) -> nn.Module:
-    """`deploy_op` on each folded part (the resize and the residual's buffer stay as they are:
-    torch.fx need not trace subsample_nearest)."""
+    """`deploy_op` on each folded part (the resize and the add stay as they are: torch.fx need
+    not trace the resize)."""
     if isinstance(op, nn.Sequential) and isinstance(op[0], _Resize):
         return nn.Sequential(op[0], deploy_op(op[1]))
-    if isinstance(op, _Residual):
-        return _Residual(deploy_op(op.pwl), tuple(op.skip.shape[1:]))
+    if isinstance(op, _Add):
+        return op
     return deploy_op(op)
 
 
@@ -219,7 +242,7 @@ def _ops(
 ]:
     """Every op of the space keyed by kind and shapes, as a builder of its training form (called
     only when a table is timed, not on a cache hit) with its input size; the key of each
-    (resolution, option, option) of each op; and the option counts."""
+    (resolution, option, option) of each op (None where the child has no op); the options."""
     c, ops = net.config, {}
 
     def add(
@@ -229,103 +252,129 @@ def _ops(
         ops.setdefault(key, (make, size))
         return key
 
-    def stem(r: int) -> nn.Module:
-        parts = [ConvBNAct(net.in_chans, c["stem_width"], 3, c["stem_stride"], act="hswish")]
+    def stem(r: int, width: int) -> nn.Module:
+        parts = [ConvBNAct(net.in_chans, width, 3, c["stem_stride"], act="hswish")]
         if net.first_spec is not None:
             parts.append(IRBlock(net.first_spec))
         return nn.Sequential(_Resize(r), nn.Sequential(*parts))
 
-    def pooled(width: int) -> nn.Module:
+    def pooled(width: int, head_width: int) -> nn.Module:
         conv = ConvBNAct(width, net.head_pre, 1, act="hswish")
-        return _Pooled(conv, FBNetHead(net.head_pre, c["head_width"], net.num_classes, 0.0))
+        return _Pooled(conv, FBNetHead(net.head_pre, head_width, net.num_classes, 0.0))
 
-    def pwl(m: int, o: int, out: tuple[int, int, int], residual: bool) -> nn.Module:
-        return _Residual(ConvBNAct(m, o), out) if residual else ConvBNAct(m, o)
-
-    fixed, head = [], []
+    stems, heads = [], []
     for r, sz in zip(net.resolutions, net._sizes, strict=True):
-        stem_out = (net.base_width, *sz["stem_out"])
-        fixed.append(add(f"stem-res:{r}", partial(stem, r), input_size, stem_out))
-        head.append(
+        stem_out = lambda s, hw=sz["stem_out"]: (net.input_widths[0] if net.first else s, *hw)  # noqa: E731
+        stems.append(
             [
-                add("head", partial(pooled, w), (w, *sz["final"]), (net.num_classes, 1, 1))
-                for w in net.stage_widths[-1]
+                add(f"stem-res:{r}", partial(stem, r, s), input_size, stem_out(s))
+                for s in net.stem_widths
             ]
         )
-    blocks = []
-    for j, b in enumerate(net.search_blocks):
-        in_stage = None if j == 0 else net.search_blocks[j - 1].stage
-        ins = [net.base_width] if in_stage is None else list(net.stage_widths[in_stage])
-        outs = list(net.stage_widths[b.stage])
-        keys: dict[str, Any] = {"stage": b.stage, "in_stage": in_stage}
-        keys |= {op: [] for op in ("pw", "dw", "se", "pwl")}
-        pwl_kind = "pwl-residual" if b.residual else "pwl"
-        for sz in net._sizes:
-            (hi, wi), (ho, wo) = sz["in"][j], sz["out"][j]
-            keys["pw"].append(
+        final = (net.num_classes, 1, 1)
+        heads.append(
+            [
+                [
+                    add("head", partial(pooled, w, h), (w, *sz["final"]), final)
+                    for h in net.head_widths
+                ]
+                for w in net.search_blocks[-1].outs
+            ]
+        )
+    blocks = [_block_keys(net, j, add) for j in range(len(net.search_blocks))]
+    options = {
+        "resolutions": len(net.resolutions),
+        "ops": [b.ops for b in net.search_blocks],
+        "se": list(net.se_options),
+    }
+    keys = {"stem": stems, "head": heads, "blocks": blocks, "stem_in": net.first is None}
+    return ops, keys, options
+
+
+def _block_keys(net: FBNetV2Supernet, j: int, add: Callable[..., str]) -> dict[str, Any]:
+    """The keys of block `j`'s ops, [resolution] then its options (see `_ops`)."""
+    b = net.search_blocks[j]
+    keys: dict[str, Any] = {op: [] for op in _BLOCK_OPS}
+    for sz in net._sizes:
+        (hi, wi), (ho, wo) = sz["in"][j], sz["out"][j]
+        keys["pw"].append(
+            [
                 [
                     [
-                        add(
-                            f"pw-{b.act}",
-                            partial(ConvBNAct, i, m, act=b.act),
-                            (i, hi, wi),
-                            (m, hi, wi),
+                        None
+                        if i == m
+                        else add(
+                            f"pw-{a}", partial(ConvBNAct, i, m, act=a), (i, hi, wi), (m, hi, wi)
                         )
                         for m in b.mids
                     ]
-                    for i in ins
+                    for i in b.ins
                 ]
-            )
-            keys["dw"].append(
+                for a in b.acts
+            ]
+        )
+        keys["dw"].append(
+            [
                 [
                     [
                         add(
-                            f"dw{k}-stride:{b.stride}-{b.act}",
-                            partial(ConvBNAct, m, m, k, b.stride, groups=m, act=b.act),
+                            f"dw{k}-stride:{b.stride}-{a}",
+                            partial(ConvBNAct, m, m, k, b.stride, groups=m, act=a),
                             (m, hi, wi),
                             (m, ho, wo),
                         )
-                        for k in net.kernels
+                        for a in b.acts
                     ]
-                    for m in b.mids
+                    for k in net.kernels
                 ]
-            )
-            keys["se"].append(
+                for m in b.mids
+            ]
+        )
+        keys["se"].append(
+            [
                 [
-                    add(
-                        f"se:{s}-{b.act}",
-                        partial(SqueezeExcite, m, s, b.act),
-                        (m, ho, wo),
-                        (m, ho, wo),
-                    )
-                    for m, s in zip(b.mids, b.se_mids, strict=True)
+                    add(f"se:{s}-{a}", partial(SqueezeExcite, m, s, a), (m, ho, wo), (m, ho, wo))
+                    for a in b.acts
                 ]
-            )
-            keys["pwl"].append(
+                for m, s in zip(b.mids, b.se_mids, strict=True)
+            ]
+        )
+        keys["pwl"].append(
+            [
+                [add("pwl", partial(ConvBNAct, m, o), (m, ho, wo), (o, ho, wo)) for o in b.outs]
+                for m in b.mids
+            ]
+        )
+        keys["add"].append(
+            [
+                [
+                    add("add", partial(_Add, (o, ho, wo)), (o, ho, wo), (o, ho, wo))
+                    if i == o and b.stride == 1
+                    else None
+                    for o in b.outs
+                ]
+                for i in b.ins
+            ]
+        )
+        if "skip" in b.ops:
+            keys["proj"].append(
                 [
                     [
-                        add(
-                            pwl_kind,
-                            partial(pwl, m, o, (o, ho, wo), b.residual),
-                            (m, ho, wo),
-                            (o, ho, wo),
+                        None
+                        if i == o
+                        else add(
+                            "skip", partial(ConvBNAct, i, o, act="relu"), (i, hi, wi), (o, ho, wo)
                         )
-                        for o in outs
+                        for o in b.outs
                     ]
-                    for m in b.mids
+                    for i in b.ins
                 ]
             )
-        blocks.append(keys)
-    options = {
-        "resolutions": len(net.resolutions),
-        "widths": [len(w) for w in net.stage_widths],
-        "expansions": len(c["expansions"]),
-        "kernels": len(net.kernels),
-        "se": list(net.se_options),
-    }
-    return ops, {"fixed": fixed, "head": head, "blocks": blocks}, options
+    if "skip" not in b.ops:
+        keys["proj"] = None
+    return keys
 
 
 def _map(nested: Any, fn: Any) -> Any:
-    """`fn` on every leaf (a key) of nested lists."""
+    """`fn` on every leaf (a key or None) of nested lists."""
     return [_map(x, fn) for x in nested] if isinstance(nested, list) else fn(nested)

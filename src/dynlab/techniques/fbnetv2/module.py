@@ -370,28 +370,49 @@ class FBNetV2Module(SupernetTechnique):
         self.history = state.get("history", [])
 
 
-def extreme_choices(net: FBNetV2Supernet, pick: Callable[[Sequence[Any]], Any]) -> dict[str, Any]:
+def extreme_choices(
+    net: FBNetV2Supernet, pick: Callable[[Sequence[Any]], Any], kind: str = "macs"
+) -> dict[str, Any]:
     """The cheapest (`pick=min`) or dearest (`max`) architecture of the space: every choice's
-    smallest or largest option (MACs grow with each: resolution, width, expansion, kernel, SE)."""
+    smallest or largest option (the `kind` cost grows with each: resolution, widths, hidden
+    width, kernel, SE; activations cost none), then per block the op (ir or skip) that costs
+    least (most) given them, block by block."""
 
     def index(options: Sequence[Any]) -> int:
         return list(options).index(pick(options))
 
-    blocks = len(net.search_blocks)
-    return {
+    blocks = net.search_blocks
+    choices: dict[str, Any] = {
         "resolution": index(net.resolutions),
-        "widths": [index(w) for w in net.stage_widths],
-        "expansions": [index(b.mids) for b in net.search_blocks],
-        "kernels": [index(net.kernels)] * blocks,
-        "se": [index(net.se_options)] * blocks,
+        "stem": [index(net.stem_widths)],
+        "widths": [index(b.outs) for b in blocks],
+        "ops": [0] * len(blocks),
+        "expansions": [index(b.mids) for b in blocks],
+        "kernels": [index(net.kernels)] * len(blocks),
+        "se": [index(net.se_options)] * len(blocks),
+        "acts": [0] * len(blocks),
+        "head": [index(net.head_widths)],
     }
+    before = net.fixed
+    for j, b in enumerate(blocks):
+        costs = []
+        for op in range(len(b.ops)):
+            choices["ops"][j] = op
+            net.fix(choices)
+            costs.append(float(net.expected_cost(kind)))
+        choices["ops"][j] = costs.index(pick(costs))
+    if before is None:
+        net.unfix()
+    else:
+        net.fix(before)
+    return choices
 
 
 def cost_span(net: FBNetV2Supernet, kind: str) -> tuple[float, float]:
     """The `kind` cost of the space's cheapest and dearest architectures."""
     span = []
     for pick in (min, max):
-        net.fix(extreme_choices(net, pick))
+        net.fix(extreme_choices(net, pick, kind))
         span.append(float(net.expected_cost(kind)))
     net.unfix()
     return span[0], span[1]

@@ -122,6 +122,7 @@ class GFNetModule(DynlabModule):
                 steps = self.model.rollout(x, locate)
             loss, stats = ppo_loss(self.model.policy, episode(steps, y), self.config.ppo)
             self.log("train/reward", stats["reward"], prog_bar=True)
+            self.log("train/ppo_ratio", stats["ratio"])
         else:
             steps = self.model.rollout(x, locate, own_head=True)
             loss = self.stage_loss(steps, y)

@@ -3,7 +3,8 @@
 Schulman et al. 2017's clipped surrogate as the official network.py `PPO.update` uses it: one
 update per batch, the reward of a focus step is the gain in the true class's softmax probability
 (train.py: confidence_t - confidence_{t-1}), returns discounted with gamma and normalised over the
-batch, loss = -min(surr1, surr2) + 0.5 MSE(value, return) - 0.01 entropy.
+whole batch (every DDP process's share of it), loss = -min(surr1, surr2) + 0.5 MSE(value, return)
+- 0.01 entropy.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -57,11 +59,29 @@ def discounted_returns(rewards: Tensor, gamma: float) -> Tensor:
     return returns
 
 
+def normalise_over_ranks(returns: Tensor) -> Tensor:
+    """(returns - mean) / (std + 1e-5), mean and (unbiased) std over every process's returns.
+
+    The official code normalises over its whole batch of 256 on one DataParallel process
+    (network.py `PPO.update`); under DDP each process holds 1/world of that batch, so the moments
+    are summed across processes first and the result equals normalising the gathered batch.
+    """
+    moments = torch.stack(
+        [returns.new_tensor(returns.numel()), returns.sum(), returns.square().sum()]
+    )
+    moments = moments.double()
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(moments)
+    count, total, squares = moments.unbind()
+    mean = total / count
+    variance = (squares - count * mean**2).clamp_min(0) / (count - 1).clamp_min(1)
+    spread = variance.sqrt() if count > 1 else variance.new_zeros(())
+    return ((returns.double() - mean) / (spread + 1e-5)).to(returns.dtype)
+
+
 def ppo_loss(policy: PatchPolicy, ep: Episode, cfg: PPOConfig) -> tuple[Tensor, dict[str, Tensor]]:
     """The clipped-surrogate loss of one batch's episode and what to log about it."""
-    returns = discounted_returns(ep.rewards, cfg.gamma)
-    spread = returns.std() if returns.numel() > 1 else returns.new_zeros(())
-    returns = (returns - returns.mean()) / (spread + 1e-5)
+    returns = normalise_over_ranks(discounted_returns(ep.rewards, cfg.gamma))
     logprobs, values, entropy = policy.evaluate(ep.states, ep.actions)
     ratios = torch.exp(logprobs - ep.logprobs.detach())
     advantages = returns - values.detach()
@@ -71,5 +91,10 @@ def ppo_loss(policy: PatchPolicy, ep: Episode, cfg: PPOConfig) -> tuple[Tensor, 
     loss = (
         -surrogate + cfg.value_weight * F.mse_loss(values, returns) - cfg.entropy_weight * entropy
     ).mean()
-    stats = {"reward": ep.rewards.sum(0).mean(), "value_loss": F.mse_loss(values, returns)}
+    stats = {
+        "reward": ep.rewards.sum(0).mean(),
+        "value_loss": F.mse_loss(values, returns),
+        # pi_new / pi_old: 1 on a batch's single update unless numerics (bf16) move it
+        "ratio": ratios.detach().mean(),
+    }
     return loss, stats

@@ -7,7 +7,7 @@ official code liuzechun/MetaPruning. The channel space is the backbone (a Prunin
   global batch, every scale id drawn uniformly and independently, with no MACs filter (official
   {mobilenetv2,resnet}/training/train.py l.177-181); every rank draws the same from (seed, step);
 - `evolution` (custom): the evolution SPOS shares (`dynlab.search.evolution`; official
-  searching/search.py) under a MACs window on the search driver; each configuration's BN
+  {mobilenetv2,resnet}/searching/search.py) under a MACs window on the search driver; each configuration's BN
   statistics are recalibrated on a fixed training subset and it is scored on the held-out val
   split (`PathScorer`), candidates on this job's ranks or one Slurm job array a generation;
 - `retrain` (fit): the winner as a plain pruned network trained from scratch (official

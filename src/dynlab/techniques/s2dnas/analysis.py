@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from dynlab.evaluation.outputs import evaluating
-from dynlab.nn.dynamic import WeightNetConv
+from dynlab.nn.dynamic import WeightNetConv, WeightNetDWConv
 
 SUPPORTED_BACKBONES = (
     "cifar_resnet20/32/44/56/110, cifar_vgg16_bn, cifar_mobilenetv2, cifar_repvgg_a0/b0 (with "
@@ -65,7 +65,12 @@ REFUSED_BLOCKS: dict[type[nn.Module], str] = {
     WeightNetConv: (
         "is WeightNet (conv=weightnet): its kernels are generated from the pooled input of ALL "
         "channels, so a stage cannot compute its slice from its own and earlier stages' channels; "
-        "S2DNAS takes conv=plain|acnet|repvgg with act=relu|frelu"
+        "S2DNAS takes conv=plain|acnet|repvgg with act=relu|frelu|frelu_light"
+    ),
+    WeightNetDWConv: (
+        "is WeightNet's depthwise form: its kernels are generated from the pooled input of ALL "
+        "channels, so a stage cannot compute its slice from its own and earlier stages' channels; "
+        "S2DNAS takes conv=plain|acnet|repvgg with act=relu|frelu|frelu_light"
     ),
 }
 

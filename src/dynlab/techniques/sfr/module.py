@@ -135,13 +135,14 @@ class SFRModule(DynlabModule):
 
     def on_train_end(self) -> None:
         """A run shorter than its schedule (limited batches) still makes every drop by its end."""
-        self.sparsify(self._total_steps())
+        self.sparsify(self._total_steps(), log=False)
         records = [{k: v for k, v in r.items() if k != "densities"} for r in self.drop_history]
         log_records(self.trainer.loggers, "sparsification", records, "step", "lgc_density", "")
 
-    def sparsify(self, step: int) -> None:
+    def sparsify(self, step: int, log: bool = True) -> None:
         """Make every drop due by optimiser step `step` (several at once after a resume), and
-        record each: step, stage, per-layer densities."""
+        record each: step, stage, per-layer densities (also logged as metrics with `log`; Lightning
+        refuses `self.log` in on_train_end, whose drops reach the loggers as records only)."""
         total = self._total_steps()
         dropped = False
         for _, layer in self.layers:
@@ -162,7 +163,7 @@ class SFRModule(DynlabModule):
             "densities": {name: round(m.density(), 6) for name, m in self.layers},
         }
         self.drop_history.append(record)
-        for key in ("stage", "lgc_density", "sfr_density"):
+        for key in ("stage", "lgc_density", "sfr_density") if log else ():
             self.log(f"sparsify/{key}", float(record[key]))
 
     def _total_steps(self) -> int:
