@@ -64,18 +64,20 @@ def normalise_over_ranks(returns: Tensor) -> Tensor:
 
     The official code normalises over its whole batch of 256 on one DataParallel process
     (network.py `PPO.update`); under DDP each process holds 1/world of that batch, so the moments
-    are summed across processes first and the result equals normalising the gathered batch.
+    are summed across processes first and the result equals normalising the gathered batch. One
+    process computes the official expression itself.
     """
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        spread = returns.std() if returns.numel() > 1 else returns.new_zeros(())
+        return (returns - returns.mean()) / (spread + 1e-5)
     moments = torch.stack(
         [returns.new_tensor(returns.numel()), returns.sum(), returns.square().sum()]
     )
     moments = moments.double()
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(moments)
+    dist.all_reduce(moments)
     count, total, squares = moments.unbind()
     mean = total / count
-    variance = (squares - count * mean**2).clamp_min(0) / (count - 1).clamp_min(1)
-    spread = variance.sqrt() if count > 1 else variance.new_zeros(())
+    spread = ((squares - count * mean**2).clamp_min(0) / (count - 1).clamp_min(1)).sqrt()
     return ((returns.double() - mean) / (spread + 1e-5)).to(returns.dtype)
 
 
