@@ -89,8 +89,9 @@ class StepRecorder(pl.Callback):
     """Records the logged training values of every step and stops the fit after `steps`."""
 
     def __init__(self, steps: int) -> None:
-        self.steps, self.rows = steps, []  # type: list[dict[str, float]]
-        self.started = 0.0
+        self.steps = steps
+        self.rows: list[dict[str, float]] = []
+        self.started, self.seconds = 0.0, math.nan  # timed from the second step's start
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if batch_idx == 1:  # the first step (cudnn autotuning, lazy init) is not timed
@@ -178,7 +179,7 @@ def step_phase(cfg: DictConfig, name: str, steps: int) -> dict[str, Any]:
     timed = max(len(recorder.rows) - 1, 1)
     return {
         "rows": recorder.rows,
-        "ms_per_step": round(1000 * getattr(recorder, "seconds", math.nan) / timed, 1),
+        "ms_per_step": round(1000 * recorder.seconds / timed, 1),
         "peak_gpu_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)
         if torch.cuda.is_available()
         else None,

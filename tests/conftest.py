@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from dynlab.apps._hydra import CONFIG_MODULE
 from dynlab.config import TechniqueConfig
+from dynlab.runner import run_job
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -82,6 +83,14 @@ def compose_in(overrides: list[str], config_name: str, run_dir: Path) -> DictCon
     with open_dict(cfg):
         del cfg.hydra
     return cfg
+
+
+def search_once(factory: pytest.TempPathFactory, name: str, overrides: list[str]) -> Path:
+    """One dynlab-search run of `overrides` in a fresh folder (a module-scoped fixture's run,
+    shared by the module's tests); returns its run dir."""
+    run = factory.mktemp(name) / "search"
+    run_job(compose_in(overrides, "search", run))
+    return run
 
 
 Schema = TypeVar("Schema", bound=TechniqueConfig)

@@ -29,7 +29,7 @@ from dynlab.techniques.anglenas.shrinking import (
 )
 from dynlab.validation import ConfigError, build_run, validate_config
 
-from .conftest import compose_in
+from .conftest import search_once
 
 # The tiny space (5 layers x 4 blocks) on digits: drops of 5 operators after 3 epochs, then every
 # epoch, until at most 64 of the 1,024 architectures are left; a fresh supernet, a small evolution.
@@ -60,9 +60,7 @@ ANGLENAS = [
 
 @pytest.fixture(scope="module")
 def searched(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    run = tmp_path_factory.mktemp("anglenas") / "search"
-    run_job(compose_in(ANGLENAS, "search", run))
-    return run
+    return search_once(tmp_path_factory, "anglenas", ANGLENAS)
 
 
 def _result(run: Path) -> dict:

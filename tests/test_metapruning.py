@@ -23,7 +23,7 @@ from dynlab.search import RESULT, SupernetExits
 from dynlab.search.ledger import RECORDS
 from dynlab.validation import ConfigError, build_run, validate_config
 
-from .conftest import compose_in
+from .conftest import search_once
 
 # CIFAR ResNet-8's PruningNet on digits: a short PruningNet phase and a small evolution whose
 # MACs limit (MAX_MMACS) keeps out the dearest configurations (the full net: 12.8 M).
@@ -54,9 +54,7 @@ METAPRUNING = [
 @pytest.fixture(scope="module")
 def searched(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One dynlab-search run (PruningNet, evolution) shared by the tests below."""
-    run = tmp_path_factory.mktemp("metapruning") / "search"
-    run_job(compose_in(METAPRUNING, "search", run))
-    return run
+    return search_once(tmp_path_factory, "metapruning", METAPRUNING)
 
 
 def _result(run: Path) -> dict[str, Any]:

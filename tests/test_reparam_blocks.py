@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from dynlab.evaluation.macs import count_macs
-from dynlab.nn.dynamic import FReLU, WeightNetConv
+from dynlab.nn.dynamic import FReLU, WeightNetConv, WeightNetDWConv
 from dynlab.nn.fuse import fold_batchnorm, fold_bn_into_kernel
 from dynlab.nn.reparam import ACBlock, RepVGGBlock
 
@@ -265,9 +265,14 @@ def test_weightnet_trains_and_its_macs_count_generation() -> None:
     assert count_macs(layer, (i, hw, hw)) == conv + fc1 + fc2
 
 
-def test_batchnorm_after_weightnet_folds_into_it() -> None:
-    net = randomize(nn.Sequential(WeightNetConv(4, 6, 3, stride=2), nn.BatchNorm2d(6)), seed=12)
-    x = inputs((3, 4, 8, 8), seed=13)
+@pytest.mark.parametrize(
+    ("layer", "channels"),
+    [(lambda: WeightNetConv(4, 6, 3, stride=2), 4), (lambda: WeightNetDWConv(6, 3, 2), 6)],
+    ids=["dense", "depthwise"],
+)
+def test_batchnorm_after_weightnet_folds_into_its_generator(layer, channels: int) -> None:
+    net = randomize(nn.Sequential(layer(), nn.BatchNorm2d(6)), seed=12)
+    x = inputs((3, channels, 8, 8), seed=13)
     with torch.no_grad():
         y = net(x)
         folded = copy.deepcopy(net)

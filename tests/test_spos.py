@@ -30,7 +30,7 @@ from dynlab.techniques.spos.module import PATH_STREAM
 from dynlab.techniques.supernet_config import EvolutionConfig
 from dynlab.validation import ConfigError, build_run, validate_config
 
-from .conftest import compose_in
+from .conftest import search_once
 
 # The 5-layer space on digits (32x32): a short supernet phase and a small evolution whose MACs
 # limit (MAX_MMACS) keeps out the dearest architectures.
@@ -60,9 +60,7 @@ SPOS = [
 @pytest.fixture(scope="module")
 def searched(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One dynlab-search run (supernet, evolution) shared by the tests below."""
-    run = tmp_path_factory.mktemp("spos") / "search"
-    run_job(compose_in(SPOS, "search", run))
-    return run
+    return search_once(tmp_path_factory, "spos", SPOS)
 
 
 def _result(run: Path) -> dict[str, Any]:

@@ -115,17 +115,6 @@ def test_reduced_width_is_max_16_and_a_sixteenth() -> None:
     assert [reduced_channels(c) for c in (24, 256, 272, 992)] == [16, 16, 17, 62]
 
 
-def test_batchnorm_after_depthwise_weightnet_folds_into_its_generator() -> None:
-    net = randomize(nn.Sequential(WeightNetDWConv(6, 3, 2), nn.BatchNorm2d(6)), seed=3)
-    x = inputs((4, 6, 9, 9), seed=4)
-    with torch.no_grad():
-        y = net(x)
-        folded = copy.deepcopy(net)
-        assert fold_batchnorm(folded) == [("0", "1")]
-        assert isinstance(folded[1], nn.Identity) and folded[0].bias is not None
-        assert max_diff(folded(x), y) <= TOL
-
-
 # ---- the official unit: one shared reduce ------------------------------------------------------
 
 

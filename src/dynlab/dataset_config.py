@@ -197,6 +197,8 @@ class CIFAR100Config(CIFAR10Config):
 
 
 INTERPOLATIONS = ("bilinear", "bicubic", "random")  # timm's names; random: bilinear or bicubic
+RE_MODES = ("const", "rand", "pixel")  # timm's RandomErasing fill modes
+AUTO_AUGMENTS = ("rand", "augmix", "original", "v0", "3a")  # timm's policy families
 
 
 @dataclass
@@ -247,10 +249,6 @@ class ImageAugmentConfig:
                 f"a timm policy string starting with {' or '.join(AUTO_AUGMENTS)}, "
                 "e.g. rand-m9-mstd0.5 (or null)",
             )
-
-
-RE_MODES = ("const", "rand", "pixel")  # timm's RandomErasing fill modes
-AUTO_AUGMENTS = ("rand", "augmix", "original", "v0", "3a")  # timm's policy families
 
 
 @dataclass
